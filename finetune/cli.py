@@ -1,0 +1,223 @@
+"""The command line: build a config, call the library, render the result.
+
+Results go to stdout; progress, warnings and errors go to stderr. This is the only module
+that imports typer or rich, and the only one that prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__
+from .config import PredictConfig, TrainConfig
+from .errors import FinetuneError, UsageError
+from .progress import Reporter
+
+app = typer.Typer(
+    help="Train an image classifier from a folder of labelled images, then predict with it.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+TRAIN = TrainConfig()
+PREDICT = PredictConfig()
+FORMATS = ("table", "json", "jsonl", "csv")
+
+
+class RichReporter(Reporter):
+    """Progress bars and messages on stderr; silent but for warnings when quiet."""
+
+    def __init__(self, console: Console, quiet: bool = False):
+        self.console, self.quiet = console, quiet
+        self.progress: Progress | None = None
+        self.task = None
+
+    def start(self, description, total):
+        if self.quiet:
+            return
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[figures]}"), TimeElapsedColumn(), console=self.console,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(description, total=total, figures="")
+
+    def advance(self, steps=1, **fields):
+        if self.progress is not None:
+            figures = "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in fields.items())
+            self.progress.update(self.task, advance=steps, figures=figures)
+
+    def finish(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def epoch(self, row):
+        if not self.quiet and row["stage"] != "head":  # head epochs take milliseconds: the bar is enough
+            self.console.print(Text(f"epoch {row['epoch']} ({row['stage']}): loss {row['train_loss']} acc {row['train_acc']}"
+                                    f"  val loss {row['val_loss']} val acc {row['val_acc']}  {row['images_per_s']} img/s"))
+
+    def info(self, message):
+        if not self.quiet:
+            self.console.print(Text(message, style="dim"))
+
+    def warn(self, message):
+        self.console.print(Text("warning: ", style="yellow") + Text(message))
+
+
+def fail(error: FinetuneError) -> typer.Exit:
+    stderr.print(Text("error: ", style="bold red") + Text(str(error)))
+    return typer.Exit(error.exit_code)
+
+
+def version_callback(value: bool):
+    if value:
+        stdout.print(f"finetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version and exit.")] = None,
+):
+    """Train an image classifier from a folder of labelled images, then predict with it.
+
+    Example: finetune train ./photos && finetune predict new.jpg
+    """
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Image folder: DATA/train/<class>/ + DATA/val/<class>/, or DATA/<class>/ to split.", show_default=False)],
+    arch: Annotated[str, typer.Option(help="Backbone, e.g. resnet18, resnet50, efficientnet_lite0 (offline weights).")] = TRAIN.arch,
+    weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict (.pth/.safetensors) or finetune model file instead of ImageNet weights from the cache/download.")] = TRAIN.weights,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights (--no-pretrained: random init).")] = TRAIN.pretrained,
+    epochs: Annotated[int, typer.Option(help="Epochs of the head on the frozen backbone (fast: features are computed once).")] = TRAIN.epochs,
+    finetune_epochs: Annotated[Optional[int], typer.Option(help="Then fine-tune the whole network for this many epochs (0: keep the backbone frozen).", show_default=str(TRAIN.finetune_epochs))] = None,
+    freeze_backbone: Annotated[Optional[bool], typer.Option("--freeze-backbone/--no-freeze-backbone", help="Fixed feature extractor (default) vs whole-network fine-tuning (--no-freeze-backbone: 5 fine-tune epochs unless --finetune-epochs says).", show_default=False)] = None,
+    views: Annotated[int, typer.Option(help="Augmented views per training image for the frozen-backbone features.")] = TRAIN.views,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = TRAIN.batch_size,
+    lr: Annotated[float, typer.Option(help="Learning rate of the head (AdamW); the backbone gets lr x 0.1 when fine-tuned.")] = TRAIN.lr,
+    img_size: Annotated[Optional[int], typer.Option(help="Training crop size in pixels (default: the arch's own, e.g. 224 for resnet, 288 for efficientnet_lite0).", show_default=False)] = TRAIN.img_size,
+    val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation when DATA has no val/ folder.")] = TRAIN.val_split,
+    seed: Annotated[int, typer.Option(help="Seed for the split, augmentation and initialisation.")] = TRAIN.seed,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps (auto: CUDA, then MPS, then CPU).")] = TRAIN.device,
+    workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8; 0 loads in the main process).", show_default=False)] = TRAIN.workers,
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = TRAIN.runs_dir,
+    name: Annotated[Optional[str], typer.Option(help="Run folder name (default 'train'; numbered if taken, never overwritten).", show_default=False)] = TRAIN.name,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr (warnings still shown).")] = False,
+):
+    """Train a classifier on an image folder.
+
+    Example: finetune train ./photos --arch efficientnet_lite0 --json
+    """
+    if finetune_epochs is None:
+        finetune_epochs = 5 if freeze_backbone is False else TRAIN.finetune_epochs
+    elif freeze_backbone and finetune_epochs > 0:
+        raise fail(UsageError("--freeze-backbone and --finetune-epochs > 0 contradict each other; pass one of them."))
+    cfg = replace(TRAIN, data=data, arch=arch, weights=weights, pretrained=pretrained, epochs=epochs,
+                  finetune_epochs=finetune_epochs, views=views, batch_size=batch_size, lr=lr, img_size=img_size,
+                  val_split=val_split, seed=seed, device=device, workers=workers, runs_dir=runs_dir, name=name, quiet=quiet)
+    from .train import train as run_training  # imported late: keeps --help fast
+
+    try:
+        result = run_training(cfg, RichReporter(stderr, quiet))
+    except FinetuneError as e:
+        raise fail(e)
+    if json_out:
+        typer.echo(json.dumps(result.to_json_dict()))
+        return
+    stdout.print(Text(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch} of {result.epochs}), "
+                      f"{result.num_train} train / {result.num_val} val images, {len(result.classes)} classes, {result.seconds:.1f}s on {result.device}"))
+    if result.skipped:
+        stdout.print(Text(f"skipped {len(result.skipped)} files (listed in {result.run_dir / 'skipped.csv'})"))
+    stdout.print(Text(f"model: {result.model}"))
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive), glob patterns, or - to read paths from stdin.", show_default=False)],
+    model: Annotated[Optional[Path], typer.Option(help="Model file or run folder (default: the newest run under --runs-dir).", show_default=False)] = PREDICT.model,
+    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
+    top_k: Annotated[int, typer.Option(help="How many of the most likely classes to report per image.")] = PREDICT.top_k,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = PREDICT.batch_size,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = PREDICT.device,
+    workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8).", show_default=False)] = PREDICT.workers,
+    output_format: Annotated[Optional[str], typer.Option("--format", help="table | json | jsonl | csv (default: table on a terminal, jsonl when piped).", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
+):
+    """Predict the class of images with a trained model.
+
+    Example: finetune predict ./incoming --format jsonl > labels.jsonl
+    """
+    from .predict import expand_inputs, open_model, predict as run_predict, read_path_list
+
+    fmt = output_format or ("table" if sys.stdout.isatty() else "jsonl")
+    if fmt not in FORMATS:
+        raise fail(UsageError(f"--format must be one of {', '.join(FORMATS)} (got '{fmt}')."))
+    raw_inputs: list[str] = []
+    for item in inputs:
+        raw_inputs.extend(read_path_list(sys.stdin) if item == "-" else [item])
+    cfg = replace(PREDICT, inputs=raw_inputs, model=model, runs_dir=runs_dir, top_k=top_k, batch_size=batch_size,
+                  device=device, workers=workers)
+    reporter = RichReporter(stderr, quiet)
+    try:
+        loaded = open_model(cfg)
+        if model is None:
+            reporter.info(f"using the newest model: {loaded.path}")
+        items = expand_inputs(cfg.inputs)
+        if not items:
+            raise UsageError("no inputs: pass image files, folders, glob patterns, or - to read paths from stdin.")
+        failures = render_predictions(run_predict(cfg, items, loaded, reporter), fmt)
+    except FinetuneError as e:
+        raise fail(e)
+    if failures:
+        stderr.print(Text(f"{failures} of {len(items)} inputs could not be predicted (see their 'error' field).", style="yellow"))
+        raise typer.Exit(1)
+
+
+def render_predictions(predictions, fmt: str) -> int:
+    """Write predictions to stdout in `fmt`; streaming formats write as results arrive. Returns failures."""
+    failures = 0
+    if fmt == "jsonl":
+        for p in predictions:
+            failures += p.error is not None
+            sys.stdout.write(json.dumps(p.to_json_dict()) + "\n")
+            sys.stdout.flush()
+        return failures
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["path", "label", "score", "error"])
+        for p in predictions:
+            failures += p.error is not None
+            writer.writerow([p.path, p.label or "", "" if p.score is None else p.score, p.error or ""])
+        return failures
+    rows = list(predictions)
+    failures = sum(p.error is not None for p in rows)
+    if fmt == "json":
+        sys.stdout.write(json.dumps([p.to_json_dict() for p in rows], indent=2) + "\n")
+        return failures
+    table = Table("path", "label", "score", "top k")
+    for p in rows:
+        if p.error is not None:
+            table.add_row(Text(p.path), Text("error", style="red"), "", Text(p.error))
+        else:
+            others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.top_k[1:])
+            table.add_row(Text(p.path), Text(p.label), f"{p.score:.3f}", Text(others))
+    stdout.print(table)
+    return failures

@@ -1,0 +1,55 @@
+"""Device choice and the numeric precision that is fast and safe on it."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import UsageError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: CUDA, then Apple MPS, then CPU. An explicit choice that is absent is an error."""
+    name = name.lower()
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise UsageError(f"unknown --device '{name}'; use one of {', '.join(DEVICES)}.")
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if name.startswith("cuda") and not cuda:
+        raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu (or auto).")
+    if name == "mps" and not mps:
+        raise UsageError("--device mps: Apple MPS is not available here; use --device cpu (or auto).")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware runs it natively (recent CUDA, AVX512-BF16/AMX CPUs), fp16 on older CUDA."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and _cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW from the loaders -> float 0..1 on the device, channels_last (faster convs)."""
+    x = batch.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last)

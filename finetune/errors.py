@@ -1,0 +1,31 @@
+"""One exception family for everything the library refuses; the CLI turns these into one line + exit code."""
+
+
+class FinetuneError(Exception):
+    """A problem the user can fix: the message names the file and the fix."""
+
+    exit_code = 1
+
+
+class UsageError(FinetuneError):
+    """Bad arguments (the CLI exits 2, as for any usage error)."""
+
+    exit_code = 2
+
+
+class DataError(FinetuneError):
+    """The image folder cannot be used as given."""
+
+
+class WeightsError(FinetuneError):
+    """Pretrained weights cannot be found or do not fit the architecture."""
+
+
+class ModelFileError(FinetuneError):
+    """A model file is missing, truncated, foreign or inconsistent."""
+
+
+class TrainingInterrupted(FinetuneError):
+    """Training stopped early (Ctrl-C); the last good files are still on disk."""
+
+    exit_code = 130

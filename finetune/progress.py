@@ -1,0 +1,50 @@
+"""How the library reports progress without printing: the caller passes a Reporter."""
+
+from __future__ import annotations
+
+
+class Reporter:
+    """Receives progress events. This base class ignores them (library use, --quiet)."""
+
+    def start(self, description: str, total: int | None) -> None:
+        """A new stage with `total` steps (None: unknown)."""
+
+    def advance(self, steps: int = 1, **fields: float | str) -> None:
+        """`steps` more done; `fields` are live figures such as loss or images/s."""
+
+    def finish(self) -> None:
+        """The current stage is done."""
+
+    def epoch(self, row: dict) -> None:
+        """One finished epoch's metrics (a row of metrics.csv)."""
+
+    def info(self, message: str) -> None:
+        """Something the user may want to know (which model, which device, what was skipped)."""
+
+    def warn(self, message: str) -> None:
+        """Something that went wrong but did not stop the work."""
+
+
+class RecordingReporter(Reporter):
+    """Keeps every event; handy in tests and notebooks."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def start(self, description, total):
+        self.events.append(("start", description, total))
+
+    def advance(self, steps=1, **fields):
+        self.events.append(("advance", steps, fields))
+
+    def finish(self):
+        self.events.append(("finish",))
+
+    def epoch(self, row):
+        self.events.append(("epoch", row))
+
+    def info(self, message):
+        self.events.append(("info", message))
+
+    def warn(self, message):
+        self.events.append(("warn", message))

@@ -1,0 +1,341 @@
+"""The training loop.
+
+Stage 1 (always): the pretrained backbone is frozen, so its features for each training
+image can be computed once, for `views` augmented views, and a new head trained on them
+for many epochs in seconds. Stage 2 (`finetune_epochs` > 0): the whole network is then
+fine-tuned end to end on freshly augmented images, the backbone at a lower learning rate.
+The best epoch by validation accuracy is what gets saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .checkpoint import create_run_dir, save_model, write_csv, write_json
+from .config import MODEL_FILENAME, TrainConfig
+from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, count_per_class, make_loader, scan_dataset
+from .device import autocast, autocast_dtype, pick_device, to_model_input
+from .errors import DataError, FinetuneError, TrainingInterrupted, UsageError
+from .models import Classifier, build_classifier, get_arch, resolve_pretrained
+from .progress import Reporter
+
+METRIC_FIELDS = ["epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: Path
+    best_val_acc: float
+    best_epoch: int
+    epochs: int
+    classes: list[str]
+    num_train: int
+    num_val: int
+    skipped: list[dict]
+    device: str
+    seconds: float
+    arch: str
+    img_size: int
+    weights: str
+    layout: str
+    history: list[dict] = field(default_factory=list)
+
+    def to_json_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("best_val_acc", "best_epoch", "epochs", "classes", "num_train", "num_val",
+                                            "skipped", "device", "seconds", "arch", "img_size", "weights", "layout")}
+        return {"run_dir": str(self.run_dir), "model": str(self.model), **d}
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    checks = [
+        (0.0 < cfg.val_split < 1.0, f"--val-split must be between 0 and 1 (got {cfg.val_split})."),
+        (cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})."),
+        (cfg.finetune_epochs >= 0, f"--finetune-epochs must be 0 or more (got {cfg.finetune_epochs})."),
+        (cfg.views >= 1, f"--views must be at least 1 (got {cfg.views})."),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})."),
+        (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})."),
+        (cfg.img_size is None or cfg.img_size >= 32, f"--img-size must be at least 32 (got {cfg.img_size})."),
+        (cfg.workers is None or cfg.workers >= 0, f"--workers must be 0 or more (got {cfg.workers})."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def refuse_output_inside_input(output: Path, data: Path) -> None:
+    out, inp = output.resolve(), data.resolve()
+    if out == inp or inp in out.parents:
+        raise UsageError(f"--runs-dir {output} is inside the data folder {data}; outputs never go into your data. Pass a --runs-dir outside it.")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    validate_config(cfg)
+    refuse_output_inside_input(cfg.runs_dir, cfg.data)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    spec = get_arch(cfg.arch)
+    pp = spec.preprocessing(cfg.img_size)
+    split = scan_dataset(cfg.data, cfg.val_split, cfg.seed)
+    reporter.info(f"{cfg.data}: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images ({split.layout})")
+    if cfg.pretrained:
+        state, weights_source = resolve_pretrained(spec, cfg.weights)
+    else:
+        state, weights_source = None, "none (random init)"
+    model = build_classifier(spec, len(split.classes), state).to(device).to(memory_format=torch.channels_last)
+    reporter.info(f"{spec.name} at {pp.img_size}px on {device}, weights: {weights_source}")
+
+    run_dir = create_run_dir(cfg.runs_dir, cfg.name)
+    write_json(run_dir / "config.json", cfg.to_json_dict())
+    session = _Session(cfg, split, pp, model, device, reporter, run_dir)
+    try:
+        session.run()
+    except KeyboardInterrupt:
+        saved = session.save_best()
+        where = f"; the best model so far is in {saved}" if saved else ""
+        raise TrainingInterrupted(f"training interrupted{where}.") from None
+    except torch.cuda.OutOfMemoryError:
+        raise FinetuneError(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; try --batch-size {max(1, cfg.batch_size // 2)}.") from None
+    model_path = session.save_best()
+    assert model_path is not None
+    seconds = round(time.perf_counter() - started, 2)
+    result = TrainResult(
+        run_dir=run_dir, model=model_path, best_val_acc=round(session.best_acc, 4), best_epoch=session.best_epoch,
+        epochs=len(session.history), classes=split.classes, num_train=session.num_train, num_val=session.num_val,
+        skipped=split.skipped, device=str(device), seconds=seconds, arch=spec.name, img_size=pp.img_size,
+        weights=weights_source, layout=split.layout, history=session.history,
+    )
+    write_json(run_dir / "results.json", result.to_json_dict())
+    return result
+
+
+class _Session:
+    """State of one training run: the data, the model, the best epoch so far."""
+
+    def __init__(self, cfg: TrainConfig, split: DatasetSplit, pp: Preprocessing, model: Classifier,
+                 device: torch.device, reporter: Reporter, run_dir: Path):
+        self.cfg, self.split, self.pp, self.model = cfg, split, pp, model
+        self.device, self.reporter, self.run_dir = device, reporter, run_dir
+        self.amp = autocast_dtype(device)
+        self.history: list[dict] = []
+        self.best_acc, self.best_loss, self.best_epoch = -1.0, math.inf, 0
+        self.best_state: dict | None = None
+        self.num_train = self.num_val = 0
+
+    # -- the two stages -----------------------------------------------------------------
+    def run(self) -> None:
+        train_feats, train_labels, val_feats, val_labels = self.extract_all_features()
+        self.train_head(train_feats, train_labels, val_feats, val_labels)
+        if self.cfg.finetune_epochs > 0:
+            self.model.load_state_dict(self.best_state)
+            self.finetune_whole_network()
+
+    def extract_all_features(self):
+        cfg = self.cfg
+        train, train_feats = self.extract_features(self.split.train, cfg.views, "Features (train)")
+        val, val_feats = self.extract_features(self.split.val, 1, "Features (val)")
+        self.check_classes_survive(train, val)
+        self.split.train, self.split.val = train, val
+        self.num_train, self.num_val = len(train), len(val)
+        train_labels = torch.tensor([s.label for s in train])
+        val_labels = torch.tensor([s.label for s in val])
+        return train_feats, train_labels, val_feats[:, 0], val_labels
+
+    @torch.inference_mode()
+    def extract_features(self, samples: list[Sample], views: int, description: str) -> tuple[list[Sample], torch.Tensor]:
+        """Decode each image once, run `views` crops of it through the frozen backbone."""
+        dataset = ImageFileDataset([s.path for s in samples], self.pp, self.cfg.max_pixels, views=views)
+        loader = make_loader(dataset, max(1, self.cfg.batch_size // views), self.cfg.workers,
+                             pin_memory=self.device.type == "cuda", seed=self.cfg.seed)
+        self.model.eval()
+        kept, chunks = [], []
+        self.reporter.start(description, len(samples))
+        t0 = time.perf_counter()
+        done = 0
+        for indices, batch, failed in loader:
+            for i, reason in failed:
+                self.split.skipped.append({"path": str(samples[i].path), "reason": reason})
+                self.reporter.warn(f"skipped {samples[i].path}: {reason}")
+            if batch is not None:
+                b, v = batch.shape[:2]
+                x = to_model_input(batch.flatten(0, 1), self.device)
+                with autocast(self.device, self.amp):
+                    f = self.model.features(x)
+                chunks.append(f.float().view(b, v, -1).cpu())
+                kept.extend(samples[i] for i in indices)
+            done += len(indices) + len(failed)
+            self.reporter.advance(len(indices) + len(failed), images_per_s=round(done * views / (time.perf_counter() - t0), 1))
+        self.reporter.finish()
+        feats = torch.cat(chunks) if chunks else torch.empty(0, views, self.model.head[1].in_features)
+        return kept, feats
+
+    def check_classes_survive(self, train: list[Sample], val: list[Sample]) -> None:
+        classes = self.split.classes
+        for i, n in enumerate(count_per_class(train, len(classes))):
+            if n == 0:
+                raise DataError(f"class '{classes[i]}' has no readable training images left after skipping bad files; add good images to it.")
+        if not val:
+            raise DataError("no readable validation images left after skipping bad files; add images to the val folder.")
+
+    def train_head(self, train_feats, train_labels, val_feats, val_labels) -> None:
+        cfg, head = self.cfg, self.model.head
+        n, v, d = train_feats.shape
+        x_all = train_feats.reshape(n * v, d).to(self.device)
+        y_all = train_labels.repeat_interleave(v).to(self.device)
+        x_val, y_val = val_feats.to(self.device), val_labels.to(self.device)
+        steps_per_epoch = math.ceil(len(x_all) / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, steps_per_epoch))
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.reporter.start("Head (frozen backbone)", cfg.epochs)
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            head.train()
+            order = torch.randperm(len(x_all), generator=generator).to(self.device)
+            loss_sum = correct = 0.0
+            for start in range(0, len(order), cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                logits = head(x_all[idx])
+                loss = F.cross_entropy(logits, y_all[idx], label_smoothing=cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.item() * len(idx)
+                correct += (logits.argmax(1) == y_all[idx]).sum().item()
+            head.eval()
+            with torch.no_grad():
+                val_logits = head(x_val)
+            row = self.record_epoch("head", len(x_all), loss_sum / len(x_all), correct / len(x_all),
+                                    val_logits, y_val, optimizer, time.perf_counter() - t0)
+            self.reporter.advance(1, loss=row["train_loss"], acc=row["train_acc"], val_acc=row["val_acc"])
+        self.reporter.finish()
+
+    def finetune_whole_network(self) -> None:
+        cfg, model = self.cfg, self.model
+        train_ds = ImageFileDataset([s.path for s in self.split.train], self.pp, cfg.max_pixels, views=1, augment_all=True)
+        val_ds = ImageFileDataset([s.path for s in self.split.val], self.pp, cfg.max_pixels, views=1)
+        labels = torch.tensor([s.label for s in self.split.train])
+        val_labels = torch.tensor([s.label for s in self.split.val])
+        pin = self.device.type == "cuda"
+        train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, shuffle=True, pin_memory=pin, seed=cfg.seed)
+        val_loader = make_loader(val_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed)
+        steps_per_epoch = max(1, len(train_loader))
+        total = steps_per_epoch * cfg.finetune_epochs
+        optimizer = torch.optim.AdamW([
+            {"params": model.backbone.parameters(), "lr": cfg.lr * cfg.backbone_lr_ratio},
+            {"params": model.head.parameters(), "lr": cfg.lr},
+        ], weight_decay=cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, max(1, steps_per_epoch // 2)))
+        # fp16 needs loss scaling to keep small gradients; bf16 has fp32's range and does not.
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        for epoch in range(1, cfg.finetune_epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            loss_sum = correct = seen = 0.0
+            self.reporter.start(f"Fine-tune epoch {epoch}/{cfg.finetune_epochs}", len(train_ds))
+            for indices, batch, _failed in train_loader:
+                if batch is None:
+                    continue
+                x = to_model_input(batch[:, 0], self.device)
+                y = labels[indices].to(self.device)
+                with autocast(self.device, self.amp):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+                self.reporter.advance(len(y), loss=round(loss_sum / seen, 4), acc=round(correct / seen, 4),
+                                      images_per_s=round(seen / (time.perf_counter() - t0), 1))
+            self.reporter.finish()
+            val_logits, val_y = self.predict_logits(val_loader, val_labels)
+            self.record_epoch("finetune", seen, loss_sum / max(1, seen), correct / max(1, seen), val_logits, val_y,
+                              optimizer, time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def predict_logits(self, loader, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.eval()
+        outs, ys = [], []
+        for indices, batch, _failed in loader:
+            if batch is None:
+                continue
+            with autocast(self.device, self.amp):
+                outs.append(self.model(to_model_input(batch[:, 0], self.device)).float())
+            ys.append(labels[indices].to(self.device))
+        return torch.cat(outs), torch.cat(ys)
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def record_epoch(self, stage: str, n_images: int, train_loss: float, train_acc: float,
+                     val_logits: torch.Tensor, val_y: torch.Tensor, optimizer, seconds: float) -> dict:
+        val_loss = F.cross_entropy(val_logits.float(), val_y).item()
+        val_acc = (val_logits.argmax(1) == val_y).float().mean().item()
+        row = {
+            "epoch": len(self.history) + 1, "stage": stage,
+            "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 4),
+            "val_loss": round(val_loss, 4), "val_acc": round(val_acc, 4),
+            "lr": f"{optimizer.param_groups[-1]['lr']:.3g}", "seconds": round(seconds, 3),
+            "images_per_s": round(n_images / max(seconds, 1e-9), 1),
+        }
+        self.history.append(row)
+        self.reporter.epoch(row)
+        # Ties on accuracy go to the lower loss: the more confident, better calibrated model.
+        if val_acc > self.best_acc or (val_acc == self.best_acc and val_loss < self.best_loss):
+            self.best_acc, self.best_loss, self.best_epoch = val_acc, val_loss, row["epoch"]
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        return row
+
+    def save_best(self) -> Path | None:
+        if self.best_state is None:
+            return None
+        best_model = copy.deepcopy(self.model).cpu()
+        best_model.load_state_dict(self.best_state)
+        path = self.run_dir / MODEL_FILENAME
+        save_model(path, best_model, self.metadata())
+        write_csv(self.run_dir / "metrics.csv", self.history, METRIC_FIELDS)
+        write_csv(self.run_dir / "skipped.csv", self.split.skipped, ["path", "reason"])
+        return path
+
+    def metadata(self) -> dict:
+        import torchvision
+
+        return {
+            "arch": self.cfg.arch,
+            "classes": self.split.classes,
+            "preprocessing": self.pp.to_dict(),
+            "train_config": self.cfg.to_json_dict(),
+            "best": {"epoch": self.best_epoch, "val_acc": round(self.best_acc, 4), "val_loss": round(self.best_loss, 4)},
+            "num_train": self.num_train, "num_val": self.num_val,
+            "versions": {"finetune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
