@@ -22,7 +22,9 @@ class WeightsError(FinetuneError):
 
 
 class ModelFileError(FinetuneError):
-    """A model file is missing, truncated, foreign or inconsistent."""
+    """A model file is missing, truncated, foreign or inconsistent (a bad --model: exit 2)."""
+
+    exit_code = 2
 
 
 class TrainingInterrupted(FinetuneError):

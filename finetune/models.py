@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -123,7 +124,10 @@ class Classifier(nn.Module):
         return self.backbone(self.normalize(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        features = self.features(x)
+        # The head runs in fp32 even under autocast, exactly as it was trained on cached features.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.head(features.float())
 
 
 def build_classifier(spec: ArchSpec, num_classes: int, backbone_state: dict | None = None) -> Classifier:
@@ -188,7 +192,9 @@ def read_weights_file(path: Path) -> dict:
             state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         return state
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        with warnings.catch_warnings():  # torch's notes on pickle protocols mean nothing to a user
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as e:
         raise WeightsError(f"{path}: not a readable weights-only state dict ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use a .pth saved with torch.save(model.state_dict()) or a .safetensors file.") from None
     for key in ("state_dict", "model"):

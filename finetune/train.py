@@ -186,12 +186,12 @@ class _Session:
                 x = to_model_input(batch.flatten(0, 1), self.device)
                 with autocast(self.device, self.amp):
                     f = self.model.features(x)
-                chunks.append(f.float().view(b, v, -1).cpu())
+                chunks.append(f.view(b, v, -1).to("cpu", torch.float16))  # half the memory; ample precision for a linear head
                 kept.extend(samples[i] for i in indices)
             done += len(indices) + len(failed)
             self.reporter.advance(len(indices) + len(failed), images_per_s=round(done * views / (time.perf_counter() - t0), 1))
         self.reporter.finish()
-        feats = torch.cat(chunks) if chunks else torch.empty(0, views, self.model.head[1].in_features)
+        feats = torch.cat(chunks) if chunks else torch.empty(0, views, self.model.head[1].in_features, dtype=torch.float16)
         return kept, feats
 
     def check_classes_survive(self, train: list[Sample], val: list[Sample]) -> None:
@@ -221,7 +221,7 @@ class _Session:
             loss_sum = correct = 0.0
             for start in range(0, len(order), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
-                logits = head(x_all[idx])
+                logits = head(x_all[idx].float())
                 loss = F.cross_entropy(logits, y_all[idx], label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -231,7 +231,7 @@ class _Session:
                 correct += (logits.argmax(1) == y_all[idx]).sum().item()
             head.eval()
             with torch.no_grad():
-                val_logits = head(x_val)
+                val_logits = head(x_val.float())
             row = self.record_epoch("head", len(x_all), loss_sum / len(x_all), correct / len(x_all),
                                     val_logits, y_val, optimizer, time.perf_counter() - t0)
             self.reporter.advance(1, loss=row["train_loss"], acc=row["train_acc"], val_acc=row["val_acc"])

@@ -1,0 +1,141 @@
+"""End to end through the CLI: train on a tiny folder, then predict in every format."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import app
+
+from conftest import FAST_TRAIN_ARGS, make_class_tree, make_image, tree_hashes
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One training run shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "data"
+    make_class_tree(data / "train", 6)
+    make_class_tree(data / "val", 3, seed=1000)
+    before = tree_hashes(data)
+    runs = root / "runs"
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(runs), "--json", *FAST_TRAIN_ARGS])
+    assert result.exit_code == 0, result.stderr
+    return {"data": data, "runs": runs, "result": result, "summary": json.loads(result.stdout), "hashes": before}
+
+
+def test_train_json_has_the_documented_fields(trained):
+    s = trained["summary"]
+    for key in ("run_dir", "model", "best_val_acc", "epochs", "classes", "num_train", "num_val", "skipped", "device", "seconds"):
+        assert key in s, key
+    assert s["classes"] == ["cat", "dog", "fox"]
+    assert (s["num_train"], s["num_val"]) == (18, 9)
+    assert 0.0 <= s["best_val_acc"] <= 1.0
+    assert s["epochs"] == 3 and s["device"] == "cpu" and s["skipped"] == []
+    assert trained["result"].stdout.count("\n") == 1  # exactly one JSON object on stdout
+
+
+def test_colour_classes_are_learned(trained):
+    assert trained["summary"]["best_val_acc"] >= 0.9
+
+
+def test_run_folder_holds_model_metrics_and_config(trained):
+    run = Path(trained["summary"]["run_dir"])
+    assert Path(trained["summary"]["model"]) == run / "model.safetensors"
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert {"train_loss", "val_acc", "images_per_s"} <= set(rows[0])
+    assert json.loads((run / "config.json").read_text())["arch"] == "efficientnet_lite0"
+    assert (run / "skipped.csv").read_text().startswith("path,reason")
+
+
+def test_training_leaves_the_data_folder_untouched(trained):
+    assert tree_hashes(trained["data"]) == trained["hashes"]
+
+
+def test_second_run_gets_a_new_folder(trained, tmp_path):
+    result = runner.invoke(app, ["train", str(trained["data"]), "--runs-dir", str(tmp_path), "--name", "exp", "--json", *FAST_TRAIN_ARGS])
+    again = runner.invoke(app, ["train", str(trained["data"]), "--runs-dir", str(tmp_path), "--name", "exp", "--json", *FAST_TRAIN_ARGS])
+    assert json.loads(result.stdout)["run_dir"] == str(tmp_path / "exp")
+    assert json.loads(again.stdout)["run_dir"] == str(tmp_path / "exp2")
+
+
+def test_human_summary_without_json(trained, tmp_path):
+    result = runner.invoke(app, ["train", str(trained["data"]), "--runs-dir", str(tmp_path), *FAST_TRAIN_ARGS])
+    assert result.exit_code == 0
+    assert "best val acc" in result.stdout and "model.safetensors" in result.stdout
+    assert not result.stdout.lstrip().startswith("{")
+
+
+def predict(trained, *args, input=None):
+    return runner.invoke(app, ["predict", *args, "--runs-dir", str(trained["runs"]), "--workers", "0"], input=input)
+
+
+def test_predict_folder_jsonl_uses_newest_run(trained):
+    result = predict(trained, str(trained["data"] / "val"), "--format", "jsonl")
+    assert result.exit_code == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 9
+    assert [Path(r["path"]).name for r in lines] == sorted(Path(r["path"]).name for r in lines)  # sorted walk
+    for r in lines:
+        assert set(r) == {"path", "label", "score", "top_k"}
+        assert r["label"] == r["top_k"][0]["label"] and len(r["top_k"]) == 3
+        assert abs(sum(t["score"] for t in r["top_k"]) - 1.0) < 1e-3
+    correct = sum(Path(r["path"]).parent.name == r["label"] for r in lines)
+    assert correct / len(lines) == pytest.approx(trained["summary"]["best_val_acc"], abs=1e-4)
+    assert "newest model" in result.stderr and trained["summary"]["model"] in result.stderr
+
+
+def test_predict_json_csv_and_table(trained):
+    img = str(trained["data"] / "val" / "dog" / "dog_0.jpg")
+    as_json = predict(trained, img, "--format", "json", "--top-k", "2")
+    parsed = json.loads(as_json.stdout)
+    assert isinstance(parsed, list) and parsed[0]["path"] == img and len(parsed[0]["top_k"]) == 2
+    as_csv = list(csv.DictReader(io.StringIO(predict(trained, img, "--format", "csv").stdout)))
+    assert as_csv[0]["path"] == img and as_csv[0]["label"] == parsed[0]["label"] and as_csv[0]["error"] == ""
+    table = predict(trained, img, "--format", "table")
+    assert table.exit_code == 0 and parsed[0]["label"] in table.stdout
+
+
+def test_predict_glob_and_stdin_and_model_option(trained):
+    pattern = str(trained["data"] / "val" / "cat" / "*.jpg")
+    by_glob = predict(trained, pattern, "--model", trained["summary"]["run_dir"], "--format", "jsonl")
+    assert len(by_glob.stdout.splitlines()) == 3 and "newest model" not in by_glob.stderr
+    paths = "\n".join(str(p) for p in sorted((trained["data"] / "val" / "fox").glob("*.jpg"))) + "\n"
+    by_stdin = predict(trained, "-", "--model", trained["summary"]["model"], "--format", "jsonl", input=paths)
+    assert [json.loads(x)["path"] for x in by_stdin.stdout.splitlines()] == paths.split()
+
+
+def test_predict_reports_unreadable_inputs_and_exits_1(trained, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not really a jpeg")
+    good = str(trained["data"] / "val" / "cat" / "cat_0.jpg")
+    result = predict(trained, good, str(bad), str(tmp_path / "missing.png"), "--format", "jsonl")
+    assert result.exit_code == 1
+    records = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [r["path"] for r in records] == [good, str(bad), str(tmp_path / "missing.png")]
+    assert "label" in records[0]
+    assert "error" in records[1] and "error" in records[2] and records[2]["error"] == "file not found"
+    assert "2 of 3 inputs could not be predicted" in result.stderr
+
+
+def test_predict_usage_errors_exit_2(trained, tmp_path):
+    assert predict(trained, "x.jpg", "--format", "xml").exit_code == 2
+    no_runs = runner.invoke(app, ["predict", "x.jpg", "--runs-dir", str(tmp_path / "none")])
+    assert no_runs.exit_code == 2 and "no trained model under" in no_runs.stderr and no_runs.stdout == ""
+    assert predict(trained, "x.jpg", "--top-k", "0").exit_code == 2
+
+
+def test_python_dash_m_entry_point(trained):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "finetune", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("finetune ")

@@ -1,0 +1,138 @@
+"""Folder scanning, splitting and the errors a user sees for a bad folder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.data import scan_dataset, stratified_split
+from finetune.errors import DataError
+
+from conftest import FAST_TRAIN_ARGS, make_class_tree, make_image, tree_hashes
+
+runner = CliRunner()
+
+
+def train_cli(data, runs, *extra):
+    return runner.invoke(app, ["train", str(data), "--runs-dir", str(runs), *FAST_TRAIN_ARGS, *extra])
+
+
+def test_val_folder_aliases_are_found(tmp_path):
+    for alias in ("val", "valid", "validation"):
+        data = tmp_path / alias
+        make_class_tree(data / "train", 2)
+        make_class_tree(data / alias, 1)
+        split = scan_dataset(data, 0.2, 0)
+        assert split.layout == "train/val folders" and len(split.val) == 3
+
+
+def test_single_folder_is_split_stratified_and_repeatably(flat_folder):
+    a = scan_dataset(flat_folder, 0.2, seed=7)
+    b = scan_dataset(flat_folder, 0.2, seed=7)
+    c = scan_dataset(flat_folder, 0.2, seed=8)
+    assert [s.path for s in a.val] == [s.path for s in b.val]
+    assert [s.path for s in a.val] != [s.path for s in c.val]
+    assert [sum(s.label == k for s in a.val) for k in range(3)] == [2, 2, 2]
+    assert not {s.path for s in a.train} & {s.path for s in a.val}
+    assert len(a.train) + len(a.val) == 30
+
+
+def test_split_keeps_an_image_on_each_side():
+    from finetune.data import Sample
+    from pathlib import Path
+
+    samples = [Sample(Path("a1"), 0), Sample(Path("a2"), 0), Sample(Path("b1"), 1)]
+    train, val = stratified_split(samples, 2, 0.9, seed=0)
+    assert sum(s.label == 0 for s in train) == 1 and sum(s.label == 0 for s in val) == 1
+    assert [s.path for s in train if s.label == 1] == [Path("b1")]  # one image: train only
+
+
+def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
+    data = make_class_tree(tmp_path / "d", 3, classes=("cat", "dog"))
+    make_image(data / ".ipynb_checkpoints" / "x.jpg", (0, 0, 0))
+    make_image(data / "cat" / ".hidden.jpg", (0, 0, 0))
+    (data / "cat" / ".DS_Store").write_bytes(b"\0\0")
+    (data / "__MACOSX").mkdir()
+    split = scan_dataset(data, 0.34, 0)
+    assert split.classes == ["cat", "dog"]
+    assert all(".hidden" not in str(s.path) for s in split.train + split.val)
+    assert split.skipped == []
+
+
+def test_non_image_files_are_reported_not_fatal(tmp_path):
+    data = make_class_tree(tmp_path / "d", 3, classes=("cat", "dog"))
+    (data / "dog" / "notes.txt").write_text("hello")
+    split = scan_dataset(data, 0.34, 0)
+    assert split.skipped == [{"path": str(data / "dog" / "notes.txt"), "reason": "not an image file"}]
+
+
+def test_symlink_loop_does_not_hang(tmp_path):
+    data = make_class_tree(tmp_path / "d", 3, classes=("cat", "dog"))
+    os.symlink(data / "cat", data / "cat" / "loop")
+    split = scan_dataset(data, 0.34, 0)
+    assert len(split.train) + len(split.val) == 6
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "no such folder"),
+    ("file", "is a file, not a folder"),
+    ("one_class", "need at least 2 class folders"),
+    ("empty_class", "dog: class folder has no images"),
+    ("val_differs", "val class folders differ"),
+])
+def test_bad_folders_give_one_clear_line(tmp_path, case, expected):
+    data = tmp_path / "data"
+    if case == "file":
+        data.write_text("x")
+    elif case == "one_class":
+        make_class_tree(data, 4, classes=("cat",))
+    elif case == "empty_class":
+        make_class_tree(data, 4, classes=("cat",))
+        (data / "dog").mkdir()
+    elif case == "val_differs":
+        make_class_tree(data / "train", 3, classes=("cat", "dog"))
+        make_class_tree(data / "val", 2, classes=("cat", "fox"))
+    result = train_cli(data, tmp_path / "runs")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ") and expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written for a failed start
+
+
+def test_val_differs_names_the_classes(tmp_path):
+    data = tmp_path / "data"
+    make_class_tree(data / "train", 3, classes=("cat", "dog"))
+    make_class_tree(data / "val", 2, classes=("cat", "fox"))
+    with pytest.raises(DataError, match="missing in val: dog; not in train: fox"):
+        scan_dataset(data, 0.2, 0)
+
+
+def test_runs_dir_inside_the_data_is_refused(image_folder):
+    before = tree_hashes(image_folder)
+    result = train_cli(image_folder, image_folder / "runs")
+    assert result.exit_code == 2 and "inside the data folder" in result.stderr
+    assert tree_hashes(image_folder) == before and not (image_folder / "runs").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--val-split", "1.5"], "--val-split"),
+    (["--epochs", "0"], "--epochs"),
+    (["--arch", "resnet19"], "Did you mean 'resnet18'"),
+    (["--device", "tpu"], "unknown --device"),
+    (["--freeze-backbone", "--finetune-epochs", "2"], "contradict"),
+])
+def test_bad_options_exit_2(image_folder, tmp_path, args, message):
+    result = train_cli(image_folder, tmp_path / "runs", *args)
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_split_from_one_folder_via_cli(flat_folder, tmp_path):
+    result = train_cli(flat_folder, tmp_path / "runs", "--json", "--val-split", "0.3")
+    summary = json.loads(result.stdout)
+    assert (summary["num_train"], summary["num_val"]) == (21, 9)
+    assert summary["layout"].startswith("split from one folder")

@@ -1,0 +1,139 @@
+"""Backbones and where their pretrained weights come from."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from finetune import models
+from finetune.cli import app
+from finetune.effnet_lite import EfficientNetLite0
+from finetune.errors import WeightsError
+
+from conftest import FAST_TRAIN_ARGS
+
+runner = CliRunner()
+RESNET_ARGS = ["--arch", "resnet18", "--img-size", "64", "--epochs", "2", "--views", "1", "--workers", "0", "--quiet", "--json"]
+
+
+def random_resnet18_state() -> dict:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None).state_dict()
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    def refuse(url):
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr(models, "download_state_dict", refuse)
+
+
+def test_state_dict_in_the_hub_cache_is_found(torch_home, offline, image_folder, tmp_path):
+    url = models.get_arch("resnet18").weight_urls[0]
+    cached = torch_home / "hub" / "checkpoints" / models.url_filename(url)
+    cached.parent.mkdir(parents=True)
+    state = random_resnet18_state()
+    torch.save(state, cached)
+    assert cached.name == "resnet18-f37072fd.pth"  # torchvision's own file name
+    result = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(tmp_path / "runs"), *RESNET_ARGS])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["weights"] == str(cached)
+
+
+def test_offline_without_cache_names_the_three_fixes(torch_home, offline, image_folder, tmp_path):
+    result = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(tmp_path / "runs"), *RESNET_ARGS])
+    assert result.exit_code == 1 and result.stdout == ""
+    message = result.stderr
+    assert "cannot get ImageNet weights for resnet18" in message
+    assert str(torch_home / "hub" / "checkpoints") in message and "resnet18-f37072fd.pth" in message
+    assert "--weights FILE" in message and "--arch efficientnet_lite0" in message
+    assert len(message.strip().splitlines()) == 1
+
+
+def test_weights_file_is_used_first(torch_home, offline, image_folder, tmp_path):
+    own = tmp_path / "mine.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in random_resnet18_state().items()}}, own)
+    result = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(tmp_path / "runs"), "--weights", str(own), *RESNET_ARGS])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["weights"] == str(own)
+
+
+def test_weights_for_another_arch_are_refused_clearly(tmp_path):
+    own = tmp_path / "lite.pth"
+    torch.save(EfficientNetLite0().state_dict(), own)
+    with pytest.raises(WeightsError, match="do not fit --arch resnet18"):
+        backbone = models.get_arch("resnet18").build_backbone()
+        models.load_backbone_state(backbone, models.read_weights_file(own), "resnet18")
+
+
+def test_a_finetune_model_file_can_seed_another_training(image_folder, tmp_path):
+    first = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(tmp_path / "a"), "--json", *FAST_TRAIN_ARGS])
+    model_file = json.loads(first.stdout)["model"]
+    second = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(tmp_path / "b"), "--json", "--weights", model_file, *FAST_TRAIN_ARGS])
+    assert second.exit_code == 0, second.stderr
+    assert json.loads(second.stdout)["weights"] == model_file
+
+
+def test_no_pretrained_needs_no_weights(torch_home, offline, image_folder, tmp_path):
+    result = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(tmp_path / "runs"), "--no-pretrained", *RESNET_ARGS])
+    assert result.exit_code == 0 and json.loads(result.stdout)["weights"].startswith("none")
+
+
+def crossword(seed: int) -> Image.Image:
+    """A drawn crossword grid: white cells, black borders, ~1 in 6 cells filled black."""
+    rng, n, cell = random.Random(seed), 13, 16
+    im = Image.new("RGB", (n * cell + 2,) * 2, "white")
+    d = ImageDraw.Draw(im)
+    for i in range(n):
+        for j in range(n):
+            d.rectangle([1 + j * cell, 1 + i * cell, 1 + (j + 1) * cell, 1 + (i + 1) * cell],
+                        fill="black" if rng.random() < 0.18 else "white", outline="black")
+    return im
+
+
+def test_lite0_imagenet_weights_recognise_a_crossword():
+    """ImageNet has a 'crossword puzzle' class (918), and a drawn grid is exactly that.
+
+    Wrong padding, normalisation or weight mapping drops it out of first place.
+    """
+    from torchvision.models import ResNet18_Weights
+    from torchvision.transforms.functional import pil_to_tensor
+
+    spec = models.get_arch("efficientnet_lite0")
+    net = EfficientNetLite0()
+    net.load_state_dict(models.read_weights_file(spec.packaged_weights()))
+    net.eval()
+    categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    batch = torch.stack([pil_to_tensor(crossword(s).resize((224, 224))) for s in range(3)]).float() / 255
+    with torch.no_grad():
+        probs = net((batch - 0.5) / 0.5).softmax(1)
+    top = probs.argmax(1).tolist()
+    assert [categories[i] for i in top] == ["crossword puzzle"] * 3
+    assert probs[:, 918].min() > 0.5
+
+
+def test_every_arch_builds_and_gives_features():
+    for name in ("resnet18", "efficientnet_lite0"):
+        spec = models.get_arch(name)
+        model = models.build_classifier(spec, 3).eval()
+        with torch.no_grad():
+            assert model(torch.rand(2, 3, 64, 64)).shape == (2, 3)
+            assert model.features(torch.rand(1, 3, 64, 64)).shape == (1, spec.feature_dim)
+    assert {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet_lite0"} <= set(models.ARCHS)
