@@ -149,3 +149,40 @@ def write_csv(path: Path, rows: list[dict], fieldnames: list[str]) -> None:
 
 def write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+# --- training state (for --resume) ---------------------------------------------------------
+STATE_FILENAME = "last_state.safetensors"
+STATE_KEY = "finetune_state"
+
+
+def save_training_state(path: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, info: dict) -> None:
+    """Everything needed to continue after the last completed epoch, pickle-free.
+
+    `tensors`: weights and RNG states by name; the optimizer's per-parameter tensors are
+    flattened to `optim.<param>.<name>`, its hyper-parameters go into the JSON metadata.
+    """
+    opt = optimizer.state_dict()
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    for param_id, param_state in opt["state"].items():
+        for name, value in param_state.items():
+            flat[f"optim.{param_id}.{name}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
+    info = {**info, "optimizer_param_groups": opt["param_groups"]}
+    atomic_write_bytes(path, safetensors_bytes(flat, metadata={STATE_KEY: json.dumps(info)}))
+
+
+def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """-> (named tensors without optimizer entries, optimizer state dict, info)."""
+    if not path.is_file():
+        raise UsageError(f"{path.parent}: nothing to resume (no {path.name}); a run can be resumed after its first epoch, until it finishes.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {})[STATE_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError):
+        raise ModelFileError(f"{path}: training state is damaged; it cannot be resumed. Start a new run.") from None
+    state: dict[int, dict] = {}
+    for key in [k for k in tensors if k.startswith("optim.")]:
+        _, param_id, name = key.split(".", 2)
+        state.setdefault(int(param_id), {})[name] = tensors.pop(key)
+    return tensors, {"state": state, "param_groups": info.pop("optimizer_param_groups")}, info

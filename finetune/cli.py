@@ -102,7 +102,7 @@ def main(
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Argument(help="Image folder: DATA/train/<class>/ + DATA/val/<class>/, or DATA/<class>/ to split.", show_default=False)],
+    data: Annotated[Optional[Path], typer.Argument(help="Image folder: DATA/train/<class>/ + DATA/val/<class>/, or DATA/<class>/ to split.", show_default=False)] = None,
     arch: Annotated[str, typer.Option(help="Backbone, e.g. resnet18, resnet50, efficientnet_lite0 (offline weights).")] = TRAIN.arch,
     weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict (.pth/.safetensors) or finetune model file instead of ImageNet weights from the cache/download.")] = TRAIN.weights,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights (--no-pretrained: random init).")] = TRAIN.pretrained,
@@ -119,6 +119,8 @@ def train(
     workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8; 0 loads in the main process).", show_default=False)] = TRAIN.workers,
     runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = TRAIN.runs_dir,
     name: Annotated[Optional[str], typer.Option(help="Run folder name (default 'train'; numbered if taken, never overwritten).", show_default=False)] = TRAIN.name,
+    max_pixels: Annotated[int, typer.Option(help="Images with more pixels are skipped as possible decompression bombs.")] = TRAIN.max_pixels,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder from its last completed epoch (its own settings are used).", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr (warnings still shown).")] = False,
 ):
@@ -126,13 +128,16 @@ def train(
 
     Example: finetune train ./photos --arch efficientnet_lite0 --json
     """
+    if data is None and resume is None:
+        raise fail(UsageError("missing DATA: give an image folder (finetune train ./photos), or --resume RUN_FOLDER."))
     if finetune_epochs is None:
         finetune_epochs = 5 if freeze_backbone is False else TRAIN.finetune_epochs
     elif freeze_backbone and finetune_epochs > 0:
         raise fail(UsageError("--freeze-backbone and --finetune-epochs > 0 contradict each other; pass one of them."))
-    cfg = replace(TRAIN, data=data, arch=arch, weights=weights, pretrained=pretrained, epochs=epochs,
+    cfg = replace(TRAIN, data=data or Path("."), arch=arch, weights=weights, pretrained=pretrained, epochs=epochs,
                   finetune_epochs=finetune_epochs, views=views, batch_size=batch_size, lr=lr, img_size=img_size,
-                  val_split=val_split, seed=seed, device=device, workers=workers, runs_dir=runs_dir, name=name, quiet=quiet)
+                  val_split=val_split, seed=seed, device=device, workers=workers, runs_dir=runs_dir, name=name, quiet=quiet,
+                  max_pixels=max_pixels, resume=resume)
     from .train import train as run_training  # imported late: keeps --help fast
 
     try:
@@ -158,6 +163,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = PREDICT.batch_size,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = PREDICT.device,
     workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8).", show_default=False)] = PREDICT.workers,
+    max_pixels: Annotated[int, typer.Option(help="Images with more pixels are refused as possible decompression bombs.")] = PREDICT.max_pixels,
     output_format: Annotated[Optional[str], typer.Option("--format", help="table | json | jsonl | csv (default: table on a terminal, jsonl when piped).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
 ):
@@ -174,7 +180,7 @@ def predict(
     for item in inputs:
         raw_inputs.extend(read_path_list(sys.stdin) if item == "-" else [item])
     cfg = replace(PREDICT, inputs=raw_inputs, model=model, runs_dir=runs_dir, top_k=top_k, batch_size=batch_size,
-                  device=device, workers=workers)
+                  device=device, workers=workers, max_pixels=max_pixels)
     reporter = RichReporter(stderr, quiet)
     try:
         loaded = open_model(cfg)

@@ -36,10 +36,19 @@ class TrainConfig:
     name: str | None = None
     max_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold, but as a hard error
     quiet: bool = False
+    resume: Path | None = None  # a run folder to continue; its config.json replaces the rest
 
     def to_json_dict(self) -> dict:
         d = asdict(self)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> "TrainConfig":
+        known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
+        for key in ("data", "weights", "runs_dir", "resume"):
+            if known.get(key) is not None:
+                known[key] = Path(known[key])
+        return cls(**known)
 
 
 @dataclass

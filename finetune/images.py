@@ -62,7 +62,9 @@ def load_rgb(path: Path, max_pixels: int, min_side: int | None = None) -> Image.
     except Image.UnidentifiedImageError:
         if suffix in PLUGIN_EXTENSIONS:
             raise ImageDecodeError(f"{suffix} needs a Pillow plugin: pip install {PLUGIN_EXTENSIONS[suffix]}") from None
-        raise ImageDecodeError("not an image (unrecognised format)") from None
+        if path.stat().st_size == 0:
+            raise ImageDecodeError("empty file (0 bytes)") from None
+        raise ImageDecodeError("not an image, or a damaged one (format not recognised)") from None
     except DECODE_ERRORS as e:
         reason = str(e) or type(e).__name__
         raise ImageDecodeError(f"cannot decode: {reason}") from None

@@ -5,23 +5,28 @@ image can be computed once, for `views` augmented views, and a new head trained 
 for many epochs in seconds. Stage 2 (`finetune_epochs` > 0): the whole network is then
 fine-tuned end to end on freshly augmented images, the backbone at a lower learning rate.
 The best epoch by validation accuracy is what gets saved.
+
+After every epoch a small training state is written (atomically) so that `resume` can
+continue from the last completed epoch with the optimizer, schedule, RNG and best metric
+as they were.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import __version__
-from .checkpoint import create_run_dir, save_model, write_csv, write_json
+from .checkpoint import (STATE_FILENAME, create_run_dir, load_training_state, read_safetensors, save_model,
+                         save_training_state, write_csv, write_json)
 from .config import MODEL_FILENAME, TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, count_per_class, make_loader, scan_dataset
 from .device import autocast, autocast_dtype, pick_device, to_model_input
@@ -30,6 +35,7 @@ from .models import Classifier, build_classifier, get_arch, resolve_pretrained
 from .progress import Reporter
 
 METRIC_FIELDS = ["epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
+HEAD, FINETUNE = "head", "finetune"
 
 
 @dataclass
@@ -67,6 +73,7 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})."),
         (cfg.img_size is None or cfg.img_size >= 32, f"--img-size must be at least 32 (got {cfg.img_size})."),
         (cfg.workers is None or cfg.workers >= 0, f"--workers must be 0 or more (got {cfg.workers})."),
+        (cfg.max_pixels >= 1, f"--max-pixels must be positive (got {cfg.max_pixels})."),
     ]
     for ok, message in checks:
         if not ok:
@@ -92,9 +99,22 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def config_for_resume(run_dir: Path) -> TrainConfig:
+    """The config a run was started with, read back from its folder."""
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(f"--resume {run_dir}: not a run folder (no config.json). Pass a folder under runs/.")
+    if (run_dir / "results.json").is_file():
+        raise UsageError(f"--resume {run_dir}: this run already finished; its model is {run_dir / MODEL_FILENAME}.")
+    saved = TrainConfig.from_json_dict(json.loads((run_dir / "config.json").read_text()))
+    return replace(saved, resume=run_dir)
+
+
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    resume_from = cfg.resume
+    if resume_from is not None:
+        cfg = replace(config_for_resume(resume_from), quiet=cfg.quiet)
     validate_config(cfg)
     refuse_output_inside_input(cfg.runs_dir, cfg.data)
     seed_everything(cfg.seed)
@@ -110,25 +130,29 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     model = build_classifier(spec, len(split.classes), state).to(device).to(memory_format=torch.channels_last)
     reporter.info(f"{spec.name} at {pp.img_size}px on {device}, weights: {weights_source}")
 
-    run_dir = create_run_dir(cfg.runs_dir, cfg.name)
-    write_json(run_dir / "config.json", cfg.to_json_dict())
+    if resume_from is None:
+        run_dir = create_run_dir(cfg.runs_dir, cfg.name)
+        write_json(run_dir / "config.json", {k: v for k, v in cfg.to_json_dict().items() if k != "resume"})
+    else:
+        run_dir = resume_from
     session = _Session(cfg, split, pp, model, device, reporter, run_dir)
     try:
-        session.run()
+        session.run(resume=resume_from is not None)
     except KeyboardInterrupt:
         saved = session.save_best()
         where = f"; the best model so far is in {saved}" if saved else ""
-        raise TrainingInterrupted(f"training interrupted{where}.") from None
+        raise TrainingInterrupted(f"training interrupted{where}. Continue with: finetune train --resume {run_dir}") from None
     except torch.cuda.OutOfMemoryError:
-        raise FinetuneError(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; try --batch-size {max(1, cfg.batch_size // 2)}.") from None
+        raise FinetuneError(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; try --batch-size {max(1, cfg.batch_size // 2)}"
+                            f" (continue with: finetune train --resume {run_dir}).") from None
     model_path = session.save_best()
     assert model_path is not None
-    seconds = round(time.perf_counter() - started, 2)
+    (run_dir / STATE_FILENAME).unlink(missing_ok=True)  # finished: nothing left to resume
     result = TrainResult(
         run_dir=run_dir, model=model_path, best_val_acc=round(session.best_acc, 4), best_epoch=session.best_epoch,
         epochs=len(session.history), classes=split.classes, num_train=session.num_train, num_val=session.num_val,
-        skipped=split.skipped, device=str(device), seconds=seconds, arch=spec.name, img_size=pp.img_size,
-        weights=weights_source, layout=split.layout, history=session.history,
+        skipped=split.skipped, device=str(device), seconds=round(time.perf_counter() - started, 2), arch=spec.name,
+        img_size=pp.img_size, weights=weights_source, layout=split.layout, history=session.history,
     )
     write_json(run_dir / "results.json", result.to_json_dict())
     return result
@@ -146,29 +170,44 @@ class _Session:
         self.best_acc, self.best_loss, self.best_epoch = -1.0, math.inf, 0
         self.best_state: dict | None = None
         self.num_train = self.num_val = 0
+        self.resumed: tuple[dict, dict, dict] | None = None  # (tensors, optimizer state, info)
 
     # -- the two stages -----------------------------------------------------------------
-    def run(self) -> None:
-        train_feats, train_labels, val_feats, val_labels = self.extract_all_features()
-        self.train_head(train_feats, train_labels, val_feats, val_labels)
-        if self.cfg.finetune_epochs > 0:
+    def run(self, resume: bool) -> None:
+        stage, done = HEAD, 0
+        if resume:
+            stage, done = self.restore()
+        if stage == HEAD:
+            train_feats, train_labels, val_feats, val_labels = self.extract_all_features()
+            self.train_head(train_feats, train_labels, val_feats, val_labels, done)
+            self.save_best()
+            stage, done = FINETUNE, 0
             self.model.load_state_dict(self.best_state)
-            self.finetune_whole_network()
+        if self.cfg.finetune_epochs > done:
+            self.finetune_whole_network(done)
 
     def extract_all_features(self):
         cfg = self.cfg
         train, train_feats = self.extract_features(self.split.train, cfg.views, "Features (train)")
         val, val_feats = self.extract_features(self.split.val, 1, "Features (val)")
-        self.check_classes_survive(train, val)
-        self.split.train, self.split.val = train, val
-        self.num_train, self.num_val = len(train), len(val)
+        self.set_clean_samples(train, val)
         train_labels = torch.tensor([s.label for s in train])
         val_labels = torch.tensor([s.label for s in val])
         return train_feats, train_labels, val_feats[:, 0], val_labels
 
+    def set_clean_samples(self, train: list[Sample], val: list[Sample]) -> None:
+        classes = self.split.classes
+        for i, n in enumerate(count_per_class(train, len(classes))):
+            if n == 0:
+                raise DataError(f"class '{classes[i]}' has no readable training images left after skipping bad files; add good images to it.")
+        if not val:
+            raise DataError("no readable validation images left after skipping bad files; add images to the val folder.")
+        self.split.train, self.split.val = train, val
+        self.num_train, self.num_val = len(train), len(val)
+
     @torch.inference_mode()
     def extract_features(self, samples: list[Sample], views: int, description: str) -> tuple[list[Sample], torch.Tensor]:
-        """Decode each image once, run `views` crops of it through the frozen backbone."""
+        """Decode each image once (this is also the bad-file check), run `views` crops through the frozen backbone."""
         dataset = ImageFileDataset([s.path for s in samples], self.pp, self.cfg.max_pixels, views=views)
         loader = make_loader(dataset, max(1, self.cfg.batch_size // views), self.cfg.workers,
                              pin_memory=self.device.type == "cuda", seed=self.cfg.seed)
@@ -194,15 +233,7 @@ class _Session:
         feats = torch.cat(chunks) if chunks else torch.empty(0, views, self.model.head[1].in_features, dtype=torch.float16)
         return kept, feats
 
-    def check_classes_survive(self, train: list[Sample], val: list[Sample]) -> None:
-        classes = self.split.classes
-        for i, n in enumerate(count_per_class(train, len(classes))):
-            if n == 0:
-                raise DataError(f"class '{classes[i]}' has no readable training images left after skipping bad files; add good images to it.")
-        if not val:
-            raise DataError("no readable validation images left after skipping bad files; add images to the val folder.")
-
-    def train_head(self, train_feats, train_labels, val_feats, val_labels) -> None:
+    def train_head(self, train_feats, train_labels, val_feats, val_labels, done: int) -> None:
         cfg, head = self.cfg, self.model.head
         n, v, d = train_feats.shape
         x_all = train_feats.reshape(n * v, d).to(self.device)
@@ -213,8 +244,11 @@ class _Session:
         optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, steps_per_epoch))
         generator = torch.Generator().manual_seed(cfg.seed)
+        if done:
+            self.restore_optimization(optimizer, schedule, generator)
         self.reporter.start("Head (frozen backbone)", cfg.epochs)
-        for epoch in range(1, cfg.epochs + 1):
+        self.reporter.advance(done)
+        for epoch in range(done + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
             head.train()
             order = torch.randperm(len(x_all), generator=generator).to(self.device)
@@ -232,12 +266,13 @@ class _Session:
             head.eval()
             with torch.no_grad():
                 val_logits = head(x_val.float())
-            row = self.record_epoch("head", len(x_all), loss_sum / len(x_all), correct / len(x_all),
+            row = self.record_epoch(HEAD, len(x_all), loss_sum / len(x_all), correct / len(x_all),
                                     val_logits, y_val, optimizer, time.perf_counter() - t0)
+            self.save_state(HEAD, epoch, optimizer, schedule, generator)
             self.reporter.advance(1, loss=row["train_loss"], acc=row["train_acc"], val_acc=row["val_acc"])
         self.reporter.finish()
 
-    def finetune_whole_network(self) -> None:
+    def finetune_whole_network(self, done: int) -> None:
         cfg, model = self.cfg, self.model
         train_ds = ImageFileDataset([s.path for s in self.split.train], self.pp, cfg.max_pixels, views=1, augment_all=True)
         val_ds = ImageFileDataset([s.path for s in self.split.val], self.pp, cfg.max_pixels, views=1)
@@ -253,9 +288,13 @@ class _Session:
             {"params": model.head.parameters(), "lr": cfg.lr},
         ], weight_decay=cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, max(1, steps_per_epoch // 2)))
+        if done:
+            self.restore_optimization(optimizer, schedule, None)
         # fp16 needs loss scaling to keep small gradients; bf16 has fp32's range and does not.
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        for epoch in range(1, cfg.finetune_epochs + 1):
+        for epoch in range(done + 1, cfg.finetune_epochs + 1):
+            # Shuffling and worker seeds depend only on (seed, epoch): a resumed run sees the same batches.
+            train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
             t0 = time.perf_counter()
             model.train()
             loss_sum = correct = seen = 0.0
@@ -280,8 +319,12 @@ class _Session:
                                       images_per_s=round(seen / (time.perf_counter() - t0), 1))
             self.reporter.finish()
             val_logits, val_y = self.predict_logits(val_loader, val_labels)
-            self.record_epoch("finetune", seen, loss_sum / max(1, seen), correct / max(1, seen), val_logits, val_y,
+            improved_before = self.best_epoch
+            self.record_epoch(FINETUNE, seen, loss_sum / max(1, seen), correct / max(1, seen), val_logits, val_y,
                               optimizer, time.perf_counter() - t0)
+            if self.best_epoch != improved_before:
+                self.save_best()  # the state file below may point at it, so it goes first
+            self.save_state(FINETUNE, epoch, optimizer, schedule, None)
 
     @torch.inference_mode()
     def predict_logits(self, loader, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,6 +369,60 @@ class _Session:
         write_csv(self.run_dir / "skipped.csv", self.split.skipped, ["path", "reason"])
         return path
 
+    def save_state(self, stage: str, epoch: int, optimizer, schedule, generator: torch.Generator | None) -> None:
+        """After each completed epoch: trainable weights, optimizer, schedule, RNG, history, best."""
+        trainable = self.model.head if stage == HEAD else self.model
+        prefix = "head." if stage == HEAD else ""
+        tensors = {f"model.{prefix}{k}": v for k, v in trainable.state_dict().items()}
+        if stage == HEAD:  # the best head is tiny: keep it here rather than rewrite the model file each epoch
+            tensors.update({f"best.{k}": v for k, v in self.best_state.items() if k.startswith("head.")})
+        tensors["rng.torch"] = torch.get_rng_state()
+        if generator is not None:
+            tensors["rng.generator"] = generator.get_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        info = {
+            "stage": stage, "epoch": epoch, "history": self.history, "schedule": schedule.state_dict(),
+            "best": {"acc": self.best_acc, "loss": self.best_loss, "epoch": self.best_epoch},
+            "skipped": self.split.skipped, "num_train": self.num_train, "num_val": self.num_val,
+        }
+        save_training_state(self.run_dir / STATE_FILENAME, tensors, optimizer, info)
+        write_csv(self.run_dir / "metrics.csv", self.history, METRIC_FIELDS)
+
+    def restore(self) -> tuple[str, int]:
+        """Load the training state; returns (stage, epochs completed in that stage)."""
+        tensors, opt_state, info = load_training_state(self.run_dir / STATE_FILENAME)
+        self.resumed = (tensors, opt_state, info)
+        self.history = info["history"]
+        best = info["best"]
+        self.best_acc, self.best_loss, self.best_epoch = best["acc"], best["loss"], best["epoch"]
+        own = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(own, strict=info["stage"] == FINETUNE)
+        if info["stage"] == HEAD:
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            self.best_state.update({k[len("best."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")})
+        else:
+            best_tensors, _ = read_safetensors(self.run_dir / MODEL_FILENAME)
+            self.best_state = {k: v.to(self.device) for k, v in best_tensors.items()}
+            skipped = {s["path"] for s in info["skipped"]}
+            self.split.skipped = info["skipped"]
+            self.set_clean_samples([s for s in self.split.train if str(s.path) not in skipped],
+                                   [s for s in self.split.val if str(s.path) not in skipped])
+        self.reporter.info(f"resuming {self.run_dir} after epoch {len(self.history)} ({info['stage']} stage)")
+        return info["stage"], info["epoch"]
+
+    def restore_optimization(self, optimizer, schedule, generator: torch.Generator | None) -> None:
+        tensors, opt_state, info = self.resumed
+        optimizer.load_state_dict(opt_state)
+        schedule.load_state_dict(info["schedule"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if generator is not None:
+            generator.set_state(tensors["rng.generator"])
+        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+
     def metadata(self) -> dict:
         import torchvision
 
@@ -333,7 +430,7 @@ class _Session:
             "arch": self.cfg.arch,
             "classes": self.split.classes,
             "preprocessing": self.pp.to_dict(),
-            "train_config": self.cfg.to_json_dict(),
+            "train_config": {k: v for k, v in self.cfg.to_json_dict().items() if k != "resume"},
             "best": {"epoch": self.best_epoch, "val_acc": round(self.best_acc, 4), "val_loss": round(self.best_loss, 4)},
             "num_train": self.num_train, "num_val": self.num_val,
             "versions": {"finetune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},

@@ -1,0 +1,263 @@
+"""Messy folders: every bad file is skipped and reported once, every odd mode becomes RGB,
+and no input file is ever changed (hashes before/after)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.images import ImageDecodeError, load_rgb
+
+from conftest import FAST_TRAIN_ARGS, make_class_tree, make_image, tree_hashes
+
+runner = CliRunner()
+CAP = 89_478_485
+
+
+def noisy(w, h, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+
+
+# --- files that must be skipped, with the reason the user sees -----------------------------
+
+def zero_byte(p):
+    p.write_bytes(b"")
+
+
+def text_named_jpg(p):
+    p.write_text("this is not a picture\n")
+
+
+def truncated_jpeg(p):
+    buf = io.BytesIO()
+    noisy(400, 300).save(buf, "JPEG", quality=90)
+    p.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 6 // 10])
+
+
+def bad_crc_png(p):
+    buf = io.BytesIO()
+    noisy(64, 48).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    idat = data.index(b"IDAT")
+    data[idat + 20] ^= 0xFF  # corrupt the compressed pixels; the chunk CRC no longer matches
+    p.write_bytes(bytes(data))
+
+
+def bomb(p):
+    noisy(200, 200).save(p, "PNG")  # 40,000 pixels, over the lowered cap used for this case
+
+
+def heic(p):
+    p.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+
+
+def gif_garbage(p):
+    p.write_bytes(b"GIF89a" + b"\x01" * 20)
+
+
+SKIP_CASES = {
+    "zero-byte.jpg": (zero_byte, "empty file"),
+    "text.jpg": (text_named_jpg, "not an image"),
+    "truncated.jpg": (truncated_jpeg, "truncated"),
+    "bad-crc.png": (bad_crc_png, "cannot decode"),
+    "bomb.png": (bomb, "over the 10,000-pixel limit"),
+    "photo.heic": (heic, "pip install pillow-heif"),
+    "broken.gif": (gif_garbage, "or a damaged one"),
+    "notes.txt": (text_named_jpg, "not an image file"),
+}
+
+
+def folder_with(tmp_path: Path, name: str, maker) -> tuple[Path, Path]:
+    data = tmp_path / "data"
+    make_class_tree(data / "train", 4, classes=("cat", "dog"))
+    make_class_tree(data / "val", 2, classes=("cat", "dog"), seed=500)
+    bad = data / "train" / "cat" / name
+    maker(bad)
+    return data, bad
+
+
+def train_json(data: Path, runs: Path, *extra):
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(runs), "--json", *FAST_TRAIN_ARGS, *extra])
+    return result, (json.loads(result.stdout) if result.exit_code == 0 else None)
+
+
+@pytest.mark.parametrize("name", list(SKIP_CASES))
+def test_bad_file_is_skipped_reported_once_and_untouched(tmp_path, name):
+    maker, reason = SKIP_CASES[name]
+    data, bad = folder_with(tmp_path, name, maker)
+    before = tree_hashes(data)
+    extra = ["--max-pixels", "10000"] if name == "bomb.png" else []
+    result, summary = train_json(data, tmp_path / "runs", *extra)
+    assert result.exit_code == 0, result.stderr
+    assert [s["path"] for s in summary["skipped"]] == [str(bad)]
+    assert reason in summary["skipped"][0]["reason"]
+    assert summary["num_train"] == 8  # the good ones all trained
+    assert (Path(summary["run_dir"]) / "skipped.csv").read_text().count(str(bad)) == 1
+    assert tree_hashes(data) == before
+
+
+# --- odd but valid images: all become proper RGB --------------------------------------------
+
+def save(img, p, **kw):
+    img.save(p, **kw)
+
+
+def grey(p):
+    save(Image.new("L", (32, 32), 77), p)
+
+
+def one_bit(p):
+    img = Image.new("1", (32, 32), 0)
+    img.paste(1, (0, 0, 16, 32))
+    save(img, p)
+
+
+def palette(p):
+    save(noisy(32, 32).convert("P"), p)
+
+
+def palette_transparent(p):
+    img = Image.new("P", (32, 32), 0)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    img.paste(1, (16, 0, 32, 32))
+    save(img, p, transparency=0)  # left half transparent (index 0), right half red
+
+
+def rgba(p):
+    img = Image.new("RGBA", (32, 32), (0, 0, 255, 0))
+    img.paste((255, 0, 0, 255), (16, 0, 32, 32))
+    save(img, p)
+
+
+def la(p):
+    save(Image.new("LA", (32, 32), (0, 0)), p)
+
+
+def cmyk(p):
+    save(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), p, format="JPEG", quality=95)
+
+
+def sixteen_bit(p):
+    a = np.zeros((32, 32), dtype=np.uint16)
+    a[:, 16:] = 65535
+    a[:, :16] = 32768
+    save(Image.fromarray(a), p)
+
+
+def float_tiff(p):
+    a = np.zeros((32, 32), dtype=np.float32)
+    a[:, 16:] = 1.0
+    save(Image.fromarray(a, mode="F"), p)
+
+
+def animated(p):
+    frames = [Image.new("RGB", (32, 32), c) for c in ((0, 200, 0), (200, 0, 0), (0, 0, 200))]
+    frames[0].save(p, save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def exif_rotated(p):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (20, 0, 40, 20))  # stored: left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": red ends up on top
+    save(img, p, exif=exif, quality=95)
+
+
+def upper_jpg(p):
+    make_image(p, (200, 40, 40), fmt="JPEG")
+
+
+def px(img, xy):
+    return np.asarray(img)[xy[1], xy[0]].tolist()
+
+
+MODE_CASES = {
+    "grey.png": (grey, lambda im: px(im, (5, 5)) == [77, 77, 77]),
+    "bits.png": (one_bit, lambda im: px(im, (2, 2)) == [255, 255, 255] and px(im, (30, 2)) == [0, 0, 0]),
+    "palette.png": (palette, lambda im: im.size == (32, 32)),
+    "palette-transparent.gif": (palette_transparent, lambda im: px(im, (2, 2)) == [255, 255, 255] and px(im, (30, 2)) == [255, 0, 0]),
+    "rgba.png": (rgba, lambda im: px(im, (2, 2)) == [255, 255, 255] and px(im, (30, 2)) == [255, 0, 0]),
+    "la.png": (la, lambda im: px(im, (2, 2)) == [255, 255, 255]),
+    "cmyk.jpg": (cmyk, lambda im: px(im, (5, 5))[0] > 200 and px(im, (5, 5))[1] < 60),
+    "sixteen.png": (sixteen_bit, lambda im: px(im, (2, 2)) == [128, 128, 128] and px(im, (30, 2)) == [255, 255, 255]),
+    "float.tif": (float_tiff, lambda im: px(im, (2, 2)) == [0, 0, 0] and px(im, (30, 2)) == [255, 255, 255]),
+    "animated.gif": (animated, lambda im: px(im, (5, 5))[1] > 150 and px(im, (5, 5))[0] < 60),
+    "rotated.jpg": (exif_rotated, lambda im: im.size == (20, 40) and px(im, (10, 5))[0] > 200 and px(im, (10, 35))[2] > 200),
+    "UPPER.JPG": (upper_jpg, lambda im: im.mode == "RGB"),
+    "Mixed.Jpeg": (upper_jpg, lambda im: im.mode == "RGB"),
+}
+
+
+@pytest.mark.parametrize("name", list(MODE_CASES))
+def test_image_modes_become_rgb(tmp_path, name):
+    maker, check = MODE_CASES[name]
+    path = tmp_path / name
+    maker(path)
+    before = path.read_bytes()
+    img = load_rgb(path, CAP)
+    assert img.mode == "RGB" and check(img), (img.mode, img.size, px(img, (2, 2)))
+    assert path.read_bytes() == before
+
+
+def test_a_folder_of_odd_modes_trains_without_skips(tmp_path):
+    data = tmp_path / "data"
+    make_class_tree(data / "train", 3, classes=("cat", "dog"))
+    make_class_tree(data / "val", 2, classes=("cat", "dog"), seed=9)
+    for name, (maker, _) in MODE_CASES.items():
+        maker(data / "train" / "dog" / name)
+    before = tree_hashes(data)
+    result, summary = train_json(data, tmp_path / "runs")
+    assert result.exit_code == 0, result.stderr
+    assert summary["skipped"] == [] and summary["num_train"] == 6 + len(MODE_CASES)
+    assert tree_hashes(data) == before
+
+
+def test_bomb_in_predict_is_an_error_record(tmp_path):
+    path = tmp_path / "big.png"
+    bomb(path)
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        load_rgb(path, 10_000)
+
+
+def test_class_left_empty_by_bad_files_is_a_clear_error(tmp_path):
+    data = tmp_path / "data"
+    make_class_tree(data / "train", 3, classes=("cat",))
+    make_class_tree(data / "val", 2, classes=("cat", "dog"))
+    (data / "train" / "dog").mkdir()
+    zero_byte(data / "train" / "dog" / "a.jpg")
+    text_named_jpg(data / "train" / "dog" / "b.jpg")
+    result, _ = train_json(data, tmp_path / "runs")
+    assert result.exit_code == 1
+    assert "class 'dog' has no readable training images left" in result.stderr
+    assert "skipped" in result.stderr  # each bad file was reported as it was found
+
+
+def test_mixed_folder_reports_each_bad_file_once(tmp_path):
+    data = tmp_path / "data"
+    make_class_tree(data / "train", 10, classes=("cat", "dog"))
+    make_class_tree(data / "val", 4, classes=("cat", "dog"), seed=7)
+    bad = []
+    for i, (name, (maker, _)) in enumerate(SKIP_CASES.items()):
+        if name == "bomb.png":
+            continue
+        p = data / ("val" if i % 3 == 0 else "train") / ("cat" if i % 2 else "dog") / name
+        maker(p)
+        bad.append(str(p))
+    for name, (maker, _) in MODE_CASES.items():
+        maker(data / "train" / "cat" / name)
+    before = tree_hashes(data)
+    result, summary = train_json(data, tmp_path / "runs")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(s["path"] for s in summary["skipped"]) == sorted(bad)
+    assert any("/val/" in b for b in bad)  # bad files in val are skipped too
+    assert (summary["num_train"], summary["num_val"]) == (20 + len(MODE_CASES), 8)
+    assert tree_hashes(data) == before

@@ -1,0 +1,127 @@
+"""Crash safety: Ctrl-C keeps the last good files and --resume continues exactly; OOM; seeds."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from finetune import train as train_module
+from finetune.checkpoint import STATE_FILENAME, load_model
+from finetune.cli import app
+from finetune.config import TrainConfig
+from finetune.errors import TrainingInterrupted
+from finetune.progress import Reporter
+from finetune.train import train
+
+from conftest import FAST_TRAIN_ARGS, tree_hashes
+
+runner = CliRunner()
+COMPARED = ("epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+def config(data: Path, runs: Path, **kw) -> TrainConfig:
+    base = TrainConfig(data=data, runs_dir=runs, arch="efficientnet_lite0", img_size=64, epochs=3, views=2,
+                       finetune_epochs=2, batch_size=8, workers=0, seed=3)
+    return replace(base, **kw)
+
+
+class CtrlCAt(Reporter):
+    """Raises KeyboardInterrupt on the n-th `advance` of a stage whose name starts with `stage`."""
+
+    def __init__(self, stage: str, n: int):
+        self.stage, self.n, self.current, self.count = stage, n, "", 0
+
+    def start(self, description, total):
+        self.current, self.count = description, 0
+
+    def advance(self, steps=1, **fields):
+        if self.current.startswith(self.stage) and steps:
+            self.count += 1
+            if self.count == self.n:
+                raise KeyboardInterrupt
+
+
+def compared(history):
+    return [{k: row[k] for k in COMPARED} for row in history]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    from conftest import make_class_tree
+
+    root = tmp_path_factory.mktemp("resume")
+    make_class_tree(root / "data" / "train", 6)
+    make_class_tree(root / "data" / "val", 3, seed=1000)
+    result = train(config(root / "data", root / "ref"))
+    return root / "data", result
+
+
+@pytest.mark.parametrize("stage, n", [("Fine-tune epoch 2", 1), ("Head", 2)])
+def test_interrupt_then_resume_matches_an_uninterrupted_run(reference, tmp_path, stage, n):
+    data, ref = reference
+    before = tree_hashes(data)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(config(data, tmp_path), CtrlCAt(stage, n))
+    run = tmp_path / "train"
+    assert (run / STATE_FILENAME).is_file()
+    if stage.startswith("Fine-tune"):
+        assert load_model(run / "model.safetensors").classes == ["cat", "dog", "fox"]  # last good model loadable
+    resumed = train(TrainConfig(resume=run))
+    assert resumed.run_dir == run
+    assert compared(resumed.history) == compared(ref.history)
+    assert resumed.best_val_acc == ref.best_val_acc and resumed.best_epoch == ref.best_epoch
+    assert not (run / STATE_FILENAME).exists()
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 6))
+    assert tree_hashes(data) == before
+
+
+def test_cli_ctrl_c_exits_130_with_a_message(reference, tmp_path, monkeypatch):
+    data, _ = reference
+
+    def interrupted(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module._Session, "finetune_whole_network", interrupted)
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path), "--finetune-epochs", "1", *FAST_TRAIN_ARGS])
+    assert result.exit_code == 130
+    assert "training interrupted; the best model so far is in" in result.stderr
+    assert f"finetune train --resume {tmp_path / 'train'}" in result.stderr
+    assert load_model(tmp_path / "train" / "model.safetensors").classes == ["cat", "dog", "fox"]
+
+
+def test_cli_resume_of_a_finished_or_foreign_folder_is_refused(reference, tmp_path):
+    _, ref = reference
+    done = runner.invoke(app, ["train", "--resume", str(ref.run_dir)])
+    assert done.exit_code == 2 and "already finished" in done.stderr
+    other = runner.invoke(app, ["train", "--resume", str(tmp_path)])
+    assert other.exit_code == 2 and "not a run folder" in other.stderr
+    nothing = runner.invoke(app, ["train"])
+    assert nothing.exit_code == 2 and "missing DATA" in nothing.stderr
+
+
+def test_cuda_out_of_memory_suggests_a_smaller_batch(reference, tmp_path, monkeypatch):
+    data, _ = reference
+
+    def oom(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module._Session, "extract_all_features", oom)
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path), *FAST_TRAIN_ARGS])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "ran out of memory at --batch-size 8; try --batch-size 4" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_same_seed_same_run_on_cpu(reference, tmp_path):
+    data, ref = reference
+    again = train(config(data, tmp_path))
+    assert compared(again.history) == compared(ref.history)
+    other = train(config(data, tmp_path, seed=4))
+    assert compared(other.history) != compared(ref.history)
