@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -119,6 +120,10 @@ def train(
     workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8; 0 loads in the main process).", show_default=False)] = TRAIN.workers,
     runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = TRAIN.runs_dir,
     name: Annotated[Optional[str], typer.Option(help="Run folder name (default 'train'; numbered if taken, never overwritten).", show_default=False)] = TRAIN.name,
+    patience: Annotated[int, typer.Option(help="Early stopping: end a stage after N epochs without a better val accuracy (0: off).")] = TRAIN.patience,
+    class_weights: Annotated[bool, typer.Option("--class-weights", help="Weight the loss by inverse class frequency, for imbalanced folders.")] = TRAIN.class_weights,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy loss (0: off).")] = TRAIN.label_smoothing,
+    max_images_per_class: Annotated[Optional[int], typer.Option(help="Quick trials: use at most N images per class (train and val, seeded choice).", show_default=False)] = TRAIN.max_images_per_class,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are skipped as possible decompression bombs.")] = TRAIN.max_pixels,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder from its last completed epoch (its own settings are used).", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
@@ -137,7 +142,8 @@ def train(
     cfg = replace(TRAIN, data=data or Path("."), arch=arch, weights=weights, pretrained=pretrained, epochs=epochs,
                   finetune_epochs=finetune_epochs, views=views, batch_size=batch_size, lr=lr, img_size=img_size,
                   val_split=val_split, seed=seed, device=device, workers=workers, runs_dir=runs_dir, name=name, quiet=quiet,
-                  max_pixels=max_pixels, resume=resume)
+                  max_pixels=max_pixels, resume=resume, patience=patience, class_weights=class_weights,
+                  label_smoothing=label_smoothing, max_images_per_class=max_images_per_class)
     from .train import train as run_training  # imported late: keeps --help fast
 
     try:
@@ -151,7 +157,11 @@ def train(
                       f"{result.num_train} train / {result.num_val} val images, {len(result.classes)} classes, {result.seconds:.1f}s on {result.device}"))
     if result.skipped:
         stdout.print(Text(f"skipped {len(result.skipped)} files (listed in {result.run_dir / 'skipped.csv'})"))
+    if result.imbalanced:
+        counts = ", ".join(f"{c} {n}" for c, n in result.class_counts.items())
+        stdout.print(Text(f"classes are imbalanced ({counts}){'' if cfg.class_weights else '; consider --class-weights'}"))
     stdout.print(Text(f"model: {result.model}"))
+    stdout.print(Text(f"plots: {', '.join(result.plots)}; metrics: {result.run_dir / 'metrics.csv'}"))
 
 
 @app.command()
@@ -164,6 +174,7 @@ def predict(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = PREDICT.device,
     workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8).", show_default=False)] = PREDICT.workers,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are refused as possible decompression bombs.")] = PREDICT.max_pixels,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average with the horizontally flipped image.")] = PREDICT.tta,
     output_format: Annotated[Optional[str], typer.Option("--format", help="table | json | jsonl | csv (default: table on a terminal, jsonl when piped).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
 ):
@@ -180,7 +191,7 @@ def predict(
     for item in inputs:
         raw_inputs.extend(read_path_list(sys.stdin) if item == "-" else [item])
     cfg = replace(PREDICT, inputs=raw_inputs, model=model, runs_dir=runs_dir, top_k=top_k, batch_size=batch_size,
-                  device=device, workers=workers, max_pixels=max_pixels)
+                  device=device, workers=workers, max_pixels=max_pixels, tta=tta)
     reporter = RichReporter(stderr, quiet)
     try:
         loaded = open_model(cfg)
@@ -227,3 +238,132 @@ def render_predictions(predictions, fmt: str) -> int:
             table.add_row(Text(p.path), Text(p.label), f"{p.score:.3f}", Text(others))
     stdout.print(table)
     return failures
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Labelled images: DATA/<class>/*, or DATA/test/ or DATA/val/ of class folders.", show_default=False)],
+    model: Annotated[Optional[Path], typer.Option(help="Model file or run folder (default: the newest run under --runs-dir).", show_default=False)] = PREDICT.model,
+    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = PREDICT.batch_size,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = PREDICT.device,
+    workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8).", show_default=False)] = PREDICT.workers,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average with the horizontally flipped image.")] = PREDICT.tta,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
+):
+    """Measure a model on labelled images: accuracy, per-class metrics, confusion matrix, worst mistakes.
+
+    Example: finetune evaluate ./photos/val --model runs/train --json
+    """
+    from .evaluate import evaluate as run_evaluate
+    from .predict import open_model
+
+    cfg = replace(PREDICT, model=model, runs_dir=runs_dir, batch_size=batch_size, device=device, workers=workers, tta=tta)
+    reporter = RichReporter(stderr, quiet)
+    try:
+        loaded = open_model(cfg)
+        if model is None:
+            reporter.info(f"using the newest model: {loaded.path}")
+        report = run_evaluate(data, loaded, cfg, reporter)
+    except FinetuneError as e:
+        raise fail(e)
+    for s in report["skipped"]:
+        reporter.warn(f"skipped {s['path']}: {s['reason']}")
+    if json_out:
+        typer.echo(json.dumps(report))
+        return
+    render_evaluation(report)
+
+
+def render_evaluation(report: dict) -> None:
+    classes = report["classes"]
+    stdout.print(Text(f"accuracy {report['accuracy']:.4f} on {report['num_images']} images ({report['data']})"))
+    per_class = Table("class", "precision", "recall", "f1", "support", title="per class")
+    for name, m in report["per_class"].items():
+        per_class.add_row(Text(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    stdout.print(per_class)
+    cm = Table("true \\ predicted", *[escape(c) for c in classes], title="confusion matrix")
+    for name, row in zip(classes, report["confusion_matrix"]):
+        cm.add_row(Text(name), *[str(v) for v in row])
+    stdout.print(cm)
+    if report["most_confused"]:
+        stdout.print(Text("most confused: " + "; ".join(f"{d['true']} -> {d['predicted']} ({d['count']})" for d in report["most_confused"])))
+    wrong = [d for d in report["top_losses"] if d["true"] != d["predicted"]]
+    if wrong:
+        losses = Table("path", "true", "predicted", "score", title="top losses")
+        for d in wrong:
+            losses.add_row(Text(d["path"]), Text(d["true"]), Text(d["predicted"]), f"{d['score']:.3f}")
+        stdout.print(losses)
+
+
+@app.command()
+def export(
+    model: Annotated[Optional[Path], typer.Option(help="Model file or run folder (default: the newest run under --runs-dir).", show_default=False)] = None,
+    output_format: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default: next to the model, .onnx or .pt); a .json with classes and preprocessing is written beside it.", show_default=False)] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+):
+    """Export a model (normalisation and softmax included) and check it matches PyTorch within 1e-4.
+
+    Example: finetune export --model runs/train --format onnx --out model.onnx
+    """
+    from .checkpoint import load_model, resolve_model_path
+    from .export import export_model
+
+    try:
+        loaded = load_model(resolve_model_path(model, runs_dir))
+        result = export_model(loaded, output_format, out)
+    except FinetuneError as e:
+        raise fail(e)
+    if json_out:
+        typer.echo(json.dumps(result.to_json_dict()))
+        return
+    stdout.print(Text(f"exported {result.path} ({result.format}); preprocessing and classes in {result.sidecar}"))
+    stdout.print(Text(f"verified: max |difference| vs PyTorch {result.max_abs_diff:.2e} (tolerance 1e-4)"))
+
+
+@app.command()
+def info(
+    model: Annotated[Path, typer.Argument(help="Model file or run folder.", show_default=False)],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+):
+    """Show what a model file holds: arch, classes, preprocessing, training config, best metric, versions.
+
+    Example: finetune info runs/train
+    """
+    from .checkpoint import load_model, resolve_model_path
+
+    try:
+        loaded = load_model(resolve_model_path(model, PREDICT.runs_dir))
+    except FinetuneError as e:
+        raise fail(e)
+    details = {"path": str(loaded.path), "file_size": loaded.path.stat().st_size, **loaded.meta}
+    if json_out:
+        typer.echo(json.dumps(details))
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in details.items():
+        table.add_row(key, Text(value if isinstance(value, str) else json.dumps(value)))
+    stdout.print(table)
+
+
+@app.command()
+def models(
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON array on stdout.")] = False,
+):
+    """List the --arch names, their parameter counts, and whether pretrained weights are available offline.
+
+    Example: finetune models --json
+    """
+    from .models import list_archs
+
+    rows = list_archs()
+    if json_out:
+        typer.echo(json.dumps(rows))
+        return
+    table = Table("arch", "params", "default img size", "offline weights")
+    for r in rows:
+        table.add_row(r["arch"], f"{r['params'] / 1e6:.1f} M", str(r["img_size"]), Text(r["offline_weights"] or "no (download or --weights)"))
+    stdout.print(table)

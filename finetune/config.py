@@ -28,6 +28,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
+    patience: int = 0  # stop a stage after this many epochs without a better val accuracy (0: never)
+    class_weights: bool = False  # weight the loss by inverse class frequency (imbalanced folders)
+    max_images_per_class: int | None = None  # quick trials: use at most this many per class (train and val)
     # Stage 2 (off by default): unfreeze and fine-tune the whole network end to end.
     finetune_epochs: int = 0
     backbone_lr_ratio: float = 0.1  # backbone lr = lr * ratio in stage 2
@@ -61,3 +64,4 @@ class PredictConfig:
     device: str = "auto"
     workers: int | None = None
     max_pixels: int = 89_478_485
+    tta: bool = False  # average with the horizontally flipped image

@@ -234,3 +234,29 @@ def model_from_state(arch: str, num_classes: int, state: dict, source: Path) -> 
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise ModelFileError(f"{source}: tensors do not match its metadata (arch {arch}, {num_classes} classes): {first}. The file is damaged or was edited; retrain or use another file.") from None
     return model
+
+
+def backbone_parameter_count(spec: ArchSpec) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        backbone = spec.build_backbone()
+    return sum(p.numel() for p in backbone.parameters())
+
+
+def offline_weights(spec: ArchSpec) -> str | None:
+    """Where pretrained weights are available without a network right now, or None."""
+    if spec.packaged_weights is not None:
+        try:
+            path = spec.packaged_weights()
+        except WeightsError:
+            return None
+        return str(path) if path.is_file() else None
+    for url in spec.weight_urls:
+        cached = hub_checkpoint_dir() / url_filename(url)
+        if cached.is_file():
+            return str(cached)
+    return None
+
+
+def list_archs() -> list[dict]:
+    return [{"arch": name, "params": backbone_parameter_count(spec), "feature_dim": spec.feature_dim,
+             "img_size": spec.img_size, "offline_weights": offline_weights(spec)} for name, spec in ARCHS.items()]

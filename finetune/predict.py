@@ -78,42 +78,54 @@ def open_model(cfg: PredictConfig) -> LoadedModel:
     return load_model(resolve_model_path(cfg.model, cfg.runs_dir))
 
 
-def predict(cfg: PredictConfig, items: list[InputItem], loaded: LoadedModel,
-            reporter: Reporter | None = None) -> Iterator[Prediction]:
-    """Yield one Prediction per item, in input order, as soon as its batch is done."""
+def iter_probabilities(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig,
+                       reporter: Reporter | None = None) -> Iterator[tuple[torch.Tensor | None, str | None]]:
+    """For each path, in order: (class probabilities, None), or (None, reason) when it cannot be read.
+
+    Batched; images are decoded in loader workers while the model computes. With
+    `cfg.tta` the probabilities are averaged with those of the horizontally flipped image.
+    """
     reporter = reporter or Reporter()
     validate_config(cfg)
     device = pick_device(cfg.device)
     amp = autocast_dtype(device)
     model = loaded.model.to(device).to(memory_format=torch.channels_last).eval()
-    classes = loaded.classes
-    k = min(cfg.top_k, len(classes))
-    readable = [i for i, item in enumerate(items) if item.error is None]
-    dataset = ImageFileDataset([Path(items[i].path) for i in readable], loaded.preprocessing, cfg.max_pixels)
+    dataset = ImageFileDataset(paths, loaded.preprocessing, cfg.max_pixels)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
-    results: dict[int, Prediction] = {}
-    next_out = 0
-    reporter.start("Predicting", len(readable))
+    reporter.start("Predicting", len(paths))
     with torch.inference_mode():
         for indices, batch, failed in loader:
-            for j, reason in failed:
-                results[readable[j]] = Prediction(items[readable[j]].path, error=reason)
+            by_index: dict[int, tuple] = {i: (None, reason) for i, reason in failed}
             if batch is not None:
+                x = to_model_input(batch[:, 0], device)
                 with autocast(device, amp):
-                    logits = model(to_model_input(batch[:, 0], device))
-                probs = logits.float().softmax(1).cpu()
-                scores, labels = probs.topk(k, dim=1)
-                for j, s_row, l_row in zip(indices, scores.tolist(), labels.tolist()):
-                    top = [{"label": classes[c], "score": round(s, 6)} for s, c in zip(s_row, l_row)]
-                    results[readable[j]] = Prediction(items[readable[j]].path, top[0]["label"], top[0]["score"], top)
-            reporter.advance(len(indices) + len(failed))
-            # Emit in input order: inputs that needed no decoding (errors) are filled as we pass them.
-            while next_out < len(items) and (next_out in results or items[next_out].error is not None):
-                item = items[next_out]
-                yield results.pop(next_out) if next_out in results else Prediction(item.path, error=item.error)
-                next_out += 1
-    while next_out < len(items):  # trailing inputs that were errors from the start
-        item = items[next_out]
-        yield results.pop(next_out) if next_out in results else Prediction(item.path, error=item.error)
-        next_out += 1
+                    probs = model(x).float().softmax(1)
+                    if cfg.tta:
+                        probs = (probs + model(x.flip(-1)).float().softmax(1)) / 2
+                by_index.update({i: (p, None) for i, p in zip(indices, probs.cpu())})
+            for i in sorted(by_index):  # the loader keeps order; failures sit among their batch
+                yield by_index[i]
+            reporter.advance(len(by_index))
     reporter.finish()
+
+
+def predict(cfg: PredictConfig, items: list[InputItem], loaded: LoadedModel,
+            reporter: Reporter | None = None) -> Iterator[Prediction]:
+    """Yield one Prediction per item, in input order, as soon as its batch is done."""
+    classes = loaded.classes
+    k = min(cfg.top_k, len(classes))
+    readable = [Path(item.path) for item in items if item.error is None]
+    results = iter_probabilities(readable, loaded, cfg, reporter)
+    for item in items:
+        if item.error is not None:
+            yield Prediction(item.path, error=item.error)
+            continue
+        probs, reason = next(results)
+        if reason is not None:
+            yield Prediction(item.path, error=reason)
+            continue
+        scores, labels = probs.topk(k)
+        top = [{"label": classes[c], "score": round(s, 6)} for s, c in zip(scores.tolist(), labels.tolist())]
+        yield Prediction(item.path, top[0]["label"], top[0]["score"], top)
+    for _ in results:  # let the loader finish (and the progress bar close)
+        pass

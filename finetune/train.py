@@ -34,6 +34,7 @@ from .errors import DataError, FinetuneError, TrainingInterrupted, UsageError
 from .models import Classifier, build_classifier, get_arch, resolve_pretrained
 from .progress import Reporter
 
+IMBALANCE_RATIO = 3.0  # largest class / smallest class at which the summary warns
 METRIC_FIELDS = ["epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 HEAD, FINETUNE = "head", "finetune"
 
@@ -55,11 +56,16 @@ class TrainResult:
     img_size: int
     weights: str
     layout: str
+    class_counts: dict[str, int] = field(default_factory=dict)
+    imbalanced: bool = False
+    stopped_early: bool = False
+    plots: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
     def to_json_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("best_val_acc", "best_epoch", "epochs", "classes", "num_train", "num_val",
-                                            "skipped", "device", "seconds", "arch", "img_size", "weights", "layout")}
+                                            "skipped", "device", "seconds", "arch", "img_size", "weights", "layout",
+                                            "class_counts", "imbalanced", "stopped_early", "plots")}
         return {"run_dir": str(self.run_dir), "model": str(self.model), **d}
 
 
@@ -74,6 +80,10 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.img_size is None or cfg.img_size >= 32, f"--img-size must be at least 32 (got {cfg.img_size})."),
         (cfg.workers is None or cfg.workers >= 0, f"--workers must be 0 or more (got {cfg.workers})."),
         (cfg.max_pixels >= 1, f"--max-pixels must be positive (got {cfg.max_pixels})."),
+        (cfg.patience >= 0, f"--patience must be 0 (off) or more (got {cfg.patience})."),
+        (0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {cfg.label_smoothing})."),
+        (cfg.max_images_per_class is None or cfg.max_images_per_class >= 1,
+         f"--max-images-per-class must be at least 1 (got {cfg.max_images_per_class})."),
     ]
     for ok, message in checks:
         if not ok:
@@ -99,6 +109,28 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def limit_per_class(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
+    """At most `limit` samples of each class, a seeded random choice (quick trials)."""
+    if limit is None:
+        return samples
+    rng = random.Random(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    kept = [s for members in by_class.values() for s in (rng.sample(members, limit) if len(members) > limit else members)]
+    return sorted(kept, key=lambda s: str(s.path))
+
+
+def is_imbalanced(counts: list[int]) -> bool:
+    return min(counts) > 0 and max(counts) / min(counts) >= IMBALANCE_RATIO
+
+
+def inverse_frequency_weights(counts: list[int]) -> torch.Tensor:
+    """Each class weighs total / (classes x its count): rare classes count as much as common ones."""
+    total, n = sum(counts), len(counts)
+    return torch.tensor([total / (n * max(c, 1)) for c in counts], dtype=torch.float32)
+
+
 def config_for_resume(run_dir: Path) -> TrainConfig:
     """The config a run was started with, read back from its folder."""
     if not (run_dir / "config.json").is_file():
@@ -122,6 +154,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     spec = get_arch(cfg.arch)
     pp = spec.preprocessing(cfg.img_size)
     split = scan_dataset(cfg.data, cfg.val_split, cfg.seed)
+    split.train = limit_per_class(split.train, cfg.max_images_per_class, cfg.seed)
+    split.val = limit_per_class(split.val, cfg.max_images_per_class, cfg.seed)
     reporter.info(f"{cfg.data}: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images ({split.layout})")
     if cfg.pretrained:
         state, weights_source = resolve_pretrained(spec, cfg.weights)
@@ -147,12 +181,16 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                             f" (continue with: finetune train --resume {run_dir}).") from None
     model_path = session.save_best()
     assert model_path is not None
+    plots = session.save_plots()
     (run_dir / STATE_FILENAME).unlink(missing_ok=True)  # finished: nothing left to resume
+    counts = count_per_class(split.train, len(split.classes))
     result = TrainResult(
         run_dir=run_dir, model=model_path, best_val_acc=round(session.best_acc, 4), best_epoch=session.best_epoch,
         epochs=len(session.history), classes=split.classes, num_train=session.num_train, num_val=session.num_val,
         skipped=split.skipped, device=str(device), seconds=round(time.perf_counter() - started, 2), arch=spec.name,
-        img_size=pp.img_size, weights=weights_source, layout=split.layout, history=session.history,
+        img_size=pp.img_size, weights=weights_source, layout=split.layout,
+        class_counts=dict(zip(split.classes, counts)), imbalanced=is_imbalanced(counts),
+        stopped_early=session.stopped_early, plots=[str(p) for p in plots], history=session.history,
     )
     write_json(run_dir / "results.json", result.to_json_dict())
     return result
@@ -171,6 +209,9 @@ class _Session:
         self.best_state: dict | None = None
         self.num_train = self.num_val = 0
         self.resumed: tuple[dict, dict, dict] | None = None  # (tensors, optimizer state, info)
+        self.best_val_pred: torch.Tensor | None = None  # val predictions of the best epoch
+        self.stopped_early = False
+        self.loss_weights: torch.Tensor | None = None
 
     # -- the two stages -----------------------------------------------------------------
     def run(self, resume: bool) -> None:
@@ -204,6 +245,27 @@ class _Session:
             raise DataError("no readable validation images left after skipping bad files; add images to the val folder.")
         self.split.train, self.split.val = train, val
         self.num_train, self.num_val = len(train), len(val)
+        counts = count_per_class(train, len(classes))
+        if is_imbalanced(counts):
+            detail = ", ".join(f"{c} {n}" for c, n in zip(classes, counts))
+            hint = "class weights are on" if self.cfg.class_weights else "consider --class-weights"
+            self.reporter.warn(f"classes are imbalanced ({detail}); {hint}.")
+        if self.cfg.class_weights:
+            self.loss_weights = inverse_frequency_weights(counts).to(self.device)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, weight=self.loss_weights, label_smoothing=self.cfg.label_smoothing)
+
+    def patience_ran_out(self, stage_first_epoch: int) -> bool:
+        """True when `patience` epochs of this stage have passed without a better val accuracy."""
+        if not self.cfg.patience:
+            return False
+        since = len(self.history) - max(self.best_epoch, stage_first_epoch - 1)
+        if since >= self.cfg.patience:
+            self.stopped_early = True
+            self.reporter.info(f"early stop: no better val accuracy for {self.cfg.patience} epochs")
+            return True
+        return False
 
     @torch.inference_mode()
     def extract_features(self, samples: list[Sample], views: int, description: str) -> tuple[list[Sample], torch.Tensor]:
@@ -256,7 +318,7 @@ class _Session:
             for start in range(0, len(order), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
                 logits = head(x_all[idx].float())
-                loss = F.cross_entropy(logits, y_all[idx], label_smoothing=cfg.label_smoothing)
+                loss = self.loss(logits, y_all[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -270,6 +332,8 @@ class _Session:
                                     val_logits, y_val, optimizer, time.perf_counter() - t0)
             self.save_state(HEAD, epoch, optimizer, schedule, generator)
             self.reporter.advance(1, loss=row["train_loss"], acc=row["train_acc"], val_acc=row["val_acc"])
+            if self.patience_ran_out(stage_first_epoch=len(self.history) - epoch + 1):
+                break
         self.reporter.finish()
 
     def finetune_whole_network(self, done: int) -> None:
@@ -306,7 +370,7 @@ class _Session:
                 y = labels[indices].to(self.device)
                 with autocast(self.device, self.amp):
                     logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                    loss = self.loss(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -325,6 +389,8 @@ class _Session:
             if self.best_epoch != improved_before:
                 self.save_best()  # the state file below may point at it, so it goes first
             self.save_state(FINETUNE, epoch, optimizer, schedule, None)
+            if self.patience_ran_out(stage_first_epoch=len(self.history) - epoch + 1):
+                break
 
     @torch.inference_mode()
     def predict_logits(self, loader, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,6 +422,7 @@ class _Session:
         if val_acc > self.best_acc or (val_acc == self.best_acc and val_loss < self.best_loss):
             self.best_acc, self.best_loss, self.best_epoch = val_acc, val_loss, row["epoch"]
             self.best_state = copy.deepcopy(self.model.state_dict())
+            self.best_val_pred = val_logits.argmax(1).cpu()
         return row
 
     def save_best(self) -> Path | None:
@@ -369,6 +436,17 @@ class _Session:
         write_csv(self.run_dir / "skipped.csv", self.split.skipped, ["path", "reason"])
         return path
 
+    def save_plots(self) -> list[Path]:
+        """curves.png (loss/accuracy per epoch) and confusion_matrix.png (best epoch, val)."""
+        from .report import confusion_matrix, plot_confusion_matrix, plot_curves
+
+        paths = [plot_curves(self.history, self.run_dir / "curves.png")]
+        if self.best_val_pred is not None:
+            cm = confusion_matrix([s.label for s in self.split.val], self.best_val_pred.tolist(), len(self.split.classes))
+            paths.append(plot_confusion_matrix(cm, self.split.classes, self.run_dir / "confusion_matrix.png",
+                                               f"validation, best epoch {self.best_epoch}"))
+        return paths
+
     def save_state(self, stage: str, epoch: int, optimizer, schedule, generator: torch.Generator | None) -> None:
         """After each completed epoch: trainable weights, optimizer, schedule, RNG, history, best."""
         trainable = self.model.head if stage == HEAD else self.model
@@ -376,6 +454,8 @@ class _Session:
         tensors = {f"model.{prefix}{k}": v for k, v in trainable.state_dict().items()}
         if stage == HEAD:  # the best head is tiny: keep it here rather than rewrite the model file each epoch
             tensors.update({f"best.{k}": v for k, v in self.best_state.items() if k.startswith("head.")})
+        if self.best_val_pred is not None:
+            tensors["best.val_pred"] = self.best_val_pred
         tensors["rng.torch"] = torch.get_rng_state()
         if generator is not None:
             tensors["rng.generator"] = generator.get_state()
@@ -399,9 +479,10 @@ class _Session:
         self.best_acc, self.best_loss, self.best_epoch = best["acc"], best["loss"], best["epoch"]
         own = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(own, strict=info["stage"] == FINETUNE)
+        self.best_val_pred = tensors.get("best.val_pred")
         if info["stage"] == HEAD:
             self.best_state = copy.deepcopy(self.model.state_dict())
-            self.best_state.update({k[len("best."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")})
+            self.best_state.update({k[len("best."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.head.")})
         else:
             best_tensors, _ = read_safetensors(self.run_dir / MODEL_FILENAME)
             self.best_state = {k: v.to(self.device) for k, v in best_tensors.items()}

@@ -1,0 +1,124 @@
+"""Export a trained model to ONNX or TorchScript, with its preprocessing, and verify it."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import LoadedModel, atomic_write_text
+from .errors import FinetuneError, UsageError
+
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+TOLERANCE = 1e-4
+
+
+class ProbabilityModel(nn.Module):
+    """float32 NCHW RGB in 0..1 -> softmax probabilities; normalisation is inside the graph."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Called piecewise, not through Classifier.forward, to keep autocast out of the graph.
+        return torch.softmax(self.classifier.head(self.classifier.features(x)), dim=1)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sidecar: Path
+    format: str
+    max_abs_diff: float
+
+    def to_json_dict(self) -> dict:
+        return {"path": str(self.path), "sidecar": str(self.sidecar), "format": self.format,
+                "max_abs_diff": self.max_abs_diff, "tolerance": TOLERANCE}
+
+
+def default_output(model_path: Path, fmt: str) -> Path:
+    return model_path.with_suffix(SUFFIX[fmt])
+
+
+def check_images(img_size: int, count: int = 3) -> torch.Tensor:
+    """A few varied, deterministic inputs: gradients, a checkerboard and noise, in 0..1."""
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0, 1, img_size)
+    gradient = torch.stack([ramp.view(1, -1).expand(img_size, -1), ramp.view(-1, 1).expand(-1, img_size),
+                            torch.full((img_size, img_size), 0.5)])
+    checker = ((torch.arange(img_size).view(-1, 1) // 16 + torch.arange(img_size) // 16) % 2).float().expand(3, -1, -1)
+    noise = torch.rand(3, img_size, img_size, generator=g)
+    return torch.stack([gradient, checker, noise][:count]).contiguous()
+
+
+def sidecar_dict(loaded: LoadedModel, fmt: str, max_abs_diff: float) -> dict:
+    pp = loaded.preprocessing
+    return {
+        "format": fmt, "arch": loaded.meta["arch"], "classes": loaded.classes,
+        "resize": pp.resize, "input_size": [pp.img_size, pp.img_size], "mean": list(pp.mean), "std": list(pp.std),
+        "input": "float32 NCHW RGB in 0..1, dynamic batch; resize the shorter side to `resize` (bilinear), centre-crop `input_size`",
+        "output": "softmax probabilities over `classes`; mean/std normalisation is inside the graph",
+        "max_abs_diff_vs_pytorch": max_abs_diff, "source_model": str(loaded.path),
+    }
+
+
+def export_model(loaded: LoadedModel, fmt: str, out: Path | None = None) -> ExportResult:
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got '{fmt}').")
+    out = out or default_output(loaded.path, fmt)
+    if out.resolve() == loaded.path.resolve():
+        raise UsageError(f"--out {out} would overwrite the model file; choose another path.")
+    wrapper = ProbabilityModel(loaded.model.float().cpu().eval()).eval()
+    size = loaded.preprocessing.img_size
+    images = check_images(size)
+    with torch.no_grad():
+        expected = wrapper(images)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        actual = _export_onnx(wrapper, size, out, images)
+    else:
+        actual = _export_torchscript(wrapper, size, out, images)
+    diff = float((torch.as_tensor(actual) - expected).abs().max())
+    if not diff <= TOLERANCE:
+        raise FinetuneError(f"{out}: exported model differs from the PyTorch model by {diff:.2e} (more than {TOLERANCE:g}); do not use it.")
+    sidecar = out.with_name(out.name + ".json")
+    atomic_write_text(sidecar, json.dumps(sidecar_dict(loaded, fmt, diff), indent=2) + "\n")
+    return ExportResult(out, sidecar, fmt, diff)
+
+
+def _export_onnx(wrapper: nn.Module, size: int, out: Path, images: torch.Tensor):
+    try:
+        import onnxruntime as ort
+        import onnxscript  # noqa: F401  (the torch.onnx exporter needs it)
+    except ImportError:
+        raise FinetuneError("ONNX export needs extra packages: pip install -e \".[export]\" (onnx, onnxscript, onnxruntime).") from None
+    tmp = out.with_name(f".{out.name}.tmp")
+    example = torch.rand(2, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, (example,), dynamo=True, input_names=["input"], output_names=["probabilities"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}}, verbose=False,
+        )
+        program.save(str(tmp), external_data=False)
+    tmp.replace(out)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+
+
+def _export_torchscript(wrapper: nn.Module, size: int, out: Path, images: torch.Tensor):
+    tmp = out.with_name(f".{out.name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(wrapper, torch.rand(2, 3, size, size), check_trace=False)
+        traced.save(str(tmp))
+        tmp.replace(out)
+        reloaded = torch.jit.load(str(out))  # the file itself is what gets verified
+        with torch.no_grad():
+            return reloaded(images)  # a batch of 3 after tracing with 2: the batch size is dynamic

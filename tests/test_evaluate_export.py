@@ -1,0 +1,188 @@
+"""evaluate, reports and plots, export (ONNX, TorchScript), info, models, and the everyday flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.report import classification_report, curves_figure
+
+from conftest import FAST_TRAIN_ARGS, make_class_tree, tree_hashes
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ev")
+    data = root / "data"
+    make_class_tree(data / "train", 6)
+    make_class_tree(data / "val", 3, seed=1000)
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(root / "runs"), "--json", *FAST_TRAIN_ARGS])
+    assert result.exit_code == 0, result.stderr
+    return {"data": data, "root": root, "summary": json.loads(result.stdout)}
+
+
+def test_evaluate_json_matches_training(run):
+    result = runner.invoke(app, ["evaluate", str(run["data"]), "--model", run["summary"]["run_dir"], "--json", "--workers", "0"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["data"] == str(run["data"] / "val")  # DATA/val found by itself
+    assert report["accuracy"] == run["summary"]["best_val_acc"]
+    assert report["classes"] == ["cat", "dog", "fox"]
+    assert set(report["per_class"]["dog"]) == {"precision", "recall", "f1", "support"}
+    assert [sum(r) for r in report["confusion_matrix"]] == [3, 3, 3]
+    assert len(report["top_losses"]) == 9 and {"path", "true", "predicted", "score"} <= set(report["top_losses"][0])
+
+
+def test_evaluate_table_and_unknown_classes(run, tmp_path):
+    table = runner.invoke(app, ["evaluate", str(run["data"] / "val"), "--model", run["summary"]["model"], "--workers", "0"])
+    assert table.exit_code == 0 and "confusion matrix" in table.stdout and "precision" in table.stdout
+    other = make_class_tree(tmp_path / "other", 2, classes=("cat", "owl"))
+    bad = runner.invoke(app, ["evaluate", str(other), "--model", run["summary"]["model"]])
+    assert bad.exit_code == 1 and "the model does not know: owl" in bad.stderr and bad.stdout == ""
+
+
+def test_report_metrics_on_a_known_case():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    report = classification_report(["a", "b", "c", "d"], [0, 1, 1, 0], probs, ["x", "y"])
+    assert report["confusion_matrix"] == [[1, 1], [1, 1]] and report["accuracy"] == 0.5
+    assert report["per_class"]["x"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert report["top_losses"][0]["path"] == "d"  # true x at 0.3: the worst mistake
+    assert report["most_confused"][0]["count"] == 1
+
+
+def test_training_writes_plots(run):
+    run_dir = Path(run["summary"]["run_dir"])
+    for name, min_size in (("curves.png", (800, 300)), ("confusion_matrix.png", (300, 300))):
+        with Image.open(run_dir / name) as im:
+            assert im.format == "PNG" and im.size[0] >= min_size[0] and im.size[1] >= min_size[1]
+    assert sorted(run["summary"]["plots"]) == sorted(str(run_dir / n) for n in ("curves.png", "confusion_matrix.png"))
+
+
+def test_curves_have_train_and_val_lines():
+    history = [{"epoch": i, "stage": "head", "train_loss": 1 / i, "val_loss": 1.2 / i, "train_acc": 0.5, "val_acc": 0.6} for i in (1, 2, 3)]
+    fig = curves_figure(history)
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2]
+    assert list(fig.axes[0].lines[1].get_ydata()) == pytest.approx([1.2, 0.6, 0.4])
+
+
+def preprocess_like_sidecar(path: Path, side: dict) -> np.ndarray:
+    """What a user of another runtime would do with the .json next to an export."""
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    s = side["resize"] / min(w, h)
+    im = im.resize((max(side["resize"], round(w * s)), max(side["resize"], round(h * s))), Image.BILINEAR)
+    th, tw = side["input_size"]
+    left, top = (im.width - tw) // 2, (im.height - th) // 2
+    arr = np.asarray(im.crop((left, top, left + tw, top + th)), dtype=np.float32) / 255.0
+    return arr.transpose(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
+def test_onnx_and_torchscript_exports_verify(run, tmp_path, arch):
+    import onnxruntime as ort
+
+    if arch == "efficientnet_lite0":
+        model = run["summary"]["model"]
+    else:
+        trained = runner.invoke(app, ["train", str(run["data"]), "--runs-dir", str(tmp_path / "r"), "--json", "--no-pretrained",
+                                      *FAST_TRAIN_ARGS, "--arch", "resnet18"])
+        model = json.loads(trained.stdout)["model"]
+    for fmt, suffix in (("onnx", "onnx"), ("torchscript", "pt")):
+        out = tmp_path / f"m.{suffix}"
+        result = runner.invoke(app, ["export", "--model", model, "--format", fmt, "--out", str(out), "--json"])
+        assert result.exit_code == 0, result.stderr
+        info = json.loads(result.stdout)
+        assert info["max_abs_diff"] <= 1e-4 and Path(info["path"]) == out
+        side = json.loads(Path(str(out) + ".json").read_text())
+        assert side["classes"] == ["cat", "dog", "fox"] and side["input_size"] == [64, 64] and side["resize"] == 73
+        assert side["arch"] == arch and len(side["mean"]) == 3 and len(side["std"]) == 3
+    # The ONNX file alone, fed as its sidecar says, agrees with `finetune predict`.
+    image = run["data"] / "val" / "fox" / "fox_1.jpg"
+    side = json.loads((tmp_path / "m.onnx.json").read_text())
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    batch = np.concatenate([preprocess_like_sidecar(image, side)] * 3)  # any batch size
+    probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    assert probs.shape == (3, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    predicted = json.loads(runner.invoke(app, ["predict", str(image), "--model", model, "--format", "json", "--device", "cpu", "--workers", "0"]).stdout)[0]
+    assert side["classes"][int(probs[0].argmax())] == predicted["label"]
+    assert abs(float(probs[0].max()) - predicted["score"]) < 0.02  # bf16 on some CPUs vs fp32 here
+
+
+def test_export_refuses_to_overwrite_the_model(run):
+    result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--out", run["summary"]["model"]])
+    assert result.exit_code == 2 and "would overwrite" in result.stderr
+
+
+def test_info_and_models(run):
+    info = json.loads(runner.invoke(app, ["info", run["summary"]["run_dir"], "--json"]).stdout)
+    assert info["arch"] == "efficientnet_lite0" and info["classes"] == ["cat", "dog", "fox"]
+    assert info["file_size"] == Path(run["summary"]["model"]).stat().st_size and "torch" in info["versions"]
+    rows = {r["arch"]: r for r in json.loads(runner.invoke(app, ["models", "--json"]).stdout)}
+    assert rows["resnet18"]["params"] == 11_176_512 and rows["efficientnet_lite0"]["offline_weights"]
+
+
+def test_every_command_has_help_with_an_example():
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"train", "predict", "evaluate", "export", "info", "models"} <= set(names)
+    for name in names:
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0 and "Example:" in result.stdout, name
+        assert "--help" in result.stdout
+
+
+def test_shell_completion_is_offered():
+    result = runner.invoke(app, ["--help"])
+    assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
+
+
+# --- everyday training flags ------------------------------------------------------------------
+
+def test_patience_stops_early(run, tmp_path):
+    result = runner.invoke(app, ["train", str(run["data"]), "--runs-dir", str(tmp_path), "--json", *FAST_TRAIN_ARGS,
+                                 "--epochs", "40", "--patience", "2"])
+    summary = json.loads(result.stdout)
+    assert summary["stopped_early"] and summary["epochs"] < 40
+    assert summary["epochs"] - summary["best_epoch"] == 2
+
+
+def test_imbalance_is_reported_and_class_weights_apply(tmp_path):
+    data = tmp_path / "data"
+    for name, n in (("cat", 12), ("dog", 3)):
+        make_class_tree(data / "train", n, classes=(name,))
+        make_class_tree(data / "val", 2, classes=(name,), seed=50)
+    plain = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "a"), "--json", *FAST_TRAIN_ARGS])
+    summary = json.loads(plain.stdout)
+    assert summary["imbalanced"] and summary["class_counts"] == {"cat": 12, "dog": 3}
+    assert "classes are imbalanced (cat 12, dog 3); consider --class-weights" in plain.stderr
+    weighted = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "b"), "--json", "--class-weights", *FAST_TRAIN_ARGS])
+    assert weighted.exit_code == 0 and "class weights are on" in weighted.stderr
+    assert json.loads(weighted.stdout)["best_val_acc"] >= 0.5
+
+
+def test_max_images_per_class_and_label_smoothing(run, tmp_path):
+    result = runner.invoke(app, ["train", str(run["data"]), "--runs-dir", str(tmp_path), "--json", *FAST_TRAIN_ARGS,
+                                 "--max-images-per-class", "2", "--label-smoothing", "0"])
+    summary = json.loads(result.stdout)
+    assert (summary["num_train"], summary["num_val"]) == (6, 6)
+    config = json.loads((Path(summary["run_dir"]) / "config.json").read_text())
+    assert config["label_smoothing"] == 0 and config["max_images_per_class"] == 2
+
+
+def test_tta_changes_scores_but_stays_a_distribution(run):
+    args = ["predict", str(run["data"] / "val"), "--model", run["summary"]["model"], "--format", "json", "--workers", "0"]
+    plain = json.loads(runner.invoke(app, args).stdout)
+    tta = json.loads(runner.invoke(app, [*args, "--tta"]).stdout)
+    assert [p["path"] for p in plain] == [p["path"] for p in tta]
+    assert any(abs(a["score"] - b["score"]) > 1e-6 for a, b in zip(plain, tta))
+    assert all(abs(sum(t["score"] for t in p["top_k"]) - 1) < 1e-3 for p in tta)
+    report = json.loads(runner.invoke(app, ["evaluate", str(run["data"]), "--model", run["summary"]["model"], "--json", "--tta", "--workers", "0"]).stdout)
+    assert report["tta"] is True and 0 <= report["accuracy"] <= 1
