@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -81,7 +83,8 @@ class RichReporter(Reporter):
 
 
 def fail(error: FinetuneError) -> typer.Exit:
-    stderr.print(Text("error: ", style="bold red") + Text(str(error)))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+        stderr.print(Text("error: ", style="bold red") + Text(str(error)))
     return typer.Exit(error.exit_code)
 
 
@@ -126,6 +129,7 @@ def train(
     max_images_per_class: Annotated[Optional[int], typer.Option(help="Quick trials: use at most N images per class (train and val, seeded choice).", show_default=False)] = TRAIN.max_images_per_class,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are skipped as possible decompression bombs.")] = TRAIN.max_pixels,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder from its last completed epoch (its own settings are used).", show_default=False)] = None,
+    devices: Annotated[Optional[int], typer.Option(help="Train with N processes on this machine (one per GPU; CPU: gloo), via torchrun and DistributedDataParallel.", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr (warnings still shown).")] = False,
 ):
@@ -133,6 +137,14 @@ def train(
 
     Example: finetune train ./photos --arch efficientnet_lite0 --json
     """
+    if devices is not None and "WORLD_SIZE" not in os.environ:
+        from .distributed import strip_devices_option, torchrun_command
+
+        try:
+            command = torchrun_command(devices, strip_devices_option(sys.argv[sys.argv.index("train") + 1:]))
+        except (FinetuneError, ValueError) as e:
+            raise fail(e if isinstance(e, FinetuneError) else UsageError("--devices: run it as 'finetune train DATA --devices N'."))
+        raise typer.Exit(subprocess.run(command).returncode)
     if data is None and resume is None:
         raise fail(UsageError("missing DATA: give an image folder (finetune train ./photos), or --resume RUN_FOLDER."))
     if finetune_epochs is None:
@@ -150,6 +162,8 @@ def train(
         result = run_training(cfg, RichReporter(stderr, quiet))
     except FinetuneError as e:
         raise fail(e)
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     if json_out:
         typer.echo(json.dumps(result.to_json_dict()))
         return

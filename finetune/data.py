@@ -236,11 +236,12 @@ def default_workers() -> int:
     return max(1, min(8, cores - 1))
 
 
-def make_loader(dataset: Dataset, batch_size: int, workers: int | None, shuffle: bool = False, pin_memory: bool = False, seed: int = 0) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, workers: int | None, shuffle: bool = False, pin_memory: bool = False,
+                seed: int = 0, sampler=None) -> DataLoader:
     workers = default_workers() if workers is None else workers
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
         collate_fn=collate_skipping_failures, pin_memory=pin_memory, generator=generator,
         persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
     )

@@ -30,6 +30,7 @@ from .checkpoint import (STATE_FILENAME, create_run_dir, load_training_state, re
 from .config import MODEL_FILENAME, TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, count_per_class, make_loader, scan_dataset
 from .device import autocast, autocast_dtype, pick_device, to_model_input
+from .distributed import SINGLE, Dist, from_environment, share_outcome, shutdown
 from .errors import DataError, FinetuneError, TrainingInterrupted, UsageError
 from .models import Classifier, build_classifier, get_arch, resolve_pretrained
 from .progress import Reporter
@@ -141,8 +142,33 @@ def config_for_resume(run_dir: Path) -> TrainConfig:
     return replace(saved, resume=run_dir)
 
 
-def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
-    reporter = reporter or Reporter()
+def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | None:
+    """Train, save the run folder and return its summary.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 alone reports, writes
+    and returns the result, the other ranks return None.
+    """
+    d, device_name = from_environment(cfg.device)
+    try:
+        return _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name)
+    finally:
+        shutdown(d)
+
+
+def scan_for_training(cfg: TrainConfig) -> DatasetSplit:
+    split = scan_dataset(cfg.data, cfg.val_split, cfg.seed)
+    split.train = limit_per_class(split.train, cfg.max_images_per_class, cfg.seed)
+    split.val = limit_per_class(split.val, cfg.max_images_per_class, cfg.seed)
+    return split
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = create_run_dir(cfg.runs_dir, cfg.name)
+    write_json(run_dir / "config.json", {k: v for k, v in cfg.to_json_dict().items() if k != "resume"})
+    return run_dir
+
+
+def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> TrainResult | None:
     started = time.perf_counter()
     resume_from = cfg.resume
     if resume_from is not None:
@@ -150,12 +176,10 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     validate_config(cfg)
     refuse_output_inside_input(cfg.runs_dir, cfg.data)
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = pick_device(device_name)
     spec = get_arch(cfg.arch)
     pp = spec.preprocessing(cfg.img_size)
-    split = scan_dataset(cfg.data, cfg.val_split, cfg.seed)
-    split.train = limit_per_class(split.train, cfg.max_images_per_class, cfg.seed)
-    split.val = limit_per_class(split.val, cfg.max_images_per_class, cfg.seed)
+    split = share_outcome(d, lambda: scan_for_training(cfg))  # the folder is scanned once, not once per rank
     reporter.info(f"{cfg.data}: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images ({split.layout})")
     if cfg.pretrained:
         state, weights_source = resolve_pretrained(spec, cfg.weights)
@@ -164,12 +188,10 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     model = build_classifier(spec, len(split.classes), state).to(device).to(memory_format=torch.channels_last)
     reporter.info(f"{spec.name} at {pp.img_size}px on {device}, weights: {weights_source}")
 
-    if resume_from is None:
-        run_dir = create_run_dir(cfg.runs_dir, cfg.name)
-        write_json(run_dir / "config.json", {k: v for k, v in cfg.to_json_dict().items() if k != "resume"})
-    else:
-        run_dir = resume_from
-    session = _Session(cfg, split, pp, model, device, reporter, run_dir)
+    if d.active:
+        reporter.info(f"distributed: {d.world} processes ({'nccl' if device.type == 'cuda' else 'gloo'})")
+    run_dir = resume_from if resume_from is not None else share_outcome(d, lambda: new_run_dir(cfg))
+    session = _Session(cfg, split, pp, model, device, reporter, run_dir, d)
     try:
         session.run(resume=resume_from is not None)
     except KeyboardInterrupt:
@@ -179,6 +201,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     except torch.cuda.OutOfMemoryError:
         raise FinetuneError(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; try --batch-size {max(1, cfg.batch_size // 2)}"
                             f" (continue with: finetune train --resume {run_dir}).") from None
+    if not d.is_main:
+        return None
     model_path = session.save_best()
     assert model_path is not None
     plots = session.save_plots()
@@ -200,8 +224,8 @@ class _Session:
     """State of one training run: the data, the model, the best epoch so far."""
 
     def __init__(self, cfg: TrainConfig, split: DatasetSplit, pp: Preprocessing, model: Classifier,
-                 device: torch.device, reporter: Reporter, run_dir: Path):
-        self.cfg, self.split, self.pp, self.model = cfg, split, pp, model
+                 device: torch.device, reporter: Reporter, run_dir: Path, d: Dist = SINGLE):
+        self.cfg, self.split, self.pp, self.model, self.d = cfg, split, pp, model, d
         self.device, self.reporter, self.run_dir = device, reporter, run_dir
         self.amp = autocast_dtype(device)
         self.history: list[dict] = []
@@ -220,17 +244,30 @@ class _Session:
             stage, done = self.restore()
         if stage == HEAD:
             train_feats, train_labels, val_feats, val_labels = self.extract_all_features()
-            self.train_head(train_feats, train_labels, val_feats, val_labels, done)
-            self.save_best()
+            if self.d.is_main:  # the head trains in seconds: one process does it, the others wait
+                self.train_head(train_feats, train_labels, val_feats, val_labels, done)
+                self.save_best()
+            self.share_head_stage_outcome()
             stage, done = FINETUNE, 0
             self.model.load_state_dict(self.best_state)
         if self.cfg.finetune_epochs > done:
             self.finetune_whole_network(done)
 
+    def share_head_stage_outcome(self) -> None:
+        """Give every rank rank 0's head-stage result (the best model, history, best metric)."""
+        if not self.d.active:
+            return
+        keys = ("history", "best_acc", "best_loss", "best_epoch", "best_val_pred", "stopped_early")
+        cpu_state = {k: v.cpu() for k, v in self.best_state.items()} if self.d.is_main else None
+        shared = self.d.broadcast((cpu_state, {k: getattr(self, k) for k in keys}) if self.d.is_main else None)
+        self.best_state = {k: v.to(self.device) for k, v in shared[0].items()}
+        for k, v in shared[1].items():
+            setattr(self, k, v)
+
     def extract_all_features(self):
         cfg = self.cfg
-        train, train_feats = self.extract_features(self.split.train, cfg.views, "Features (train)")
-        val, val_feats = self.extract_features(self.split.val, 1, "Features (val)")
+        train, train_feats = self.extract_sharded(self.split.train, cfg.views, "Features (train)")
+        val, val_feats = self.extract_sharded(self.split.val, 1, "Features (val)")
         self.set_clean_samples(train, val)
         train_labels = torch.tensor([s.label for s in train])
         val_labels = torch.tensor([s.label for s in val])
@@ -267,33 +304,48 @@ class _Session:
             return True
         return False
 
+    def extract_sharded(self, samples: list[Sample], views: int, description: str) -> tuple[list[Sample], torch.Tensor]:
+        """Features of `samples`, each rank computing its own share; every image is decoded once in all."""
+        mine = self.d.shard(list(range(len(samples))))
+        kept, feats, failed = self.extract_features([samples[i] for i in mine], views, description)
+        parts = self.d.all_gather(([mine[i] for i in kept], feats, [(mine[i], reason) for i, reason in failed]))
+        kept_all = [i for part in parts for i in part[0]]
+        feats_all = torch.cat([part[1] for part in parts])
+        for i, reason in sorted(f for part in parts for f in part[2]):
+            self.split.skipped.append({"path": str(samples[i].path), "reason": reason})
+            self.reporter.warn(f"skipped {samples[i].path}: {reason}")
+        order = sorted(range(len(kept_all)), key=kept_all.__getitem__)
+        return [samples[kept_all[j]] for j in order], feats_all[order]
+
     @torch.inference_mode()
-    def extract_features(self, samples: list[Sample], views: int, description: str) -> tuple[list[Sample], torch.Tensor]:
-        """Decode each image once (this is also the bad-file check), run `views` crops through the frozen backbone."""
+    def extract_features(self, samples: list[Sample], views: int, description: str) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
+        """Decode each image once (this is also the bad-file check), run `views` crops through the frozen backbone.
+
+        Returns the indices of the decoded samples, their features [n, views, dim] and the
+        (index, reason) of those that failed.
+        """
         dataset = ImageFileDataset([s.path for s in samples], self.pp, self.cfg.max_pixels, views=views)
         loader = make_loader(dataset, max(1, self.cfg.batch_size // views), self.cfg.workers,
                              pin_memory=self.device.type == "cuda", seed=self.cfg.seed)
         self.model.eval()
-        kept, chunks = [], []
+        kept, chunks, failures = [], [], []
         self.reporter.start(description, len(samples))
         t0 = time.perf_counter()
         done = 0
         for indices, batch, failed in loader:
-            for i, reason in failed:
-                self.split.skipped.append({"path": str(samples[i].path), "reason": reason})
-                self.reporter.warn(f"skipped {samples[i].path}: {reason}")
+            failures.extend(failed)
             if batch is not None:
                 b, v = batch.shape[:2]
                 x = to_model_input(batch.flatten(0, 1), self.device)
                 with autocast(self.device, self.amp):
                     f = self.model.features(x)
                 chunks.append(f.view(b, v, -1).to("cpu", torch.float16))  # half the memory; ample precision for a linear head
-                kept.extend(samples[i] for i in indices)
+                kept.extend(indices)
             done += len(indices) + len(failed)
             self.reporter.advance(len(indices) + len(failed), images_per_s=round(done * views / (time.perf_counter() - t0), 1))
         self.reporter.finish()
         feats = torch.cat(chunks) if chunks else torch.empty(0, views, self.model.head[1].in_features, dtype=torch.float16)
-        return kept, feats
+        return kept, feats, failures
 
     def train_head(self, train_feats, train_labels, val_feats, val_labels, done: int) -> None:
         cfg, head = self.cfg, self.model.head
@@ -343,7 +395,19 @@ class _Session:
         labels = torch.tensor([s.label for s in self.split.train])
         val_labels = torch.tensor([s.label for s in self.split.val])
         pin = self.device.type == "cuda"
-        train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, shuffle=True, pin_memory=pin, seed=cfg.seed)
+        sampler = None
+        net = model
+        if self.d.active:
+            from torch.nn.parallel import DistributedDataParallel
+            from torch.utils.data.distributed import DistributedSampler
+
+            # Each rank trains on its own shard; DDP averages the gradients (and syncs weights at start).
+            sampler = DistributedSampler(train_ds, num_replicas=self.d.world, rank=self.d.rank, shuffle=True, seed=cfg.seed)
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        val_mine = self.d.shard(list(range(len(val_ds))))
+        val_ds.paths = [val_ds.paths[i] for i in val_mine]
+        train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, shuffle=sampler is None, pin_memory=pin,
+                                   seed=cfg.seed, sampler=sampler)
         val_loader = make_loader(val_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed)
         steps_per_epoch = max(1, len(train_loader))
         total = steps_per_epoch * cfg.finetune_epochs
@@ -357,19 +421,23 @@ class _Session:
         # fp16 needs loss scaling to keep small gradients; bf16 has fp32's range and does not.
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         for epoch in range(done + 1, cfg.finetune_epochs + 1):
-            # Shuffling and worker seeds depend only on (seed, epoch): a resumed run sees the same batches.
+            # Shuffling, augmentation and worker seeds depend only on (seed, epoch, rank):
+            # a resumed run sees the same batches.
             train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+            torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + self.d.rank)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             t0 = time.perf_counter()
-            model.train()
+            net.train()
             loss_sum = correct = seen = 0.0
-            self.reporter.start(f"Fine-tune epoch {epoch}/{cfg.finetune_epochs}", len(train_ds))
+            self.reporter.start(f"Fine-tune epoch {epoch}/{cfg.finetune_epochs}", len(sampler) if sampler else len(train_ds))
             for indices, batch, _failed in train_loader:
                 if batch is None:
                     continue
                 x = to_model_input(batch[:, 0], self.device)
                 y = labels[indices].to(self.device)
                 with autocast(self.device, self.amp):
-                    logits = model(x)
+                    logits = net(x)
                     loss = self.loss(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -382,9 +450,10 @@ class _Session:
                 self.reporter.advance(len(y), loss=round(loss_sum / seen, 4), acc=round(correct / seen, 4),
                                       images_per_s=round(seen / (time.perf_counter() - t0), 1))
             self.reporter.finish()
-            val_logits, val_y = self.predict_logits(val_loader, val_labels)
+            loss_sum, correct, seen = self.d.sum(loss_sum, correct, seen)  # whole-epoch figures over all ranks
+            val_logits, val_y = self.gather_val_logits(val_loader, val_labels, val_mine)
             improved_before = self.best_epoch
-            self.record_epoch(FINETUNE, seen, loss_sum / max(1, seen), correct / max(1, seen), val_logits, val_y,
+            self.record_epoch(FINETUNE, int(seen), loss_sum / max(1, seen), correct / max(1, seen), val_logits, val_y,
                               optimizer, time.perf_counter() - t0)
             if self.best_epoch != improved_before:
                 self.save_best()  # the state file below may point at it, so it goes first
@@ -393,16 +462,20 @@ class _Session:
                 break
 
     @torch.inference_mode()
-    def predict_logits(self, loader, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_val_logits(self, loader, labels: torch.Tensor, mine: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits for the whole val set, in order, on every rank (each rank computes its share)."""
         self.model.eval()
-        outs, ys = [], []
+        outs, idx = [], []
         for indices, batch, _failed in loader:
             if batch is None:
                 continue
             with autocast(self.device, self.amp):
-                outs.append(self.model(to_model_input(batch[:, 0], self.device)).float())
-            ys.append(labels[indices].to(self.device))
-        return torch.cat(outs), torch.cat(ys)
+                outs.append(self.model(to_model_input(batch[:, 0], self.device)).float().cpu())
+            idx.extend(mine[i] for i in indices)
+        parts = self.d.all_gather((idx, torch.cat(outs) if outs else torch.empty(0, len(self.split.classes))))
+        all_idx = [i for part in parts for i in part[0]]
+        logits = torch.cat([part[1] for part in parts])[sorted(range(len(all_idx)), key=all_idx.__getitem__)]
+        return logits.to(self.device), labels[sorted(all_idx)].to(self.device)
 
     # -- bookkeeping --------------------------------------------------------------------
     def record_epoch(self, stage: str, n_images: int, train_loss: float, train_acc: float,
@@ -426,7 +499,7 @@ class _Session:
         return row
 
     def save_best(self) -> Path | None:
-        if self.best_state is None:
+        if self.best_state is None or not self.d.is_main:
             return None
         best_model = copy.deepcopy(self.model).cpu()
         best_model.load_state_dict(self.best_state)
@@ -440,6 +513,8 @@ class _Session:
         """curves.png (loss/accuracy per epoch) and confusion_matrix.png (best epoch, val)."""
         from .report import confusion_matrix, plot_confusion_matrix, plot_curves
 
+        if not self.d.is_main:
+            return []
         paths = [plot_curves(self.history, self.run_dir / "curves.png")]
         if self.best_val_pred is not None:
             cm = confusion_matrix([s.label for s in self.split.val], self.best_val_pred.tolist(), len(self.split.classes))
@@ -449,6 +524,8 @@ class _Session:
 
     def save_state(self, stage: str, epoch: int, optimizer, schedule, generator: torch.Generator | None) -> None:
         """After each completed epoch: trainable weights, optimizer, schedule, RNG, history, best."""
+        if not self.d.is_main:
+            return
         trainable = self.model.head if stage == HEAD else self.model
         prefix = "head." if stage == HEAD else ""
         tensors = {f"model.{prefix}{k}": v for k, v in trainable.state_dict().items()}

@@ -1,0 +1,106 @@
+"""Distributed training through torchrun: 2 CPU processes with the gloo backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.distributed import strip_devices_option, torchrun_command
+
+from conftest import CLASS_COLOURS, make_class_tree, make_image, tree_hashes
+
+runner = CliRunner()
+ARGS = ["--arch", "efficientnet_lite0", "--img-size", "64", "--epochs", "3", "--views", "2", "--finetune-epochs", "2",
+        "--workers", "0", "--batch-size", "8", "--json", "--quiet"]
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    data = root / "data"
+    make_class_tree(data / "train", 7)
+    make_class_tree(data / "val", 5, seed=1000)
+    for i in range(2):  # dog-coloured images filed as cats: accuracy below 1 that depends on every shard
+        make_image(data / "val" / "cat" / f"odd_{i}.jpg", CLASS_COLOURS["dog"], seed=77 + i)
+    (data / "train" / "cat" / "broken.jpg").write_bytes(b"junk")
+    before = tree_hashes(data)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "finetune", "train", str(data), "--runs-dir", str(root / "runs"), *ARGS]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {"root": root, "data": data, "stdout": out.stdout, "stderr": out.stderr, "before": before}
+
+
+def test_one_json_object_one_run_folder(ddp_run):
+    lines = [line for line in ddp_run["stdout"].splitlines() if line.strip()]
+    assert len(lines) == 1  # only rank 0 reports
+    summary = json.loads(lines[0])
+    assert [p.name for p in (ddp_run["root"] / "runs").iterdir()] == ["train"]
+    assert summary["epochs"] == 5 and summary["num_train"] == 21 and summary["num_val"] == 17
+    assert "distributed: 2 processes (gloo)" not in ddp_run["stderr"]  # --quiet on rank 0, silence elsewhere
+
+
+def test_bad_file_is_checked_and_reported_once(ddp_run):
+    summary = json.loads(ddp_run["stdout"])
+    assert [s["path"] for s in summary["skipped"]] == [str(ddp_run["data"] / "train" / "cat" / "broken.jpg")]
+    assert ddp_run["stderr"].count("skipped ") == 1
+    assert tree_hashes(ddp_run["data"]) == ddp_run["before"]
+
+
+def test_val_accuracy_is_over_the_whole_val_set(ddp_run):
+    summary = json.loads(ddp_run["stdout"])
+    assert len((Path(summary["run_dir"]) / "metrics.csv").read_text().splitlines()) == 1 + 5
+    report = runner.invoke(app, ["evaluate", str(ddp_run["data"]), "--model", summary["model"], "--json", "--workers", "0"])
+    evaluated = json.loads(report.stdout)
+    assert evaluated["num_images"] == 17
+    assert evaluated["accuracy"] == summary["best_val_acc"] == round(15 / 17, 4)
+
+
+def test_model_predicts(ddp_run):
+    summary = json.loads(ddp_run["stdout"])
+    result = runner.invoke(app, ["predict", str(ddp_run["data"] / "val" / "dog"), "--model", summary["model"], "--format", "jsonl", "--workers", "0"])
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 5
+
+
+def test_devices_option_builds_the_torchrun_command():
+    argv = ["data", "--devices", "2", "--epochs", "3", "--devices=4"]
+    assert strip_devices_option(argv) == ["data", "--epochs", "3"]
+    cmd = torchrun_command(2, ["data"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "finetune", "train", "data"]
+
+
+def test_devices_one_matches_the_plain_run(tmp_path):
+    data = tmp_path / "data"
+    make_class_tree(data / "train", 4)
+    make_class_tree(data / "val", 2, seed=1000)
+    common = [str(data), *ARGS, "--finetune-epochs", "1"]
+    plain = subprocess.run([sys.executable, "-m", "finetune", "train", *common, "--runs-dir", str(tmp_path / "a")],
+                           capture_output=True, text=True, env=clean_env(), timeout=300)
+    launched = subprocess.run([sys.executable, "-m", "finetune", "train", *common, "--runs-dir", str(tmp_path / "b"), "--devices", "1"],
+                              capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert plain.returncode == 0 and launched.returncode == 0, launched.stderr[-2000:]
+    metrics = [(tmp_path / run / "train" / "metrics.csv").read_text().splitlines() for run in ("a", "b")]
+    strip = lambda rows: [",".join(r.split(",")[:7]) for r in rows]  # drop timing columns
+    assert strip(metrics[0]) == strip(metrics[1])
+
+
+def test_a_failing_start_stops_every_rank_with_one_message(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "finetune", "train", str(tmp_path / "missing"), "--runs-dir", str(tmp_path / "runs"), *ARGS]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert out.returncode != 0
+    assert out.stderr.count("error: ") == 1 and "no such folder" in out.stderr
+    assert not (tmp_path / "runs").exists()
