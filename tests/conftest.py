@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +30,32 @@ def make_class_tree(root: Path, n_per_class: int, classes=tuple(CLASS_COLOURS), 
     return root
 
 
+def make_train_val(data: Path, n_train: int = 6, n_val: int = 3) -> Path:
+    """DATA/train/<class>/ + DATA/val/<class>/, three colour classes."""
+    make_class_tree(data / "train", n_train)
+    make_class_tree(data / "val", n_val, seed=1000)
+    return data
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
-    """DATA/train/<class>/ (6 each) + DATA/val/<class>/ (3 each), three classes."""
-    data = tmp_path / "data"
-    make_class_tree(data / "train", 6)
-    make_class_tree(data / "val", 3, seed=1000)
-    return data
+    return make_train_val(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> dict:
+    """One training run (through the CLI) shared by the tests that only read it."""
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    root = tmp_path_factory.mktemp("trained")
+    data = make_train_val(root / "data")
+    before = tree_hashes(data)
+    runs = root / "runs"
+    result = CliRunner().invoke(app, ["train", str(data), "--runs-dir", str(runs), "--json", *FAST_TRAIN_ARGS])
+    assert result.exit_code == 0, result.stderr
+    return {"data": data, "runs": runs, "root": root, "result": result, "summary": json.loads(result.stdout), "hashes": before}
 
 
 @pytest.fixture

@@ -12,23 +12,14 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 
-from conftest import FAST_TRAIN_ARGS, make_class_tree, make_image, tree_hashes
+from conftest import FAST_TRAIN_ARGS, tree_hashes
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One training run shared by the tests of this module."""
-    root = tmp_path_factory.mktemp("e2e")
-    data = root / "data"
-    make_class_tree(data / "train", 6)
-    make_class_tree(data / "val", 3, seed=1000)
-    before = tree_hashes(data)
-    runs = root / "runs"
-    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(runs), "--json", *FAST_TRAIN_ARGS])
-    assert result.exit_code == 0, result.stderr
-    return {"data": data, "runs": runs, "result": result, "summary": json.loads(result.stdout), "hashes": before}
+@pytest.fixture
+def trained(trained_run):
+    return trained_run
 
 
 def test_train_json_has_the_documented_fields(trained):

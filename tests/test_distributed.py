@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.distributed import strip_devices_option, torchrun_command
 
-from conftest import CLASS_COLOURS, make_class_tree, make_image, tree_hashes
+from conftest import CLASS_COLOURS, make_image, make_train_val, tree_hashes
 
 runner = CliRunner()
 ARGS = ["--arch", "efficientnet_lite0", "--img-size", "64", "--epochs", "3", "--views", "2", "--finetune-epochs", "2",
@@ -30,9 +30,7 @@ def clean_env() -> dict:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    data = root / "data"
-    make_class_tree(data / "train", 7)
-    make_class_tree(data / "val", 5, seed=1000)
+    data = make_train_val(root / "data", 7, 5)
     for i in range(2):  # dog-coloured images filed as cats: accuracy below 1 that depends on every shard
         make_image(data / "val" / "cat" / f"odd_{i}.jpg", CLASS_COLOURS["dog"], seed=77 + i)
     (data / "train" / "cat" / "broken.jpg").write_bytes(b"junk")
@@ -83,9 +81,7 @@ def test_devices_option_builds_the_torchrun_command():
 
 
 def test_devices_one_matches_the_plain_run(tmp_path):
-    data = tmp_path / "data"
-    make_class_tree(data / "train", 4)
-    make_class_tree(data / "val", 2, seed=1000)
+    data = make_train_val(tmp_path / "data", 4, 2)
     common = [str(data), *ARGS, "--finetune-epochs", "1"]
     plain = subprocess.run([sys.executable, "-m", "finetune", "train", *common, "--runs-dir", str(tmp_path / "a")],
                            capture_output=True, text=True, env=clean_env(), timeout=300)

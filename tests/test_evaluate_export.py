@@ -14,20 +14,14 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.report import classification_report, curves_figure
 
-from conftest import FAST_TRAIN_ARGS, make_class_tree, tree_hashes
+from conftest import FAST_TRAIN_ARGS, make_class_tree
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ev")
-    data = root / "data"
-    make_class_tree(data / "train", 6)
-    make_class_tree(data / "val", 3, seed=1000)
-    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(root / "runs"), "--json", *FAST_TRAIN_ARGS])
-    assert result.exit_code == 0, result.stderr
-    return {"data": data, "root": root, "summary": json.loads(result.stdout)}
+@pytest.fixture
+def run(trained_run):
+    return trained_run
 
 
 def test_evaluate_json_matches_training(run):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from finetune.errors import TrainingInterrupted
 from finetune.progress import Reporter
 from finetune.train import train
 
-from conftest import FAST_TRAIN_ARGS, tree_hashes
+from conftest import FAST_TRAIN_ARGS, make_train_val, tree_hashes
 
 runner = CliRunner()
 COMPARED = ("epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -53,11 +52,8 @@ def compared(history):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from conftest import make_class_tree
-
     root = tmp_path_factory.mktemp("resume")
-    make_class_tree(root / "data" / "train", 6)
-    make_class_tree(root / "data" / "val", 3, seed=1000)
+    make_train_val(root / "data")
     result = train(config(root / "data", root / "ref"))
     return root / "data", result
 
