@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +13,10 @@ from safetensors.torch import save as safetensors_bytes
 from .config import MODEL_FILENAME
 from .data import Preprocessing
 from .errors import ModelFileError, UsageError
+from .files import FORMAT, METADATA_KEY, atomic_write_bytes, read_safetensors
+from .models import model_from_state
 
-FORMAT = "finetune-model"
 FORMAT_VERSION = 1
-METADATA_KEY = "finetune"
 
 
 @dataclass
@@ -37,50 +34,14 @@ class LoadedModel:
         return Preprocessing.from_dict(self.meta["preprocessing"])
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then os.replace: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def save_model(path: Path, model: torch.nn.Module, meta: dict) -> None:
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and finetune metadata ({} when absent). Parsing safetensors runs no code."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ModelFileError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); it may be truncated or of another format. Use a model.safetensors written by 'finetune train'.") from None
-    try:
-        meta = json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {}
-    except json.JSONDecodeError:
-        raise ModelFileError(f"{path}: its finetune metadata is not valid JSON; the file was damaged or edited.") from None
-    return tensors, meta
-
-
 def load_model(path: Path) -> LoadedModel:
     """Load a finetune model file: checks format, metadata and tensors agree; never unpickles."""
-    from .models import model_from_state
-
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found. Pass a model.safetensors or a run folder to --model.")
     if path.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin"):
@@ -135,20 +96,6 @@ def resolve_model_path(model: Path | None, runs_dir: Path) -> Path:
             raise ModelFileError(f"{model}: run folder has no {MODEL_FILENAME}. Pass a run folder of a finished training, or the model file.")
         return candidate
     return model
-
-
-def write_csv(path: Path, rows: list[dict], fieldnames: list[str]) -> None:
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def write_json(path: Path, obj: dict) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # --- training state (for --resume) ---------------------------------------------------------

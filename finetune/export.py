@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import LoadedModel, atomic_write_text
+from .checkpoint import LoadedModel
+from .files import atomic_write_text
 from .errors import FinetuneError, UsageError
 
 FORMATS = ("onnx", "torchscript")

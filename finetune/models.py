@@ -15,6 +15,7 @@ from torch import nn
 
 from .data import Preprocessing
 from .errors import ModelFileError, UsageError, WeightsError
+from .files import FORMAT, read_safetensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -185,10 +186,8 @@ def read_weights_file(path: Path) -> dict:
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found. Pass an existing state dict file to --weights.")
     if path.suffix == ".safetensors":
-        from .checkpoint import read_safetensors
-
         state, meta = read_safetensors(path)
-        if meta.get("format") == "finetune-model":  # a model we trained: reuse its backbone
+        if meta.get("format") == FORMAT:  # a model we trained: reuse its backbone
             state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         return state
     try:

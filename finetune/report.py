@@ -119,8 +119,9 @@ def plot_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path, t
 
 
 def _save(fig, path: Path, plt) -> Path:
-    from .checkpoint import atomic_write_bytes
     import io
+
+    from .files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .checkpoint import (STATE_FILENAME, create_run_dir, load_training_state, read_safetensors, save_model,
-                         save_training_state, write_csv, write_json)
+from .checkpoint import STATE_FILENAME, create_run_dir, load_training_state, save_model, save_training_state
+from .files import read_safetensors, write_csv, write_json
 from .config import MODEL_FILENAME, TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, count_per_class, make_loader, scan_dataset
 from .device import autocast, autocast_dtype, pick_device, to_model_input

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from finetune import checkpoint
+from finetune import files
 from finetune.checkpoint import load_model, save_model
 from finetune.cli import app
 from finetune.errors import ModelFileError
@@ -49,7 +49,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(saved, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(OSError):
         save_model(path, model, meta(classes=("x", "y", "z")))
     assert path.read_bytes() == original

@@ -1,0 +1,64 @@
+"""Writing files safely and reading safetensors: the primitives every other module builds on."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import ModelFileError
+
+FORMAT = "finetune-model"
+METADATA_KEY = "finetune"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then os.replace: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and finetune metadata ({} when absent). Parsing safetensors runs no code."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelFileError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); it may be truncated or of another format. Use a model.safetensors written by 'finetune train'.") from None
+    try:
+        meta = json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {}
+    except json.JSONDecodeError:
+        raise ModelFileError(f"{path}: its finetune metadata is not valid JSON; the file was damaged or edited.") from None
+    return tensors, meta
+
+
+def write_csv(path: Path, rows: list[dict], fieldnames: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
