@@ -69,7 +69,12 @@ def load_model(path: Path) -> LoadedModel:
 def create_run_dir(runs_dir: Path, name: str | None) -> Path:
     """runs/<name>, runs/<name>2, ... : a new folder each time, never an earlier run's."""
     base = name or "train"
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    if Path(base).name != base or base in (".", "..") or not base.strip():
+        raise UsageError(f"--name '{base}': a run name is one folder name (no '/', '..' or absolute path); use --runs-dir to choose where runs go.")
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--runs-dir {runs_dir}: cannot create it ({e.strerror or e}). Pass a writable folder.") from None
     for n in range(1, 100_000):
         candidate = runs_dir / (base if n == 1 else f"{base}{n}")
         try:
@@ -77,6 +82,8 @@ def create_run_dir(runs_dir: Path, name: str | None) -> Path:
             return candidate
         except FileExistsError:
             continue
+        except OSError as e:
+            raise UsageError(f"--runs-dir {runs_dir}: cannot create a run folder there ({e.strerror or e}). Pass a writable folder.") from None
     raise UsageError(f"{runs_dir}: too many runs named '{base}'; pass another --name.")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -83,8 +82,11 @@ class RichReporter(Reporter):
 
 
 def fail(error: FinetuneError) -> typer.Exit:
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
         stderr.print(Text("error: ", style="bold red") + Text(str(error)))
+    elif not getattr(error, "shared_by_ranks", False):  # a problem of this rank alone
+        stderr.print(Text(f"error (rank {rank}): ", style="bold red") + Text(str(error)))
     return typer.Exit(error.exit_code)
 
 
@@ -138,13 +140,13 @@ def train(
     Example: finetune train ./photos --arch efficientnet_lite0 --json
     """
     if devices is not None and "WORLD_SIZE" not in os.environ:
-        from .distributed import strip_devices_option, torchrun_command
+        from .distributed import launch, strip_devices_option
 
-        try:
-            command = torchrun_command(devices, strip_devices_option(sys.argv[sys.argv.index("train") + 1:]))
-        except (FinetuneError, ValueError) as e:
-            raise fail(e if isinstance(e, FinetuneError) else UsageError("--devices: run it as 'finetune train DATA --devices N'."))
-        raise typer.Exit(subprocess.run(command).returncode)
+        if devices < 1:
+            raise fail(UsageError(f"--devices must be at least 1 (got {devices})."))
+        if "train" not in sys.argv:
+            raise fail(UsageError("--devices: run it as 'finetune train DATA --devices N'."))
+        raise typer.Exit(launch(devices, strip_devices_option(sys.argv[sys.argv.index("train") + 1:])))
     if data is None and resume is None:
         raise fail(UsageError("missing DATA: give an image folder (finetune train ./photos), or --resume RUN_FOLDER."))
     if finetune_epochs is None:
@@ -223,6 +225,14 @@ def predict(
 
 
 def render_predictions(predictions, fmt: str) -> int:
+    try:
+        return _render_predictions(predictions, fmt)
+    except BrokenPipeError:  # `finetune predict dir | head`: the reader has gone, as in any Unix tool
+        sys.stdout = open(os.devnull, "w")
+        return 0
+
+
+def _render_predictions(predictions, fmt: str) -> int:
     """Write predictions to stdout in `fmt`; streaming formats write as results arrive. Returns failures."""
     failures = 0
     if fmt == "jsonl":

@@ -105,10 +105,21 @@ def scan_dataset(data: Path, val_split: float, seed: int) -> DatasetSplit:
         raise DataError(f"{data}: no such folder. Give a folder of class folders (DATA/<class>/*.jpg) or DATA/train + DATA/val.")
     if not data.is_dir():
         raise DataError(f"{data}: is a file, not a folder. Give a folder of class folders (DATA/<class>/*.jpg).")
+    try:
+        return _scan(data, val_split, seed)
+    except PermissionError as e:
+        raise DataError(f"{e.filename or data}: permission denied; make it readable or pass another folder.") from None
+
+
+def _scan(data: Path, val_split: float, seed: int) -> DatasetSplit:
     skipped: list[dict] = []
     train_root = data / "train" if (data / "train").is_dir() else data
     val_root = find_val_folder(data) if train_root != data else None
     classes = [p.name for p in class_folders(train_root)]
+    split_names = [c for c in classes if c in (*VAL_FOLDER_NAMES, "test")]
+    if train_root == data and split_names:
+        raise DataError(f"{data / split_names[0]}: a '{split_names[0]}' folder next to class folders, but no {data / 'train'} folder. "
+                        f"Put the class folders into {data / 'train'}, or rename '{split_names[0]}' if it really is a class.")
     if len(classes) < 2:
         found = f"only '{classes[0]}'" if classes else "none"
         raise DataError(f"{train_root}: need at least 2 class folders (e.g. {train_root}/cats/, {train_root}/dogs/), found {found}.")

@@ -22,6 +22,10 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     if name.startswith("cuda") and not cuda:
         raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu (or auto).")
+    if name.startswith("cuda:"):
+        index = name.split(":", 1)[1]
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has GPUs cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
     if name == "mps" and not mps:
         raise UsageError("--device mps: Apple MPS is not available here; use --device cpu (or auto).")
     return torch.device(name)

@@ -70,10 +70,15 @@ def from_environment(device_name: str) -> tuple[Dist, str]:
     if world <= 1:
         return SINGLE, device_name
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name not in ("auto", "cuda", "cpu"):
+        raise UsageError(f"--device {device_name}: distributed training runs on CUDA GPUs (one per process: --device cuda) or on the CPU (--device cpu).")
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
+    if device_name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu (gloo backend).")
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"{os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this machine but only "
+                             f"{torch.cuda.device_count()} GPU(s): use --devices {torch.cuda.device_count()} (or --nproc-per-node).")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
@@ -100,16 +105,41 @@ def share_outcome(d: Dist, compute):
             outcome = ("error", e)
     outcome = d.broadcast(outcome)
     if outcome[0] == "error":
+        outcome[1].shared_by_ranks = True  # every rank raises it: the CLI says it once
         raise outcome[1]
     return outcome[1]
 
 
-def torchrun_command(devices: int, argv: list[str]) -> list[str]:
-    """`finetune train --devices N ...` runs the same training under torchrun on this machine."""
+def torchrun_args(devices: int, argv: list[str]) -> list[str]:
+    """torchrun's arguments for `finetune train --devices N ...` on this machine."""
     if devices < 1:
         raise UsageError(f"--devices must be at least 1 (got {devices}).")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
-            "-m", "finetune", "train", *argv]
+    return ["--standalone", f"--nproc-per-node={devices}", "-m", "finetune", "train", *argv]
+
+
+def torchrun_command(devices: int, argv: list[str]) -> list[str]:
+    """The same as a shell command: what a user can type to run it by hand."""
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(devices, argv)]
+
+
+def launch(devices: int, argv: list[str]) -> int:
+    """Run torchrun in this process; returns the exit code of the first failed rank (0 if none).
+
+    Calling torchrun's own entry point (rather than a subprocess) lets us turn its
+    ChildFailedError, whose traceback says nothing the ranks have not already said, into
+    the rank's exit code: 2 for usage errors, 130 for Ctrl-C, 1 otherwise.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main(torchrun_args(devices, argv))
+    except ChildFailedError as e:
+        first = min(e.failures.items())[1] if e.failures else None
+        return first.exitcode if first is not None and first.exitcode > 0 else 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def strip_devices_option(argv: list[str]) -> list[str]:

@@ -81,25 +81,27 @@ def export_model(loaded: LoadedModel, fmt: str, out: Path | None = None) -> Expo
     with torch.no_grad():
         expected = wrapper(images)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx":
-        actual = _export_onnx(wrapper, size, out, images)
-    else:
-        actual = _export_torchscript(wrapper, size, out, images)
-    diff = float((torch.as_tensor(actual) - expected).abs().max())
-    if not diff <= TOLERANCE:
-        raise FinetuneError(f"{out}: exported model differs from the PyTorch model by {diff:.2e} (more than {TOLERANCE:g}); do not use it.")
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        # Written to a temp file and verified there: only a verified export replaces `out`.
+        actual = (_export_onnx if fmt == "onnx" else _export_torchscript)(wrapper, size, tmp, images)
+        diff = float((torch.as_tensor(actual) - expected).abs().max())
+        if not diff <= TOLERANCE:
+            raise FinetuneError(f"{out}: the export differs from the PyTorch model by {diff:.2e} (more than {TOLERANCE:g}); it was not written.")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     sidecar = out.with_name(out.name + ".json")
     atomic_write_text(sidecar, json.dumps(sidecar_dict(loaded, fmt, diff), indent=2) + "\n")
     return ExportResult(out, sidecar, fmt, diff)
 
 
-def _export_onnx(wrapper: nn.Module, size: int, out: Path, images: torch.Tensor):
+def _export_onnx(wrapper: nn.Module, size: int, path: Path, images: torch.Tensor):
     try:
         import onnxruntime as ort
         import onnxscript  # noqa: F401  (the torch.onnx exporter needs it)
     except ImportError:
         raise FinetuneError("ONNX export needs extra packages: pip install -e \".[export]\" (onnx, onnxscript, onnxruntime).") from None
-    tmp = out.with_name(f".{out.name}.tmp")
     example = torch.rand(2, 3, size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -107,19 +109,16 @@ def _export_onnx(wrapper: nn.Module, size: int, out: Path, images: torch.Tensor)
             wrapper, (example,), dynamo=True, input_names=["input"], output_names=["probabilities"],
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}}, verbose=False,
         )
-        program.save(str(tmp), external_data=False)
-    tmp.replace(out)
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        program.save(str(path), external_data=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
 
 
-def _export_torchscript(wrapper: nn.Module, size: int, out: Path, images: torch.Tensor):
-    tmp = out.with_name(f".{out.name}.tmp")
+def _export_torchscript(wrapper: nn.Module, size: int, path: Path, images: torch.Tensor):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(wrapper, torch.rand(2, 3, size, size), check_trace=False)
-        traced.save(str(tmp))
-        tmp.replace(out)
-        reloaded = torch.jit.load(str(out))  # the file itself is what gets verified
+        traced.save(str(path))
+        reloaded = torch.jit.load(str(path))  # the file itself is what gets verified
         with torch.no_grad():
             return reloaded(images)  # a batch of 3 after tracing with 2: the batch size is dynamic

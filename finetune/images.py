@@ -11,7 +11,8 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 PLUGIN_EXTENSIONS = {".heic": "pillow-heif", ".heif": "pillow-heif", ".avif": "pillow-avif-plugin"}
-BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as viewers show them
+BACKGROUND = (255, 255, 255)
+MAX_ASPECT = 100  # transparent pixels are composited on white, as viewers show them
 
 # The exceptions Pillow's own fuzzing harness accepts from a decoder, plus the bomb error.
 DECODE_ERRORS = (
@@ -45,6 +46,9 @@ def load_rgb(path: Path, max_pixels: int, min_side: int | None = None) -> Image.
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageDecodeError(f"{w}x{h} pixels is over the {max_pixels:,}-pixel limit (possible decompression bomb)")
+                if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+                    # Resizing the short side to the crop size would make the long side enormous.
+                    raise ImageDecodeError(f"{w}x{h}: aspect ratio over {MAX_ASPECT}:1, not a photo to classify")
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)  # animated images: the first frame
                 if min_side and im.format == "JPEG":

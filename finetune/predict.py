@@ -72,6 +72,8 @@ def validate_config(cfg: PredictConfig) -> None:
         raise UsageError(f"--top-k must be at least 1 (got {cfg.top_k}).")
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {cfg.batch_size}).")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise UsageError(f"--workers must be 0 or more (got {cfg.workers}).")
 
 
 def open_model(cfg: PredictConfig) -> LoadedModel:

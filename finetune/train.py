@@ -164,7 +164,10 @@ def scan_for_training(cfg: TrainConfig) -> DatasetSplit:
 
 def new_run_dir(cfg: TrainConfig) -> Path:
     run_dir = create_run_dir(cfg.runs_dir, cfg.name)
-    write_json(run_dir / "config.json", {k: v for k, v in cfg.to_json_dict().items() if k != "resume"})
+    # Absolute paths, so that --resume works from any working directory.
+    absolute = replace(cfg, data=cfg.data.resolve(), runs_dir=cfg.runs_dir.resolve(),
+                       weights=cfg.weights.resolve() if cfg.weights else None)
+    write_json(run_dir / "config.json", {k: v for k, v in absolute.to_json_dict().items() if k != "resume"})
     return run_dir
 
 
@@ -197,10 +200,12 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     except KeyboardInterrupt:
         saved = session.save_best()
         where = f"; the best model so far is in {saved}" if saved else ""
-        raise TrainingInterrupted(f"training interrupted{where}. Continue with: finetune train --resume {run_dir}") from None
+        again = (f" Continue with: finetune train --resume {run_dir}" if (run_dir / STATE_FILENAME).is_file()
+                 else " It stopped before its first epoch finished; start it again to continue.")
+        raise TrainingInterrupted(f"training interrupted{where}.{again}") from None
     except torch.cuda.OutOfMemoryError:
-        raise FinetuneError(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; try --batch-size {max(1, cfg.batch_size // 2)}"
-                            f" (continue with: finetune train --resume {run_dir}).") from None
+        raise FinetuneError(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; "
+                            f"start again with --batch-size {max(1, cfg.batch_size // 2)}.") from None
     if not d.is_main:
         return None
     model_path = session.save_best()
@@ -235,6 +240,7 @@ class _Session:
         self.resumed: tuple[dict, dict, dict] | None = None  # (tensors, optimizer state, info)
         self.best_val_pred: torch.Tensor | None = None  # val predictions of the best epoch
         self.stopped_early = False
+        self.stopped_stage: str | None = None  # the stage that early stopping ended, for --resume
         self.loss_weights: torch.Tensor | None = None
 
     # -- the two stages -----------------------------------------------------------------
@@ -293,13 +299,13 @@ class _Session:
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), y, weight=self.loss_weights, label_smoothing=self.cfg.label_smoothing)
 
-    def patience_ran_out(self, stage_first_epoch: int) -> bool:
+    def patience_ran_out(self, stage: str, stage_first_epoch: int) -> bool:
         """True when `patience` epochs of this stage have passed without a better val accuracy."""
         if not self.cfg.patience:
             return False
         since = len(self.history) - max(self.best_epoch, stage_first_epoch - 1)
         if since >= self.cfg.patience:
-            self.stopped_early = True
+            self.stopped_early, self.stopped_stage = True, stage
             self.reporter.info(f"early stop: no better val accuracy for {self.cfg.patience} epochs")
             return True
         return False
@@ -382,9 +388,10 @@ class _Session:
                 val_logits = head(x_val.float())
             row = self.record_epoch(HEAD, len(x_all), loss_sum / len(x_all), correct / len(x_all),
                                     val_logits, y_val, optimizer, time.perf_counter() - t0)
+            stop = self.patience_ran_out(HEAD, stage_first_epoch=len(self.history) - epoch + 1)
             self.save_state(HEAD, epoch, optimizer, schedule, generator)
             self.reporter.advance(1, loss=row["train_loss"], acc=row["train_acc"], val_acc=row["val_acc"])
-            if self.patience_ran_out(stage_first_epoch=len(self.history) - epoch + 1):
+            if stop:
                 break
         self.reporter.finish()
 
@@ -457,8 +464,9 @@ class _Session:
                               optimizer, time.perf_counter() - t0)
             if self.best_epoch != improved_before:
                 self.save_best()  # the state file below may point at it, so it goes first
+            stop = self.patience_ran_out(FINETUNE, stage_first_epoch=len(self.history) - epoch + 1)
             self.save_state(FINETUNE, epoch, optimizer, schedule, None)
-            if self.patience_ran_out(stage_first_epoch=len(self.history) - epoch + 1):
+            if stop:
                 break
 
     @torch.inference_mode()
@@ -543,6 +551,7 @@ class _Session:
             "stage": stage, "epoch": epoch, "history": self.history, "schedule": schedule.state_dict(),
             "best": {"acc": self.best_acc, "loss": self.best_loss, "epoch": self.best_epoch},
             "skipped": self.split.skipped, "num_train": self.num_train, "num_val": self.num_val,
+            "classes": self.split.classes, "stopped_early": self.stopped_early, "stopped_stage": self.stopped_stage,
         }
         save_training_state(self.run_dir / STATE_FILENAME, tensors, optimizer, info)
         write_csv(self.run_dir / "metrics.csv", self.history, METRIC_FIELDS)
@@ -550,7 +559,12 @@ class _Session:
     def restore(self) -> tuple[str, int]:
         """Load the training state; returns (stage, epochs completed in that stage)."""
         tensors, opt_state, info = load_training_state(self.run_dir / STATE_FILENAME)
+        if info.get("classes", self.split.classes) != self.split.classes:
+            raise DataError(f"{self.cfg.data}: its class folders changed since {self.run_dir} started "
+                            f"({', '.join(info['classes'])} then, {', '.join(self.split.classes)} now); start a new run.")
         self.resumed = (tensors, opt_state, info)
+        self.stopped_early = info.get("stopped_early", False)
+        self.stopped_stage = info.get("stopped_stage")
         self.history = info["history"]
         best = info["best"]
         self.best_acc, self.best_loss, self.best_epoch = best["acc"], best["loss"], best["epoch"]
@@ -568,6 +582,8 @@ class _Session:
             self.set_clean_samples([s for s in self.split.train if str(s.path) not in skipped],
                                    [s for s in self.split.val if str(s.path) not in skipped])
         self.reporter.info(f"resuming {self.run_dir} after epoch {len(self.history)} ({info['stage']} stage)")
+        if self.stopped_stage == info["stage"]:  # that stage had ended by early stopping: do not train it further
+            return info["stage"], self.cfg.epochs if info["stage"] == HEAD else self.cfg.finetune_epochs
         return info["stage"], info["epoch"]
 
     def restore_optimization(self, optimizer, schedule, generator: torch.Generator | None) -> None:

@@ -72,6 +72,7 @@ SKIP_CASES = {
     "photo.heic": (heic, "pip install pillow-heif"),
     "broken.gif": (gif_garbage, "or a damaged one"),
     "notes.txt": (text_named_jpg, "not an image file"),
+    "banner.png": (lambda p: Image.new("RGB", (4000, 10)).save(p), "aspect ratio over 100:1"),
 }
 
 

@@ -122,6 +122,8 @@ def test_predict_usage_errors_exit_2(trained, tmp_path):
     no_runs = runner.invoke(app, ["predict", "x.jpg", "--runs-dir", str(tmp_path / "none")])
     assert no_runs.exit_code == 2 and "no trained model under" in no_runs.stderr and no_runs.stdout == ""
     assert predict(trained, "x.jpg", "--top-k", "0").exit_code == 2
+    negative = runner.invoke(app, ["predict", "x.jpg", "--runs-dir", str(trained["runs"]), "--workers", "-1"])
+    assert negative.exit_code == 2 and "--workers must be 0 or more" in negative.stderr
 
 
 def test_python_dash_m_entry_point(trained):

@@ -83,6 +83,7 @@ def test_symlink_loop_does_not_hang(tmp_path):
     ("one_class", "need at least 2 class folders"),
     ("empty_class", "dog: class folder has no images"),
     ("val_differs", "val class folders differ"),
+    ("val_beside_classes", "a 'val' folder next to class folders, but no"),
 ])
 def test_bad_folders_give_one_clear_line(tmp_path, case, expected):
     data = tmp_path / "data"
@@ -96,6 +97,10 @@ def test_bad_folders_give_one_clear_line(tmp_path, case, expected):
     elif case == "val_differs":
         make_class_tree(data / "train", 3, classes=("cat", "dog"))
         make_class_tree(data / "val", 2, classes=("cat", "fox"))
+    elif case == "val_beside_classes":
+        make_class_tree(data, 3, classes=("cat", "dog"))
+        make_class_tree(data / "val", 2, classes=("cat", "dog"))
+
     result = train_cli(data, tmp_path / "runs")
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -136,3 +141,31 @@ def test_split_from_one_folder_via_cli(flat_folder, tmp_path):
     summary = json.loads(result.stdout)
     assert (summary["num_train"], summary["num_val"]) == (21, 9)
     assert summary["layout"].startswith("split from one folder")
+
+
+@pytest.mark.parametrize("name", ["a/b", "../escape", "/abs", ".."])
+def test_run_names_that_are_paths_are_refused(image_folder, tmp_path, name):
+    before = tree_hashes(image_folder)
+    result = train_cli(image_folder, tmp_path / "runs", "--name", name)
+    assert result.exit_code == 2 and "a run name is one folder name" in result.stderr
+    assert tree_hashes(image_folder) == before and not (tmp_path / "escape").exists()
+
+
+def test_runs_dir_that_is_a_file_is_a_clear_error(image_folder, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = train_cli(image_folder, blocker)
+    assert result.exit_code == 2 and "cannot create it" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unreadable_folder_is_a_clear_error(tmp_path, monkeypatch):
+    import finetune.data as data_module
+
+    data = make_class_tree(tmp_path / "d", 3, classes=("cat", "dog"))
+
+    def denied(folder):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(data_module, "walk_files", denied)  # as for a folder without read permission (root reads all)
+    result = train_cli(data, tmp_path / "runs")
+    assert result.exit_code == 1 and f"{data / 'cat'}: permission denied" in result.stderr

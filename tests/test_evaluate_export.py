@@ -116,6 +116,16 @@ def test_export_refuses_to_overwrite_the_model(run):
     assert result.exit_code == 2 and "would overwrite" in result.stderr
 
 
+def test_a_failed_verification_writes_nothing(run, tmp_path, monkeypatch):
+    from finetune import export
+
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)  # nothing can pass
+    out = tmp_path / "m.pt"
+    result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(out)])
+    assert result.exit_code == 1 and "it was not written" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_info_and_models(run):
     info = json.loads(runner.invoke(app, ["info", run["summary"]["run_dir"], "--json"]).stdout)
     assert info["arch"] == "efficientnet_lite0" and info["classes"] == ["cat", "dog", "fox"]

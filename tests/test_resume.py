@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def test_cuda_out_of_memory_suggests_a_smaller_batch(reference, tmp_path, monkey
     monkeypatch.setattr(train_module._Session, "extract_all_features", oom)
     result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path), *FAST_TRAIN_ARGS])
     assert result.exit_code == 1 and result.stdout == ""
-    assert "ran out of memory at --batch-size 8; try --batch-size 4" in result.stderr
+    assert "ran out of memory at --batch-size 8; start again with --batch-size 4" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -121,3 +122,33 @@ def test_same_seed_same_run_on_cpu(reference, tmp_path):
     assert compared(again.history) == compared(ref.history)
     other = train(config(data, tmp_path, seed=4))
     assert compared(other.history) != compared(ref.history)
+
+
+def test_ctrl_c_before_the_first_epoch_does_not_promise_a_resume(reference, tmp_path):
+    data, _ = reference
+    with pytest.raises(TrainingInterrupted, match="stopped before its first epoch finished") as info:
+        train(config(data, tmp_path), CtrlCAt("Features (train)", 1))
+    assert "--resume" not in str(info.value)
+
+
+def test_resume_works_from_another_directory(reference, tmp_path, monkeypatch):
+    data, ref = reference
+    monkeypatch.chdir(data.parent)
+    with pytest.raises(TrainingInterrupted):
+        train(config(Path(data.name), Path("relative_runs")), CtrlCAt("Fine-tune epoch 1", 1))
+    saved = json.loads((data.parent / "relative_runs" / "train" / "config.json").read_text())
+    assert Path(saved["data"]).is_absolute() and Path(saved["runs_dir"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    resumed = train(TrainConfig(resume=data.parent / "relative_runs" / "train"))
+    assert compared(resumed.history) == compared(ref.history)
+
+
+def test_early_stop_is_remembered_by_resume(reference, tmp_path):
+    data, _ = reference
+    cfg = config(data, tmp_path, epochs=40, patience=2, finetune_epochs=1)
+    full = train(replace(cfg, runs_dir=tmp_path / "full"))
+    assert full.stopped_early
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, CtrlCAt("Fine-tune epoch 1", 1))
+    resumed = train(TrainConfig(resume=tmp_path / "train"))
+    assert compared(resumed.history) == compared(full.history) and resumed.stopped_early
