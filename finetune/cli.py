@@ -85,7 +85,7 @@ def fail(error: FinetuneError) -> typer.Exit:
     rank = os.environ.get("RANK", "0")
     if rank == "0":
         stderr.print(Text("error: ", style="bold red") + Text(str(error)))
-    elif not getattr(error, "shared_by_ranks", False):  # a problem of this rank alone
+    elif getattr(error, "rank_specific", False):  # under torchrun most errors are the same on every rank
         stderr.print(Text(f"error (rank {rank}): ", style="bold red") + Text(str(error)))
     return typer.Exit(error.exit_code)
 

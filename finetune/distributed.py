@@ -105,7 +105,6 @@ def share_outcome(d: Dist, compute):
             outcome = ("error", e)
     outcome = d.broadcast(outcome)
     if outcome[0] == "error":
-        outcome[1].shared_by_ranks = True  # every rank raises it: the CLI says it once
         raise outcome[1]
     return outcome[1]
 
@@ -129,9 +128,13 @@ def launch(devices: int, argv: list[str]) -> int:
     ChildFailedError, whose traceback says nothing the ranks have not already said, into
     the rank's exit code: 2 for usage errors, 130 for Ctrl-C, 1 otherwise.
     """
+    import logging
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
+    # The ranks print their own one-line errors; the agent's log lines would only repeat them.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         torchrun_main(torchrun_args(devices, argv))
     except ChildFailedError as e:

@@ -204,8 +204,10 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
                  else " It stopped before its first epoch finished; start it again to continue.")
         raise TrainingInterrupted(f"training interrupted{where}.{again}") from None
     except torch.cuda.OutOfMemoryError:
-        raise FinetuneError(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; "
-                            f"start again with --batch-size {max(1, cfg.batch_size // 2)}.") from None
+        error = FinetuneError(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; "
+                              f"start again with --batch-size {max(1, cfg.batch_size // 2)}.")
+        error.rank_specific = True  # one GPU may run out while the others do not
+        raise error from None
     if not d.is_main:
         return None
     model_path = session.save_best()

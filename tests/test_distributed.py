@@ -93,10 +93,15 @@ def test_devices_one_matches_the_plain_run(tmp_path):
     assert strip(metrics[0]) == strip(metrics[1])
 
 
-def test_a_failing_start_stops_every_rank_with_one_message(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "finetune", "train", str(tmp_path / "missing"), "--runs-dir", str(tmp_path / "runs"), *ARGS]
+@pytest.mark.parametrize("args, code, message", [
+    (["missing"], 1, "no such folder"),
+    (["data", "--epochs", "0"], 2, "--epochs must be at least 1"),
+])
+def test_a_failing_start_stops_every_rank_with_one_message(tmp_path, args, code, message):
+    make_train_val(tmp_path / "data", 2, 1)
+    cmd = [sys.executable, "-m", "finetune", "train", str(tmp_path / args[0]), *ARGS, *args[1:],
+           "--runs-dir", str(tmp_path / "runs"), "--devices", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=300)
-    assert out.returncode != 0
-    assert out.stderr.count("error: ") == 1 and "no such folder" in out.stderr
-    assert not (tmp_path / "runs").exists()
+    assert out.returncode == code
+    assert out.stderr.count("error") == 1 and message in out.stderr and "Traceback" not in out.stderr
+    assert out.stdout == "" and not (tmp_path / "runs").exists()
