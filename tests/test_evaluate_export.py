@@ -143,6 +143,25 @@ def test_every_command_has_help_with_an_example():
         assert "--help" in result.stdout
 
 
+def test_every_option_has_help_text():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        for param in command.params:
+            if param.param_type_name == "option" and param.name != "help":
+                assert param.help and len(param.help) > 10, f"{name} {param.opts}"
+
+
+def test_onnx_export_without_the_extra_says_how_to_install(run, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and 'pip install -e ".[export]"' in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_shell_completion_is_offered():
     result = runner.invoke(app, ["--help"])
     assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
