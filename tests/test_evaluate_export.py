@@ -165,6 +165,8 @@ def test_onnx_export_without_the_extra_says_how_to_install(run, tmp_path, monkey
 def test_shell_completion_is_offered():
     result = runner.invoke(app, ["--help"])
     assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
+    script = runner.invoke(app, ["--show-completion", "bash"], prog_name="finetune", env={"SHELL": "/bin/bash"})
+    assert script.exit_code == 0 and "_finetune_completion()" in script.stdout and "complete " in script.stdout
 
 
 # --- everyday training flags ------------------------------------------------------------------
