@@ -132,6 +132,15 @@ def inverse_frequency_weights(counts: list[int]) -> torch.Tensor:
     return torch.tensor([total / (n * max(c, 1)) for c in counts], dtype=torch.float32)
 
 
+def files_digest(split: DatasetSplit, data: Path) -> str:
+    """A fingerprint of which files are in train and in val (relative to DATA, however it was spelt)."""
+    import hashlib
+    import os
+
+    lines = [f"t {os.path.relpath(s.path, data)}" for s in split.train] + [f"v {os.path.relpath(s.path, data)}" for s in split.val]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def config_for_resume(run_dir: Path) -> TrainConfig:
     """The config a run was started with, read back from its folder."""
     if not (run_dir / "config.json").is_file():
@@ -233,6 +242,7 @@ class _Session:
     def __init__(self, cfg: TrainConfig, split: DatasetSplit, pp: Preprocessing, model: Classifier,
                  device: torch.device, reporter: Reporter, run_dir: Path, d: Dist = SINGLE):
         self.cfg, self.split, self.pp, self.model, self.d = cfg, split, pp, model, d
+        self.files_digest = files_digest(split, cfg.data)  # of the scan as found, before bad files are dropped
         self.device, self.reporter, self.run_dir = device, reporter, run_dir
         self.amp = autocast_dtype(device)
         self.history: list[dict] = []
@@ -554,6 +564,7 @@ class _Session:
             "best": {"acc": self.best_acc, "loss": self.best_loss, "epoch": self.best_epoch},
             "skipped": self.split.skipped, "num_train": self.num_train, "num_val": self.num_val,
             "classes": self.split.classes, "stopped_early": self.stopped_early, "stopped_stage": self.stopped_stage,
+            "files_digest": self.files_digest,
         }
         save_training_state(self.run_dir / STATE_FILENAME, tensors, optimizer, info)
         write_csv(self.run_dir / "metrics.csv", self.history, METRIC_FIELDS)
@@ -564,6 +575,9 @@ class _Session:
         if info.get("classes", self.split.classes) != self.split.classes:
             raise DataError(f"{self.cfg.data}: its class folders changed since {self.run_dir} started "
                             f"({', '.join(info['classes'])} then, {', '.join(self.split.classes)} now); start a new run.")
+        if info.get("files_digest", self.files_digest) != self.files_digest:
+            raise DataError(f"{self.cfg.data}: images were added, removed or renamed since {self.run_dir} started, "
+                            "so its train/val split would change; start a new run.")
         self.resumed = (tensors, opt_state, info)
         self.stopped_early = info.get("stopped_early", False)
         self.stopped_stage = info.get("stopped_stage")

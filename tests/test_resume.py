@@ -152,3 +152,18 @@ def test_early_stop_is_remembered_by_resume(reference, tmp_path):
         train(cfg, CtrlCAt("Fine-tune epoch 1", 1))
     resumed = train(TrainConfig(resume=tmp_path / "train"))
     assert compared(resumed.history) == compared(full.history) and resumed.stopped_early
+
+
+def test_resume_refuses_a_changed_folder(reference, tmp_path):
+    import shutil
+
+    data, _ = reference
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    with pytest.raises(TrainingInterrupted):
+        train(config(copy, tmp_path / "runs"), CtrlCAt("Fine-tune epoch 1", 1))
+    shutil.copy(copy / "train" / "cat" / "cat_0.jpg", copy / "train" / "cat" / "cat_new.jpg")
+    from finetune.errors import DataError
+
+    with pytest.raises(DataError, match="images were added, removed or renamed"):
+        train(TrainConfig(resume=tmp_path / "runs" / "train"))
