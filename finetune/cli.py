@@ -219,6 +219,9 @@ def predict(
         failures = render_predictions(run_predict(cfg, items, loaded, reporter), fmt)
     except FinetuneError as e:
         raise fail(e)
+    except KeyboardInterrupt:
+        stderr.print(Text("interrupted: the predictions above are complete, the rest were not made.", style="yellow"))
+        raise typer.Exit(130)
     if failures:
         stderr.print(Text(f"{failures} of {len(items)} inputs could not be predicted (see their 'error' field).", style="yellow"))
         raise typer.Exit(1)
