@@ -155,7 +155,7 @@ def train(
         raise fail(UsageError("--freeze-backbone and --finetune-epochs > 0 contradict each other; pass one of them."))
     cfg = replace(TRAIN, data=data or Path("."), arch=arch, weights=weights, pretrained=pretrained, epochs=epochs,
                   finetune_epochs=finetune_epochs, views=views, batch_size=batch_size, lr=lr, img_size=img_size,
-                  val_split=val_split, seed=seed, device=device, workers=workers, runs_dir=runs_dir, name=name, quiet=quiet,
+                  val_split=val_split, seed=seed, device=device, workers=workers, runs_dir=runs_dir, name=name,
                   max_pixels=max_pixels, resume=resume, patience=patience, class_weights=class_weights,
                   label_smoothing=label_smoothing, max_images_per_class=max_images_per_class)
     from .train import train as run_training  # imported late: keeps --help fast

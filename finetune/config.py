@@ -38,7 +38,6 @@ class TrainConfig:
     runs_dir: Path = DEFAULT_RUNS_DIR
     name: str | None = None
     max_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold, but as a hard error
-    quiet: bool = False
     resume: Path | None = None  # a run folder to continue; its config.json replaces the rest
 
     def to_json_dict(self) -> dict:

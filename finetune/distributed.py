@@ -4,7 +4,6 @@ DistributedDataParallel syncs gradients. Without torchrun everything here is a n
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -55,10 +54,6 @@ class Dist:
             t = t.cuda()
         dist.all_reduce(t)
         return t.cpu().tolist()
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
 
 
 SINGLE = Dist()
@@ -114,11 +109,6 @@ def torchrun_args(devices: int, argv: list[str]) -> list[str]:
     if devices < 1:
         raise UsageError(f"--devices must be at least 1 (got {devices}).")
     return ["--standalone", f"--nproc-per-node={devices}", "-m", "finetune", "train", *argv]
-
-
-def torchrun_command(devices: int, argv: list[str]) -> list[str]:
-    """The same as a shell command: what a user can type to run it by hand."""
-    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(devices, argv)]
 
 
 def launch(devices: int, argv: list[str]) -> int:

@@ -23,28 +23,3 @@ class Reporter:
 
     def warn(self, message: str) -> None:
         """Something that went wrong but did not stop the work."""
-
-
-class RecordingReporter(Reporter):
-    """Keeps every event; handy in tests and notebooks."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple] = []
-
-    def start(self, description, total):
-        self.events.append(("start", description, total))
-
-    def advance(self, steps=1, **fields):
-        self.events.append(("advance", steps, fields))
-
-    def finish(self):
-        self.events.append(("finish",))
-
-    def epoch(self, row):
-        self.events.append(("epoch", row))
-
-    def info(self, message):
-        self.events.append(("info", message))
-
-    def warn(self, message):
-        self.events.append(("warn", message))

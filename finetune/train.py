@@ -184,7 +184,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     started = time.perf_counter()
     resume_from = cfg.resume
     if resume_from is not None:
-        cfg = replace(config_for_resume(resume_from), quiet=cfg.quiet)
+        cfg = config_for_resume(resume_from)
     validate_config(cfg)
     refuse_output_inside_input(cfg.runs_dir, cfg.data)
     seed_everything(cfg.seed)
