@@ -4,7 +4,8 @@
 
 The folder is made of symbolic links to DATA's images (repeated until there are at least
 --min-images), in a temporary folder; DATA is only read. Pure forward: the same model,
-batch size, precision and memory format on random input already in memory. Prints JSON.
+batch size, precision, memory format and CPU chunking on random input already in memory.
+Prints JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from finetune.checkpoint import load_model
 from finetune.config import PredictConfig
 from finetune.data import walk_files
-from finetune.device import autocast, autocast_dtype, pick_device, to_model_input
+from finetune.device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
 from finetune.predict import expand_inputs, predict
 
 
@@ -45,7 +46,7 @@ def pure_forward(model, img_size: int, batch_size: int, device, seconds: float =
     with torch.inference_mode():
         for i in range(10_000):
             with autocast(device, amp):
-                model(to_model_input(batch, device)).float().cpu()
+                forward_in_chunks(model, to_model_input(batch, device), device).float().cpu()
             if i == 0:  # warm-up batch not timed
                 started = time.perf_counter()
                 continue

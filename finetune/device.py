@@ -57,3 +57,16 @@ def to_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 NCHW from the loaders -> float 0..1 on the device, channels_last (faster convs)."""
     x = batch.to(device, non_blocking=True).float().div_(255.0)
     return x.contiguous(memory_format=torch.channels_last)
+
+
+# On CPUs, inference is much faster in small batches whose activations stay in cache:
+# EfficientNet-Lite0 at 288 px, bf16, 2 cores of an AMD EPYC ran ~160-180 images/s in
+# chunks of 4-8 against ~80 at 32 and ~50 at 128 (see BENCHMARKS.md). GPUs want the opposite.
+CPU_INFERENCE_CHUNK = 8
+
+
+def forward_in_chunks(fn, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """fn(x) for inference, computed CPU_INFERENCE_CHUNK images at a time on the CPU."""
+    if device.type != "cpu" or len(x) <= CPU_INFERENCE_CHUNK:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(CPU_INFERENCE_CHUNK)])

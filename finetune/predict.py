@@ -12,7 +12,7 @@ import torch
 from .checkpoint import LoadedModel, load_model, resolve_model_path
 from .config import PredictConfig
 from .data import ImageFileDataset, make_loader, walk_files
-from .device import autocast, autocast_dtype, pick_device, to_model_input
+from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
 from .errors import UsageError
 from .progress import Reporter
 
@@ -101,9 +101,9 @@ def iter_probabilities(paths: list[Path], loaded: LoadedModel, cfg: PredictConfi
             if batch is not None:
                 x = to_model_input(batch[:, 0], device)
                 with autocast(device, amp):
-                    probs = model(x).float().softmax(1)
+                    probs = forward_in_chunks(model, x, device).float().softmax(1)
                     if cfg.tta:
-                        probs = (probs + model(x.flip(-1)).float().softmax(1)) / 2
+                        probs = (probs + forward_in_chunks(model, x.flip(-1), device).float().softmax(1)) / 2
                 by_index.update({i: (p, None) for i, p in zip(indices, probs.cpu())})
             for i in sorted(by_index):  # the loader keeps order; failures sit among their batch
                 yield by_index[i]

@@ -29,7 +29,7 @@ from .checkpoint import STATE_FILENAME, create_run_dir, load_training_state, sav
 from .files import read_safetensors, write_csv, write_json
 from .config import MODEL_FILENAME, TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, count_per_class, make_loader, scan_dataset
-from .device import autocast, autocast_dtype, pick_device, to_model_input
+from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
 from .distributed import SINGLE, Dist, from_environment, share_outcome, shutdown
 from .errors import DataError, FinetuneError, TrainingInterrupted, UsageError
 from .models import Classifier, build_classifier, get_arch, resolve_pretrained
@@ -356,7 +356,7 @@ class _Session:
                 b, v = batch.shape[:2]
                 x = to_model_input(batch.flatten(0, 1), self.device)
                 with autocast(self.device, self.amp):
-                    f = self.model.features(x)
+                    f = forward_in_chunks(self.model.features, x, self.device)
                 chunks.append(f.view(b, v, -1).to("cpu", torch.float16))  # half the memory; ample precision for a linear head
                 kept.extend(indices)
             done += len(indices) + len(failed)
@@ -490,7 +490,7 @@ class _Session:
             if batch is None:
                 continue
             with autocast(self.device, self.amp):
-                outs.append(self.model(to_model_input(batch[:, 0], self.device)).float().cpu())
+                outs.append(forward_in_chunks(self.model, to_model_input(batch[:, 0], self.device), self.device).float().cpu())
             idx.extend(mine[i] for i in indices)
         parts = self.d.all_gather((idx, torch.cat(outs) if outs else torch.empty(0, len(self.split.classes))))
         all_idx = [i for part in parts for i in part[0]]
