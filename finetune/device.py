@@ -59,14 +59,17 @@ def to_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-# On CPUs, inference is much faster in small batches whose activations stay in cache:
-# EfficientNet-Lite0 at 288 px, bf16, 2 cores of an AMD EPYC ran ~160-180 images/s in
-# chunks of 4-8 against ~80 at 32 and ~50 at 128 (see BENCHMARKS.md). GPUs want the opposite.
-CPU_INFERENCE_CHUNK = 8
+# On CPUs, inference is faster in small batches whose activations stay in cache:
+# EfficientNet-Lite0 at 288 px, bf16, 2 cores of an AMD EPYC ran 110-126 images/s in
+# batches of 4-16 against 86-94 at 32 and 58-63 at 128 (BENCHMARKS.md). What fits in cache
+# is a number of pixels, so smaller images go in proportionally larger chunks (at 64 px,
+# chunks of 8 were slower than batches of 32). GPUs want large batches: no chunking there.
+CPU_CHUNK_PIXELS = 8 * 288 * 288
 
 
 def forward_in_chunks(fn, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """fn(x) for inference, computed CPU_INFERENCE_CHUNK images at a time on the CPU."""
-    if device.type != "cpu" or len(x) <= CPU_INFERENCE_CHUNK:
+    """fn(x) for inference, computed about CPU_CHUNK_PIXELS pixels at a time on the CPU."""
+    chunk = max(1, CPU_CHUNK_PIXELS // (x.shape[-1] * x.shape[-2]))
+    if device.type != "cpu" or len(x) <= chunk:
         return fn(x)
-    return torch.cat([fn(part) for part in x.split(CPU_INFERENCE_CHUNK)])
+    return torch.cat([fn(part) for part in x.split(chunk)])
