@@ -94,6 +94,11 @@ def newest_model(runs_dir: Path) -> Path:
     return max(models, key=lambda p: p.stat().st_mtime_ns)
 
 
+def open_model(model: Path | None, runs_dir: Path) -> LoadedModel:
+    """--model as given (a file or a run folder), or the newest run under runs_dir, loaded."""
+    return load_model(resolve_model_path(model, runs_dir))
+
+
 def resolve_model_path(model: Path | None, runs_dir: Path) -> Path:
     if model is None:
         return newest_model(runs_dir)

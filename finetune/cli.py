@@ -90,6 +90,16 @@ def fail(error: FinetuneError) -> typer.Exit:
     return typer.Exit(error.exit_code)
 
 
+def open_model_or_newest(model: Path | None, runs_dir: Path, reporter: Reporter | None = None):
+    """Load --model, or the newest run's model and say which on stderr."""
+    from .checkpoint import open_model
+
+    loaded = open_model(model, runs_dir)
+    if model is None and reporter is not None:
+        reporter.info(f"using the newest model: {loaded.path}")
+    return loaded
+
+
 def version_callback(value: bool):
     if value:
         stdout.print(f"finetune {__version__}")
@@ -198,7 +208,7 @@ def predict(
 
     Example: finetune predict ./incoming --format jsonl > labels.jsonl
     """
-    from .predict import expand_inputs, open_model, predict as run_predict, read_path_list
+    from .predict import expand_inputs, predict as run_predict, read_path_list
 
     fmt = output_format or ("table" if sys.stdout.isatty() else "jsonl")
     if fmt not in FORMATS:
@@ -210,9 +220,7 @@ def predict(
                   device=device, workers=workers, max_pixels=max_pixels, tta=tta)
     reporter = RichReporter(stderr, quiet)
     try:
-        loaded = open_model(cfg)
-        if model is None:
-            reporter.info(f"using the newest model: {loaded.path}")
+        loaded = open_model_or_newest(model, runs_dir, reporter)
         items = expand_inputs(cfg.inputs)
         if not items:
             raise UsageError("no inputs: pass image files, folders, glob patterns, or - to read paths from stdin.")
@@ -284,14 +292,11 @@ def evaluate(
     Example: finetune evaluate ./photos/val --model runs/train --json
     """
     from .evaluate import evaluate as run_evaluate
-    from .predict import open_model
 
     cfg = replace(PREDICT, model=model, runs_dir=runs_dir, batch_size=batch_size, device=device, workers=workers, tta=tta)
     reporter = RichReporter(stderr, quiet)
     try:
-        loaded = open_model(cfg)
-        if model is None:
-            reporter.info(f"using the newest model: {loaded.path}")
+        loaded = open_model_or_newest(model, runs_dir, reporter)
         report = run_evaluate(data, loaded, cfg, reporter)
     except FinetuneError as e:
         raise fail(e)
@@ -336,11 +341,10 @@ def export(
 
     Example: finetune export --model runs/train --format onnx --out model.onnx
     """
-    from .checkpoint import load_model, resolve_model_path
     from .export import export_model
 
     try:
-        loaded = load_model(resolve_model_path(model, runs_dir))
+        loaded = open_model_or_newest(model, runs_dir, RichReporter(stderr))
         result = export_model(loaded, output_format, out)
     except FinetuneError as e:
         raise fail(e)
@@ -360,10 +364,8 @@ def info(
 
     Example: finetune info runs/train
     """
-    from .checkpoint import load_model, resolve_model_path
-
     try:
-        loaded = load_model(resolve_model_path(model, PREDICT.runs_dir))
+        loaded = open_model_or_newest(model, PREDICT.runs_dir)
     except FinetuneError as e:
         raise fail(e)
     details = {"path": str(loaded.path), "file_size": loaded.path.stat().st_size, **loaded.meta}

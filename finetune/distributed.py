@@ -17,7 +17,6 @@ from .errors import FinetuneError, UsageError
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def active(self) -> bool:
@@ -77,7 +76,7 @@ def from_environment(device_name: str) -> tuple[Dist, str]:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
-    return Dist(rank, world, local_rank), (f"cuda:{local_rank}" if use_cuda else "cpu")
+    return Dist(rank, world), (f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
 def shutdown(d: Dist) -> None:

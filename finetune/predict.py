@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .checkpoint import LoadedModel, load_model, resolve_model_path
+from .checkpoint import LoadedModel
 from .config import PredictConfig
 from .data import ImageFileDataset, make_loader, walk_files
 from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
@@ -74,10 +74,6 @@ def validate_config(cfg: PredictConfig) -> None:
         raise UsageError(f"--batch-size must be at least 1 (got {cfg.batch_size}).")
     if cfg.workers is not None and cfg.workers < 0:
         raise UsageError(f"--workers must be 0 or more (got {cfg.workers}).")
-
-
-def open_model(cfg: PredictConfig) -> LoadedModel:
-    return load_model(resolve_model_path(cfg.model, cfg.runs_dir))
 
 
 def iter_probabilities(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig,

@@ -275,7 +275,7 @@ class _Session:
         """Give every rank rank 0's head-stage result (the best model, history, best metric)."""
         if not self.d.active:
             return
-        keys = ("history", "best_acc", "best_loss", "best_epoch", "best_val_pred", "stopped_early")
+        keys = ("history", "best_acc", "best_loss", "best_epoch", "best_val_pred", "stopped_early", "stopped_stage")
         cpu_state = {k: v.cpu() for k, v in self.best_state.items()} if self.d.is_main else None
         shared = self.d.broadcast((cpu_state, {k: getattr(self, k) for k in keys}) if self.d.is_main else None)
         self.best_state = {k: v.to(self.device) for k, v in shared[0].items()}
@@ -293,14 +293,14 @@ class _Session:
 
     def set_clean_samples(self, train: list[Sample], val: list[Sample]) -> None:
         classes = self.split.classes
-        for i, n in enumerate(count_per_class(train, len(classes))):
+        counts = count_per_class(train, len(classes))
+        for i, n in enumerate(counts):
             if n == 0:
                 raise DataError(f"class '{classes[i]}' has no readable training images left after skipping bad files; add good images to it.")
         if not val:
             raise DataError("no readable validation images left after skipping bad files; add images to the val folder.")
         self.split.train, self.split.val = train, val
         self.num_train, self.num_val = len(train), len(val)
-        counts = count_per_class(train, len(classes))
         if is_imbalanced(counts):
             detail = ", ".join(f"{c} {n}" for c, n in zip(classes, counts))
             hint = "class weights are on" if self.cfg.class_weights else "consider --class-weights"
