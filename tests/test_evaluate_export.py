@@ -165,8 +165,12 @@ def test_onnx_export_without_the_extra_says_how_to_install(run, tmp_path, monkey
 def test_shell_completion_is_offered():
     result = runner.invoke(app, ["--help"])
     assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
-    script = runner.invoke(app, ["--show-completion", "bash"], prog_name="finetune", env={"SHELL": "/bin/bash"})
+    # What --show-completion prints, asked for by name: its shell detection depends on the parent process.
+    script = runner.invoke(app, [], prog_name="finetune", env={"_FINETUNE_COMPLETE": "source_bash"})
     assert script.exit_code == 0 and "_finetune_completion()" in script.stdout and "complete " in script.stdout
+    words = runner.invoke(app, [], prog_name="finetune",
+                          env={"_FINETUNE_COMPLETE": "complete_bash", "COMP_WORDS": "finetune tr", "COMP_CWORD": "1"})
+    assert words.stdout.split() == ["train"]
 
 
 # --- everyday training flags ------------------------------------------------------------------
