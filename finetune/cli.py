@@ -83,7 +83,9 @@ class RichReporter(Reporter):
 
 def fail(error: FinetuneError) -> typer.Exit:
     rank = os.environ.get("RANK", "0")
-    if rank == "0":
+    if getattr(error, "silent", False):  # a torchrun rank stopped by another's failure, which that one reports
+        pass
+    elif rank == "0":
         stderr.print(Text("error: ", style="bold red") + Text(str(error)))
     elif getattr(error, "rank_specific", False):  # under torchrun most errors are the same on every rank
         stderr.print(Text(f"error (rank {rank}): ", style="bold red") + Text(str(error)))
@@ -156,7 +158,10 @@ def train(
             raise fail(UsageError(f"--devices must be at least 1 (got {devices})."))
         if "train" not in sys.argv:
             raise fail(UsageError("--devices: run it as 'finetune train DATA --devices N'."))
-        raise typer.Exit(launch(devices, strip_devices_option(sys.argv[sys.argv.index("train") + 1:])))
+        outcome = launch(devices, strip_devices_option(sys.argv[sys.argv.index("train") + 1:]))
+        if outcome.message:
+            stderr.print(Text("error: ", style="bold red") + Text(outcome.message))
+        raise typer.Exit(outcome.exit_code)
     if data is None and resume is None:
         raise fail(UsageError("missing DATA: give an image folder (finetune train ./photos), or --resume RUN_FOLDER."))
     if finetune_epochs is None:

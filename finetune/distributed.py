@@ -4,13 +4,14 @@ DistributedDataParallel syncs gradients. Without torchrun everything here is a n
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from .errors import FinetuneError, UsageError
+from .errors import FinetuneError, PeerStopped, UsageError
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,22 @@ def from_environment(device_name: str) -> tuple[Dist, str]:
 
 def shutdown(d: Dist) -> None:
     if d.active and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer that died first can break the teardown too; its own error is what matters
+            pass
+
+
+# What gloo and NCCL raise in a rank whose peer has gone (crashed, killed, interrupted).
+LOST_PEER_MARKS = ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl")
+
+
+def is_lost_peer(error: BaseException) -> bool:
+    if isinstance(error, FinetuneError):
+        return False
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(mark in str(error).lower() for mark in LOST_PEER_MARKS)
 
 
 def share_outcome(d: Dist, compute):
@@ -110,28 +126,92 @@ def torchrun_args(devices: int, argv: list[str]) -> list[str]:
     return ["--standalone", f"--nproc-per-node={devices}", "-m", "finetune", "train", *argv]
 
 
-def launch(devices: int, argv: list[str]) -> int:
-    """Run torchrun in this process; returns the exit code of the first failed rank (0 if none).
+@dataclass(frozen=True)
+class LaunchOutcome:
+    exit_code: int
+    message: str | None = None  # for the CLI to print: set only when no rank said why it stopped
+
+
+def launch(devices: int, argv: list[str]) -> LaunchOutcome:
+    """Run torchrun in this process and say how the ranks ended.
 
     Calling torchrun's own entry point (rather than a subprocess) lets us turn its
-    ChildFailedError, whose traceback says nothing the ranks have not already said, into
-    the rank's exit code: 2 for usage errors, 130 for Ctrl-C, 1 otherwise.
+    exceptions, whose tracebacks say nothing the ranks have not already said, into an
+    exit code: the failed rank's own (2 for usage errors, 130 for Ctrl-C, 1 otherwise),
+    or 128 + signal number when a rank or this launcher was killed by a signal.
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    # The ranks print their own one-line errors; the agent's log lines would only repeat them.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    quieten_torchrun_logs(logging)
     try:
         torchrun_main(torchrun_args(devices, argv))
     except ChildFailedError as e:
-        first = min(e.failures.items())[1] if e.failures else None
-        return first.exitcode if first is not None and first.exitcode > 0 else 1
+        return outcome_of_failures(e.failures)
+    except SignalException as e:  # the agent's handler for SIGINT/SIGTERM; it has already stopped the ranks
+        return outcome_of_signal(int(e.sigval))
     except KeyboardInterrupt:
-        return 130
-    return 0
+        return LaunchOutcome(130)
+    return LaunchOutcome(0)
+
+
+def quieten_torchrun_logs(logging) -> None:
+    """The ranks print their own one-line errors; the agent's log lines would only repeat them.
+
+    torchrun's modules each set their own logger's level, so the parent's level is not enough.
+    """
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("torch.distributed") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+
+
+RESUME_HINT = "the run folder keeps its last completed epoch: finetune train --resume RUN_FOLDER continues it."
+
+
+def outcome_of_signal(signum: int) -> LaunchOutcome:
+    if signum == signal.SIGINT:  # Ctrl-C reached every rank too; rank 0 has said where the model is
+        return LaunchOutcome(130)
+    return LaunchOutcome(128 + signum, f"training was stopped by {signal_name(signum)}; {RESUME_HINT}")
+
+
+def cause_rank(failures: dict) -> tuple[int, int]:
+    """(rank, exit code) of the rank whose end ended the run.
+
+    When one rank fails, the others follow: their collectives break (they exit with
+    PeerStopped's code) or torchrun's agent stops them with SIGTERM. So a rank's own exit
+    code comes first, then a death by another signal, then SIGTERM, then PeerStopped.
+    """
+    def precedence(item):
+        rank, failure = item
+        code = failure.exitcode
+        kind = 3 if code == PeerStopped.exit_code else 0 if code > 0 else 2 if -code == signal.SIGTERM else 1
+        return kind, failure.timestamp, rank
+
+    rank, failure = min(failures.items(), key=precedence)
+    return rank, failure.exitcode
+
+
+def outcome_of_failures(failures: dict) -> LaunchOutcome:
+    if not failures:
+        return LaunchOutcome(1)
+    rank, code = cause_rank(failures)
+    if code == PeerStopped.exit_code:  # no rank said why: only that they lost each other
+        return LaunchOutcome(1, f"the ranks of this run lost contact with each other; {RESUME_HINT}")
+    if code > 0:  # that rank printed its own error
+        return LaunchOutcome(code)
+    why = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""
+    return LaunchOutcome(128 - code, f"rank {rank} was killed by {signal_name(-code)}{why}, so every rank was stopped; {RESUME_HINT}")
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def strip_devices_option(argv: list[str]) -> list[str]:

@@ -31,3 +31,14 @@ class TrainingInterrupted(FinetuneError):
     """Training stopped early (Ctrl-C); the last good files are still on disk."""
 
     exit_code = 130
+
+
+class PeerStopped(FinetuneError):
+    """Under torchrun: another rank failed or was stopped, which broke this rank's collective.
+
+    That rank says why (or torchrun's launcher does), so this one exits quietly with a code
+    of its own that the launcher can tell apart from the real cause.
+    """
+
+    exit_code = 75
+    silent = True

@@ -13,10 +13,13 @@ as they were.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,8 +33,8 @@ from .files import read_safetensors, write_csv, write_json
 from .config import MODEL_FILENAME, TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, count_per_class, make_loader, scan_dataset
 from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
-from .distributed import SINGLE, Dist, from_environment, share_outcome, shutdown
-from .errors import DataError, FinetuneError, TrainingInterrupted, UsageError
+from .distributed import SINGLE, Dist, from_environment, is_lost_peer, share_outcome, shutdown
+from .errors import DataError, FinetuneError, PeerStopped, TrainingInterrupted, UsageError
 from .models import Classifier, build_classifier, get_arch, resolve_pretrained
 from .progress import Reporter
 
@@ -160,6 +163,10 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
     d, device_name = from_environment(cfg.device)
     try:
         return _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name)
+    except Exception as e:
+        if not (d.active and is_lost_peer(e)):
+            raise
+        raise PeerStopped(f"rank {d.rank} stopped because another rank of this run stopped ({e})") from None
     finally:
         shutdown(d)
 
@@ -207,7 +214,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     try:
         session.run(resume=resume_from is not None)
     except KeyboardInterrupt:
-        saved = session.save_best()
+        with sigint_ignored():
+            saved = session.save_best()
         where = f"; the best model so far is in {saved}" if saved else ""
         again = (f" Continue with: finetune train --resume {run_dir}" if (run_dir / STATE_FILENAME).is_file()
                  else " It stopped before its first epoch finished; start it again to continue.")
@@ -234,6 +242,20 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     )
     write_json(run_dir / "results.json", result.to_json_dict())
     return result
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """Let the save after Ctrl-C finish: torchrun's agent passes the terminal's Ctrl-C on to
+    the ranks a second time, moments after the first."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Session:
@@ -450,24 +472,28 @@ class _Session:
             net.train()
             loss_sum = correct = seen = 0.0
             self.reporter.start(f"Fine-tune epoch {epoch}/{cfg.finetune_epochs}", len(sampler) if sampler else len(train_ds))
-            for indices, batch, _failed in train_loader:
-                if batch is None:
-                    continue
-                x = to_model_input(batch[:, 0], self.device)
-                y = labels[indices].to(self.device)
-                with autocast(self.device, self.amp):
-                    logits = net(x)
-                    loss = self.loss(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-                self.reporter.advance(len(y), loss=round(loss_sum / seen, 4), acc=round(correct / seen, 4),
-                                      images_per_s=round(seen / (time.perf_counter() - t0), 1))
+            # A batch whose files all fail to decode (deleted since stage 1, say) is skipped, so ranks
+            # can run different numbers of steps: DDP's join lets a rank that has run out of batches
+            # shadow the others' gradient all-reduces instead of leaving them waiting.
+            with net.join() if self.d.active else contextlib.nullcontext():
+                for indices, batch, _failed in train_loader:
+                    if batch is None:
+                        continue
+                    x = to_model_input(batch[:, 0], self.device)
+                    y = labels[indices].to(self.device)
+                    with autocast(self.device, self.amp):
+                        logits = net(x)
+                        loss = self.loss(logits, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    schedule.step()
+                    loss_sum += loss.item() * len(y)
+                    correct += (logits.argmax(1) == y).sum().item()
+                    seen += len(y)
+                    self.reporter.advance(len(y), loss=round(loss_sum / seen, 4), acc=round(correct / seen, 4),
+                                          images_per_s=round(seen / (time.perf_counter() - t0), 1))
             self.reporter.finish()
             loss_sum, correct, seen = self.d.sum(loss_sum, correct, seen)  # whole-epoch figures over all ranks
             val_logits, val_y = self.gather_val_logits(val_loader, val_labels, val_mine)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,70 @@ def test_a_failing_start_stops_every_rank_with_one_message(tmp_path, args, code,
     assert out.returncode == code
     assert out.stderr.count("error") == 1 and message in out.stderr and "Traceback" not in out.stderr
     assert out.stdout == "" and not (tmp_path / "runs").exists()
+
+
+# --- one rank failing, or Ctrl-C, ends every rank with one clear message ---------------------
+# The faults are put into the ranks by tests/ddp_faults/sitecustomize.py.
+
+FAULTS = Path(__file__).parent / "ddp_faults"
+
+
+def run_with_fault(tmp_path, fault: str, *extra: str) -> subprocess.CompletedProcess:
+    data = tmp_path / "data"
+    if not data.exists():
+        make_train_val(data, 6, 3)
+    env = {**clean_env(), "PYTHONPATH": str(FAULTS), "FINETUNE_TEST_FAULT": fault}
+    cmd = [sys.executable, "-m", "finetune", "train", str(data), *ARGS, "--runs-dir", str(tmp_path / "runs"), "--devices", "2", *extra]
+    # A session of its own: the Ctrl-C fault signals the whole process group, as a terminal does,
+    # and a hang can be ended with every rank in it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"fault {fault}: the run did not end within 180 s (a rank left waiting for another?)")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error")]
+
+
+def test_ctrl_c_stops_every_rank_then_resume_finishes(tmp_path):
+    out = run_with_fault(tmp_path, "ctrl-c")
+    assert out.returncode == 130, out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "train"
+    assert error_lines(out.stderr) == [f"error: training interrupted; the best model so far is in {run_dir / 'model.safetensors'}. "
+                                       f"Continue with: finetune train --resume {run_dir}"]
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 3 + 1  # head epochs, then one fine-tune epoch
+
+    resumed = subprocess.run([sys.executable, "-m", "finetune", "train", "--resume", str(run_dir), "--devices", "2", "--json"],
+                             capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout)
+    assert summary["epochs"] == 5 and [row.split(",")[1] for row in (run_dir / "metrics.csv").read_text().splitlines()[1:]] \
+        == ["head"] * 3 + ["finetune"] * 2
+
+
+@pytest.mark.parametrize("fault, code, message", [
+    ("oom-rank1", 1, "error (rank 1): the GPU ran out of memory at --batch-size 8; start again with --batch-size 4."),
+    ("kill-rank1", 137, "error: rank 1 was killed by SIGKILL (the system may have run out of memory), so every rank was "
+                        "stopped; the run folder keeps its last completed epoch: finetune train --resume RUN_FOLDER continues it."),
+])
+def test_a_rank_failing_mid_training_stops_every_rank_with_one_message(tmp_path, fault, code, message):
+    out = run_with_fault(tmp_path, fault)
+    assert out.returncode == code, out.stderr[-3000:]
+    assert error_lines(out.stderr) == [message]
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    assert not (tmp_path / "runs" / "train" / "results.json").exists()
+
+
+def test_a_rank_whose_batches_all_fail_does_not_stall_the_others(tmp_path):
+    # Rank 1 skips every fine-tuning batch (its files "vanished"): DDP's join keeps rank 0's
+    # gradient all-reduces from waiting for it, and the run ends normally.
+    out = run_with_fault(tmp_path, "undecodable-rank1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["epochs"] == 5 and summary["skipped"] == []
