@@ -3,10 +3,13 @@ DistributedDataParallel syncs gradients. Without torchrun everything here is a n
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,10 +21,9 @@ from .errors import FinetuneError, PeerStopped, UsageError
 class Dist:
     rank: int = 0
     world: int = 1
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
+    # Joined a process group: under torchrun, even with one process, so that `--devices 1`
+    # runs the same code (DDP, collectives, NCCL) as several GPUs do.
+    active: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -62,7 +64,7 @@ SINGLE = Dist()
 def from_environment(device_name: str) -> tuple[Dist, str]:
     """Join the process group torchrun set up (if any); returns it and the device to use."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # not started by torchrun
         return SINGLE, device_name
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device_name not in ("auto", "cuda", "cpu"):
@@ -77,7 +79,7 @@ def from_environment(device_name: str) -> tuple[Dist, str]:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
-    return Dist(rank, world), (f"cuda:{local_rank}" if use_cuda else "cpu")
+    return Dist(rank, world, active=True), (f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
 def shutdown(d: Dist) -> None:
@@ -98,6 +100,34 @@ def is_lost_peer(error: BaseException) -> bool:
     if isinstance(error, dist.DistError):
         return True
     return isinstance(error, RuntimeError) and any(mark in str(error).lower() for mark in LOST_PEER_MARKS)
+
+
+RECORD_KEY = "finetune_exit_code"
+
+
+def record_for_torchrun(error: FinetuneError) -> None:
+    """Leave this rank's error in the file torchrun reads about a failed rank, with our exit code.
+
+    When one rank fails, its peers' collectives break and they stop too; torchrun may see
+    one of them end first and then kill this rank while it exits. The record still tells
+    the launcher which rank failed, and how (the rank prints the message itself).
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": f"{type(error).__name__}: {error}",
+                          "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))}},
+              RECORD_KEY: error.exit_code}
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(record))
+    except OSError:  # only a better report is lost
+        pass
+
+
+def recorded_exit_code(failure) -> int | None:
+    data = getattr(failure, "error_file_data", None)
+    return data.get(RECORD_KEY) if isinstance(data, dict) else None
 
 
 def share_outcome(d: Dist, compute):
@@ -182,17 +212,26 @@ def cause_rank(failures: dict) -> tuple[int, int]:
     """(rank, exit code) of the rank whose end ended the run.
 
     When one rank fails, the others follow: their collectives break (they exit with
-    PeerStopped's code) or torchrun's agent stops them with SIGTERM. So a rank's own exit
-    code comes first, then a death by another signal, then SIGTERM, then PeerStopped.
+    PeerStopped's code) or torchrun's agent stops them with SIGTERM. So a rank that recorded
+    an error of ours comes first, then other exit codes, a death by a signal other than
+    SIGTERM, SIGTERM, and last PeerStopped.
     """
     def precedence(item):
         rank, failure = item
         code = failure.exitcode
-        kind = 3 if code == PeerStopped.exit_code else 0 if code > 0 else 2 if -code == signal.SIGTERM else 1
+        if recorded_exit_code(failure) is not None:
+            kind = 0  # failed with an error of ours, which it printed
+        elif code == PeerStopped.exit_code:
+            kind = 4
+        elif code > 0:
+            kind = 1  # e.g. a Python traceback
+        else:
+            kind = 3 if -code == signal.SIGTERM else 2
         return kind, failure.timestamp, rank
 
     rank, failure = min(failures.items(), key=precedence)
-    return rank, failure.exitcode
+    recorded = recorded_exit_code(failure)
+    return rank, recorded if recorded is not None else failure.exitcode
 
 
 def outcome_of_failures(failures: dict) -> LaunchOutcome:

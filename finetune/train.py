@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 
 from . import __version__
 from .checkpoint import STATE_FILENAME, create_run_dir, load_training_state, save_model, save_training_state
@@ -33,7 +35,7 @@ from .files import read_safetensors, write_csv, write_json
 from .config import MODEL_FILENAME, TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, count_per_class, make_loader, scan_dataset
 from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
-from .distributed import SINGLE, Dist, from_environment, is_lost_peer, share_outcome, shutdown
+from .distributed import SINGLE, Dist, from_environment, is_lost_peer, record_for_torchrun, share_outcome, shutdown
 from .errors import DataError, FinetuneError, PeerStopped, TrainingInterrupted, UsageError
 from .models import Classifier, build_classifier, get_arch, resolve_pretrained
 from .progress import Reporter
@@ -157,16 +159,18 @@ def config_for_resume(run_dir: Path) -> TrainConfig:
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | None:
     """Train, save the run folder and return its summary.
 
-    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 alone reports, writes
+    Under torchrun every rank calls this; rank 0 alone reports, writes
     and returns the result, the other ranks return None.
     """
     d, device_name = from_environment(cfg.device)
     try:
         return _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name)
     except Exception as e:
-        if not (d.active and is_lost_peer(e)):
-            raise
-        raise PeerStopped(f"rank {d.rank} stopped because another rank of this run stopped ({e})") from None
+        if d.active and is_lost_peer(e):
+            raise PeerStopped(f"rank {d.rank} stopped because another rank of this run stopped ({e})") from None
+        if d.active and isinstance(e, FinetuneError):
+            record_for_torchrun(e)
+        raise
     finally:
         shutdown(d)
 
@@ -208,7 +212,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     reporter.info(f"{spec.name} at {pp.img_size}px on {device}, weights: {weights_source}")
 
     if d.active:
-        reporter.info(f"distributed: {d.world} processes ({'nccl' if device.type == 'cuda' else 'gloo'})")
+        reporter.info(f"distributed: {d.world} process{'es' if d.world > 1 else ''} ({'nccl' if device.type == 'cuda' else 'gloo'})")
     run_dir = resume_from if resume_from is not None else share_outcome(d, lambda: new_run_dir(cfg))
     session = _Session(cfg, split, pp, model, device, reporter, run_dir, d)
     try:
@@ -436,19 +440,15 @@ class _Session:
         labels = torch.tensor([s.label for s in self.split.train])
         val_labels = torch.tensor([s.label for s in self.split.val])
         pin = self.device.type == "cuda"
-        sampler = None
+        # Each rank trains on its own shard. A single process uses the same sampler (one shard
+        # of one), so a run under torchrun with one process sees the very batches of a plain run.
+        sampler = DistributedSampler(train_ds, num_replicas=self.d.world, rank=self.d.rank, shuffle=True, seed=cfg.seed)
         net = model
-        if self.d.active:
-            from torch.nn.parallel import DistributedDataParallel
-            from torch.utils.data.distributed import DistributedSampler
-
-            # Each rank trains on its own shard; DDP averages the gradients (and syncs weights at start).
-            sampler = DistributedSampler(train_ds, num_replicas=self.d.world, rank=self.d.rank, shuffle=True, seed=cfg.seed)
+        if self.d.active:  # DDP averages the gradients (and syncs the weights at the start)
             net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         val_mine = self.d.shard(list(range(len(val_ds))))
         val_ds.paths = [val_ds.paths[i] for i in val_mine]
-        train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, shuffle=sampler is None, pin_memory=pin,
-                                   seed=cfg.seed, sampler=sampler)
+        train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed, sampler=sampler)
         val_loader = make_loader(val_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed)
         steps_per_epoch = max(1, len(train_loader))
         total = steps_per_epoch * cfg.finetune_epochs
@@ -466,12 +466,11 @@ class _Session:
             # a resumed run sees the same batches.
             train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
             torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + self.d.rank)
-            if sampler is not None:
-                sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch)
             t0 = time.perf_counter()
             net.train()
             loss_sum = correct = seen = 0.0
-            self.reporter.start(f"Fine-tune epoch {epoch}/{cfg.finetune_epochs}", len(sampler) if sampler else len(train_ds))
+            self.reporter.start(f"Fine-tune epoch {epoch}/{cfg.finetune_epochs}", len(sampler))
             # A batch whose files all fail to decode (deleted since stage 1, say) is skipped, so ranks
             # can run different numbers of steps: DDP's join lets a rank that has run out of batches
             # shadow the others' gradient all-reduces instead of leaving them waiting.

@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.distributed import strip_devices_option, torchrun_args
+from finetune.distributed import outcome_of_failures, strip_devices_option, torchrun_args
 
 from conftest import CLASS_COLOURS, make_image, make_train_val, tree_hashes
 
@@ -85,9 +86,11 @@ def test_devices_one_matches_the_plain_run(tmp_path):
     common = [str(data), *ARGS, "--finetune-epochs", "1"]
     plain = subprocess.run([sys.executable, "-m", "finetune", "train", *common, "--runs-dir", str(tmp_path / "a")],
                            capture_output=True, text=True, env=clean_env(), timeout=300)
-    launched = subprocess.run([sys.executable, "-m", "finetune", "train", *common, "--runs-dir", str(tmp_path / "b"), "--devices", "1"],
+    launched = subprocess.run([sys.executable, "-m", "finetune", "train", *[a for a in common if a != "--quiet"],
+                               "--runs-dir", str(tmp_path / "b"), "--devices", "1"],
                               capture_output=True, text=True, env=clean_env(), timeout=300)
     assert plain.returncode == 0 and launched.returncode == 0, launched.stderr[-2000:]
+    assert "distributed: 1 process (gloo)" in launched.stderr  # the DDP path, as on several devices
     metrics = [(tmp_path / run / "train" / "metrics.csv").read_text().splitlines() for run in ("a", "b")]
     strip = lambda rows: [",".join(r.split(",")[:7]) for r in rows]  # drop timing columns
     assert strip(metrics[0]) == strip(metrics[1])
@@ -172,3 +175,25 @@ def test_a_rank_whose_batches_all_fail_does_not_stall_the_others(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     assert summary["epochs"] == 5 and summary["skipped"] == []
+
+
+def failure(exitcode: int, recorded: int | None = None):
+    """A stand-in for torchrun's ProcessFailure: what the launcher reads of one rank's end."""
+    data = {} if recorded is None else {"message": {"message": "x"}, "finetune_exit_code": recorded}
+    return SimpleNamespace(exitcode=exitcode, timestamp=0, error_file_data=data)
+
+
+@pytest.mark.parametrize("failures, code, says", [
+    # rank 1 failed with our error, then was killed by torchrun while it exited; rank 0 lost its peer
+    ({0: failure(75), 1: failure(-15, recorded=1)}, 1, None),
+    ({0: failure(-15), 1: failure(130, recorded=130)}, 130, None),
+    ({0: failure(2, recorded=2), 1: failure(2, recorded=2)}, 2, None),   # the same error on every rank
+    ({0: failure(-15), 1: failure(-9)}, 137, "rank 1 was killed by SIGKILL (the system may have run out of memory)"),
+    ({0: failure(75), 1: failure(-6)}, 134, "rank 1 was killed by SIGABRT,"),
+    ({0: failure(75), 1: failure(75)}, 1, "the ranks of this run lost contact with each other"),
+    ({0: failure(75), 1: failure(1)}, 1, None),  # a traceback: that rank has said why
+])
+def test_the_launcher_reports_the_rank_that_caused_the_end(failures, code, says):
+    outcome = outcome_of_failures(failures)
+    assert outcome.exit_code == code
+    assert (outcome.message is None) if says is None else says in outcome.message
