@@ -1,0 +1,215 @@
+"""Everything that needs a GPU, in one run, for a session that is lent one.
+
+    python3 benchmarks/gpu_check.py DATA [--out DIR] [--finetune-epochs 5] [--skip-tests]
+
+1. tests: the test suite on the GPU (CUDA paths of train/predict/evaluate/export), except the
+   distributed tests, which start 2 processes (one GPU each).
+2. devices: sample_data/shapes with --arch efficientnet_lite0 --finetune-epochs 2, run plainly
+   twice (the GPU's own run-to-run noise) and once with --devices 1 (torchrun, NCCL, DDP);
+   their metrics.csv are compared. On a one-GPU machine --devices 2 must stop with one line.
+3. speed: `finetune train DATA` with defaults, and with --finetune-epochs N: wall time and
+   best_val_acc, against the pure compute time of the same passes (synthetic batches already
+   on the device, same batch size, precision and memory format).
+4. predict: benchmarks/bench_predict.py on DATA (at least 1,000 images) with the model of 3.
+
+Prints one JSON object and writes it to DIR/gpu_check.json (with each step's stderr tail).
+BENCHMARKS.md says how to call it on the device machine and what to carry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from finetune.config import TrainConfig  # noqa: E402
+from finetune.device import autocast, autocast_dtype, pick_device, to_model_input  # noqa: E402
+from finetune.models import build_classifier, get_arch, resolve_pretrained  # noqa: E402
+
+COMPARED = ["epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
+
+
+def run(cmd: list[str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return out, time.perf_counter() - started
+
+
+def train_cmd(data: Path, runs: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "finetune", "train", str(data), "--arch", "efficientnet_lite0",
+            "--runs-dir", str(runs), "--json", "--quiet", *extra]
+
+
+def metrics_rows(summary: dict) -> list[dict]:
+    with open(Path(summary["run_dir"]) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def max_difference(a: list[dict], b: list[dict]) -> float | None:
+    """Largest difference of the compared numeric columns; None when the epochs differ."""
+    if len(a) != len(b) or any(x["stage"] != y["stage"] for x, y in zip(a, b)):
+        return None
+    return max(abs(float(x[k]) - float(y[k])) for x, y in zip(a, b) for k in COMPARED if k != "stage")
+
+
+def check_tests() -> dict:
+    out, wall = run([sys.executable, "-m", "pytest", "-q", "-x", "--ignore=tests/test_distributed.py"], timeout=400)
+    return {"returncode": out.returncode, "wall_s": round(wall, 1), "tail": out.stdout[-1500:]}
+
+
+def check_devices(tmp: Path) -> dict:
+    data = ROOT / "sample_data" / "shapes"
+    common = ["--finetune-epochs", "2", "--seed", "0"]
+    runs = {}
+    for name, extra in (("plain_a", []), ("plain_b", []), ("devices_1", ["--devices", "1"])):
+        out, wall = run(train_cmd(data, tmp / name, *common, *extra))
+        runs[name] = {"returncode": out.returncode, "wall_s": round(wall, 1), "stderr_tail": out.stderr[-1500:]}
+        if out.returncode == 0:
+            runs[name]["summary"] = json.loads(out.stdout)
+    result = {name: {k: v for k, v in r.items() if k != "summary"} for name, r in runs.items()}
+    if all("summary" in r for r in runs.values()):
+        rows = {name: metrics_rows(r["summary"]) for name, r in runs.items()}
+        result["best_val_acc"] = {name: r["summary"]["best_val_acc"] for name, r in runs.items()}
+        result["plain_vs_plain_max_diff"] = max_difference(rows["plain_a"], rows["plain_b"])
+        result["plain_vs_devices_1_max_diff"] = max_difference(rows["plain_a"], rows["devices_1"])
+        result["devices_1_identical_to_plain"] = [[r[k] for k in COMPARED] for r in rows["plain_a"]] == \
+                                                 [[r[k] for k in COMPARED] for r in rows["devices_1"]]
+    if torch.cuda.device_count() == 1:
+        out, _ = run(train_cmd(data, tmp / "two", "--devices", "2"))
+        result["devices_2_on_one_gpu"] = {"returncode": out.returncode, "stderr": out.stderr[-600:], "stdout": out.stdout[-300:]}
+    return result
+
+
+def pure_rates(arch: str, batch_size: int, views: int, device: torch.device, seconds: float = 5.0) -> dict:
+    """Images/s of the backbone forward (feature pass) and of a full training step, on synthetic data."""
+    spec = get_arch(arch)
+    state, _ = resolve_pretrained(spec, None)
+    pp = spec.preprocessing(None)
+    model = build_classifier(spec, 2, state).to(device).to(memory_format=torch.channels_last)
+    amp = autocast_dtype(device)
+    feature_batch = max(1, batch_size // views) * views
+    x_feat = torch.randint(0, 256, (feature_batch, 3, pp.img_size, pp.img_size), dtype=torch.uint8, device=device)
+    x_train = torch.randint(0, 256, (batch_size, 3, pp.img_size, pp.img_size), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 2, (batch_size,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def timed(step, n_per_step: int) -> float:
+        for _ in range(3):  # warm-up: kernels chosen, memory allocated
+            step()
+        sync(device)
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            step()
+            done += n_per_step
+            if done % (20 * n_per_step) == 0:
+                sync(device)
+        sync(device)
+        return done / (time.perf_counter() - started)
+
+    def forward():
+        with torch.inference_mode(), autocast(device, amp):
+            model.features(to_model_input(x_feat, device))
+
+    def train_step():
+        with autocast(device, amp):
+            loss = torch.nn.functional.cross_entropy(model(to_model_input(x_train, device)).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.eval()
+    fwd = timed(forward, feature_batch)
+    model.train()
+    train = timed(train_step, batch_size)
+    return {"img_size": pp.img_size, "forward_img_per_s": round(fwd, 1), "train_step_img_per_s": round(train, 1),
+            "feature_batch": feature_batch, "train_batch": batch_size}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_speed(data: Path, tmp: Path, finetune_epochs: int) -> dict:
+    cfg = TrainConfig()
+    device = pick_device("auto")
+    rates = pure_rates("efficientnet_lite0", cfg.batch_size, cfg.views, device)
+    result = {"pure": rates, "runs": {}}
+    for name, extra in (("defaults", []), (f"finetune_{finetune_epochs}", ["--finetune-epochs", str(finetune_epochs)])):
+        out, wall = run(train_cmd(data, tmp / name, *extra), timeout=600)
+        if out.returncode != 0:
+            result["runs"][name] = {"returncode": out.returncode, "stderr_tail": out.stderr[-1500:]}
+            continue
+        summary = json.loads(out.stdout)
+        rows = metrics_rows(summary)
+        n_train, n_val = summary["num_train"], summary["num_val"]
+        feature_images = n_train * cfg.views + n_val
+        ft_rows = [r for r in rows if r["stage"] == "finetune"]
+        pure_features = feature_images / rates["forward_img_per_s"]
+        pure_finetune = len(ft_rows) * (n_train / rates["train_step_img_per_s"] + n_val / rates["forward_img_per_s"])
+        ft_seconds = sum(float(r["seconds"]) for r in ft_rows)
+        result["runs"][name] = {
+            "best_val_acc": summary["best_val_acc"], "wall_s": round(wall, 1), "reported_seconds": summary["seconds"],
+            "model": summary["model"], "device": summary["device"], "epochs": summary["epochs"],
+            "pure_compute_s": round(pure_features + pure_finetune, 2),
+            "ratio_reported_to_pure": round(summary["seconds"] / (pure_features + pure_finetune), 2),
+            "finetune_epoch_seconds": round(ft_seconds, 2) if ft_rows else None,
+            "finetune_ratio_to_pure": round(ft_seconds / pure_finetune, 2) if ft_rows else None,
+            "finetune_images_per_s": [float(r["images_per_s"]) for r in ft_rows],
+        }
+    return result
+
+
+def check_predict(data: Path, model: str) -> dict:
+    out, wall = run([sys.executable, str(ROOT / "benchmarks" / "bench_predict.py"), str(data), "--model", model, "--min-images", "1000"])
+    if out.returncode != 0:
+        return {"returncode": out.returncode, "stderr_tail": out.stderr[-1500:]}
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", type=Path, help="an ImageFolder dataset, e.g. hymenoptera_data")
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--finetune-epochs", type=int, default=5)
+    ap.add_argument("--skip-tests", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "python": sys.version.split()[0], "torch": torch.__version__,
+              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "cores": os.cpu_count(),
+              "data": str(args.data)}
+
+    def step(name: str, fn, *fn_args) -> None:
+        started = time.perf_counter()
+        try:
+            report[name] = fn(*fn_args)
+        except Exception as e:  # one broken step must not cost the others' results
+            report[name] = {"error": f"{type(e).__name__}: {e}"}
+        report[name + "_step_s"] = round(time.perf_counter() - started, 1)
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+        print(f"[{name} done in {report[name + '_step_s']} s]", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_tests:
+            step("tests", check_tests)
+        step("devices", check_devices, Path(tmp) / "devices")
+        step("speed", check_speed, args.data.resolve(), Path(tmp) / "speed", args.finetune_epochs)
+        model = report["speed"].get("runs", {}).get("defaults", {}).get("model") if isinstance(report["speed"], dict) else None
+        if model:
+            step("predict", check_predict, args.data.resolve(), model)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
