@@ -130,6 +130,13 @@ def recorded_exit_code(failure) -> int | None:
     return data.get(RECORD_KEY) if isinstance(data, dict) else None
 
 
+def recorded_message(failure) -> str:
+    try:
+        return str(failure.error_file_data["message"]["message"])
+    except (AttributeError, KeyError, TypeError):
+        return ""
+
+
 def share_outcome(d: Dist, compute):
     """Run `compute` on rank 0 and give every rank its result, or raise its error on every rank.
 
@@ -218,11 +225,11 @@ def cause_rank(failures: dict) -> tuple[int, int]:
     """
     def precedence(item):
         rank, failure = item
-        code = failure.exitcode
-        if recorded_exit_code(failure) is not None:
-            kind = 0  # failed with an error of ours, which it printed
-        elif code == PeerStopped.exit_code:
+        code = exit_code(failure)
+        if code == PeerStopped.exit_code:
             kind = 4
+        elif recorded_exit_code(failure) is not None:
+            kind = 0  # failed with an error of ours, which it printed
         elif code > 0:
             kind = 1  # e.g. a Python traceback
         else:
@@ -230,16 +237,22 @@ def cause_rank(failures: dict) -> tuple[int, int]:
         return kind, failure.timestamp, rank
 
     rank, failure = min(failures.items(), key=precedence)
+    return rank, exit_code(failure)
+
+
+def exit_code(failure) -> int:
+    """The code the rank meant to exit with (it may have been killed while exiting)."""
     recorded = recorded_exit_code(failure)
-    return rank, recorded if recorded is not None else failure.exitcode
+    return recorded if recorded is not None else failure.exitcode
 
 
 def outcome_of_failures(failures: dict) -> LaunchOutcome:
     if not failures:
         return LaunchOutcome(1)
     rank, code = cause_rank(failures)
-    if code == PeerStopped.exit_code:  # no rank said why: only that they lost each other
-        return LaunchOutcome(1, f"the ranks of this run lost contact with each other; {RESUME_HINT}")
+    if code == PeerStopped.exit_code:  # no rank said why, only that they lost each other (and maybe how)
+        how = recorded_message(failures[rank]).split(": ", 1)[-1]
+        return LaunchOutcome(1, f"{how or 'the ranks of this run lost contact with each other'}; {RESUME_HINT}")
     if code > 0:  # that rank printed its own error
         return LaunchOutcome(code)
     why = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""

@@ -167,7 +167,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
         return _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name)
     except Exception as e:
         if d.active and is_lost_peer(e):
-            raise PeerStopped(f"rank {d.rank} stopped because another rank of this run stopped ({e})") from None
+            stopped = PeerStopped(f"rank {d.rank} lost contact with the other ranks ({e})")
+            record_for_torchrun(stopped)
+            raise stopped from None
         if d.active and isinstance(e, FinetuneError):
             record_for_torchrun(e)
         raise

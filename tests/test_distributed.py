@@ -177,9 +177,9 @@ def test_a_rank_whose_batches_all_fail_does_not_stall_the_others(tmp_path):
     assert summary["epochs"] == 5 and summary["skipped"] == []
 
 
-def failure(exitcode: int, recorded: int | None = None):
+def failure(exitcode: int, recorded: int | None = None, message: str = "x"):
     """A stand-in for torchrun's ProcessFailure: what the launcher reads of one rank's end."""
-    data = {} if recorded is None else {"message": {"message": "x"}, "finetune_exit_code": recorded}
+    data = {} if recorded is None else {"message": {"message": message}, "finetune_exit_code": recorded}
     return SimpleNamespace(exitcode=exitcode, timestamp=0, error_file_data=data)
 
 
@@ -191,6 +191,9 @@ def failure(exitcode: int, recorded: int | None = None):
     ({0: failure(-15), 1: failure(-9)}, 137, "rank 1 was killed by SIGKILL (the system may have run out of memory)"),
     ({0: failure(75), 1: failure(-6)}, 134, "rank 1 was killed by SIGABRT,"),
     ({0: failure(75), 1: failure(75)}, 1, "the ranks of this run lost contact with each other"),
+    ({0: failure(75, recorded=75), 1: failure(-15)}, 143, "rank 1 was killed by SIGTERM"),
+    ({0: failure(75, recorded=75, message="PeerStopped: rank 0 lost contact with the other ranks (NCCL error 2)"),
+      1: failure(75)}, 1, "rank 0 lost contact with the other ranks (NCCL error 2); the run folder keeps"),
     ({0: failure(75), 1: failure(1)}, 1, None),  # a traceback: that rank has said why
 ])
 def test_the_launcher_reports_the_rank_that_caused_the_end(failures, code, says):
