@@ -152,7 +152,7 @@ def train(
     Example: finetune train ./photos --arch efficientnet_lite0 --json
     """
     if devices is not None and "WORLD_SIZE" not in os.environ:
-        from .distributed import launch, strip_devices_option
+        from .launcher import launch, strip_devices_option
 
         if devices < 1:
             raise fail(UsageError(f"--devices must be at least 1 (got {devices})."))

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.distributed import outcome_of_failures, strip_devices_option, torchrun_args
+from finetune.launcher import outcome_of_failures, strip_devices_option, torchrun_args
 
 from conftest import CLASS_COLOURS, make_image, make_train_val, tree_hashes
 
