@@ -82,14 +82,25 @@ class RichReporter(Reporter):
 
 
 def fail(error: FinetuneError) -> typer.Exit:
-    rank = os.environ.get("RANK", "0")
-    if getattr(error, "silent", False):  # a torchrun rank stopped by another's failure, which that one reports
+    rank = os.environ.get("RANK")
+    if rank is not None:  # a torchrun rank: its error also goes where torchrun and our launcher read it
+        from .distributed import LAUNCHED_ENV, record_rank_error
+
+        record_rank_error(error)
+        if os.environ.get(LAUNCHED_ENV):  # under `train --devices`, the launcher prints the one cause
+            return typer.Exit(error.exit_code)
+    if getattr(error, "silent", False):  # a rank stopped by another's failure, which that one reports
         pass
-    elif rank == "0":
-        stderr.print(Text("error: ", style="bold red") + Text(str(error)))
+    elif rank in (None, "0"):
+        say_error(str(error))
     elif getattr(error, "rank_specific", False):  # under torchrun most errors are the same on every rank
-        stderr.print(Text(f"error (rank {rank}): ", style="bold red") + Text(str(error)))
+        say_error(str(error), rank)
     return typer.Exit(error.exit_code)
+
+
+def say_error(message: str, rank=None) -> None:
+    where = "" if rank is None else f" (rank {rank})"
+    stderr.print(Text(f"error{where}: ", style="bold red") + Text(message))
 
 
 def open_model_or_newest(model: Path | None, runs_dir: Path, reporter: Reporter | None = None):
@@ -160,7 +171,7 @@ def train(
             raise fail(UsageError("--devices: run it as 'finetune train DATA --devices N'."))
         outcome = launch(devices, strip_devices_option(sys.argv[sys.argv.index("train") + 1:]))
         if outcome.message:
-            stderr.print(Text("error: ", style="bold red") + Text(outcome.message))
+            say_error(outcome.message, outcome.rank)
         raise typer.Exit(outcome.exit_code)
     if data is None and resume is None:
         raise fail(UsageError("missing DATA: give an image folder (finetune train ./photos), or --resume RUN_FOLDER."))

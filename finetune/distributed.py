@@ -4,8 +4,11 @@ here is a no-op. (launcher.py is the other side: the process that runs torchrun.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,6 +51,16 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
+    def any_of(self, *flags: bool) -> list[bool]:
+        """For each flag: whether it is set on any rank (one small all-reduce)."""
+        if not self.active:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags])
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [v > 0 for v in t.cpu().tolist()]
+
     def sum(self, *values: float) -> list[float]:
         if not self.active:
             return list(values)
@@ -64,7 +77,8 @@ SINGLE = Dist()
 def from_environment(device_name: str) -> tuple[Dist, str]:
     """Join the process group torchrun set up (if any); returns it and the device to use."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # not started by torchrun
+    started_by_torchrun = "RANK" in os.environ and (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ)
+    if not started_by_torchrun:
         return SINGLE, device_name
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device_name not in ("auto", "cuda", "cpu"):
@@ -90,39 +104,72 @@ def shutdown(d: Dist) -> None:
             pass
 
 
-# What gloo and NCCL raise in a rank whose peer has gone (crashed, killed, interrupted).
-LOST_PEER_MARKS = ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl")
+# What a rank's collective raises when a peer has gone (crashed, killed, interrupted). Only
+# lost connections: an error of the rank's own (NCCL set-up, say) must not pass for one.
+LOST_PEER_MARKS = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote process exited")
 
 
 def is_lost_peer(error: BaseException) -> bool:
     if isinstance(error, FinetuneError):
         return False
-    if isinstance(error, dist.DistError):
+    if isinstance(error, dist.DistNetworkError):
         return True
     return isinstance(error, RuntimeError) and any(mark in str(error).lower() for mark in LOST_PEER_MARKS)
 
 
-RECORD_KEY = "finetune_exit_code"
+# `finetune train --devices N` sets this for its ranks: the launcher prints their errors, once.
+LAUNCHED_ENV = "FINETUNE_LAUNCHED"
+RECORD_KEY = "finetune"
 
 
-def record_for_torchrun(error: FinetuneError) -> None:
-    """Leave this rank's error in the file torchrun reads about a failed rank, with our exit code.
+def record_rank_error(error: FinetuneError) -> None:
+    """Leave this rank's error where torchrun keeps a failed rank's story (TORCHELASTIC_ERROR_FILE).
 
-    When one rank fails, its peers' collectives break and they stop too; torchrun may see
-    one of them end first and then kill this rank while it exits. The record still tells
-    the launcher which rank failed, and how (the rank prints the message itself).
+    torchrun's own report reads the message from there, and `--devices`'s launcher reads our
+    part (rank, exit code, message) to name the one cause whatever order the ranks end in.
     """
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
     record = {"message": {"message": f"{type(error).__name__}: {error}",
                           "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))}},
-              RECORD_KEY: error.exit_code}
+              RECORD_KEY: {"rank": int(os.environ.get("RANK", "0")), "exit_code": error.exit_code, "message": str(error),
+                           "rank_specific": bool(getattr(error, "rank_specific", False))}}
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(record))
     except OSError:  # only a better report is lost
         pass
+
+
+class DeferredInterrupt:
+    """Ctrl-C as a flag: set by the first SIGINT, checked by all ranks together at a step's start."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextlib.contextmanager
+def interrupts_deferred(d: Dist):
+    """Under torchrun, a rank must not stop in the middle of a step: its peers would wait in
+    that step's all-reduce (with NCCL, a rank waiting on the GPU cannot even take the signal).
+    So the first SIGINT only sets a flag that every rank checks at the same step; a second
+    one interrupts at once. Outside torchrun (or off the main thread) Ctrl-C is left alone."""
+    flag = DeferredInterrupt()
+    if not d.active or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def on_sigint(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def share_outcome(d: Dist, compute):

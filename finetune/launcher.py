@@ -1,38 +1,56 @@
 """`finetune train --devices N`: run torchrun in this process and say how its ranks ended.
 
-The ranks themselves are distributed.py's side; here is the parent that starts them,
-turns torchrun's exceptions into an exit code, and names the cause when no rank did.
+The ranks themselves are distributed.py's side. Here is the parent that starts them and,
+when they stop early, names the one cause in one line: the ranks under this launcher
+print no errors themselves (distributed.record_rank_error leaves them in torchrun's error
+files, which are read here), because the order in which ranks end is a race.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
-from .distributed import RECORD_KEY
+from .distributed import LAUNCHED_ENV, RECORD_KEY
 from .errors import PeerStopped, UsageError
 
-
-def torchrun_args(devices: int, argv: list[str]) -> list[str]:
-    """torchrun's arguments for `finetune train --devices N ...` on this machine."""
-    if devices < 1:
-        raise UsageError(f"--devices must be at least 1 (got {devices}).")
-    return ["--standalone", f"--nproc-per-node={devices}", "-m", "finetune", "train", *argv]
+RESUME_HINT = "the run folder keeps its last completed epoch: finetune train --resume RUN_FOLDER continues it."
 
 
 @dataclass(frozen=True)
 class LaunchOutcome:
     exit_code: int
-    message: str | None = None  # for the CLI to print: set only when no rank said why it stopped
+    message: str | None = None  # for the CLI to print as the one error line
+    rank: int | None = None  # the rank the message is about, when only that rank had the problem
+
+
+@dataclass(frozen=True)
+class RankRecord:
+    """What a rank left in its torchrun error file about the error it stopped with."""
+
+    rank: int
+    exit_code: int
+    message: str
+    rank_specific: bool = False
+
+
+def torchrun_args(devices: int, argv: list[str], log_dir: str | None = None) -> list[str]:
+    """torchrun's arguments for `finetune train --devices N ...` on this machine."""
+    if devices < 1:
+        raise UsageError(f"--devices must be at least 1 (got {devices}).")
+    logs = ["--log-dir", log_dir] if log_dir else []
+    return ["--standalone", f"--nproc-per-node={devices}", *logs, "-m", "finetune", "train", *argv]
 
 
 def launch(devices: int, argv: list[str]) -> LaunchOutcome:
-    """Run torchrun in this process and say how the ranks ended.
+    """Run torchrun in this process; returns the exit code and the line to print, if any.
 
     Calling torchrun's own entry point (rather than a subprocess) lets us turn its
-    exceptions, whose tracebacks say nothing the ranks have not already said, into an
-    exit code: the failed rank's own (2 for usage errors, 130 for Ctrl-C, 1 otherwise),
-    or 128 + signal number when a rank or this launcher was killed by a signal.
+    exceptions, whose tracebacks say nothing useful here, into that outcome.
     """
     import logging
 
@@ -41,19 +59,25 @@ def launch(devices: int, argv: list[str]) -> LaunchOutcome:
     from torch.distributed.run import main as torchrun_main
 
     quieten_torchrun_logs(logging)
-    try:
-        torchrun_main(torchrun_args(devices, argv))
-    except ChildFailedError as e:
-        return outcome_of_failures(e.failures)
-    except SignalException as e:  # the agent's handler for SIGINT/SIGTERM; it has already stopped the ranks
-        return outcome_of_signal(int(e.sigval))
-    except KeyboardInterrupt:
-        return LaunchOutcome(130)
-    return LaunchOutcome(0)
+    failures, signum = {}, None
+    with tempfile.TemporaryDirectory(prefix="finetune-torchrun-") as logs:
+        os.environ[LAUNCHED_ENV] = "1"  # the ranks inherit it
+        try:
+            torchrun_main(torchrun_args(devices, argv, logs))
+        except ChildFailedError as e:
+            failures = e.failures
+        except SignalException as e:  # the agent's handler for SIGINT/SIGTERM; it has already stopped the ranks
+            signum = int(e.sigval)
+        except KeyboardInterrupt:
+            signum = signal.SIGINT
+        finally:
+            os.environ.pop(LAUNCHED_ENV, None)
+        records = read_records(Path(logs))
+    return decide_outcome(records, {rank: f.exitcode for rank, f in failures.items()}, signum)
 
 
 def quieten_torchrun_logs(logging) -> None:
-    """The ranks print their own one-line errors; the agent's log lines would only repeat them.
+    """The agent's log lines would only repeat, as tracebacks, what the one error line says.
 
     torchrun's modules each set their own logger's level, so the parent's level is not enough.
     """
@@ -63,69 +87,53 @@ def quieten_torchrun_logs(logging) -> None:
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
 
 
-RESUME_HINT = "the run folder keeps its last completed epoch: finetune train --resume RUN_FOLDER continues it."
+def read_records(logs: Path) -> dict[int, RankRecord]:
+    records = {}
+    for path in logs.rglob("error.json"):
+        try:
+            ours = json.loads(path.read_text())[RECORD_KEY]
+            record = RankRecord(int(ours["rank"]), int(ours["exit_code"]), str(ours["message"]), bool(ours.get("rank_specific")))
+        except (OSError, ValueError, KeyError, TypeError):  # not one of ours (torchrun's own, say)
+            continue
+        records[record.rank] = record
+    return records
 
 
-def outcome_of_signal(signum: int) -> LaunchOutcome:
-    if signum == signal.SIGINT:  # Ctrl-C reached every rank too; rank 0 has said where the model is
-        return LaunchOutcome(130)
-    return LaunchOutcome(128 + signum, f"training was stopped by {signal_name(signum)}; {RESUME_HINT}")
+def decide_outcome(records: dict[int, RankRecord], exit_codes: dict[int, int], signum: int | None) -> LaunchOutcome:
+    """The one cause of the run's end, from what the ranks recorded and how they exited.
 
-
-def recorded_exit_code(failure) -> int | None:
-    data = getattr(failure, "error_file_data", None)
-    return data.get(RECORD_KEY) if isinstance(data, dict) else None
-
-
-def recorded_message(failure) -> str:
-    try:
-        return str(failure.error_file_data["message"]["message"])
-    except (AttributeError, KeyError, TypeError):
-        return ""
-
-
-def cause_rank(failures: dict) -> tuple[int, int]:
-    """(rank, exit code) of the rank whose end ended the run.
-
-    When one rank fails, the others follow: their collectives break (they exit with
-    PeerStopped's code) or torchrun's agent stops them with SIGTERM. So a rank that recorded
-    an error of ours comes first, then other exit codes, a death by a signal other than
-    SIGTERM, SIGTERM, and last PeerStopped.
+    When one rank fails, the others follow: their collectives break (PeerStopped) or
+    torchrun stops them with SIGTERM. So an error of a rank's own comes first (the lowest
+    rank's, when several had it: rank 0 knows where the model is), then how the launcher
+    itself was stopped, then a rank's death by a signal, then a lost peer.
     """
-    def precedence(item):
-        rank, failure = item
-        code = exit_code(failure)
-        if code == PeerStopped.exit_code:
-            kind = 4
-        elif recorded_exit_code(failure) is not None:
-            kind = 0  # failed with an error of ours, which it printed
-        elif code > 0:
-            kind = 1  # e.g. a Python traceback
-        else:
-            kind = 3 if -code == signal.SIGTERM else 2
-        return kind, failure.timestamp, rank
+    own = [r for r in records.values() if r.exit_code != PeerStopped.exit_code]
+    if own:
+        first = min(own, key=lambda r: r.rank)
+        return LaunchOutcome(first.exit_code, first.message, first.rank if first.rank_specific else None)
+    if signum is not None:
+        what = "training interrupted" if signum == signal.SIGINT else f"training was stopped by {signal_name(signum)}"
+        return LaunchOutcome(130 if signum == signal.SIGINT else 128 + signum, f"{what}; {RESUME_HINT}")
+    unexplained = {rank: code for rank, code in exit_codes.items() if code != 0 and code != PeerStopped.exit_code}
+    if unexplained:
+        rank, code = min(unexplained.items(), key=lambda item: (death_order(item[1]), item[0]))
+        if code > 0:  # a Python traceback, which that rank printed
+            return LaunchOutcome(code)
+        why = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""
+        return LaunchOutcome(128 - code, f"rank {rank} was killed by {signal_name(-code)}{why}, so every rank was stopped; {RESUME_HINT}")
+    if records:  # every rank only lost the others
+        first = min(records.values(), key=lambda r: r.rank)
+        return LaunchOutcome(1, f"{first.message}; {RESUME_HINT}")
+    if exit_codes:
+        return LaunchOutcome(1, f"the ranks of this run lost contact with each other; {RESUME_HINT}")
+    return LaunchOutcome(0)
 
-    rank, failure = min(failures.items(), key=precedence)
-    return rank, exit_code(failure)
 
-
-def exit_code(failure) -> int:
-    """The code the rank meant to exit with (it may have been killed while exiting)."""
-    recorded = recorded_exit_code(failure)
-    return recorded if recorded is not None else failure.exitcode
-
-
-def outcome_of_failures(failures: dict) -> LaunchOutcome:
-    if not failures:
-        return LaunchOutcome(1)
-    rank, code = cause_rank(failures)
-    if code == PeerStopped.exit_code:  # no rank said why, only that they lost each other (and maybe how)
-        how = recorded_message(failures[rank]).split(": ", 1)[-1]
-        return LaunchOutcome(1, f"{how or 'the ranks of this run lost contact with each other'}; {RESUME_HINT}")
-    if code > 0:  # that rank printed its own error
-        return LaunchOutcome(code)
-    why = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""
-    return LaunchOutcome(128 - code, f"rank {rank} was killed by {signal_name(-code)}{why}, so every rank was stopped; {RESUME_HINT}")
+def death_order(code: int) -> int:
+    """A kill by a signal other than SIGTERM first (SIGTERM is how torchrun stops the bystanders), then exit codes."""
+    if code < 0:
+        return 2 if -code == signal.SIGTERM else 0
+    return 1
 
 
 def signal_name(signum: int) -> str:

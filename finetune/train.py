@@ -35,7 +35,7 @@ from .files import read_safetensors, write_csv, write_json
 from .config import MODEL_FILENAME, TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, count_per_class, make_loader, scan_dataset
 from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
-from .distributed import SINGLE, Dist, from_environment, is_lost_peer, record_for_torchrun, share_outcome, shutdown
+from .distributed import SINGLE, Dist, from_environment, interrupts_deferred, is_lost_peer, share_outcome, shutdown
 from .errors import DataError, FinetuneError, PeerStopped, TrainingInterrupted, UsageError
 from .models import Classifier, build_classifier, get_arch, resolve_pretrained
 from .progress import Reporter
@@ -165,13 +165,11 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
     d, device_name = from_environment(cfg.device)
     try:
         return _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name)
+    except KeyboardInterrupt:  # before the training proper (scan, weights): nothing was saved yet
+        raise TrainingInterrupted("training interrupted before its first epoch; nothing to resume: start it again.") from None
     except Exception as e:
         if d.active and is_lost_peer(e):
-            stopped = PeerStopped(f"rank {d.rank} lost contact with the other ranks ({e})")
-            record_for_torchrun(stopped)
-            raise stopped from None
-        if d.active and isinstance(e, FinetuneError):
-            record_for_torchrun(e)
+            raise PeerStopped(f"rank {d.rank} lost contact with the other ranks ({str(e).splitlines()[0]})") from None
         raise
     finally:
         shutdown(d)
@@ -252,8 +250,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
 
 @contextlib.contextmanager
 def sigint_ignored():
-    """Let the save after Ctrl-C finish: torchrun's agent passes the terminal's Ctrl-C on to
-    the ranks a second time, moments after the first."""
+    """Let the save after Ctrl-C finish, however often Ctrl-C is pressed again meanwhile."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
@@ -463,22 +460,25 @@ class _Session:
             self.restore_optimization(optimizer, schedule, None)
         # fp16 needs loss scaling to keep small gradients; bf16 has fp32's range and does not.
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        for epoch in range(done + 1, cfg.finetune_epochs + 1):
-            # Shuffling, augmentation and worker seeds depend only on (seed, epoch, rank):
-            # a resumed run sees the same batches.
-            train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-            torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + self.d.rank)
-            sampler.set_epoch(epoch)
-            t0 = time.perf_counter()
-            net.train()
-            loss_sum = correct = seen = 0.0
-            self.reporter.start(f"Fine-tune epoch {epoch}/{cfg.finetune_epochs}", len(sampler))
-            # A batch whose files all fail to decode (deleted since stage 1, say) is skipped, so ranks
-            # can run different numbers of steps: DDP's join lets a rank that has run out of batches
-            # shadow the others' gradient all-reduces instead of leaving them waiting.
-            with net.join() if self.d.active else contextlib.nullcontext():
+        with interrupts_deferred(self.d) as interrupt:
+            for epoch in range(done + 1, cfg.finetune_epochs + 1):
+                # Shuffling, augmentation and worker seeds depend only on (seed, epoch, rank):
+                # a resumed run sees the same batches.
+                train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+                torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + self.d.rank)
+                sampler.set_epoch(epoch)
+                t0 = time.perf_counter()
+                net.train()
+                loss_sum = correct = seen = 0.0
+                self.reporter.start(f"Fine-tune epoch {epoch}/{cfg.finetune_epochs}", len(sampler))
                 for indices, batch, _failed in train_loader:
-                    if batch is None:
+                    # All ranks take each step together: Ctrl-C stops them at the same step, and a
+                    # batch whose files all failed to decode on one rank (deleted since stage 1, say)
+                    # is skipped by every rank, so that optimizers and schedules stay in step.
+                    stop, skip = self.d.any_of(interrupt.requested, batch is None)
+                    if stop:
+                        raise KeyboardInterrupt
+                    if skip:
                         continue
                     x = to_model_input(batch[:, 0], self.device)
                     y = labels[indices].to(self.device)
@@ -495,18 +495,18 @@ class _Session:
                     seen += len(y)
                     self.reporter.advance(len(y), loss=round(loss_sum / seen, 4), acc=round(correct / seen, 4),
                                           images_per_s=round(seen / (time.perf_counter() - t0), 1))
-            self.reporter.finish()
-            loss_sum, correct, seen = self.d.sum(loss_sum, correct, seen)  # whole-epoch figures over all ranks
-            val_logits, val_y = self.gather_val_logits(val_loader, val_labels, val_mine)
-            improved_before = self.best_epoch
-            self.record_epoch(FINETUNE, int(seen), loss_sum / max(1, seen), correct / max(1, seen), val_logits, val_y,
-                              optimizer, time.perf_counter() - t0)
-            if self.best_epoch != improved_before:
-                self.save_best()  # the state file below may point at it, so it goes first
-            stop = self.patience_ran_out(FINETUNE, stage_first_epoch=len(self.history) - epoch + 1)
-            self.save_state(FINETUNE, epoch, optimizer, schedule, None)
-            if stop:
-                break
+                self.reporter.finish()
+                loss_sum, correct, seen = self.d.sum(loss_sum, correct, seen)  # whole-epoch figures over all ranks
+                val_logits, val_y = self.gather_val_logits(val_loader, val_labels, val_mine)
+                improved_before = self.best_epoch
+                self.record_epoch(FINETUNE, int(seen), loss_sum / max(1, seen), correct / max(1, seen), val_logits, val_y,
+                                  optimizer, time.perf_counter() - t0)
+                if self.best_epoch != improved_before:
+                    self.save_best()  # the state file below may point at it, so it goes first
+                stop = self.patience_ran_out(FINETUNE, stage_first_epoch=len(self.history) - epoch + 1)
+                self.save_state(FINETUNE, epoch, optimizer, schedule, None)
+                if stop:
+                    break
 
     @torch.inference_mode()
     def gather_val_logits(self, loader, labels: torch.Tensor, mine: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

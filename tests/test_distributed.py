@@ -8,18 +8,19 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.launcher import outcome_of_failures, strip_devices_option, torchrun_args
+from finetune.distributed import record_rank_error
+from finetune.errors import FinetuneError
+from finetune.launcher import RankRecord, decide_outcome, read_records, strip_devices_option, torchrun_args
 
 from conftest import CLASS_COLOURS, make_image, make_train_val, tree_hashes
 
 runner = CliRunner()
-ARGS = ["--arch", "efficientnet_lite0", "--img-size", "64", "--epochs", "3", "--views", "2", "--finetune-epochs", "2",
+ARGS = ["--device", "cpu", "--arch", "efficientnet_lite0", "--img-size", "64", "--epochs", "3", "--views", "2", "--finetune-epochs", "2",
         "--workers", "0", "--batch-size", "8", "--json", "--quiet"]
 
 
@@ -116,22 +117,32 @@ def test_a_failing_start_stops_every_rank_with_one_message(tmp_path, args, code,
 FAULTS = Path(__file__).parent / "ddp_faults"
 
 
-def run_with_fault(tmp_path, fault: str, *extra: str) -> subprocess.CompletedProcess:
+def run_with_fault(tmp_path, fault: str, *extra: str, report: Path | None = None) -> subprocess.CompletedProcess:
     data = tmp_path / "data"
     if not data.exists():
         make_train_val(data, 6, 3)
     env = {**clean_env(), "PYTHONPATH": str(FAULTS), "FINETUNE_TEST_FAULT": fault}
+    if report is not None:
+        env["FINETUNE_TEST_REPORT"] = str(report)
     cmd = [sys.executable, "-m", "finetune", "train", str(data), *ARGS, "--runs-dir", str(tmp_path / "runs"), "--devices", "2", *extra]
-    # A session of its own: the Ctrl-C fault signals the whole process group, as a terminal does,
-    # and a hang can be ended with every rank in it.
+    # A session of its own: the Ctrl-C fault signals the launcher's process group, as a terminal does.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_processes_mentioning(str(tmp_path))  # torchrun starts each rank in a session of its own
         proc.communicate()
         pytest.fail(f"fault {fault}: the run did not end within 180 s (a rank left waiting for another?)")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def kill_processes_mentioning(text: str) -> None:
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:  # gone meanwhile, or not ours
+            pass
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -168,35 +179,55 @@ def test_a_rank_failing_mid_training_stops_every_rank_with_one_message(tmp_path,
     assert not (tmp_path / "runs" / "train" / "results.json").exists()
 
 
-def test_a_rank_whose_batches_all_fail_does_not_stall_the_others(tmp_path):
-    # Rank 1 skips every fine-tuning batch (its files "vanished"): DDP's join keeps rank 0's
-    # gradient all-reduces from waiting for it, and the run ends normally.
-    out = run_with_fault(tmp_path, "undecodable-rank1")
+def test_a_batch_that_fails_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    # Rank 1's first fine-tuning batch of each epoch fails to decode entirely ("vanished"
+    # files): every rank skips that step, so both take the same optimizer steps and none waits.
+    report = tmp_path / "report"
+    report.mkdir()
+    out = run_with_fault(tmp_path, "first-batch-fails-rank1", report=report)
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads(out.stdout)
-    assert summary["epochs"] == 5 and summary["skipped"] == []
+    assert json.loads(out.stdout)["epochs"] == 5
+    # 18 training images, 9 per rank: batches of 8 and 1 per epoch, the first one skipped; 2 epochs
+    assert [(report / f"steps.rank{r}").read_text() for r in (0, 1)] == ["2", "2"]
 
 
-def failure(exitcode: int, recorded: int | None = None, message: str = "x"):
-    """A stand-in for torchrun's ProcessFailure: what the launcher reads of one rank's end."""
-    data = {} if recorded is None else {"message": {"message": message}, "finetune_exit_code": recorded}
-    return SimpleNamespace(exitcode=exitcode, timestamp=0, error_file_data=data)
+def record(rank: int, code: int, message: str = "x", rank_specific: bool = False) -> RankRecord:
+    return RankRecord(rank, code, message, rank_specific)
 
 
-@pytest.mark.parametrize("failures, code, says", [
-    # rank 1 failed with our error, then was killed by torchrun while it exited; rank 0 lost its peer
-    ({0: failure(75), 1: failure(-15, recorded=1)}, 1, None),
-    ({0: failure(-15), 1: failure(130, recorded=130)}, 130, None),
-    ({0: failure(2, recorded=2), 1: failure(2, recorded=2)}, 2, None),   # the same error on every rank
-    ({0: failure(-15), 1: failure(-9)}, 137, "rank 1 was killed by SIGKILL (the system may have run out of memory)"),
-    ({0: failure(75), 1: failure(-6)}, 134, "rank 1 was killed by SIGABRT,"),
-    ({0: failure(75), 1: failure(75)}, 1, "the ranks of this run lost contact with each other"),
-    ({0: failure(75, recorded=75), 1: failure(-15)}, 143, "rank 1 was killed by SIGTERM"),
-    ({0: failure(75, recorded=75, message="PeerStopped: rank 0 lost contact with the other ranks (NCCL error 2)"),
-      1: failure(75)}, 1, "rank 0 lost contact with the other ranks (NCCL error 2); the run folder keeps"),
-    ({0: failure(75), 1: failure(1)}, 1, None),  # a traceback: that rank has said why
+LOST = "rank 0 lost contact with the other ranks (Connection closed by peer)"
+
+
+@pytest.mark.parametrize("records, exit_codes, signum, code, says, rank", [
+    # rank 1 failed with our error and was then killed by torchrun while it exited; rank 0 lost its peer
+    ({0: record(0, 75, LOST), 1: record(1, 1, "the GPU ran out of memory", True)}, {0: 75, 1: -15}, None,
+     1, "the GPU ran out of memory", 1),
+    # Ctrl-C: both ranks stopped at the same step; rank 0's message says where the model is
+    ({0: record(0, 130, "interrupted; model in M"), 1: record(1, 130, "interrupted")}, {}, signal.SIGINT,
+     130, "interrupted; model in M", None),
+    ({0: record(0, 2, "bad option"), 1: record(1, 2, "bad option")}, {0: 2, 1: 2}, None, 2, "bad option", None),
+    ({}, {}, signal.SIGINT, 130, "training interrupted; the run folder keeps", None),   # before any rank recorded
+    ({}, {}, signal.SIGTERM, 143, "training was stopped by SIGTERM", None),
+    ({0: record(0, 75, LOST)}, {0: 75, 1: -9}, None, 137, "rank 1 was killed by SIGKILL (the system may have run out of memory)", None),
+    ({}, {0: -15, 1: -6}, None, 134, "rank 1 was killed by SIGABRT,", None),
+    ({}, {0: -15, 1: 1}, None, 1, None, None),  # a traceback, which that rank printed
+    ({0: record(0, 75, LOST), 1: record(1, 75, "rank 1 lost contact")}, {0: 75, 1: 75}, None, 1, LOST + "; the run folder", None),
+    ({}, {}, None, 0, None, None),
 ])
-def test_the_launcher_reports_the_rank_that_caused_the_end(failures, code, says):
-    outcome = outcome_of_failures(failures)
-    assert outcome.exit_code == code
-    assert (outcome.message is None) if says is None else says in outcome.message
+def test_the_launcher_names_the_one_cause(records, exit_codes, signum, code, says, rank):
+    outcome = decide_outcome(records, exit_codes, signum)
+    assert outcome.exit_code == code and outcome.rank == rank
+    assert (outcome.message is None) if says is None else outcome.message.startswith(says) or says in outcome.message
+
+
+def test_records_are_read_back_from_torchruns_error_files(tmp_path, monkeypatch):
+    error_file = tmp_path / "run_x" / "attempt_0" / "1" / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("RANK", "1")
+    error = FinetuneError("the GPU ran out of memory")
+    error.rank_specific = True
+    record_rank_error(error)
+    (tmp_path / "run_x" / "attempt_0" / "0").mkdir()
+    (tmp_path / "run_x" / "attempt_0" / "0" / "error.json").write_text('{"message": "torchrun\'s own"}')
+    assert read_records(tmp_path) == {1: RankRecord(1, 1, "the GPU ran out of memory", True)}
+    assert json.loads(error_file.read_text())["message"]["message"] == "FinetuneError: the GPU ran out of memory"

@@ -93,6 +93,19 @@ def test_cli_ctrl_c_exits_130_with_a_message(reference, tmp_path, monkeypatch):
     assert load_model(tmp_path / "train" / "model.safetensors").classes == ["cat", "dog", "fox"]
 
 
+def test_cli_ctrl_c_while_loading_weights_exits_130_with_one_line(reference, tmp_path, monkeypatch):
+    data, _ = reference
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "resolve_pretrained", interrupted)
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path), *FAST_TRAIN_ARGS])
+    assert result.exit_code == 130 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: training interrupted before its first epoch; nothing to resume: start it again."
+
+
 def test_cli_resume_of_a_finished_or_foreign_folder_is_refused(reference, tmp_path):
     _, ref = reference
     done = runner.invoke(app, ["train", "--resume", str(ref.run_dir)])

@@ -2,7 +2,8 @@
 
 Python imports `sitecustomize` at start-up, so every rank that torchrun starts applies the
 fault named by FINETUNE_TEST_FAULT before it trains. The launcher itself (no RANK) and
-processes without that variable are untouched.
+processes without that variable are untouched. With FINETUNE_TEST_REPORT set, each rank
+writes there how many optimizer steps it took in the fine-tuning stage.
 """
 
 import os
@@ -11,35 +12,59 @@ FAULT = os.environ.get("FINETUNE_TEST_FAULT")
 RANK = os.environ.get("RANK")
 
 if FAULT and RANK is not None:
+    import math
     import signal
+    import sys
+    from pathlib import Path
 
     import torch
 
     from finetune import data, train
 
     rank = int(RANK)
+    batch_size = int(sys.argv[sys.argv.index("--batch-size") + 1])
+    steps = {"finetune": 0, "counting": False, "items": 0}
     original_finetune = train._Session.finetune_whole_network
     original_record = train._Session.record_epoch
     original_getitem = data.ImageFileDataset.__getitem__
+    original_step = torch.optim.AdamW.step
 
     def finetune_with_fault(self, done):
         if FAULT == "oom-rank1" and rank == 1:
             raise torch.cuda.OutOfMemoryError("simulated: CUDA out of memory")
         if FAULT == "kill-rank1" and rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
-        return original_finetune(self, done)
+        steps["counting"] = True
+        try:
+            return original_finetune(self, done)
+        finally:
+            steps["counting"] = False
+            if os.environ.get("FINETUNE_TEST_REPORT"):
+                Path(os.environ["FINETUNE_TEST_REPORT"], f"steps.rank{rank}").write_text(str(steps["finetune"]))
 
     def record_with_fault(self, stage, *args, **kwargs):
         row = original_record(self, stage, *args, **kwargs)
         if FAULT == "ctrl-c" and rank == 0 and stage == train.FINETUNE:
-            os.killpg(os.getpgrp(), signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+            # What a terminal's Ctrl-C does: SIGINT to the foreground process group, which holds
+            # the launcher (torchrun starts each rank in a session of its own).
+            os.killpg(os.getpgid(os.getppid()), signal.SIGINT)
         return row
 
     def getitem_with_fault(self, i):
-        if FAULT == "undecodable-rank1" and rank == 1 and self.augment_all:  # stage 2's training images only
-            return i, "simulated: the file vanished after the first stage"
+        if FAULT == "first-batch-fails-rank1" and rank == 1 and self.augment_all:  # stage 2's training images only
+            per_epoch = math.ceil(len(self.paths) / int(os.environ["WORLD_SIZE"]))  # this rank's share
+            position = steps["items"] % per_epoch
+            steps["items"] += 1
+            if position < batch_size:
+                return i, "simulated: the file vanished after the first stage"
         return original_getitem(self, i)
+
+    def counted_step(self, *args, **kwargs):
+        if steps["counting"]:
+            steps["finetune"] += 1
+        return original_step(self, *args, **kwargs)
 
     train._Session.finetune_whole_network = finetune_with_fault
     train._Session.record_epoch = record_with_fault
     data.ImageFileDataset.__getitem__ = getitem_with_fault
+    torch.optim.AdamW.step = counted_step
