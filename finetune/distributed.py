@@ -27,6 +27,7 @@ class Dist:
     # Joined a process group: under torchrun, even with one process, so that `--devices 1`
     # runs the same code (DDP, collectives, NCCL) as several GPUs do.
     active: bool = False
+    one_machine: bool = True  # all ranks on this machine (what `train --devices N` starts)
 
     @property
     def is_main(self) -> bool:
@@ -93,7 +94,8 @@ def from_environment(device_name: str) -> tuple[Dist, str]:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
-    return Dist(rank, world, active=True), (f"cuda:{local_rank}" if use_cuda else "cpu")
+    one_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
+    return Dist(rank, world, active=True, one_machine=one_machine), (f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
 def shutdown(d: Dist) -> None:

@@ -221,7 +221,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
         with sigint_ignored():
             saved = session.save_best()
         where = f"; the best model so far is in {saved}" if saved else ""
-        again = (f" Continue with: finetune train --resume {run_dir}" if (run_dir / STATE_FILENAME).is_file()
+        same_processes = f" --devices {d.world}" if d.active and d.one_machine else ""
+        again = (f" Continue with: finetune train --resume {run_dir}{same_processes}" if (run_dir / STATE_FILENAME).is_file()
                  else " It stopped before its first epoch finished; start it again to continue.")
         raise TrainingInterrupted(f"training interrupted{where}.{again}") from None
     except torch.cuda.OutOfMemoryError:

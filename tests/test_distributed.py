@@ -154,7 +154,7 @@ def test_ctrl_c_stops_every_rank_then_resume_finishes(tmp_path):
     assert out.returncode == 130, out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "train"
     assert error_lines(out.stderr) == [f"error: training interrupted; the best model so far is in {run_dir / 'model.safetensors'}. "
-                                       f"Continue with: finetune train --resume {run_dir}"]
+                                       f"Continue with: finetune train --resume {run_dir} --devices 2"]
     assert "Traceback" not in out.stderr and out.stdout == ""
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 3 + 1  # head epochs, then one fine-tune epoch
 
