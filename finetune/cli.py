@@ -86,8 +86,8 @@ def fail(error: FinetuneError) -> typer.Exit:
     if rank is not None:  # a torchrun rank: its error also goes where torchrun and our launcher read it
         from .distributed import LAUNCHED_ENV, record_rank_error
 
-        record_rank_error(error)
-        if os.environ.get(LAUNCHED_ENV):  # under `train --devices`, the launcher prints the one cause
+        recorded = record_rank_error(error)
+        if recorded and os.environ.get(LAUNCHED_ENV):  # under `train --devices`, the launcher prints the one cause
             return typer.Exit(error.exit_code)
     if getattr(error, "silent", False):  # a rank stopped by another's failure, which that one reports
         pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -255,4 +256,11 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int | None, shuffle:
         dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
         collate_fn=collate_skipping_failures, pin_memory=pin_memory, generator=generator,
         persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=leave_ctrl_c_to_the_main_process if workers > 0 else None,
     )
+
+
+def leave_ctrl_c_to_the_main_process(_worker_id: int) -> None:
+    """Loader workers ignore SIGINT: the main process takes Ctrl-C (under torchrun, as a flag
+    checked between steps) and ends them; a worker killed by it would be an error of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

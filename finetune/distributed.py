@@ -124,24 +124,32 @@ LAUNCHED_ENV = "FINETUNE_LAUNCHED"
 RECORD_KEY = "finetune"
 
 
-def record_rank_error(error: FinetuneError) -> None:
+def record_rank_error(error: FinetuneError) -> bool:
     """Leave this rank's error where torchrun keeps a failed rank's story (TORCHELASTIC_ERROR_FILE).
 
     torchrun's own report reads the message from there, and `--devices`'s launcher reads our
     part (rank, exit code, message) to name the one cause whatever order the ranks end in.
+    Returns whether it was written.
     """
+    return record_rank_end(error.exit_code, str(error), bool(getattr(error, "rank_specific", False)),
+                           torchrun_message=f"{type(error).__name__}: {error}")
+
+
+def record_rank_end(exit_code: int, message: str, rank_specific: bool = False, torchrun_message: str = "") -> bool:
+    """How this rank ended, for the launcher (also a success: torchrun itself reads the file only on failure)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
-        return
-    record = {"message": {"message": f"{type(error).__name__}: {error}",
+        return False
+    record = {"message": {"message": torchrun_message or message,
                           "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))}},
-              RECORD_KEY: {"rank": int(os.environ.get("RANK", "0")), "exit_code": error.exit_code, "message": str(error),
-                           "rank_specific": bool(getattr(error, "rank_specific", False))}}
+              RECORD_KEY: {"rank": int(os.environ.get("RANK", "0")), "exit_code": exit_code, "message": message,
+                           "rank_specific": rank_specific}}
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(record))
-    except OSError:  # only a better report is lost
-        pass
+        return True
+    except OSError:
+        return False
 
 
 class DeferredInterrupt:

@@ -18,7 +18,7 @@ from pathlib import Path
 from .distributed import LAUNCHED_ENV, RECORD_KEY
 from .errors import PeerStopped, UsageError
 
-RESUME_HINT = "the run folder keeps its last completed epoch: finetune train --resume RUN_FOLDER continues it."
+RESUME_HINT = "a run folder with a completed epoch can be continued with finetune train --resume RUN_FOLDER."
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,9 @@ def decide_outcome(records: dict[int, RankRecord], exit_codes: dict[int, int], s
     rank's, when several had it: rank 0 knows where the model is), then how the launcher
     itself was stopped, then a rank's death by a signal, then a lost peer.
     """
-    own = [r for r in records.values() if r.exit_code != PeerStopped.exit_code]
+    if 0 in records and records[0].exit_code == 0:  # rank 0 finished the run (a late Ctrl-C did not stop it)
+        return LaunchOutcome(0)
+    own = [r for r in records.values() if r.exit_code not in (0, PeerStopped.exit_code)]
     if own:
         first = min(own, key=lambda r: r.rank)
         return LaunchOutcome(first.exit_code, first.message, first.rank if first.rank_specific else None)
@@ -121,8 +123,9 @@ def decide_outcome(records: dict[int, RankRecord], exit_codes: dict[int, int], s
             return LaunchOutcome(code)
         why = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""
         return LaunchOutcome(128 - code, f"rank {rank} was killed by {signal_name(-code)}{why}, so every rank was stopped; {RESUME_HINT}")
-    if records:  # every rank only lost the others
-        first = min(records.values(), key=lambda r: r.rank)
+    lost = [r for r in records.values() if r.exit_code == PeerStopped.exit_code]
+    if lost:  # every rank only lost the others
+        first = min(lost, key=lambda r: r.rank)
         return LaunchOutcome(1, f"{first.message}; {RESUME_HINT}")
     if exit_codes:
         return LaunchOutcome(1, f"the ranks of this run lost contact with each other; {RESUME_HINT}")

@@ -35,7 +35,7 @@ from .files import read_safetensors, write_csv, write_json
 from .config import MODEL_FILENAME, TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, count_per_class, make_loader, scan_dataset
 from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
-from .distributed import SINGLE, Dist, from_environment, interrupts_deferred, is_lost_peer, share_outcome, shutdown
+from .distributed import SINGLE, Dist, from_environment, interrupts_deferred, is_lost_peer, record_rank_end, share_outcome, shutdown
 from .errors import DataError, FinetuneError, PeerStopped, TrainingInterrupted, UsageError
 from .models import Classifier, build_classifier, get_arch, resolve_pretrained
 from .progress import Reporter
@@ -164,13 +164,20 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
     """
     d, device_name = from_environment(cfg.device)
     try:
-        return _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name)
-    except KeyboardInterrupt:  # before the training proper (scan, weights): nothing was saved yet
+        result = _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name)
+    except KeyboardInterrupt:  # while starting (scan, weights): the training loop handles its own
+        if cfg.resume is not None:
+            raise TrainingInterrupted(f"training interrupted before it went on; continue with: finetune train --resume {cfg.resume}") from None
         raise TrainingInterrupted("training interrupted before its first epoch; nothing to resume: start it again.") from None
     except Exception as e:
         if d.active and is_lost_peer(e):
-            raise PeerStopped(f"rank {d.rank} lost contact with the other ranks ({str(e).splitlines()[0]})") from None
+            first_line = (str(e).splitlines() or [type(e).__name__])[0]
+            raise PeerStopped(f"rank {d.rank} lost contact with the other ranks ({first_line})") from None
         raise
+    else:
+        if d.active and d.is_main:
+            record_rank_end(0, "finished")  # so that a Ctrl-C that came too late to stop it is not reported as one
+        return result
     finally:
         shutdown(d)
 
@@ -232,26 +239,35 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
         raise error from None
     if not d.is_main:
         return None
+    with sigint_ignored():  # training is over: a Ctrl-C now must not leave the run folder half-written
+        return finish_run(session, started, device, spec.name, pp, weights_source)
+
+
+def finish_run(session: _Session, started: float, device: torch.device, arch: str, pp: Preprocessing,
+               weights_source: str) -> TrainResult:
+    """Write the model, plots and results.json; then drop the training state (nothing left to resume)."""
+    split, run_dir = session.split, session.run_dir
     model_path = session.save_best()
     assert model_path is not None
     plots = session.save_plots()
-    (run_dir / STATE_FILENAME).unlink(missing_ok=True)  # finished: nothing left to resume
     counts = count_per_class(split.train, len(split.classes))
     result = TrainResult(
         run_dir=run_dir, model=model_path, best_val_acc=round(session.best_acc, 4), best_epoch=session.best_epoch,
         epochs=len(session.history), classes=split.classes, num_train=session.num_train, num_val=session.num_val,
-        skipped=split.skipped, device=str(device), seconds=round(time.perf_counter() - started, 2), arch=spec.name,
+        skipped=split.skipped, device=str(device), seconds=round(time.perf_counter() - started, 2), arch=arch,
         img_size=pp.img_size, weights=weights_source, layout=split.layout,
         class_counts=dict(zip(split.classes, counts)), imbalanced=is_imbalanced(counts),
         stopped_early=session.stopped_early, plots=[str(p) for p in plots], history=session.history,
     )
-    write_json(run_dir / "results.json", result.to_json_dict())
+    write_json(run_dir / "results.json", result.to_json_dict())  # first: with it, --resume says "finished"
+    (run_dir / STATE_FILENAME).unlink(missing_ok=True)
     return result
 
 
 @contextlib.contextmanager
 def sigint_ignored():
-    """Let the save after Ctrl-C finish, however often Ctrl-C is pressed again meanwhile."""
+    """Let a save finish when Ctrl-C is pressed (again) meanwhile. (Under `--devices`, torchrun
+    answers a second Ctrl-C by terminating the ranks; the files are still written atomically.)"""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
@@ -508,6 +524,8 @@ class _Session:
                 self.save_state(FINETUNE, epoch, optimizer, schedule, None)
                 if stop:
                     break
+                if epoch < cfg.finetune_epochs and self.d.any_of(interrupt.requested)[0]:  # a Ctrl-C during validation
+                    raise KeyboardInterrupt
 
     @torch.inference_mode()
     def gather_val_logits(self, loader, labels: torch.Tensor, mine: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,27 +149,32 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error")]
 
 
-def test_ctrl_c_stops_every_rank_then_resume_finishes(tmp_path):
-    out = run_with_fault(tmp_path, "ctrl-c")
+def test_ctrl_c_stops_every_rank_at_the_same_step_then_resume_finishes(tmp_path):
+    report = tmp_path / "report"
+    report.mkdir()
+    out = run_with_fault(tmp_path, "ctrl-c", "--finetune-epochs", "3", report=report)
     assert out.returncode == 130, out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "train"
     assert error_lines(out.stderr) == [f"error: training interrupted; the best model so far is in {run_dir / 'model.safetensors'}. "
                                        f"Continue with: finetune train --resume {run_dir} --devices 2"]
     assert "Traceback" not in out.stderr and out.stdout == ""
-    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 3 + 1  # head epochs, then one fine-tune epoch
+    steps = [int((report / f"steps.rank{r}").read_text()) for r in (0, 1)]
+    assert steps[0] == steps[1] >= 3  # both ranks stopped at the same step (2 steps per epoch here)
+    finished_epochs = len((run_dir / "metrics.csv").read_text().splitlines()) - 1
+    assert 3 + 1 <= finished_epochs < 3 + 3
 
     resumed = subprocess.run([sys.executable, "-m", "finetune", "train", "--resume", str(run_dir), "--devices", "2", "--json"],
                              capture_output=True, text=True, env=clean_env(), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout)
-    assert summary["epochs"] == 5 and [row.split(",")[1] for row in (run_dir / "metrics.csv").read_text().splitlines()[1:]] \
-        == ["head"] * 3 + ["finetune"] * 2
+    assert summary["epochs"] == 6 and [row.split(",")[1] for row in (run_dir / "metrics.csv").read_text().splitlines()[1:]] \
+        == ["head"] * 3 + ["finetune"] * 3
 
 
 @pytest.mark.parametrize("fault, code, message", [
     ("oom-rank1", 1, "error (rank 1): the GPU ran out of memory at --batch-size 8; start again with --batch-size 4."),
     ("kill-rank1", 137, "error: rank 1 was killed by SIGKILL (the system may have run out of memory), so every rank was "
-                        "stopped; the run folder keeps its last completed epoch: finetune train --resume RUN_FOLDER continues it."),
+                        "stopped; a run folder with a completed epoch can be continued with finetune train --resume RUN_FOLDER."),
 ])
 def test_a_rank_failing_mid_training_stops_every_rank_with_one_message(tmp_path, fault, code, message):
     out = run_with_fault(tmp_path, fault)
@@ -206,12 +211,13 @@ LOST = "rank 0 lost contact with the other ranks (Connection closed by peer)"
     ({0: record(0, 130, "interrupted; model in M"), 1: record(1, 130, "interrupted")}, {}, signal.SIGINT,
      130, "interrupted; model in M", None),
     ({0: record(0, 2, "bad option"), 1: record(1, 2, "bad option")}, {0: 2, 1: 2}, None, 2, "bad option", None),
-    ({}, {}, signal.SIGINT, 130, "training interrupted; the run folder keeps", None),   # before any rank recorded
+    ({}, {}, signal.SIGINT, 130, "training interrupted; a run folder with a completed epoch can be continued", None),
+    ({0: record(0, 0, "finished"), 1: record(1, 130, "interrupted")}, {}, signal.SIGINT, 0, None, None),  # too late to stop it
     ({}, {}, signal.SIGTERM, 143, "training was stopped by SIGTERM", None),
     ({0: record(0, 75, LOST)}, {0: 75, 1: -9}, None, 137, "rank 1 was killed by SIGKILL (the system may have run out of memory)", None),
     ({}, {0: -15, 1: -6}, None, 134, "rank 1 was killed by SIGABRT,", None),
     ({}, {0: -15, 1: 1}, None, 1, None, None),  # a traceback, which that rank printed
-    ({0: record(0, 75, LOST), 1: record(1, 75, "rank 1 lost contact")}, {0: 75, 1: 75}, None, 1, LOST + "; the run folder", None),
+    ({0: record(0, 75, LOST), 1: record(1, 75, "rank 1 lost contact")}, {0: 75, 1: 75}, None, 1, LOST + "; a run folder with", None),
     ({}, {}, None, 0, None, None),
 ])
 def test_the_launcher_names_the_one_cause(records, exit_codes, signum, code, says, rank):

@@ -25,7 +25,6 @@ if FAULT and RANK is not None:
     batch_size = int(sys.argv[sys.argv.index("--batch-size") + 1])
     steps = {"finetune": 0, "counting": False, "items": 0}
     original_finetune = train._Session.finetune_whole_network
-    original_record = train._Session.record_epoch
     original_getitem = data.ImageFileDataset.__getitem__
     original_step = torch.optim.AdamW.step
 
@@ -42,13 +41,6 @@ if FAULT and RANK is not None:
             if os.environ.get("FINETUNE_TEST_REPORT"):
                 Path(os.environ["FINETUNE_TEST_REPORT"], f"steps.rank{rank}").write_text(str(steps["finetune"]))
 
-    def record_with_fault(self, stage, *args, **kwargs):
-        row = original_record(self, stage, *args, **kwargs)
-        if FAULT == "ctrl-c" and rank == 0 and stage == train.FINETUNE:
-            # What a terminal's Ctrl-C does: SIGINT to the foreground process group, which holds
-            # the launcher (torchrun starts each rank in a session of its own).
-            os.killpg(os.getpgid(os.getppid()), signal.SIGINT)
-        return row
 
     def getitem_with_fault(self, i):
         if FAULT == "first-batch-fails-rank1" and rank == 1 and self.augment_all:  # stage 2's training images only
@@ -62,9 +54,12 @@ if FAULT and RANK is not None:
     def counted_step(self, *args, **kwargs):
         if steps["counting"]:
             steps["finetune"] += 1
+            if FAULT == "ctrl-c" and rank == 0 and steps["finetune"] == 3:  # mid-step, in the second epoch
+                # What a terminal's Ctrl-C does: SIGINT to the foreground process group, which holds
+                # the launcher (torchrun starts each rank in a session of its own).
+                os.killpg(os.getpgid(os.getppid()), signal.SIGINT)
         return original_step(self, *args, **kwargs)
 
     train._Session.finetune_whole_network = finetune_with_fault
-    train._Session.record_epoch = record_with_fault
     data.ImageFileDataset.__getitem__ = getitem_with_fault
     torch.optim.AdamW.step = counted_step
