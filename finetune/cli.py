@@ -145,7 +145,7 @@ def train(
     val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation when DATA has no val/ folder.")] = TRAIN.val_split,
     seed: Annotated[int, typer.Option(help="Seed for the split, augmentation and initialisation.")] = TRAIN.seed,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps (auto: CUDA, then MPS, then CPU).")] = TRAIN.device,
-    workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8; 0 loads in the main process).", show_default=False)] = TRAIN.workers,
+    workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8, shared among the ranks under torchrun; 0 loads in the main process).", show_default=False)] = TRAIN.workers,
     runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = TRAIN.runs_dir,
     name: Annotated[Optional[str], typer.Option(help="Run folder name (default 'train'; numbered if taken, never overwritten).", show_default=False)] = TRAIN.name,
     patience: Annotated[int, typer.Option(help="Early stopping: end a stage after N epochs without a better val accuracy (0: off).")] = TRAIN.patience,

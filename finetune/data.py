@@ -243,9 +243,14 @@ def collate_skipping_failures(batch):
 
 
 def default_workers() -> int:
-    """Leave a core for the main process, which does the maths."""
+    """Leave a core for the main process, which does the maths.
+
+    Under torchrun the machine's cores are shared by its ranks (LOCAL_WORLD_SIZE of them):
+    8 ranks on 16 cores each get one worker, not seven.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cores // ranks_here - 1))
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int | None, shuffle: bool = False, pin_memory: bool = False,

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data import scan_dataset, stratified_split
+from finetune.data import default_workers, scan_dataset, stratified_split
 from finetune.errors import DataError
 
 from conftest import FAST_TRAIN_ARGS, make_class_tree, make_image, tree_hashes
@@ -169,3 +169,13 @@ def test_an_unreadable_folder_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(data_module, "walk_files", denied)  # as for a folder without read permission (root reads all)
     result = train_cli(data, tmp_path / "runs")
     assert result.exit_code == 1 and f"{data / 'cat'}: permission denied" in result.stderr
+
+
+@pytest.mark.parametrize("cores, ranks_here, expected", [(16, None, 8), (16, "4", 3), (16, "8", 1), (2, None, 1), (2, "2", 1)])
+def test_loader_workers_share_the_cores_with_the_other_ranks(monkeypatch, cores, ranks_here, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if ranks_here is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks_here)
+    assert default_workers() == expected
