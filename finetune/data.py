@@ -18,6 +18,7 @@ from .errors import DataError
 from .images import ImageDecodeError, is_candidate_image, load_rgb
 
 VAL_FOLDER_NAMES = ("val", "valid", "validation")
+SPLIT_FOLDER_NAMES = ("test", *VAL_FOLDER_NAMES)  # held-out folders: never classes
 IGNORED_NAMES = frozenset({"__MACOSX", "__pycache__", "Thumbs.db", "desktop.ini"})
 
 
@@ -84,7 +85,9 @@ def walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, others
 
 
-def _scan_class_tree(folder: Path, classes: list[str], skipped: list[dict]) -> list[Sample]:
+def scan_class_tree(folder: Path, classes: list[str], skipped: list[dict]) -> list[Sample]:
+    """The images under folder/<class>/, labelled by their index in `classes` (a missing folder
+    gives none); other files go to `skipped`."""
     samples = []
     for label, name in enumerate(classes):
         images, others = walk_files(folder / name)
@@ -93,8 +96,8 @@ def _scan_class_tree(folder: Path, classes: list[str], skipped: list[dict]) -> l
     return samples
 
 
-def find_val_folder(data: Path) -> Path | None:
-    for name in VAL_FOLDER_NAMES:
+def find_val_folder(data: Path, names: tuple[str, ...] = VAL_FOLDER_NAMES) -> Path | None:
+    for name in names:
         if (data / name).is_dir():
             return data / name
     return None
@@ -117,14 +120,14 @@ def _scan(data: Path, val_split: float, seed: int) -> DatasetSplit:
     train_root = data / "train" if (data / "train").is_dir() else data
     val_root = find_val_folder(data) if train_root != data else None
     classes = [p.name for p in class_folders(train_root)]
-    split_names = [c for c in classes if c in (*VAL_FOLDER_NAMES, "test")]
+    split_names = [c for c in classes if c in SPLIT_FOLDER_NAMES]
     if train_root == data and split_names:
         raise DataError(f"{data / split_names[0]}: a '{split_names[0]}' folder next to class folders, but no {data / 'train'} folder. "
                         f"Put the class folders into {data / 'train'}, or rename '{split_names[0]}' if it really is a class.")
     if len(classes) < 2:
         found = f"only '{classes[0]}'" if classes else "none"
         raise DataError(f"{train_root}: need at least 2 class folders (e.g. {train_root}/cats/, {train_root}/dogs/), found {found}.")
-    train = _scan_class_tree(train_root, classes, skipped)
+    train = scan_class_tree(train_root, classes, skipped)
     _require_every_class(train, classes, train_root)
     if val_root is not None:
         val_classes = [p.name for p in class_folders(val_root)]
@@ -134,7 +137,7 @@ def _scan(data: Path, val_split: float, seed: int) -> DatasetSplit:
             detail = "; ".join(x for x in (f"missing in val: {', '.join(missing)}" if missing else "",
                                            f"not in train: {', '.join(extra)}" if extra else "") if x)
             raise DataError(f"{val_root}: val class folders differ from {train_root} ({detail}). Make both hold the same class folders.")
-        val = _scan_class_tree(val_root, classes, skipped)
+        val = scan_class_tree(val_root, classes, skipped)
         return DatasetSplit(classes, train, val, "train/val folders", skipped)
     train, val = stratified_split(train, len(classes), val_split, seed)
     if not val:

@@ -164,9 +164,9 @@ def interrupts_deferred(d: Dist):
     """Under torchrun, a rank must not stop in the middle of a step: its peers would wait in
     that step's all-reduce (with NCCL, a rank waiting on the GPU cannot even take the signal).
     So the first SIGINT only sets a flag that every rank checks at the same step; a second
-    one interrupts at once. Outside torchrun (or off the main thread) Ctrl-C is left alone."""
+    one interrupts at once. Outside torchrun Ctrl-C is left alone."""
     flag = DeferredInterrupt()
-    if not d.active or threading.current_thread() is not threading.main_thread():
+    if not d.active:
         yield flag
         return
 
@@ -175,9 +175,20 @@ def interrupts_deferred(d: Dist):
             raise KeyboardInterrupt
         flag.requested = True
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
+    with sigint_handler(on_sigint):
         yield flag
+
+
+@contextlib.contextmanager
+def sigint_handler(handler):
+    """SIGINT goes to `handler` within the block. Only the main thread may set handlers;
+    elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
 

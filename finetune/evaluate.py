@@ -6,23 +6,17 @@ from pathlib import Path
 
 from .checkpoint import LoadedModel
 from .config import PredictConfig
-from .data import class_folders, walk_files
+from .data import SPLIT_FOLDER_NAMES, class_folders, find_val_folder, scan_class_tree
 from .errors import DataError
 from .predict import iter_probabilities
 from .progress import Reporter
 from .report import classification_report
 
-EVAL_FOLDER_NAMES = ("test", "val", "valid", "validation")
-
-
 def find_eval_root(data: Path) -> Path:
     """DATA/test or DATA/val (first found), else DATA itself as a folder of class folders."""
     if not data.is_dir():
         raise DataError(f"{data}: no such folder. Give a folder of class folders, or one with a test/ or val/ folder.")
-    for name in EVAL_FOLDER_NAMES:
-        if (data / name).is_dir():
-            return data / name
-    return data
+    return find_val_folder(data, SPLIT_FOLDER_NAMES) or data
 
 
 def labelled_images(root: Path, classes: list[str]) -> tuple[list[Path], list[int], list[dict]]:
@@ -33,15 +27,11 @@ def labelled_images(root: Path, classes: list[str]) -> tuple[list[Path], list[in
     unknown = [c for c in folders if c not in classes]
     if unknown:
         raise DataError(f"{root}: class folders the model does not know: {', '.join(unknown)} (the model knows: {', '.join(classes)}). Remove them or use the right --model.")
-    paths, labels, skipped = [], [], []
-    for name in folders:
-        images, others = walk_files(root / name)
-        paths.extend(images)
-        labels.extend([classes.index(name)] * len(images))
-        skipped.extend({"path": str(p), "reason": "not an image file"} for p in others)
-    if not paths:
+    skipped: list[dict] = []
+    samples = scan_class_tree(root, classes, skipped)
+    if not samples:
         raise DataError(f"{root}: the class folders hold no images.")
-    return paths, labels, skipped
+    return [s.path for s in samples], [s.label for s in samples], skipped
 
 
 def evaluate(data: Path, loaded: LoadedModel, cfg: PredictConfig, reporter: Reporter | None = None) -> dict:

@@ -13,13 +13,11 @@ as they were.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import random
 import signal
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +33,8 @@ from .files import read_safetensors, write_csv, write_json
 from .config import MODEL_FILENAME, TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, count_per_class, make_loader, scan_dataset
 from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
-from .distributed import SINGLE, Dist, from_environment, interrupts_deferred, is_lost_peer, record_rank_end, share_outcome, shutdown
+from .distributed import (SINGLE, Dist, from_environment, interrupts_deferred, is_lost_peer, record_rank_end, share_outcome,
+                          shutdown, sigint_handler)
 from .errors import DataError, FinetuneError, PeerStopped, TrainingInterrupted, UsageError
 from .models import Classifier, build_classifier, get_arch, resolve_pretrained
 from .progress import Reporter
@@ -264,18 +263,10 @@ def finish_run(session: _Session, started: float, device: torch.device, arch: st
     return result
 
 
-@contextlib.contextmanager
 def sigint_ignored():
     """Let a save finish when Ctrl-C is pressed (again) meanwhile. (Under `--devices`, torchrun
     answers a second Ctrl-C by terminating the ranks; the files are still written atomically.)"""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    return sigint_handler(signal.SIG_IGN)
 
 
 class _Session:
