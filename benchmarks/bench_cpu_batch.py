@@ -1,4 +1,4 @@
-"""Inference throughput by batch size: why CPU inference runs in chunks of CPU_INFERENCE_CHUNK.
+"""Inference throughput by batch size: why CPU inference runs in chunks sized by CPU_CHUNK_PIXELS.
 
     python benchmarks/bench_cpu_batch.py [--arch efficientnet_lite0] [--sizes 4 8 16 32 64 128]
 

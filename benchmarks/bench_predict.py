@@ -71,7 +71,7 @@ def main() -> None:
         cfg = PredictConfig(inputs=[tmp], model=args.model, batch_size=args.batch_size)
         items = expand_inputs(cfg.inputs)
         started = time.perf_counter()
-        count = sum(1 for p in predict(cfg, items, load_model(args.model)) if p.error is None)
+        count = sum(1 for p in predict(cfg, items, loaded) if p.error is None)
         in_process = count / (time.perf_counter() - started)
         started = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "finetune", "predict", tmp, "--model", str(args.model), "--format", "jsonl", "--quiet"],

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from finetune.config import TrainConfig
 from finetune.data import scan_dataset
 from finetune.images import load_rgb
 
@@ -68,7 +69,7 @@ def main() -> None:
             paths = [s.path for s in split.train + split.val]
             started = time.perf_counter()
             for p in paths:
-                load_rgb(p, 89_478_485)
+                load_rgb(p, TrainConfig().max_pixels)
             decode_s = time.perf_counter() - started
             wall, rss, summary = child_peak_rss_mb([
                 sys.executable, "-m", "finetune", "train", str(data), "--arch", "efficientnet_lite0", "--img-size", "64",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from .checkpoint import LoadedModel
-from .files import atomic_write_text
+from .files import atomic_target, write_json
 from .errors import FinetuneError, UsageError
 
 FORMATS = ("onnx", "torchscript")
@@ -80,19 +79,13 @@ def export_model(loaded: LoadedModel, fmt: str, out: Path | None = None) -> Expo
     images = check_images(size)
     with torch.no_grad():
         expected = wrapper(images)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        # Written to a temp file and verified there: only a verified export replaces `out`.
+    with atomic_target(out) as tmp:  # written and verified there: only a verified export replaces `out`
         actual = (_export_onnx if fmt == "onnx" else _export_torchscript)(wrapper, size, tmp, images)
         diff = float((torch.as_tensor(actual) - expected).abs().max())
         if not diff <= TOLERANCE:
             raise FinetuneError(f"{out}: the export differs from the PyTorch model by {diff:.2e} (more than {TOLERANCE:g}); it was not written.")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     sidecar = out.with_name(out.name + ".json")
-    atomic_write_text(sidecar, json.dumps(sidecar_dict(loaded, fmt, diff), indent=2) + "\n")
+    write_json(sidecar, sidecar_dict(loaded, fmt, diff))
     return ExportResult(out, sidecar, fmt, diff)
 
 

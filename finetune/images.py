@@ -11,8 +11,8 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 PLUGIN_EXTENSIONS = {".heic": "pillow-heif", ".heif": "pillow-heif", ".avif": "pillow-avif-plugin"}
-BACKGROUND = (255, 255, 255)
-MAX_ASPECT = 100  # transparent pixels are composited on white, as viewers show them
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as viewers show them
+MAX_ASPECT = 100  # longer side / shorter side beyond which an image is skipped (banners, strips)
 
 # The exceptions Pillow's own fuzzing harness accepts from a decoder, plus the bomb error.
 DECODE_ERRORS = (

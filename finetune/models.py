@@ -157,13 +157,9 @@ def resolve_pretrained(spec: ArchSpec, weights_file: Path | None) -> tuple[dict,
     """
     if weights_file is not None:
         return read_weights_file(weights_file), str(weights_file)
-    if spec.packaged_weights is not None:
-        path = spec.packaged_weights()
-        return read_weights_file(path), str(path)
-    for url in spec.weight_urls:
-        cached = hub_checkpoint_dir() / url_filename(url)
-        if cached.is_file():
-            return read_weights_file(cached), str(cached)
+    local = local_weights_path(spec)
+    if local is not None:
+        return read_weights_file(local), str(local)
     url = spec.weight_urls[0]
     try:
         state = download_state_dict(url)
@@ -241,19 +237,25 @@ def backbone_parameter_count(spec: ArchSpec) -> int:
     return sum(p.numel() for p in backbone.parameters())
 
 
-def offline_weights(spec: ArchSpec) -> str | None:
-    """Where pretrained weights are available without a network right now, or None."""
+def local_weights_path(spec: ArchSpec) -> Path | None:
+    """The weights file on this machine: the package that ships them (WeightsError when it is
+    not installed), else torchvision's hub cache; None when only a download would do."""
     if spec.packaged_weights is not None:
-        try:
-            path = spec.packaged_weights()
-        except WeightsError:
-            return None
-        return str(path) if path.is_file() else None
+        return spec.packaged_weights()
     for url in spec.weight_urls:
         cached = hub_checkpoint_dir() / url_filename(url)
         if cached.is_file():
-            return str(cached)
+            return cached
     return None
+
+
+def offline_weights(spec: ArchSpec) -> str | None:
+    """Where pretrained weights are available without a network right now, or None."""
+    try:
+        path = local_weights_path(spec)
+    except WeightsError:
+        return None
+    return str(path) if path is not None and path.is_file() else None
 
 
 def list_archs() -> list[dict]:

@@ -76,7 +76,7 @@ def _pyplot():
 
 
 def plot_curves(history: list[dict], path: Path) -> Path:
-    return _save(curves_figure(history), path, _pyplot())
+    return _save(curves_figure(history), path)
 
 
 def curves_figure(history: list[dict]):
@@ -115,16 +115,16 @@ def plot_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path, t
             for p in range(n):
                 ax.text(p, t, str(cm[t][p]), ha="center", va="center", color="white" if cm[t][p] > top / 2 else "black")
     fig.tight_layout()
-    return _save(fig, path, plt)
+    return _save(fig, path)
 
 
-def _save(fig, path: Path, plt) -> Path:
+def _save(fig, path: Path) -> Path:
     import io
 
     from .files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path

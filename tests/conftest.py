@@ -71,8 +71,3 @@ def tree_hashes(root: Path) -> dict[str, str]:
 # Small, fast settings for training in tests: offline Lite0 weights, tiny crops.
 FAST_TRAIN_ARGS = ["--arch", "efficientnet_lite0", "--img-size", "64", "--epochs", "3", "--views", "2",
                    "--workers", "0", "--batch-size", "8", "--quiet"]
-
-
-@pytest.fixture
-def runs_dir(tmp_path) -> Path:
-    return tmp_path / "runs"
