@@ -34,9 +34,10 @@ class LoadedModel:
         return Preprocessing.from_dict(self.meta["preprocessing"])
 
 
-def save_model(path: Path, model: torch.nn.Module, meta: dict) -> None:
+def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
+    """A model file from a classifier's state dict (on any device) and its metadata."""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
 
 

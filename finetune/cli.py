@@ -89,11 +89,11 @@ def fail(error: FinetuneError) -> typer.Exit:
         recorded = record_rank_error(error)
         if recorded and os.environ.get(LAUNCHED_ENV):  # under `train --devices`, the launcher prints the one cause
             return typer.Exit(error.exit_code)
-    if getattr(error, "silent", False):  # a rank stopped by another's failure, which that one reports
+    if error.silent:  # a rank stopped by another's failure, which that one reports
         pass
     elif rank in (None, "0"):
         say_error(str(error))
-    elif getattr(error, "rank_specific", False):  # under torchrun most errors are the same on every rank
+    elif error.rank_specific:  # under torchrun most errors are the same on every rank
         say_error(str(error), rank)
     return typer.Exit(error.exit_code)
 

@@ -54,21 +54,17 @@ class Dist:
 
     def any_of(self, *flags: bool) -> list[bool]:
         """For each flag: whether it is set on any rank (one small all-reduce)."""
-        if not self.active:
-            return list(flags)
-        t = torch.tensor([float(f) for f in flags])
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [v > 0 for v in t.cpu().tolist()]
+        return [v > 0 for v in self._all_reduce([float(f) for f in flags], dist.ReduceOp.MAX)] if self.active else list(flags)
 
     def sum(self, *values: float) -> list[float]:
-        if not self.active:
-            return list(values)
+        return self._all_reduce(list(values), dist.ReduceOp.SUM) if self.active else list(values)
+
+    @staticmethod
+    def _all_reduce(values: list[float], op) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
-        if dist.get_backend() == "nccl":
+        if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
             t = t.cuda()
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
         return t.cpu().tolist()
 
 
@@ -131,7 +127,7 @@ def record_rank_error(error: FinetuneError) -> bool:
     part (rank, exit code, message) to name the one cause whatever order the ranks end in.
     Returns whether it was written.
     """
-    return record_rank_end(error.exit_code, str(error), bool(getattr(error, "rank_specific", False)),
+    return record_rank_end(error.exit_code, str(error), error.rank_specific,
                            torchrun_message=f"{type(error).__name__}: {error}")
 
 

@@ -5,6 +5,10 @@ class FinetuneError(Exception):
     """A problem the user can fix: the message names the file and the fix."""
 
     exit_code = 1
+    # Under torchrun most errors happen alike on every rank and rank 0 tells them; these
+    # two say otherwise: one rank's own problem, or a rank stopped by another's failure.
+    rank_specific = False
+    silent = False
 
 
 class UsageError(FinetuneError):
@@ -31,6 +35,12 @@ class TrainingInterrupted(FinetuneError):
     """Training stopped early (Ctrl-C); the last good files are still on disk."""
 
     exit_code = 130
+
+
+class GpuOutOfMemory(FinetuneError):
+    """One GPU may run out while the others do not."""
+
+    rank_specific = True
 
 
 class PeerStopped(FinetuneError):

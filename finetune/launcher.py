@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .distributed import LAUNCHED_ENV, RECORD_KEY
-from .errors import PeerStopped, UsageError
+from .errors import PeerStopped
 
 RESUME_HINT = "a run folder with a completed epoch can be continued with finetune train --resume RUN_FOLDER."
 
@@ -40,8 +40,6 @@ class RankRecord:
 
 def torchrun_args(devices: int, argv: list[str], log_dir: str | None = None) -> list[str]:
     """torchrun's arguments for `finetune train --devices N ...` on this machine."""
-    if devices < 1:
-        raise UsageError(f"--devices must be at least 1 (got {devices}).")
     logs = ["--log-dir", log_dir] if log_dir else []
     return ["--standalone", f"--nproc-per-node={devices}", *logs, "-m", "finetune", "train", *argv]
 

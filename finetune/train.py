@@ -35,7 +35,7 @@ from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, count_p
 from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
 from .distributed import (SINGLE, Dist, from_environment, interrupts_deferred, is_lost_peer, record_rank_end, share_outcome,
                           shutdown, sigint_handler)
-from .errors import DataError, FinetuneError, PeerStopped, TrainingInterrupted, UsageError
+from .errors import DataError, GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError
 from .models import Classifier, build_classifier, get_arch, resolve_pretrained
 from .progress import Reporter
 
@@ -226,16 +226,15 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     except KeyboardInterrupt:
         with sigint_ignored():
             saved = session.save_best()
+            session.save_metrics()
         where = f"; the best model so far is in {saved}" if saved else ""
         same_processes = f" --devices {d.world}" if d.active and d.one_machine else ""
         again = (f" Continue with: finetune train --resume {run_dir}{same_processes}" if (run_dir / STATE_FILENAME).is_file()
                  else " It stopped before its first epoch finished; start it again to continue.")
         raise TrainingInterrupted(f"training interrupted{where}.{again}") from None
     except torch.cuda.OutOfMemoryError:
-        error = FinetuneError(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; "
-                              f"start again with --batch-size {max(1, cfg.batch_size // 2)}.")
-        error.rank_specific = True  # one GPU may run out while the others do not
-        raise error from None
+        raise GpuOutOfMemory(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; "
+                             f"start again with --batch-size {max(1, cfg.batch_size // 2)}.") from None
     if not d.is_main:
         return None
     with sigint_ignored():  # training is over: a Ctrl-C now must not leave the run folder half-written
@@ -248,6 +247,7 @@ def finish_run(session: _Session, started: float, device: torch.device, arch: st
     split, run_dir = session.split, session.run_dir
     model_path = session.save_best()
     assert model_path is not None
+    session.save_metrics()
     plots = session.save_plots()
     counts = count_per_class(split.train, len(split.classes))
     result = TrainResult(
@@ -281,6 +281,7 @@ class _Session:
         self.history: list[dict] = []
         self.best_acc, self.best_loss, self.best_epoch = -1.0, math.inf, 0
         self.best_state: dict | None = None
+        self.saved_best_epoch: int | None = None  # the epoch whose model is in the model file
         self.num_train = self.num_val = 0
         self.resumed: tuple[dict, dict, dict] | None = None  # (tensors, optimizer state, info)
         self.best_val_pred: torch.Tensor | None = None  # val predictions of the best epoch
@@ -320,6 +321,8 @@ class _Session:
         train, train_feats = self.extract_sharded(self.split.train, cfg.views, "Features (train)")
         val, val_feats = self.extract_sharded(self.split.val, 1, "Features (val)")
         self.set_clean_samples(train, val)
+        if self.d.is_main:  # the bad-file check is done: the list is final
+            write_csv(self.run_dir / "skipped.csv", self.split.skipped, ["path", "reason"])
         train_labels = torch.tensor([s.label for s in train])
         val_labels = torch.tensor([s.label for s in val])
         return train_feats, train_labels, val_feats[:, 0], val_labels
@@ -556,15 +559,18 @@ class _Session:
         return row
 
     def save_best(self) -> Path | None:
+        """The model file of the best epoch (written only when that epoch changed)."""
         if self.best_state is None or not self.d.is_main:
             return None
-        best_model = copy.deepcopy(self.model).cpu()
-        best_model.load_state_dict(self.best_state)
         path = self.run_dir / MODEL_FILENAME
-        save_model(path, best_model, self.metadata())
-        write_csv(self.run_dir / "metrics.csv", self.history, METRIC_FIELDS)
-        write_csv(self.run_dir / "skipped.csv", self.split.skipped, ["path", "reason"])
+        if self.saved_best_epoch != self.best_epoch:
+            save_model(path, self.best_state, self.metadata())
+            self.saved_best_epoch = self.best_epoch
         return path
+
+    def save_metrics(self) -> None:
+        if self.d.is_main:
+            write_csv(self.run_dir / "metrics.csv", self.history, METRIC_FIELDS)
 
     def save_plots(self) -> list[Path]:
         """curves.png (loss/accuracy per epoch) and confusion_matrix.png (best epoch, val)."""
@@ -604,7 +610,7 @@ class _Session:
             "files_digest": self.files_digest,
         }
         save_training_state(self.run_dir / STATE_FILENAME, tensors, optimizer, info)
-        write_csv(self.run_dir / "metrics.csv", self.history, METRIC_FIELDS)
+        self.save_metrics()
 
     def restore(self) -> tuple[str, int]:
         """Load the training state; returns (stage, epochs completed in that stage)."""
@@ -630,6 +636,7 @@ class _Session:
         else:
             best_tensors, _ = read_safetensors(self.run_dir / MODEL_FILENAME)
             self.best_state = {k: v.to(self.device) for k, v in best_tensors.items()}
+            self.saved_best_epoch = self.best_epoch  # that is the file it was just read from
             skipped = {s["path"] for s in info["skipped"]}
             self.split.skipped = info["skipped"]
             self.set_clean_samples([s for s in self.split.train if str(s.path) not in skipped],

@@ -28,7 +28,7 @@ def saved(tmp_path):
     torch.manual_seed(0)
     model = build_classifier(get_arch("efficientnet_lite0"), 3).eval()
     path = tmp_path / "model.safetensors"
-    save_model(path, model, meta())
+    save_model(path, model.state_dict(), meta())
     return model, path
 
 
@@ -51,7 +51,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(saved, monkeypatch):
 
     monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(OSError):
-        save_model(path, model, meta(classes=("x", "y", "z")))
+        save_model(path, model.state_dict(), meta(classes=("x", "y", "z")))
     assert path.read_bytes() == original
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
@@ -73,7 +73,7 @@ def test_foreign_safetensors_is_refused(tmp_path):
 def test_metadata_that_disagrees_with_the_tensors_is_refused(tmp_path):
     model = build_classifier(get_arch("efficientnet_lite0"), 3)
     path = tmp_path / "m.safetensors"
-    save_model(path, model, meta(classes=("a", "b")))
+    save_model(path, model.state_dict(), meta(classes=("a", "b")))
     with pytest.raises(ModelFileError, match="lists 2 classes but the tensors hold a head for 3"):
         load_model(path)
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.distributed import record_rank_error
-from finetune.errors import FinetuneError
+from finetune.errors import GpuOutOfMemory
 from finetune.launcher import RankRecord, decide_outcome, read_records, strip_devices_option, torchrun_args
 
 from conftest import CLASS_COLOURS, make_image, make_train_val, tree_hashes
@@ -230,10 +230,8 @@ def test_records_are_read_back_from_torchruns_error_files(tmp_path, monkeypatch)
     error_file = tmp_path / "run_x" / "attempt_0" / "1" / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     monkeypatch.setenv("RANK", "1")
-    error = FinetuneError("the GPU ran out of memory")
-    error.rank_specific = True
-    record_rank_error(error)
+    record_rank_error(GpuOutOfMemory("the GPU ran out of memory"))
     (tmp_path / "run_x" / "attempt_0" / "0").mkdir()
     (tmp_path / "run_x" / "attempt_0" / "0" / "error.json").write_text('{"message": "torchrun\'s own"}')
     assert read_records(tmp_path) == {1: RankRecord(1, 1, "the GPU ran out of memory", True)}
-    assert json.loads(error_file.read_text())["message"]["message"] == "FinetuneError: the GPU ran out of memory"
+    assert json.loads(error_file.read_text())["message"]["message"] == "GpuOutOfMemory: the GPU ran out of memory"
