@@ -52,6 +52,13 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_in_order(self, indices: list[int], rows: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """Every rank's rows (rows[k] belongs to indices[k]), on every rank, sorted by index."""
+        parts = self.all_gather((indices, rows))
+        all_indices = [i for part in parts for i in part[0]]
+        order = sorted(range(len(all_indices)), key=all_indices.__getitem__)
+        return [all_indices[j] for j in order], torch.cat([part[1] for part in parts])[order]
+
     def any_of(self, *flags: bool) -> list[bool]:
         """For each flag: whether it is set on any rank (one small all-reduce)."""
         return [v > 0 for v in self._all_reduce([float(f) for f in flags], dist.ReduceOp.MAX)] if self.active else list(flags)

@@ -362,14 +362,11 @@ class _Session:
         """Features of `samples`, each rank computing its own share; every image is decoded once in all."""
         mine = self.d.shard(list(range(len(samples))))
         kept, feats, failed = self.extract_features([samples[i] for i in mine], views, description)
-        parts = self.d.all_gather(([mine[i] for i in kept], feats, [(mine[i], reason) for i, reason in failed]))
-        kept_all = [i for part in parts for i in part[0]]
-        feats_all = torch.cat([part[1] for part in parts])
-        for i, reason in sorted(f for part in parts for f in part[2]):
+        kept_all, feats_all = self.d.gather_in_order([mine[i] for i in kept], feats)
+        for i, reason in sorted(f for part in self.d.all_gather([(mine[i], reason) for i, reason in failed]) for f in part):
             self.split.skipped.append({"path": str(samples[i].path), "reason": reason})
             self.reporter.warn(f"skipped {samples[i].path}: {reason}")
-        order = sorted(range(len(kept_all)), key=kept_all.__getitem__)
-        return [samples[kept_all[j]] for j in order], feats_all[order]
+        return [samples[i] for i in kept_all], feats_all
 
     @torch.inference_mode()
     def extract_features(self, samples: list[Sample], views: int, description: str) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
@@ -446,7 +443,8 @@ class _Session:
     def finetune_whole_network(self, done: int) -> None:
         cfg, model = self.cfg, self.model
         train_ds = ImageFileDataset([s.path for s in self.split.train], self.pp, cfg.max_pixels, views=1, augment_all=True)
-        val_ds = ImageFileDataset([s.path for s in self.split.val], self.pp, cfg.max_pixels, views=1)
+        val_mine = self.d.shard(list(range(len(self.split.val))))  # each rank validates its share
+        val_ds = ImageFileDataset([self.split.val[i].path for i in val_mine], self.pp, cfg.max_pixels, views=1)
         labels = torch.tensor([s.label for s in self.split.train])
         val_labels = torch.tensor([s.label for s in self.split.val])
         pin = self.device.type == "cuda"
@@ -456,8 +454,6 @@ class _Session:
         net = model
         if self.d.active:  # DDP averages the gradients (and syncs the weights at the start)
             net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        val_mine = self.d.shard(list(range(len(val_ds))))
-        val_ds.paths = [val_ds.paths[i] for i in val_mine]
         train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed, sampler=sampler)
         val_loader = make_loader(val_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed)
         steps_per_epoch = max(1, len(train_loader))
@@ -532,10 +528,8 @@ class _Session:
             with autocast(self.device, self.amp):
                 outs.append(forward_in_chunks(self.model, to_model_input(batch[:, 0], self.device), self.device).float().cpu())
             idx.extend(mine[i] for i in indices)
-        parts = self.d.all_gather((idx, torch.cat(outs) if outs else torch.empty(0, len(self.split.classes))))
-        all_idx = [i for part in parts for i in part[0]]
-        logits = torch.cat([part[1] for part in parts])[sorted(range(len(all_idx)), key=all_idx.__getitem__)]
-        return logits.to(self.device), labels[sorted(all_idx)].to(self.device)
+        all_idx, logits = self.d.gather_in_order(idx, torch.cat(outs) if outs else torch.empty(0, len(self.split.classes)))
+        return logits.to(self.device), labels[all_idx].to(self.device)
 
     # -- bookkeeping --------------------------------------------------------------------
     def record_epoch(self, stage: str, n_images: int, train_loss: float, train_acc: float,
