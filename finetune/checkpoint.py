@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 
 from .config import MODEL_FILENAME
 from .data import Preprocessing
 from .errors import ModelFileError, UsageError
-from .files import FORMAT, METADATA_KEY, atomic_write_bytes, read_safetensors
+from .files import FORMAT, read_safetensors, write_safetensors
 from .models import model_from_state
 
 FORMAT_VERSION = 1
@@ -36,9 +33,7 @@ class LoadedModel:
 
 def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
     """A model file from a classifier's state dict (on any device) and its metadata."""
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
+    write_safetensors(path, state, {"format": FORMAT, "format_version": FORMAT_VERSION, **meta})
 
 
 def load_model(path: Path) -> LoadedModel:
@@ -123,24 +118,24 @@ def save_training_state(path: Path, tensors: dict[str, torch.Tensor], optimizer:
     flattened to `optim.<param>.<name>`, its hyper-parameters go into the JSON metadata.
     """
     opt = optimizer.state_dict()
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    flat = dict(tensors)
     for param_id, param_state in opt["state"].items():
         for name, value in param_state.items():
-            flat[f"optim.{param_id}.{name}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
-    info = {**info, "optimizer_param_groups": opt["param_groups"]}
-    atomic_write_bytes(path, safetensors_bytes(flat, metadata={STATE_KEY: json.dumps(info)}))
+            flat[f"optim.{param_id}.{name}"] = torch.as_tensor(value)
+    write_safetensors(path, flat, {**info, "optimizer_param_groups": opt["param_groups"]}, STATE_KEY)
 
 
 def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """-> (named tensors without optimizer entries, optimizer state dict, info)."""
     if not path.is_file():
         raise UsageError(f"{path.parent}: nothing to resume (no {path.name}); a run can be resumed after its first epoch, until it finishes.")
+    damaged = ModelFileError(f"{path}: training state is damaged; it cannot be resumed. Start a new run.")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            info = json.loads((f.metadata() or {})[STATE_KEY])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError):
-        raise ModelFileError(f"{path}: training state is damaged; it cannot be resumed. Start a new run.") from None
+        tensors, info = read_safetensors(path, STATE_KEY)
+    except ModelFileError:
+        raise damaged from None
+    if "optimizer_param_groups" not in info:
+        raise damaged
     state: dict[int, dict] = {}
     for key in [k for k in tensors if k.startswith("optim.")]:
         _, param_id, name = key.split(".", 2)

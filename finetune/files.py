@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from .errors import ModelFileError
 
@@ -52,8 +53,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and finetune metadata ({} when absent). Parsing safetensors runs no code."""
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict, key: str = METADATA_KEY) -> None:
+    """Tensors (moved to the CPU) and JSON metadata under `key`, written atomically."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, safetensors_bytes(flat, metadata={key: json.dumps(meta)}))
+
+
+def read_safetensors(path: Path, key: str = METADATA_KEY) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and the JSON metadata under `key` ({} when absent). Parsing safetensors runs no code."""
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
@@ -61,7 +68,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); it may be truncated or of another format. Use a model.safetensors written by 'finetune train'.") from None
     try:
-        meta = json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {}
+        meta = json.loads(raw[key]) if key in raw else {}
     except json.JSONDecodeError:
         raise ModelFileError(f"{path}: its finetune metadata is not valid JSON; the file was damaged or edited.") from None
     return tensors, meta
