@@ -21,11 +21,9 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoint import load_model
-from finetune.config import PredictConfig
+from finetune import PredictConfig, load_model, predict
 from finetune.data import walk_files
 from finetune.device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
-from finetune.predict import expand_inputs, predict
 
 
 def link_folder(data: Path, target: Path, min_images: int) -> int:
@@ -68,10 +66,9 @@ def main() -> None:
     forward = pure_forward(loaded.model, loaded.preprocessing.img_size, args.batch_size, device)
     with tempfile.TemporaryDirectory() as tmp:
         n = link_folder(args.data, Path(tmp), args.min_images)
-        cfg = PredictConfig(inputs=[tmp], model=args.model, batch_size=args.batch_size)
-        items = expand_inputs(cfg.inputs)
+        cfg = PredictConfig(model=args.model, batch_size=args.batch_size)
         started = time.perf_counter()
-        count = sum(1 for p in predict(cfg, items, loaded) if p.error is None)
+        count = sum(1 for p in predict(loaded, [tmp], cfg) if p.error is None)
         in_process = count / (time.perf_counter() - started)
         started = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "finetune", "predict", tmp, "--model", str(args.model), "--format", "jsonl", "--quiet"],

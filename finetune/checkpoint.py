@@ -1,13 +1,16 @@
-"""Model files (safetensors + JSON metadata), written atomically; run folders."""
+"""Model files: a classifier's tensors plus JSON metadata in safetensors, written atomically,
+and loaded back (checked, never unpickled) from a file, a run folder or the newest run."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import MODEL_FILENAME
+from . import __version__
+from .config import DEFAULT_RUNS_DIR, MODEL_FILENAME
 from .data import Preprocessing
 from .errors import ModelFileError, UsageError
 from .files import FORMAT, read_safetensors, write_safetensors
@@ -31,12 +34,30 @@ class LoadedModel:
         return Preprocessing.from_dict(self.meta["preprocessing"])
 
 
+def model_metadata(arch: str, classes: list[str], pp: Preprocessing, train_config: dict, best: dict,
+                   num_train: int, num_val: int) -> dict:
+    """What a model file says about itself besides its tensors (README: Model file format)."""
+    import torchvision
+
+    return {
+        "arch": arch, "classes": classes, "preprocessing": pp.to_dict(), "train_config": train_config, "best": best,
+        "num_train": num_train, "num_val": num_val,
+        "versions": {"finetune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
     """A model file from a classifier's state dict (on any device) and its metadata."""
     write_safetensors(path, state, {"format": FORMAT, "format_version": FORMAT_VERSION, **meta})
 
 
-def load_model(path: Path) -> LoadedModel:
+def load_model(model: Path | str | None = None, runs_dir: Path | str = DEFAULT_RUNS_DIR) -> LoadedModel:
+    """A model file, or a run folder's model, or (None) the newest run's model under runs_dir."""
+    return read_model_file(resolve_model_path(Path(model) if model is not None else None, Path(runs_dir)))
+
+
+def read_model_file(path: Path) -> LoadedModel:
     """Load a finetune model file: checks format, metadata and tensors agree; never unpickles."""
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found. Pass a model.safetensors or a run folder to --model.")
@@ -60,29 +81,6 @@ def load_model(path: Path) -> LoadedModel:
     return LoadedModel(path, model, meta)
 
 
-# --- run folders -------------------------------------------------------------------------
-
-def create_run_dir(runs_dir: Path, name: str | None) -> Path:
-    """runs/<name>, runs/<name>2, ... : a new folder each time, never an earlier run's."""
-    base = name or "train"
-    if Path(base).name != base or base in (".", "..") or not base.strip():
-        raise UsageError(f"--name '{base}': a run name is one folder name (no '/', '..' or absolute path); use --runs-dir to choose where runs go.")
-    try:
-        runs_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--runs-dir {runs_dir}: cannot create it ({e.strerror or e}). Pass a writable folder.") from None
-    for n in range(1, 100_000):
-        candidate = runs_dir / (base if n == 1 else f"{base}{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise UsageError(f"--runs-dir {runs_dir}: cannot create a run folder there ({e.strerror or e}). Pass a writable folder.") from None
-    raise UsageError(f"{runs_dir}: too many runs named '{base}'; pass another --name.")
-
-
 def newest_model(runs_dir: Path) -> Path:
     models = [p for p in runs_dir.glob(f"*/{MODEL_FILENAME}") if p.is_file()] if runs_dir.is_dir() else []
     if not models:
@@ -90,12 +88,8 @@ def newest_model(runs_dir: Path) -> Path:
     return max(models, key=lambda p: p.stat().st_mtime_ns)
 
 
-def open_model(model: Path | None, runs_dir: Path) -> LoadedModel:
-    """--model as given (a file or a run folder), or the newest run under runs_dir, loaded."""
-    return load_model(resolve_model_path(model, runs_dir))
-
-
 def resolve_model_path(model: Path | None, runs_dir: Path) -> Path:
+    """--model as given (a file, or a run folder's model), or the newest run's model under runs_dir."""
     if model is None:
         return newest_model(runs_dir)
     if model.is_dir():
@@ -104,40 +98,3 @@ def resolve_model_path(model: Path | None, runs_dir: Path) -> Path:
             raise ModelFileError(f"{model}: run folder has no {MODEL_FILENAME}. Pass a run folder of a finished training, or the model file.")
         return candidate
     return model
-
-
-# --- training state (for --resume) ---------------------------------------------------------
-STATE_FILENAME = "last_state.safetensors"
-STATE_KEY = "finetune_state"
-
-
-def save_training_state(path: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, info: dict) -> None:
-    """Everything needed to continue after the last completed epoch, pickle-free.
-
-    `tensors`: weights and RNG states by name; the optimizer's per-parameter tensors are
-    flattened to `optim.<param>.<name>`, its hyper-parameters go into the JSON metadata.
-    """
-    opt = optimizer.state_dict()
-    flat = dict(tensors)
-    for param_id, param_state in opt["state"].items():
-        for name, value in param_state.items():
-            flat[f"optim.{param_id}.{name}"] = torch.as_tensor(value)
-    write_safetensors(path, flat, {**info, "optimizer_param_groups": opt["param_groups"]}, STATE_KEY)
-
-
-def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """-> (named tensors without optimizer entries, optimizer state dict, info)."""
-    if not path.is_file():
-        raise UsageError(f"{path.parent}: nothing to resume (no {path.name}); a run can be resumed after its first epoch, until it finishes.")
-    damaged = ModelFileError(f"{path}: training state is damaged; it cannot be resumed. Start a new run.")
-    try:
-        tensors, info = read_safetensors(path, STATE_KEY)
-    except ModelFileError:
-        raise damaged from None
-    if "optimizer_param_groups" not in info:
-        raise damaged
-    state: dict[int, dict] = {}
-    for key in [k for k in tensors if k.startswith("optim.")]:
-        _, param_id, name = key.split(".", 2)
-        state.setdefault(int(param_id), {})[name] = tensors.pop(key)
-    return tensors, {"state": state, "param_groups": info.pop("optimizer_param_groups")}, info

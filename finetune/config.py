@@ -1,13 +1,18 @@
-"""Every default of the tool lives here; the CLI reads its option defaults from these dataclasses."""
+"""Every default and every option rule of the tool lives here; the CLI reads its defaults from
+these dataclasses, and library users get the same checks through `checked()`."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from .errors import UsageError
 
 DEFAULT_ARCH = "resnet18"
 DEFAULT_RUNS_DIR = Path("runs")
 MODEL_FILENAME = "model.safetensors"
+UNFROZEN_FINETUNE_EPOCHS = 5  # what `freeze_backbone=False` means when finetune_epochs is not given
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold, but as a hard error
 
 
 @dataclass
@@ -31,14 +36,42 @@ class TrainConfig:
     patience: int = 0  # stop a stage after this many epochs without a better val accuracy (0: never)
     class_weights: bool = False  # weight the loss by inverse class frequency (imbalanced folders)
     max_images_per_class: int | None = None  # quick trials: use at most this many per class (train and val)
-    # Stage 2 (off by default): unfreeze and fine-tune the whole network end to end.
-    finetune_epochs: int = 0
+    # Stage 2: unfreeze and fine-tune the whole network end to end. None: off, unless
+    # freeze_backbone is False (then UNFROZEN_FINETUNE_EPOCHS).
+    finetune_epochs: int | None = None
+    freeze_backbone: bool | None = None  # None: follow finetune_epochs
     backbone_lr_ratio: float = 0.1  # backbone lr = lr * ratio in stage 2
     workers: int | None = None  # None: chosen from the machine's cores
     runs_dir: Path = DEFAULT_RUNS_DIR
     name: str | None = None
-    max_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold, but as a hard error
+    max_pixels: int = MAX_PIXELS
     resume: Path | None = None  # a run folder to continue; its config.json replaces the rest
+
+    def checked(self) -> "TrainConfig":
+        """This config with every option checked (UsageError naming the option otherwise) and the
+        options that depend on each other settled: finetune_epochs and freeze_backbone agree."""
+        _require([
+            (0.0 < self.val_split < 1.0, f"--val-split must be between 0 and 1 (got {self.val_split})."),
+            (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})."),
+            (self.finetune_epochs is None or self.finetune_epochs >= 0,
+             f"--finetune-epochs must be 0 or more (got {self.finetune_epochs})."),
+            (not (self.freeze_backbone and self.finetune_epochs),
+             "--freeze-backbone and --finetune-epochs > 0 contradict each other; pass one of them."),
+            (self.views >= 1, f"--views must be at least 1 (got {self.views})."),
+            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})."),
+            (self.lr > 0, f"--lr must be positive (got {self.lr})."),
+            (self.img_size is None or self.img_size >= 32, f"--img-size must be at least 32 (got {self.img_size})."),
+            (self.workers is None or self.workers >= 0, f"--workers must be 0 or more (got {self.workers})."),
+            (self.max_pixels >= 1, f"--max-pixels must be positive (got {self.max_pixels})."),
+            (self.patience >= 0, f"--patience must be 0 (off) or more (got {self.patience})."),
+            (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})."),
+            (self.max_images_per_class is None or self.max_images_per_class >= 1,
+             f"--max-images-per-class must be at least 1 (got {self.max_images_per_class})."),
+        ])
+        finetune_epochs = self.finetune_epochs
+        if finetune_epochs is None:
+            finetune_epochs = UNFROZEN_FINETUNE_EPOCHS if self.freeze_backbone is False else 0
+        return replace(self, finetune_epochs=finetune_epochs, freeze_backbone=finetune_epochs == 0)
 
     def to_json_dict(self) -> dict:
         d = asdict(self)
@@ -55,12 +88,28 @@ class TrainConfig:
 
 @dataclass
 class PredictConfig:
-    inputs: list[str] = field(default_factory=list)
+    """Settings of predict and evaluate."""
+
     model: Path | None = None  # a model file or a run folder; None: newest run under runs_dir
     runs_dir: Path = DEFAULT_RUNS_DIR
     top_k: int = 3
     batch_size: int = 64
     device: str = "auto"
     workers: int | None = None
-    max_pixels: int = 89_478_485
+    max_pixels: int = MAX_PIXELS
     tta: bool = False  # average with the horizontally flipped image
+
+    def checked(self) -> "PredictConfig":
+        _require([
+            (self.top_k >= 1, f"--top-k must be at least 1 (got {self.top_k})."),
+            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})."),
+            (self.workers is None or self.workers >= 0, f"--workers must be 0 or more (got {self.workers})."),
+            (self.max_pixels >= 1, f"--max-pixels must be positive (got {self.max_pixels})."),
+        ])
+        return self
+
+
+def _require(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)

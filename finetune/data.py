@@ -20,6 +20,7 @@ from .images import ImageDecodeError, is_candidate_image, load_rgb
 VAL_FOLDER_NAMES = ("val", "valid", "validation")
 SPLIT_FOLDER_NAMES = ("test", *VAL_FOLDER_NAMES)  # held-out folders: never classes
 IGNORED_NAMES = frozenset({"__MACOSX", "__pycache__", "Thumbs.db", "desktop.ini"})
+IMBALANCE_RATIO = 3.0  # largest class / smallest class at which training warns
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,32 @@ def _require_every_class(samples: list[Sample], classes: list[str], root: Path) 
     empty = [classes[i] for i, n in enumerate(counts) if n == 0]
     if empty:
         raise DataError(f"{root / empty[0]}: class folder has no images. Add images to it or remove the folder.")
+
+
+def require_images_in_every_class(split: DatasetSplit) -> None:
+    """After the bad files are dropped: every class still has training images, and val has some."""
+    counts = count_per_class(split.train, len(split.classes))
+    for name, n in zip(split.classes, counts):
+        if n == 0:
+            raise DataError(f"class '{name}' has no readable training images left after skipping bad files; add good images to it.")
+    if not split.val:
+        raise DataError("no readable validation images left after skipping bad files; add images to the val folder.")
+
+
+def is_imbalanced(counts: list[int]) -> bool:
+    return min(counts) > 0 and max(counts) / min(counts) >= IMBALANCE_RATIO
+
+
+def limit_per_class(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
+    """At most `limit` samples of each class, a seeded random choice (quick trials)."""
+    if limit is None:
+        return samples
+    rng = random.Random(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    kept = [s for members in by_class.values() for s in (rng.sample(members, limit) if len(members) > limit else members)]
+    return sorted(kept, key=lambda s: str(s.path))
 
 
 def count_per_class(samples: list[Sample], num_classes: int) -> list[int]:

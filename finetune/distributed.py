@@ -127,6 +127,23 @@ LAUNCHED_ENV = "FINETUNE_LAUNCHED"
 RECORD_KEY = "finetune"
 
 
+def told_by_this_rank(error: FinetuneError) -> tuple[bool, str | None]:
+    """Whether this torchrun rank prints `error`, and the rank to name with it (None: none).
+
+    Its error is also left where torchrun and `--devices`'s launcher read it; under the
+    launcher only the launcher prints (the one cause, whatever order the ranks end in).
+    Otherwise rank 0 tells what all ranks hit alike, and a rank tells an error of its own.
+    """
+    rank = os.environ.get("RANK")
+    if record_rank_error(error) and os.environ.get(LAUNCHED_ENV):
+        return False, None
+    if error.silent:  # a rank stopped by another's failure, which that one reports
+        return False, None
+    if rank in (None, "0"):
+        return True, None
+    return error.rank_specific, rank
+
+
 def record_rank_error(error: FinetuneError) -> bool:
     """Leave this rank's error where torchrun keeps a failed rank's story (TORCHELASTIC_ERROR_FILE).
 

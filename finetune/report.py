@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .records import EpochRecord, Stage
+
 
 def confusion_matrix(y_true: list[int], y_pred: list[int], num_classes: int) -> list[list[int]]:
     """cm[t][p]: how many images of true class t were predicted as p."""
@@ -75,19 +77,19 @@ def _pyplot():
     return plt
 
 
-def plot_curves(history: list[dict], path: Path) -> Path:
+def plot_curves(history: list[EpochRecord], path: Path) -> Path:
     return _save(curves_figure(history), path)
 
 
-def curves_figure(history: list[dict]):
+def curves_figure(history: list[EpochRecord]):
     """Loss and accuracy per epoch, train vs val; a dotted line where fine-tuning starts."""
     plt = _pyplot()
-    epochs = [int(r["epoch"]) for r in history]
+    epochs = [r.epoch for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
-        ax.plot(epochs, [float(r[f"train_{key}"]) for r in history], marker=".", label="train")
-        ax.plot(epochs, [float(r[f"val_{key}"]) for r in history], marker=".", label="val")
-        stage2 = [int(r["epoch"]) for r in history if r["stage"] == "finetune"]
+        ax.plot(epochs, [getattr(r, f"train_{key}") for r in history], marker=".", label="train")
+        ax.plot(epochs, [getattr(r, f"val_{key}") for r in history], marker=".", label="val")
+        stage2 = [r.epoch for r in history if r.stage is Stage.FINETUNE]
         if stage2:
             ax.axvline(stage2[0] - 0.5, color="grey", linestyle=":", label="fine-tune starts")
         ax.set_xlabel("epoch")

@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from finetune.cli import app
+from finetune.records import EpochRecord, Stage
 from finetune.report import classification_report, curves_figure
 
 from conftest import FAST_TRAIN_ARGS, make_class_tree
@@ -62,7 +63,7 @@ def test_training_writes_plots(run):
 
 
 def test_curves_have_train_and_val_lines():
-    history = [{"epoch": i, "stage": "head", "train_loss": 1 / i, "val_loss": 1.2 / i, "train_acc": 0.5, "val_acc": 0.6} for i in (1, 2, 3)]
+    history = [EpochRecord(i, Stage.HEAD, 1 / i, 0.5, 1.2 / i, 0.6, 1e-3, 0.1, 100.0) for i in (1, 2, 3)]
     fig = curves_figure(history)
     assert [len(ax.lines) for ax in fig.axes] == [2, 2]
     assert list(fig.axes[0].lines[1].get_ydata()) == pytest.approx([1.2, 0.6, 0.4])
@@ -119,9 +120,9 @@ def test_export_refuses_to_overwrite_the_model(run):
 
 
 def test_a_failed_verification_writes_nothing(run, tmp_path, monkeypatch):
-    from finetune import export
+    from finetune import exporting
 
-    monkeypatch.setattr(export, "TOLERANCE", -1.0)  # nothing can pass
+    monkeypatch.setattr(exporting, "TOLERANCE", -1.0)  # nothing can pass
     out = tmp_path / "m.pt"
     result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(out)])
     assert result.exit_code == 1 and "it was not written" in result.stderr

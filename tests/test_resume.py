@@ -11,13 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune import train as train_module
-from finetune.checkpoint import STATE_FILENAME, load_model
+from finetune import Reporter, TrainConfig, load_model, train
 from finetune.cli import app
-from finetune.config import TrainConfig
 from finetune.errors import TrainingInterrupted
-from finetune.progress import Reporter
-from finetune.train import train
+from finetune.features import FeatureExtractor
+from finetune.resume import STATE_FILENAME
+from finetune.stages import FinetuneStage
 
 from conftest import FAST_TRAIN_ARGS, make_train_val, tree_hashes
 
@@ -48,7 +47,7 @@ class CtrlCAt(Reporter):
 
 
 def compared(history):
-    return [{k: row[k] for k in COMPARED} for row in history]
+    return [{k: row[k] for k in COMPARED} for row in (record.to_csv_row() for record in history)]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +72,8 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(reference, tmp_path,
     assert resumed.run_dir == run
     assert compared(resumed.history) == compared(ref.history)
     assert resumed.best_val_acc == ref.best_val_acc and resumed.best_epoch == ref.best_epoch
+    saved, expected = load_model(run).model.state_dict(), load_model(ref.run_dir).model.state_dict()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)  # the very same best model
     assert not (run / STATE_FILENAME).exists()
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 6))
@@ -82,10 +83,11 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(reference, tmp_path,
 def test_cli_ctrl_c_exits_130_with_a_message(reference, tmp_path, monkeypatch):
     data, _ = reference
 
-    def interrupted(self, *args):
+    def interrupted(self):  # Ctrl-C as the fine-tune stage asks for its first batch
         raise KeyboardInterrupt
+        yield
 
-    monkeypatch.setattr(train_module._Session, "finetune_whole_network", interrupted)
+    monkeypatch.setattr(FinetuneStage, "batches", interrupted)
     result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path), "--finetune-epochs", "1", *FAST_TRAIN_ARGS])
     assert result.exit_code == 130
     assert "training interrupted; the best model so far is in" in result.stderr
@@ -99,7 +101,7 @@ def test_cli_ctrl_c_while_loading_weights_exits_130_with_one_line(reference, tmp
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "resolve_pretrained", interrupted)
+    monkeypatch.setattr("finetune.training.resolve_pretrained", interrupted)
     result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path), *FAST_TRAIN_ARGS])
     assert result.exit_code == 130 and result.stdout == ""
     assert result.stderr.strip().splitlines()[-1] == \
@@ -119,10 +121,10 @@ def test_cli_resume_of_a_finished_or_foreign_folder_is_refused(reference, tmp_pa
 def test_cuda_out_of_memory_suggests_a_smaller_batch(reference, tmp_path, monkeypatch):
     data, _ = reference
 
-    def oom(self):
+    def oom(self, split):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_module._Session, "extract_all_features", oom)
+    monkeypatch.setattr(FeatureExtractor, "features_of", oom)
     result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path), *FAST_TRAIN_ARGS])
     assert result.exit_code == 1 and result.stdout == ""
     assert "ran out of memory at --batch-size 8; start again with --batch-size 4" in result.stderr

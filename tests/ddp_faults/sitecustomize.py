@@ -19,23 +19,25 @@ if FAULT and RANK is not None:
 
     import torch
 
-    from finetune import data, train
+    from finetune import data, stages, training
 
     rank = int(RANK)
     batch_size = int(sys.argv[sys.argv.index("--batch-size") + 1])
     steps = {"finetune": 0, "counting": False, "items": 0}
-    original_finetune = train._Session.finetune_whole_network
+    original_fit_stage = training.fit_stage
     original_getitem = data.ImageFileDataset.__getitem__
     original_step = torch.optim.AdamW.step
 
-    def finetune_with_fault(self, done):
+    def fit_stage_with_fault(stage, *args, **kwargs):
+        if not isinstance(stage, stages.FinetuneStage):
+            return original_fit_stage(stage, *args, **kwargs)
         if FAULT == "oom-rank1" and rank == 1:
             raise torch.cuda.OutOfMemoryError("simulated: CUDA out of memory")
         if FAULT == "kill-rank1" and rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
         steps["counting"] = True
         try:
-            return original_finetune(self, done)
+            return original_fit_stage(stage, *args, **kwargs)
         finally:
             steps["counting"] = False
             if os.environ.get("FINETUNE_TEST_REPORT"):
@@ -60,6 +62,6 @@ if FAULT and RANK is not None:
                 os.killpg(os.getpgid(os.getppid()), signal.SIGINT)
         return original_step(self, *args, **kwargs)
 
-    train._Session.finetune_whole_network = finetune_with_fault
+    training.fit_stage = fit_stage_with_fault
     data.ImageFileDataset.__getitem__ = getitem_with_fault
     torch.optim.AdamW.step = counted_step

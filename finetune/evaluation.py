@@ -8,9 +8,11 @@ from .checkpoint import LoadedModel
 from .config import PredictConfig
 from .data import SPLIT_FOLDER_NAMES, class_folders, find_val_folder, scan_class_tree
 from .errors import DataError
-from .predict import iter_probabilities
+from .prediction import iter_probabilities
 from .progress import Reporter
+from .records import EvaluationReport
 from .report import classification_report
+
 
 def find_eval_root(data: Path) -> Path:
     """DATA/test or DATA/val (first found), else DATA itself as a folder of class folders."""
@@ -34,19 +36,22 @@ def labelled_images(root: Path, classes: list[str]) -> tuple[list[Path], list[in
     return [s.path for s in samples], [s.label for s in samples], skipped
 
 
-def evaluate(data: Path, loaded: LoadedModel, cfg: PredictConfig, reporter: Reporter | None = None) -> dict:
+def evaluate(model: LoadedModel, data: Path | str, cfg: PredictConfig | None = None,
+             reporter: Reporter | None = None) -> EvaluationReport:
+    """Measure `model` on labelled images: DATA/test or DATA/val if there is one, else DATA's class folders."""
     import torch
 
-    root = find_eval_root(data)
-    paths, labels, skipped = labelled_images(root, loaded.classes)
+    cfg = cfg or PredictConfig()
+    root = find_eval_root(Path(data))
+    paths, labels, skipped = labelled_images(root, model.classes)
     kept_paths, kept_labels, probs = [], [], []
-    for path, label, (p, reason) in zip(paths, labels, iter_probabilities(paths, loaded, cfg, reporter)):
+    for path, label, (p, reason) in zip(paths, labels, iter_probabilities(paths, model, cfg, reporter)):
         if reason is not None:
             skipped.append({"path": str(path), "reason": reason})
             continue
         kept_paths.append(str(path))
         kept_labels.append(label)
         probs.append(p)
-    stacked = torch.stack(probs) if probs else torch.empty(0, len(loaded.classes))
-    report = classification_report(kept_paths, kept_labels, stacked, loaded.classes)
-    return {"model": str(loaded.path), "data": str(root), **report, "skipped": skipped, "tta": cfg.tta}
+    stacked = torch.stack(probs) if probs else torch.empty(0, len(model.classes))
+    metrics = classification_report(kept_paths, kept_labels, stacked, model.classes)
+    return EvaluationReport(model=str(model.path), data=str(root), **metrics, skipped=skipped, tta=cfg.tta)

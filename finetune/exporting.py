@@ -68,10 +68,12 @@ def sidecar_dict(loaded: LoadedModel, fmt: str, max_abs_diff: float) -> dict:
     }
 
 
-def export_model(loaded: LoadedModel, fmt: str, out: Path | None = None) -> ExportResult:
+def export(loaded: LoadedModel, fmt: str = "onnx", out: Path | str | None = None) -> ExportResult:
+    """Write `loaded` as ONNX or TorchScript (normalisation and softmax inside the graph) with a
+    JSON sidecar, after checking that the written file agrees with PyTorch within TOLERANCE."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got '{fmt}').")
-    out = out or default_output(loaded.path, fmt)
+    out = Path(out) if out is not None else default_output(loaded.path, fmt)
     if out.resolve() == loaded.path.resolve():
         raise UsageError(f"--out {out} would overwrite the model file; choose another path.")
     wrapper = ProbabilityModel(loaded.model.float().cpu().eval()).eval()

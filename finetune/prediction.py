@@ -67,15 +67,6 @@ def read_path_list(lines: Iterable[str]) -> list[str]:
     return [line.rstrip("\r\n") for line in lines if line.strip()]
 
 
-def validate_config(cfg: PredictConfig) -> None:
-    if cfg.top_k < 1:
-        raise UsageError(f"--top-k must be at least 1 (got {cfg.top_k}).")
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {cfg.batch_size}).")
-    if cfg.workers is not None and cfg.workers < 0:
-        raise UsageError(f"--workers must be 0 or more (got {cfg.workers}).")
-
-
 def iter_probabilities(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig,
                        reporter: Reporter | None = None) -> Iterator[tuple[torch.Tensor | None, str | None]]:
     """For each path, in order: (class probabilities, None), or (None, reason) when it cannot be read.
@@ -84,7 +75,7 @@ def iter_probabilities(paths: list[Path], loaded: LoadedModel, cfg: PredictConfi
     `cfg.tta` the probabilities are averaged with those of the horizontally flipped image.
     """
     reporter = reporter or Reporter()
-    validate_config(cfg)
+    cfg = cfg.checked()
     device = pick_device(cfg.device)
     amp = autocast_dtype(device)
     model = loaded.model.to(device).to(memory_format=torch.channels_last).eval()
@@ -107,13 +98,21 @@ def iter_probabilities(paths: list[Path], loaded: LoadedModel, cfg: PredictConfi
     reporter.finish()
 
 
-def predict(cfg: PredictConfig, items: list[InputItem], loaded: LoadedModel,
+def predict(model: LoadedModel, inputs: Iterable[str | Path], cfg: PredictConfig | None = None,
             reporter: Reporter | None = None) -> Iterator[Prediction]:
-    """Yield one Prediction per item, in input order, as soon as its batch is done."""
-    classes = loaded.classes
+    """One Prediction per image, in input order, each as soon as its batch is done.
+
+    `inputs`: image files, folders (searched recursively) and glob patterns, as on the
+    command line; an input that names nothing readable gives a Prediction with an error.
+    """
+    cfg = cfg or PredictConfig()
+    items = expand_inputs(str(i) for i in inputs)
+    if not items:
+        raise UsageError("no inputs: pass image files, folders, glob patterns, or - to read paths from stdin.")
+    classes = model.classes
     k = min(cfg.top_k, len(classes))
     readable = [Path(item.path) for item in items if item.error is None]
-    results = iter_probabilities(readable, loaded, cfg, reporter)
+    results = iter_probabilities(readable, model, cfg, reporter)
     for item in items:
         if item.error is not None:
             yield Prediction(item.path, error=item.error)

@@ -1,0 +1,176 @@
+"""What the command line shows: results on stdout (tables, JSON, JSONL, CSV), progress,
+warnings and errors on stderr. With commands.py, the only place that imports rich or prints."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from ..errors import FinetuneError
+from ..progress import Reporter
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+def echo_json(obj) -> None:
+    typer.echo(json.dumps(obj))
+
+
+class RichReporter(Reporter):
+    """Progress bars and messages on stderr; silent but for warnings when quiet."""
+
+    def __init__(self, console: Console, quiet: bool = False):
+        self.console, self.quiet = console, quiet
+        self.progress: Progress | None = None
+        self.task = None
+
+    def start(self, description, total):
+        if self.quiet:
+            return
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[figures]}"), TimeElapsedColumn(), console=self.console,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(description, total=total, figures="")
+
+    def advance(self, steps=1, **fields):
+        if self.progress is not None:
+            figures = "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in fields.items())
+            self.progress.update(self.task, advance=steps, figures=figures)
+
+    def finish(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def epoch(self, record):
+        if not self.quiet and record.stage != "head":  # head epochs take milliseconds: the bar is enough
+            r = record.to_csv_row()
+            self.console.print(Text(f"epoch {r['epoch']} ({r['stage']}): loss {r['train_loss']} acc {r['train_acc']}"
+                                    f"  val loss {r['val_loss']} val acc {r['val_acc']}  {r['images_per_s']} img/s"))
+
+    def info(self, message):
+        if not self.quiet:
+            self.console.print(Text(message, style="dim"))
+
+    def warn(self, message):
+        self.console.print(Text("warning: ", style="yellow") + Text(message))
+
+
+def fail(error: FinetuneError) -> typer.Exit:
+    if "RANK" in os.environ:  # a torchrun rank: whether it tells this error is decided with the other ranks in mind
+        from ..distributed import told_by_this_rank
+
+        tell, rank = told_by_this_rank(error)
+    else:
+        tell, rank = True, None
+    if tell:
+        say_error(str(error), rank)
+    return typer.Exit(error.exit_code)
+
+
+def say_error(message: str, rank=None) -> None:
+    where = "" if rank is None else f" (rank {rank})"
+    stderr.print(Text(f"error{where}: ", style="bold red") + Text(message))
+
+
+def render_predictions(predictions, fmt: str) -> tuple[int, int]:
+    """Write predictions to stdout in `fmt`; streaming formats write as results arrive.
+    Returns (failed, total)."""
+    try:
+        return _render_predictions(predictions, fmt)
+    except BrokenPipeError:  # `finetune predict dir | head`: the reader has gone, as in any Unix tool
+        sys.stdout = open(os.devnull, "w")
+        return 0, 0
+
+
+def _render_predictions(predictions, fmt: str) -> tuple[int, int]:
+    if fmt in ("jsonl", "csv"):
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        if fmt == "csv":
+            writer.writerow(["path", "label", "score", "error"])
+        failures = total = 0
+        for p in predictions:
+            failures, total = failures + (p.error is not None), total + 1
+            if fmt == "jsonl":
+                sys.stdout.write(json.dumps(p.to_json_dict()) + "\n")
+                sys.stdout.flush()
+            else:
+                writer.writerow([p.path, p.label or "", "" if p.score is None else p.score, p.error or ""])
+        return failures, total
+    rows = list(predictions)
+    failures = sum(p.error is not None for p in rows)
+    if fmt == "json":
+        sys.stdout.write(json.dumps([p.to_json_dict() for p in rows], indent=2) + "\n")
+        return failures, len(rows)
+    table = Table("path", "label", "score", "top k")
+    for p in rows:
+        if p.error is not None:
+            table.add_row(Text(p.path), Text("error", style="red"), "", Text(p.error))
+        else:
+            others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.top_k[1:])
+            table.add_row(Text(p.path), Text(p.label), f"{p.score:.3f}", Text(others))
+    stdout.print(table)
+    return failures, len(rows)
+
+
+def render_evaluation(report) -> None:
+    stdout.print(Text(f"accuracy {report.accuracy:.4f} on {report.num_images} images ({report.data})"))
+    per_class = Table("class", "precision", "recall", "f1", "support", title="per class")
+    for name, m in report.per_class.items():
+        per_class.add_row(Text(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    stdout.print(per_class)
+    cm = Table("true \\ predicted", *[escape(c) for c in report.classes], title="confusion matrix")
+    for name, row in zip(report.classes, report.confusion_matrix):
+        cm.add_row(Text(name), *[str(v) for v in row])
+    stdout.print(cm)
+    if report.most_confused:
+        stdout.print(Text("most confused: " + "; ".join(f"{d['true']} -> {d['predicted']} ({d['count']})" for d in report.most_confused)))
+    wrong = [d for d in report.top_losses if d["true"] != d["predicted"]]
+    if wrong:
+        losses = Table("path", "true", "predicted", "score", title="top losses")
+        for d in wrong:
+            losses.add_row(Text(d["path"]), Text(d["true"]), Text(d["predicted"]), f"{d['score']:.3f}")
+        stdout.print(losses)
+
+
+def show_train_result(result, class_weights: bool) -> None:
+    stdout.print(Text(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch} of {result.epochs}), "
+                      f"{result.num_train} train / {result.num_val} val images, {len(result.classes)} classes, {result.seconds:.1f}s on {result.device}"))
+    if result.skipped:
+        stdout.print(Text(f"skipped {len(result.skipped)} files (listed in {result.run_dir / 'skipped.csv'})"))
+    if result.imbalanced:
+        counts = ", ".join(f"{c} {n}" for c, n in result.class_counts.items())
+        stdout.print(Text(f"classes are imbalanced ({counts}){'' if class_weights else '; consider --class-weights'}"))
+    stdout.print(Text(f"model: {result.model}"))
+    stdout.print(Text(f"plots: {', '.join(result.plots)}; metrics: {result.run_dir / 'metrics.csv'}"))
+
+
+def show_export_result(result) -> None:
+    stdout.print(Text(f"exported {result.path} ({result.format}); preprocessing and classes in {result.sidecar}"))
+    stdout.print(Text(f"verified: max |difference| vs PyTorch {result.max_abs_diff:.2e} (tolerance 1e-4)"))
+
+
+def show_fields(details: dict) -> None:
+    table = Table("field", "value", show_header=False)
+    for key, value in details.items():
+        table.add_row(key, Text(value if isinstance(value, str) else json.dumps(value)))
+    stdout.print(table)
+
+
+def show_archs(rows: list[dict]) -> None:
+    table = Table("arch", "params", "default img size", "offline weights")
+    for r in rows:
+        table.add_row(r["arch"], f"{r['params'] / 1e6:.1f} M", str(r["img_size"]), Text(r["offline_weights"] or "no (download or --weights)"))
+    stdout.print(table)

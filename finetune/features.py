@@ -1,0 +1,87 @@
+"""Features of the frozen backbone, computed once per image: the training images in `views`
+views (view 0 the plain centre crop, the others augmented), the val images in their plain
+view. Decoding each image for this is also the bad-file check: what fails is skipped.
+
+Under torchrun each rank computes its share and every rank gets all the features, so that
+every image is decoded once in all.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import TrainConfig
+from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, make_loader
+from .device import autocast, autocast_dtype, forward_in_chunks, to_model_input
+from .distributed import Dist
+from .models import Classifier
+from .progress import Reporter
+
+
+@dataclass
+class FeatureSet:
+    train: torch.Tensor  # [images, views, dim], fp16 on the CPU: half the memory, ample for a linear head
+    train_labels: torch.Tensor
+    val: torch.Tensor  # [images, dim]
+    val_labels: torch.Tensor
+
+
+@dataclass
+class FeatureExtractor:
+    model: Classifier
+    pp: Preprocessing
+    cfg: TrainConfig
+    device: torch.device
+    d: Dist
+    reporter: Reporter
+
+    def features_of(self, split: DatasetSplit) -> tuple[FeatureSet, DatasetSplit]:
+        """The features, and the split without the images that failed to decode (they are
+        added to its `skipped` list, in order, and reported)."""
+        train, train_feats, train_failed = self.sharded(split.train, self.cfg.views, "Features (train)")
+        val, val_feats, val_failed = self.sharded(split.val, 1, "Features (val)")
+        skipped = [*split.skipped, *train_failed, *val_failed]
+        clean = DatasetSplit(split.classes, train, val, split.layout, skipped)
+        labels = lambda samples: torch.tensor([s.label for s in samples], dtype=torch.long)  # noqa: E731
+        return FeatureSet(train_feats, labels(train), val_feats[:, 0], labels(val)), clean
+
+    def sharded(self, samples: list[Sample], views: int, description: str) -> tuple[list[Sample], torch.Tensor, list[dict]]:
+        """(decoded samples, their features, {path, reason} of the others), each rank computing its share."""
+        mine = self.d.shard(list(range(len(samples))))
+        kept, feats, failed = self.extract([samples[i] for i in mine], views, description)
+        kept_all, feats_all = self.d.gather_in_order([mine[i] for i in kept], feats)
+        failures = []
+        for i, reason in sorted(f for part in self.d.all_gather([(mine[i], reason) for i, reason in failed]) for f in part):
+            failures.append({"path": str(samples[i].path), "reason": reason})
+            self.reporter.warn(f"skipped {samples[i].path}: {reason}")
+        return [samples[i] for i in kept_all], feats_all, failures
+
+    @torch.inference_mode()
+    def extract(self, samples: list[Sample], views: int, description: str) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
+        """Decode each image once and run its `views` crops through the frozen backbone: the
+        indices of the decoded samples, their features [n, views, dim], (index, reason) of the others."""
+        dataset = ImageFileDataset([s.path for s in samples], self.pp, self.cfg.max_pixels, views=views)
+        loader = make_loader(dataset, max(1, self.cfg.batch_size // views), self.cfg.workers,
+                             pin_memory=self.device.type == "cuda", seed=self.cfg.seed)
+        amp = autocast_dtype(self.device)
+        self.model.eval()
+        kept, chunks, failures = [], [], []
+        self.reporter.start(description, len(samples))
+        t0, done = time.perf_counter(), 0
+        for indices, batch, failed in loader:
+            failures.extend(failed)
+            if batch is not None:
+                b, v = batch.shape[:2]
+                x = to_model_input(batch.flatten(0, 1), self.device)
+                with autocast(self.device, amp):
+                    f = forward_in_chunks(self.model.features, x, self.device)
+                chunks.append(f.view(b, v, -1).to("cpu", torch.float16))
+                kept.extend(indices)
+            done += len(indices) + len(failed)
+            self.reporter.advance(len(indices) + len(failed), images_per_s=round(done * views / (time.perf_counter() - t0), 1))
+        self.reporter.finish()
+        feats = torch.cat(chunks) if chunks else torch.empty(0, views, self.model.head[1].in_features, dtype=torch.float16)
+        return kept, feats, failures

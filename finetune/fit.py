@@ -1,0 +1,195 @@
+"""The one fit loop every stage goes through, and what the stages of a run share.
+
+Per epoch: train the stage's batches, validate, record the epoch, keep the best model,
+decide on early stopping, save the resume state. A resumed stage restores its optimizer,
+schedule and RNG first and goes on from the next epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import model_metadata
+from .config import TrainConfig
+from .data import DatasetSplit, Preprocessing
+from .device import autocast
+from .distributed import Dist, interrupts_deferred
+from .models import Classifier
+from .progress import Reporter
+from .records import EpochRecord, Stage
+from .resume import ResumeState, restore_rng, rng_state
+from .runs import RunFolder
+from .tracking import BestEpoch, EarlyStopping
+
+
+@dataclass
+class Run:
+    """What the stages of one training run share: the model, the data it is trained on, what
+    has been learnt so far (history, best epoch, early stopping) and the folder it goes to."""
+
+    cfg: TrainConfig
+    model: Classifier
+    split: DatasetSplit  # without the images that failed to decode, once the features are computed
+    pp: Preprocessing
+    folder: RunFolder
+    reporter: Reporter
+    files_digest: str
+    history: list[EpochRecord] = field(default_factory=list)
+    best: BestEpoch = field(default_factory=BestEpoch)
+    early: EarlyStopping = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.early = EarlyStopping(self.cfg.patience)
+
+    def save_best(self) -> Path | None:
+        meta = model_metadata(self.cfg.arch, self.split.classes, self.pp,
+                              {k: v for k, v in self.cfg.to_json_dict().items() if k != "resume"},
+                              {"epoch": self.best.epoch, "val_acc": round(self.best.acc, 4), "val_loss": round(self.best.loss, 4)},
+                              len(self.split.train), len(self.split.val))
+        return self.folder.save_model(self.best, meta)
+
+    def resume_state(self, stage, epoch: int, optimizer, schedule) -> ResumeState:
+        """The state after `epoch` epochs of `stage` (a stages.HeadStage or FinetuneStage)."""
+        trained = {k: v for k, v in self.model.state_dict().items() if k.startswith(stage.prefix)}
+        best = {k: v for k, v in self.best.state.items() if k.startswith(stage.prefix)} if stage.best_in_state else {}
+        return ResumeState(
+            stage=stage.kind, epoch=epoch, history=self.history, trainable=trained, optimizer=optimizer.state_dict(),
+            schedule=schedule.state_dict(), best_acc=self.best.acc, best_loss=self.best.loss, best_epoch=self.best.epoch,
+            best_trainable=best, best_val_pred=self.best.val_pred, rng=rng_state(stage.generator),
+            skipped=self.split.skipped, num_train=len(self.split.train), num_val=len(self.split.val),
+            classes=self.split.classes, stopped_stage=self.early.stopped_stage, files_digest=self.files_digest,
+        )
+
+    def restore(self, state: ResumeState, device: torch.device) -> None:
+        """Progress and weights as they were after the state's epoch."""
+        self.history = list(state.history)
+        self.best.acc, self.best.loss, self.best.epoch = state.best_acc, state.best_loss, state.best_epoch
+        self.best.val_pred = state.best_val_pred
+        self.early.stopped_stage = state.stopped_stage
+        self.model.load_state_dict(state.trainable, strict=state.stage is Stage.FINETUNE)
+        if state.stage is Stage.FINETUNE:  # the best model is the one in the model file
+            from .files import read_safetensors
+
+            best, _ = read_safetensors(self.folder.model_path)
+            self.folder.saved_epoch = state.best_epoch
+        else:  # the frozen backbone as it is, with the best head (copies: the live weights train on)
+            best = {**{k: v.clone() for k, v in self.model.state_dict().items()}, **state.best_trainable}
+        self.best.state = {k: v.to(device) for k, v in best.items()}
+
+    def share_from_main(self, d: Dist) -> None:
+        """Give every rank rank 0's progress (after a stage that only rank 0 ran)."""
+        if not d.active:
+            return
+        mine = (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_pred, self.early.stopped_stage,
+                {k: v.cpu() for k, v in self.best.state.items()}) if d.is_main else None
+        (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_pred, self.early.stopped_stage,
+         state) = d.broadcast(mine)
+        device = next(self.model.parameters()).device
+        self.best.state = {k: v.to(device) for k, v in state.items()}
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None) -> None:
+    """Train `stage` (stages.HeadStage or FinetuneStage) from epoch `done` + 1 to its last epoch,
+    or until early stopping ends it. `resumed`: the state to continue from when `done` > 0."""
+    optimizer = torch.optim.AdamW(stage.param_groups(), weight_decay=run.cfg.weight_decay)
+    total = stage.steps_per_epoch * stage.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, stage.warmup_steps))
+    if done:
+        optimizer.load_state_dict(resumed.optimizer)
+        schedule.load_state_dict(resumed.schedule)
+        restore_rng(resumed.rng, stage.generator)
+    # fp16 needs loss scaling to keep small gradients; bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler(stage.device.type, enabled=stage.amp == torch.float16)
+    first_epoch_of_stage = len(run.history) - done + 1
+    reporter, d = run.reporter, stage.dist
+    if not stage.bar_per_epoch:
+        reporter.start(stage.title, stage.epochs)
+        reporter.advance(done)
+    with interrupts_deferred(d) as interrupt:
+        for epoch in range(done + 1, stage.epochs + 1):
+            stage.start_epoch(epoch)
+            t0 = time.perf_counter()
+            if stage.bar_per_epoch:
+                reporter.start(f"{stage.title} epoch {epoch}/{stage.epochs}", stage.epoch_size)
+            totals = train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter if stage.bar_per_epoch else None)
+            if stage.bar_per_epoch:
+                reporter.finish()
+            val_logits, val_y = stage.validate()
+            record, stop = end_epoch(stage, run, epoch, first_epoch_of_stage, optimizer, schedule,
+                                     (*totals, time.perf_counter() - t0), val_logits, val_y)
+            if not stage.bar_per_epoch:
+                reporter.advance(1, loss=round(record.train_loss, 4), acc=round(record.train_acc, 4),
+                                 val_acc=round(record.val_acc, 4))
+            if stop:
+                break
+            if epoch < stage.epochs and d.any_of(interrupt.requested)[0]:  # a Ctrl-C during validation
+                raise KeyboardInterrupt
+    if not stage.bar_per_epoch:
+        reporter.finish()
+
+
+def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Reporter | None) -> tuple[float, float, float]:
+    """One pass over the stage's batches: (loss sum, correct, images) over all ranks. `reporter`:
+    where each step's running figures go, if anywhere."""
+    stage.net.train()
+    loss_sum = correct = seen = 0.0
+    t0 = time.perf_counter()
+    for batch in stage.batches():
+        # All ranks take each step together: Ctrl-C stops them at the same step, and a batch
+        # whose files all failed to decode on one rank (deleted since the features were
+        # computed, say) is skipped by every rank, so optimizers and schedules stay in step.
+        stop, skip = stage.dist.any_of(interrupt.requested, batch is None)
+        if stop:
+            raise KeyboardInterrupt
+        if skip:
+            continue
+        x, y = batch
+        with autocast(stage.device, stage.amp):
+            logits = stage.net(x)
+            loss = stage.loss(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        if reporter is not None:
+            reporter.advance(len(y), loss=round(loss_sum / seen, 4), acc=round(correct / seen, 4),
+                             images_per_s=round(seen / (time.perf_counter() - t0), 1))
+    return tuple(stage.dist.sum(loss_sum, correct, seen))
+
+
+def end_epoch(stage, run: Run, epoch: int, first_epoch_of_stage: int, optimizer, schedule,
+              totals: tuple[float, float, float, float], val_logits: torch.Tensor, val_y: torch.Tensor) -> tuple[EpochRecord, bool]:
+    """Record the epoch, keep the best model, decide on early stopping (returned), save the resume state."""
+    loss_sum, correct, seen, seconds = totals
+    record = EpochRecord(
+        epoch=len(run.history) + 1, stage=stage.kind, train_loss=loss_sum / max(1, seen), train_acc=correct / max(1, seen),
+        val_loss=F.cross_entropy(val_logits.float(), val_y).item(), val_acc=(val_logits.argmax(1) == val_y).float().mean().item(),
+        lr=optimizer.param_groups[-1]["lr"], seconds=seconds, images_per_s=seen / max(seconds, 1e-9),
+    )
+    run.history.append(record)
+    run.reporter.epoch(record)
+    if run.best.offer(record, run.model, val_logits.argmax(1)) and not stage.best_in_state:
+        run.save_best()  # the state file below may point at it, so it goes first
+    stop = run.early.should_stop(stage.kind, len(run.history), run.best.epoch, first_epoch_of_stage)
+    if stop:
+        run.reporter.info(f"early stop: no better val accuracy for {run.early.patience} epochs")
+    run.folder.save_state(run.resume_state(stage, epoch, optimizer, schedule), run.history)
+    return record, stop

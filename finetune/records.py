@@ -1,0 +1,99 @@
+"""Records that cross modules: stage names, one epoch's figures, what train and evaluate return.
+
+Numbers are kept as computed; they are rounded only where they are shown or written as text
+(metrics.csv, the CLI), so that a record read back from a resume state equals the one written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+
+class Stage(StrEnum):
+    HEAD = "head"  # a new head on cached features of the frozen backbone
+    FINETUNE = "finetune"  # the whole network, end to end on freshly augmented images
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One finished epoch: a row of metrics.csv and of the run's history."""
+
+    epoch: int  # counted over the whole run, across stages
+    stage: Stage
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float  # of the head's parameter group, at the epoch's end
+    seconds: float
+    images_per_s: float
+
+    CSV_FIELDS = ("epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s")
+
+    def to_csv_row(self) -> dict:
+        r4 = lambda x: round(x, 4)  # noqa: E731
+        return {"epoch": self.epoch, "stage": self.stage.value, "train_loss": r4(self.train_loss),
+                "train_acc": r4(self.train_acc), "val_loss": r4(self.val_loss), "val_acc": r4(self.val_acc),
+                "lr": f"{self.lr:.3g}", "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 1)}
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "stage": self.stage.value}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EpochRecord":
+        """Also reads the rows of states written before records were typed (rounded, lr as text)."""
+        return cls(int(d["epoch"]), Stage(d["stage"]), float(d["train_loss"]), float(d["train_acc"]),
+                   float(d["val_loss"]), float(d["val_acc"]), float(d["lr"]), float(d["seconds"]), float(d["images_per_s"]))
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: Path
+    best_val_acc: float
+    best_epoch: int
+    epochs: int
+    classes: list[str]
+    num_train: int
+    num_val: int
+    skipped: list[dict]
+    device: str
+    seconds: float
+    arch: str
+    img_size: int
+    weights: str
+    layout: str
+    class_counts: dict[str, int] = field(default_factory=dict)
+    imbalanced: bool = False
+    stopped_early: bool = False
+    plots: list[str] = field(default_factory=list)
+    history: list[EpochRecord] = field(default_factory=list)
+
+    def to_json_dict(self) -> dict:
+        """The `--json` object and results.json (the history is in metrics.csv)."""
+        d = {k: getattr(self, k) for k in ("best_val_acc", "best_epoch", "epochs", "classes", "num_train", "num_val",
+                                            "skipped", "device", "seconds", "arch", "img_size", "weights", "layout",
+                                            "class_counts", "imbalanced", "stopped_early", "plots")}
+        return {"run_dir": str(self.run_dir), "model": str(self.model), **d}
+
+
+@dataclass
+class EvaluationReport:
+    """A model measured on labelled images (`finetune evaluate`)."""
+
+    model: str
+    data: str  # the folder the images came from (DATA/test, DATA/val or DATA)
+    accuracy: float
+    num_images: int
+    classes: list[str]
+    per_class: dict[str, dict]  # class -> precision, recall, f1, support
+    confusion_matrix: list[list[int]]  # rows: true class, columns: predicted
+    most_confused: list[dict]  # {true, predicted, count}, most frequent first
+    top_losses: list[dict]  # {path, true, predicted, score, loss}, worst first
+    skipped: list[dict] = field(default_factory=list)  # {path, reason}
+    tta: bool = False
+
+    def to_json_dict(self) -> dict:
+        return asdict(self)

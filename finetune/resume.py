@@ -1,0 +1,146 @@
+"""The training state that `--resume` continues from: one dataclass that is the whole file
+format (`last_state.safetensors`), saved and loaded here and nowhere else.
+
+After every completed epoch the run folder gets this state, so an interrupted run can go on
+with the optimizer, schedule, RNG, history and best metric as they were. It is written
+without pickle: tensors by name, everything else as JSON metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .config import MODEL_FILENAME, TrainConfig
+from .data import DatasetSplit
+from .errors import DataError, ModelFileError, UsageError
+from .files import read_safetensors, write_safetensors
+from .records import EpochRecord, Stage
+
+STATE_FILENAME = "last_state.safetensors"
+STATE_KEY = "finetune_state"
+
+
+@dataclass
+class ResumeState:
+    stage: Stage  # the stage of the last completed epoch
+    epoch: int  # epochs completed in that stage
+    history: list[EpochRecord]
+    trainable: dict[str, torch.Tensor]  # the weights that stage trains, named as in the model
+    optimizer: dict  # the optimizer's state_dict
+    schedule: dict  # the learning-rate schedule's state_dict
+    best_acc: float
+    best_loss: float
+    best_epoch: int
+    # The best epoch's weights of the stage when they are not in the model file (the head
+    # stage keeps its tiny best head here instead of rewriting the model file every epoch).
+    best_trainable: dict[str, torch.Tensor]
+    best_val_pred: torch.Tensor | None  # val predictions of the best epoch
+    rng: dict[str, torch.Tensor]  # "torch", "generator" (the stage's own, if any), "cuda.<i>"
+    skipped: list[dict]
+    num_train: int
+    num_val: int
+    classes: list[str]
+    stopped_stage: Stage | None  # the stage that early stopping ended
+    files_digest: str  # which files were in train and val when the run started ("" in old states: not checked)
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stopped_stage is not None
+
+    def save(self, path: Path) -> None:
+        tensors = {f"model.{k}": v for k, v in self.trainable.items()}
+        tensors.update({f"best.{k}": v for k, v in self.best_trainable.items()})
+        if self.best_val_pred is not None:
+            tensors["best.val_pred"] = self.best_val_pred
+        tensors.update({f"rng.{k}": v for k, v in self.rng.items()})
+        for param_id, param_state in self.optimizer["state"].items():  # per-parameter tensors by name
+            for name, value in param_state.items():
+                tensors[f"optim.{param_id}.{name}"] = torch.as_tensor(value)
+        info = {
+            "stage": self.stage.value, "epoch": self.epoch, "history": [r.to_dict() for r in self.history],
+            "schedule": self.schedule, "best": {"acc": self.best_acc, "loss": self.best_loss, "epoch": self.best_epoch},
+            "skipped": self.skipped, "num_train": self.num_train, "num_val": self.num_val, "classes": self.classes,
+            "stopped_early": self.stopped_early, "stopped_stage": self.stopped_stage and self.stopped_stage.value,
+            "files_digest": self.files_digest, "optimizer_param_groups": self.optimizer["param_groups"],
+        }
+        write_safetensors(path, tensors, info, STATE_KEY)
+
+    @classmethod
+    def load(cls, path: Path) -> "ResumeState":
+        if not path.is_file():
+            raise UsageError(f"{path.parent}: nothing to resume (no {path.name}); a run can be resumed after its first epoch, until it finishes.")
+        damaged = ModelFileError(f"{path}: training state is damaged; it cannot be resumed. Start a new run.")
+        try:
+            tensors, info = read_safetensors(path, STATE_KEY)
+            optimizer: dict = {"state": {}, "param_groups": info["optimizer_param_groups"]}
+            for key in [k for k in tensors if k.startswith("optim.")]:
+                _, param_id, name = key.split(".", 2)
+                optimizer["state"].setdefault(int(param_id), {})[name] = tensors.pop(key)
+            best = info["best"]
+            return cls(
+                stage=Stage(info["stage"]), epoch=int(info["epoch"]),
+                history=[EpochRecord.from_dict(r) for r in info["history"]],
+                trainable=_with_prefix(tensors, "model."), optimizer=optimizer, schedule=info["schedule"],
+                best_acc=best["acc"], best_loss=best["loss"], best_epoch=best["epoch"],
+                best_trainable={k: v for k, v in _with_prefix(tensors, "best.").items() if k != "val_pred"},
+                best_val_pred=tensors.get("best.val_pred"), rng=_with_prefix(tensors, "rng."),
+                skipped=info["skipped"], num_train=info["num_train"], num_val=info["num_val"], classes=info["classes"],
+                stopped_stage=Stage(info["stopped_stage"]) if info.get("stopped_stage") else None,
+                files_digest=info.get("files_digest", ""),
+            )
+        except (ModelFileError, KeyError, TypeError, ValueError):
+            raise damaged from None
+
+    def check_same_data(self, split: DatasetSplit, digest: str, data: Path, run_dir: Path) -> None:
+        """Refuse to go on when the data folder's classes or files changed since the run started."""
+        if self.classes != split.classes:
+            raise DataError(f"{data}: its class folders changed since {run_dir} started "
+                            f"({', '.join(self.classes)} then, {', '.join(split.classes)} now); start a new run.")
+        if self.files_digest and self.files_digest != digest:
+            raise DataError(f"{data}: images were added, removed or renamed since {run_dir} started, "
+                            "so its train/val split would change; start a new run.")
+
+
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def rng_state(generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """Every random-number state a stage's epochs depend on."""
+    rng = {"torch": torch.get_rng_state()}
+    if generator is not None:
+        rng["generator"] = generator.get_state()
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
+def restore_rng(rng: dict[str, torch.Tensor], generator: torch.Generator | None) -> None:
+    torch.set_rng_state(rng["torch"])
+    if generator is not None:
+        generator.set_state(rng["generator"])
+    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def files_digest(split: DatasetSplit, data: Path) -> str:
+    """A fingerprint of which files are in train and in val (relative to DATA, however it was spelt)."""
+    lines = [f"t {os.path.relpath(s.path, data)}" for s in split.train] + [f"v {os.path.relpath(s.path, data)}" for s in split.val]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def config_for_resume(run_dir: Path) -> TrainConfig:
+    """The config a run was started with, read back from its folder."""
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(f"--resume {run_dir}: not a run folder (no config.json). Pass a folder under runs/.")
+    if (run_dir / "results.json").is_file():
+        raise UsageError(f"--resume {run_dir}: this run already finished; its model is {run_dir / MODEL_FILENAME}.")
+    saved = TrainConfig.from_json_dict(json.loads((run_dir / "config.json").read_text()))
+    return replace(saved, resume=run_dir)

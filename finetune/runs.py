@@ -1,0 +1,113 @@
+"""Run folders: where they are made, the newest one, and the files a training run writes there."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from pathlib import Path
+
+from .checkpoint import save_model
+from .config import MODEL_FILENAME, TrainConfig
+from .data import DatasetSplit
+from .errors import UsageError
+from .files import write_csv, write_json
+from .records import EpochRecord, TrainResult
+from .resume import STATE_FILENAME, ResumeState
+from .tracking import BestEpoch
+
+
+def create_run_dir(runs_dir: Path, name: str | None) -> Path:
+    """runs/<name>, runs/<name>2, ... : a new folder each time, never an earlier run's."""
+    base = name or "train"
+    if Path(base).name != base or base in (".", "..") or not base.strip():
+        raise UsageError(f"--name '{base}': a run name is one folder name (no '/', '..' or absolute path); use --runs-dir to choose where runs go.")
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--runs-dir {runs_dir}: cannot create it ({e.strerror or e}). Pass a writable folder.") from None
+    for n in range(1, 100_000):
+        candidate = runs_dir / (base if n == 1 else f"{base}{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UsageError(f"--runs-dir {runs_dir}: cannot create a run folder there ({e.strerror or e}). Pass a writable folder.") from None
+    raise UsageError(f"{runs_dir}: too many runs named '{base}'; pass another --name.")
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    """A new run folder holding the run's config.json."""
+    run_dir = create_run_dir(cfg.runs_dir, cfg.name)
+    # Absolute paths, so that --resume works from any working directory.
+    absolute = replace(cfg, data=cfg.data.resolve(), runs_dir=cfg.runs_dir.resolve(),
+                       weights=cfg.weights.resolve() if cfg.weights else None)
+    write_json(run_dir / "config.json", {k: v for k, v in absolute.to_json_dict().items() if k != "resume"})
+    return run_dir
+
+
+def refuse_output_inside_input(output: Path, data: Path) -> None:
+    out, inp = output.resolve(), data.resolve()
+    if out == inp or inp in out.parents:
+        raise UsageError(f"--runs-dir {output} is inside the data folder {data}; outputs never go into your data. Pass a --runs-dir outside it.")
+
+
+def _writes(method):
+    """Under torchrun only rank 0 writes the run folder: on the other ranks this does nothing
+    (and returns None), so the training code calls it without asking which rank it is."""
+    @functools.wraps(method)
+    def on_the_writing_rank(self, *args, **kwargs):
+        return method(self, *args, **kwargs) if self.writes else None
+    return on_the_writing_rank
+
+
+class RunFolder:
+    """The files of one training run, each written atomically."""
+
+    def __init__(self, path: Path, writes: bool = True):
+        self.path, self.writes = path, writes
+        self.model_path = path / MODEL_FILENAME
+        self.state_path = path / STATE_FILENAME
+        self.saved_epoch: int | None = None  # the epoch whose model is in the model file
+
+    @_writes
+    def save_model(self, best: BestEpoch, metadata: dict) -> Path | None:
+        """The model file of the best epoch, written only when that epoch changed."""
+        if best.state is None:
+            return None
+        if self.saved_epoch != best.epoch:
+            save_model(self.model_path, best.state, metadata)
+            self.saved_epoch = best.epoch
+        return self.model_path
+
+    @_writes
+    def save_state(self, state: ResumeState, history: list[EpochRecord]) -> None:
+        state.save(self.state_path)
+        self.write_metrics(history)
+
+    @_writes
+    def write_metrics(self, history: list[EpochRecord]) -> None:
+        write_csv(self.path / "metrics.csv", [r.to_csv_row() for r in history], list(EpochRecord.CSV_FIELDS))
+
+    @_writes
+    def write_skipped(self, skipped: list[dict]) -> None:
+        write_csv(self.path / "skipped.csv", skipped, ["path", "reason"])
+
+    @_writes
+    def write_plots(self, history: list[EpochRecord], best: BestEpoch, split: DatasetSplit) -> list[Path]:
+        """curves.png (loss/accuracy per epoch) and confusion_matrix.png (best epoch, val)."""
+        from .report import confusion_matrix, plot_confusion_matrix, plot_curves
+
+        paths = [plot_curves(history, self.path / "curves.png")]
+        if best.val_pred is not None:
+            cm = confusion_matrix([s.label for s in split.val], best.val_pred.tolist(), len(split.classes))
+            paths.append(plot_confusion_matrix(cm, split.classes, self.path / "confusion_matrix.png",
+                                               f"validation, best epoch {best.epoch}"))
+        return paths
+
+    @_writes
+    def finish(self, result: TrainResult) -> None:
+        """results.json, then the training state goes: nothing is left to resume."""
+        write_json(self.path / "results.json", result.to_json_dict())  # first: with it, --resume says "finished"
+        self.state_path.unlink(missing_ok=True)

@@ -1,0 +1,147 @@
+"""The kinds of training stage. A stage says what is trained, on which batches, with which
+learning rates and how it is validated; `fit.fit_stage` runs any of them the same way.
+
+- HeadStage: a new head on the cached features of the frozen backbone (seconds).
+- FinetuneStage: the whole network on freshly augmented images, the backbone at a lower
+  learning rate (minutes per epoch on a CPU), on every rank under torchrun.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+
+from .config import TrainConfig
+from .data import DatasetSplit, ImageFileDataset, Preprocessing, make_loader
+from .device import autocast, autocast_dtype, forward_in_chunks, to_model_input
+from .distributed import SINGLE, Dist
+from .features import FeatureSet
+from .models import Classifier
+from .records import Stage
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # model input, labels; None for a batch whose images all failed
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_loss(cfg: TrainConfig, class_counts: list[int], device: torch.device) -> LossFn:
+    """Cross-entropy with label smoothing, and inverse-frequency class weights when asked for."""
+    weights = inverse_frequency_weights(class_counts).to(device) if cfg.class_weights else None
+    return lambda logits, y: F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=cfg.label_smoothing)
+
+
+def inverse_frequency_weights(counts: list[int]) -> torch.Tensor:
+    """Each class weighs total / (classes x its count): rare classes count as much as common ones."""
+    total, n = sum(counts), len(counts)
+    return torch.tensor([total / (n * max(c, 1)) for c in counts], dtype=torch.float32)
+
+
+class HeadStage:
+    """Epochs take milliseconds, so one process trains it (under torchrun the other ranks wait
+    for its outcome) and the progress bar counts epochs, not batches."""
+
+    kind = Stage.HEAD
+    title = "Head (frozen backbone)"
+    bar_per_epoch = False
+    dist = SINGLE
+    amp = None  # the head always runs in fp32
+    prefix = "head."  # what it trains, by name in the model
+    best_in_state = True  # the best head is tiny: kept in the state file, not rewritten to the model file each epoch
+
+    def __init__(self, model: Classifier, features: FeatureSet, loss: LossFn, cfg: TrainConfig, device: torch.device):
+        n, views, dim = features.train.shape
+        self.model, self.net, self.loss, self.device = model, model.head, loss, device
+        self.x, self.y = features.train.reshape(n * views, dim).to(device), features.train_labels.repeat_interleave(views).to(device)
+        self.x_val, self.y_val = features.val.to(device), features.val_labels.to(device)
+        self.epochs, self.batch_size, self.lr = cfg.epochs, cfg.batch_size, cfg.lr
+        self.steps_per_epoch = math.ceil(len(self.x) / cfg.batch_size)
+        self.warmup_steps = self.steps_per_epoch
+        self.epoch_size = len(self.x)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # the shuffling; saved with the resume state
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": self.net.parameters(), "lr": self.lr}]
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
+
+    def batches(self) -> Iterator[Batch]:
+        order = torch.randperm(len(self.x), generator=self.generator).to(self.x.device)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield self.x[idx].float(), self.y[idx]
+
+    @torch.no_grad()
+    def validate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.net.eval()
+        return self.net(self.x_val.float()), self.y_val
+
+
+class FinetuneStage:
+    """Every rank trains on its shard of the images (DDP averages the gradients) and validates
+    its share of the val set; an epoch gets a progress bar of its own."""
+
+    kind = Stage.FINETUNE
+    title = "Fine-tune"
+    bar_per_epoch = True
+    prefix = ""  # the whole model
+    best_in_state = False  # the best model is in the model file, written when it changes
+    generator = None
+
+    def __init__(self, model: Classifier, split: DatasetSplit, pp: Preprocessing, loss: LossFn, cfg: TrainConfig,
+                 device: torch.device, d: Dist):
+        self.model, self.loss, self.cfg, self.device, self.dist = model, loss, cfg, device, d
+        self.amp = autocast_dtype(device)
+        self.epochs = cfg.finetune_epochs
+        train_ds = ImageFileDataset([s.path for s in split.train], pp, cfg.max_pixels, views=1, augment_all=True)
+        self.val_mine = d.shard(list(range(len(split.val))))  # each rank validates its share
+        val_ds = ImageFileDataset([split.val[i].path for i in self.val_mine], pp, cfg.max_pixels, views=1)
+        self.labels = torch.tensor([s.label for s in split.train])
+        self.val_labels = torch.tensor([s.label for s in split.val])
+        pin = device.type == "cuda"
+        # Each rank trains on its own shard. A single process uses the same sampler (one shard
+        # of one), so a run under torchrun with one process sees the very batches of a plain run.
+        self.sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
+        self.net = model
+        if d.active:  # DDP averages the gradients (and syncs the weights at the start)
+            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed, sampler=self.sampler)
+        self.val_loader = make_loader(val_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed)
+        self.steps_per_epoch = max(1, len(self.train_loader))
+        self.warmup_steps = max(1, self.steps_per_epoch // 2)
+        self.epoch_size = len(self.sampler)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": self.model.backbone.parameters(), "lr": self.cfg.lr * self.cfg.backbone_lr_ratio},
+                {"params": self.model.head.parameters(), "lr": self.cfg.lr}]
+
+    def start_epoch(self, epoch: int) -> None:
+        # Shuffling, augmentation and worker seeds depend only on (seed, epoch, rank): a resumed
+        # run sees the same batches.
+        seed = self.cfg.seed
+        self.train_loader.generator.manual_seed(seed * 100_003 + epoch)
+        torch.manual_seed(seed * 100_003 + epoch * 1_009 + self.dist.rank)
+        self.sampler.set_epoch(epoch)
+
+    def batches(self) -> Iterator[Batch | None]:
+        for indices, batch, _failed in self.train_loader:
+            yield None if batch is None else (to_model_input(batch[:, 0], self.device), self.labels[indices].to(self.device))
+
+    @torch.inference_mode()
+    def validate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits for the whole val set, in order, on every rank (each rank computes its share)."""
+        self.model.eval()
+        outs, idx = [], []
+        for indices, batch, _failed in self.val_loader:
+            if batch is None:
+                continue
+            with autocast(self.device, self.amp):
+                outs.append(forward_in_chunks(self.model, to_model_input(batch[:, 0], self.device), self.device).float().cpu())
+            idx.extend(self.val_mine[i] for i in indices)
+        classes = self.model.head[1].out_features
+        all_idx, logits = self.dist.gather_in_order(idx, torch.cat(outs) if outs else torch.empty(0, classes))
+        return logits.to(self.device), self.val_labels[all_idx].to(self.device)

@@ -1,0 +1,180 @@
+"""`train`: from an image folder to a run folder holding a trained model.
+
+    scan the folder -> build the model -> compute the frozen backbone's features once
+    -> train a new head on them -> fine-tune the whole network (when asked) -> write the run
+
+The best epoch by validation accuracy is what gets saved. After every epoch the run folder
+gets a resume state (resume.py), so Ctrl-C keeps the best model so far and `--resume`
+continues from the last completed epoch. Under torchrun every rank runs this; only rank 0
+writes and reports.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+import torch
+
+from .config import TrainConfig
+from .data import DatasetSplit, count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class, scan_dataset
+from .device import pick_device
+from .distributed import Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, sigint_handler
+from .errors import GpuOutOfMemory, PeerStopped, TrainingInterrupted
+from .features import FeatureExtractor
+from .fit import Run, fit_stage
+from .models import build_classifier, get_arch, resolve_pretrained
+from .progress import Reporter
+from .records import Stage, TrainResult
+from .resume import ResumeState, config_for_resume, files_digest
+from .runs import RunFolder, new_run_dir, refuse_output_inside_input
+from .stages import FinetuneStage, HeadStage, LossFn, make_loss
+
+
+def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | None:
+    """Train, write the run folder and return its summary.
+
+    Under torchrun every rank calls this; rank 0 alone reports, writes and returns the
+    result, the other ranks return None.
+    """
+    d, device_name = from_environment(cfg.device)
+    try:
+        result = _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name)
+    except KeyboardInterrupt:  # while starting (scan, weights): the stages handle their own
+        if cfg.resume is not None:
+            raise TrainingInterrupted(f"training interrupted before it went on; continue with: finetune train --resume {cfg.resume}") from None
+        raise TrainingInterrupted("training interrupted before its first epoch; nothing to resume: start it again.") from None
+    except Exception as e:
+        if d.active and is_lost_peer(e):
+            first_line = (str(e).splitlines() or [type(e).__name__])[0]
+            raise PeerStopped(f"rank {d.rank} lost contact with the other ranks ({first_line})") from None
+        raise
+    else:
+        if d.active and d.is_main:
+            record_rank_end(0, "finished")  # so that a Ctrl-C that came too late to stop it is not reported as one
+        return result
+    finally:
+        shutdown(d)
+
+
+def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> TrainResult | None:
+    started = time.perf_counter()
+    resume_dir = cfg.resume
+    cfg = (config_for_resume(resume_dir) if resume_dir is not None else cfg).checked()
+    refuse_output_inside_input(cfg.runs_dir, cfg.data)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(device_name)
+    spec = get_arch(cfg.arch)
+    split = share_outcome(d, lambda: scan_for_training(cfg))  # the folder is scanned once, not once per rank
+    reporter.info(f"{cfg.data}: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images ({split.layout})")
+    state, weights_source = resolve_pretrained(spec, cfg.weights) if cfg.pretrained else (None, "none (random init)")
+    model = build_classifier(spec, len(split.classes), state).to(device).to(memory_format=torch.channels_last)
+    pp = spec.preprocessing(cfg.img_size)
+    reporter.info(f"{spec.name} at {pp.img_size}px on {device}, weights: {weights_source}")
+    if d.active:
+        reporter.info(f"distributed: {d.world} process{'es' if d.world > 1 else ''} ({'nccl' if device.type == 'cuda' else 'gloo'})")
+    run_dir = resume_dir if resume_dir is not None else share_outcome(d, lambda: new_run_dir(cfg))
+    run = Run(cfg, model, split, pp, RunFolder(run_dir, writes=d.is_main), reporter, files_digest(split, cfg.data))
+    try:
+        run_stages(run, device, d, ResumeState.load(run.folder.state_path) if resume_dir is not None else None)
+    except KeyboardInterrupt:
+        raise interrupted(run, d) from None
+    except torch.cuda.OutOfMemoryError:
+        raise GpuOutOfMemory(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; "
+                             f"start again with --batch-size {max(1, cfg.batch_size // 2)}.") from None
+    if not d.is_main:
+        return None
+    with sigint_ignored():  # training is over: a Ctrl-C now must not leave the run folder half-written
+        return finish(run, started, device, weights_source)
+
+
+def scan_for_training(cfg: TrainConfig) -> DatasetSplit:
+    split = scan_dataset(cfg.data, cfg.val_split, cfg.seed)
+    split.train = limit_per_class(split.train, cfg.max_images_per_class, cfg.seed)
+    split.val = limit_per_class(split.val, cfg.max_images_per_class, cfg.seed)
+    return split
+
+
+def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | None) -> None:
+    """The head on cached features (unless a resumed run is past it), then fine-tuning."""
+    cfg, stage, done = run.cfg, Stage.HEAD, 0
+    if resumed is not None:
+        resumed.check_same_data(run.split, run.files_digest, cfg.data, run.folder.path)
+        run.restore(resumed, device)
+        stage, done = resumed.stage, epochs_completed(resumed, cfg)
+        run.reporter.info(f"resuming {run.folder.path} after epoch {len(run.history)} ({stage} stage)")
+    if stage is Stage.HEAD:
+        features, clean = FeatureExtractor(run.model, run.pp, cfg, device, d, run.reporter).features_of(run.split)
+        loss = settle_split(run, clean, device)
+        run.folder.write_skipped(run.split.skipped)  # the bad-file check is done: the list is final
+        if d.is_main:  # the head trains in seconds: one process does it, the others wait
+            fit_stage(HeadStage(run.model, features, loss, cfg, device), run, done, resumed)
+            run.save_best()
+        run.share_from_main(d)
+        run.model.load_state_dict(run.best.state)
+        done, resumed = 0, None
+    else:  # the features were computed before the interruption: drop the files they found bad
+        bad = {s["path"] for s in resumed.skipped}
+        loss = settle_split(run, DatasetSplit(run.split.classes, [s for s in run.split.train if str(s.path) not in bad],
+                                              [s for s in run.split.val if str(s.path) not in bad], run.split.layout,
+                                              resumed.skipped), device)
+    if cfg.finetune_epochs > done:
+        fit_stage(FinetuneStage(run.model, run.split, run.pp, loss, cfg, device, d), run, done, resumed)
+
+
+def epochs_completed(resumed: ResumeState, cfg: TrainConfig) -> int:
+    """Epochs done in the resumed stage; all of them when early stopping had ended it."""
+    if resumed.stopped_stage is resumed.stage:
+        return cfg.epochs if resumed.stage is Stage.HEAD else cfg.finetune_epochs
+    return resumed.epoch
+
+
+def settle_split(run: Run, split: DatasetSplit, device: torch.device) -> LossFn:
+    """Train on `split` from now on (the bad files dropped); returns the loss for its classes."""
+    require_images_in_every_class(split)
+    counts = count_per_class(split.train, len(split.classes))
+    if is_imbalanced(counts):
+        detail = ", ".join(f"{c} {n}" for c, n in zip(split.classes, counts))
+        hint = "class weights are on" if run.cfg.class_weights else "consider --class-weights"
+        run.reporter.warn(f"classes are imbalanced ({detail}); {hint}.")
+    run.split = split
+    return make_loss(run.cfg, counts, device)
+
+
+def interrupted(run: Run, d: Dist) -> TrainingInterrupted:
+    """Ctrl-C: the best model so far is saved, and the message says how to go on."""
+    with sigint_ignored():
+        saved = run.save_best()
+        run.folder.write_metrics(run.history)
+    where = f"; the best model so far is in {saved}" if saved else ""
+    same_processes = f" --devices {d.world}" if d.active and d.one_machine else ""
+    again = (f" Continue with: finetune train --resume {run.folder.path}{same_processes}" if run.folder.state_path.is_file()
+             else " It stopped before its first epoch finished; start it again to continue.")
+    return TrainingInterrupted(f"training interrupted{where}.{again}")
+
+
+def finish(run: Run, started: float, device: torch.device, weights_source: str) -> TrainResult:
+    """Write the model, metrics, plots and results.json; the training state goes (nothing left to resume)."""
+    split, folder = run.split, run.folder
+    model_path = run.save_best()
+    folder.write_metrics(run.history)
+    plots = folder.write_plots(run.history, run.best, split)
+    counts = count_per_class(split.train, len(split.classes))
+    result = TrainResult(
+        run_dir=folder.path, model=model_path, best_val_acc=round(run.best.acc, 4), best_epoch=run.best.epoch,
+        epochs=len(run.history), classes=split.classes, num_train=len(split.train), num_val=len(split.val),
+        skipped=split.skipped, device=str(device), seconds=round(time.perf_counter() - started, 2), arch=run.cfg.arch,
+        img_size=run.pp.img_size, weights=weights_source, layout=split.layout,
+        class_counts=dict(zip(split.classes, counts)), imbalanced=is_imbalanced(counts),
+        stopped_early=run.early.stopped_early, plots=[str(p) for p in plots], history=run.history,
+    )
+    folder.finish(result)
+    return result
+
+
+def sigint_ignored():
+    """Let a save finish when Ctrl-C is pressed (again) meanwhile. (Under `--devices`, torchrun
+    answers a second Ctrl-C by terminating the ranks; the files are still written atomically.)"""
+    return sigint_handler(signal.SIG_IGN)

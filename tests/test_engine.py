@@ -1,0 +1,150 @@
+"""The training engine's parts on their own: config rules, records, best epoch, early stopping,
+the resume file format, and the library face `import finetune`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune
+from finetune import TrainConfig
+from finetune.errors import UsageError
+from finetune.records import EpochRecord, Stage
+from finetune.resume import ResumeState
+from finetune.tracking import BestEpoch, EarlyStopping
+
+
+def record(epoch, val_acc, val_loss, stage=Stage.HEAD):
+    return EpochRecord(epoch, stage, 0.5, 0.9, val_loss, val_acc, 1e-3, 0.1, 1000.0)
+
+
+def test_unfreezing_means_five_finetune_epochs_for_library_users_too():
+    assert TrainConfig(freeze_backbone=False).checked().finetune_epochs == 5
+    assert TrainConfig(freeze_backbone=False, finetune_epochs=2).checked().finetune_epochs == 2
+    default = TrainConfig().checked()
+    assert default.finetune_epochs == 0 and default.freeze_backbone is True
+    with pytest.raises(UsageError, match="contradict"):
+        TrainConfig(freeze_backbone=True, finetune_epochs=3).checked()
+    with pytest.raises(UsageError, match="--views must be at least 1"):
+        TrainConfig(views=0).checked()
+
+
+def test_checked_config_survives_config_json():
+    cfg = TrainConfig(data=Path("/d"), freeze_backbone=False).checked()
+    again = TrainConfig.from_json_dict(json.loads(json.dumps(cfg.to_json_dict()))).checked()
+    assert again == cfg
+
+
+def test_best_epoch_prefers_accuracy_then_lower_loss():
+    model = torch.nn.Linear(2, 2)
+    best = BestEpoch()
+    assert best.offer(record(1, 0.8, 0.5), model, torch.tensor([0, 1]))
+    assert not best.offer(record(2, 0.7, 0.1), model, torch.tensor([0, 1]))
+    assert best.offer(record(3, 0.8, 0.4), model, torch.tensor([1, 1]))  # same accuracy, lower loss
+    assert not best.offer(record(4, 0.8, 0.4), model, torch.tensor([0, 0]))
+    assert best.epoch == 3 and best.val_pred.tolist() == [1, 1]
+    with torch.no_grad():
+        model.weight.zero_()
+    assert best.state["weight"].abs().sum() > 0  # a copy, not the live weights
+
+
+def test_early_stopping_counts_from_the_stage_start():
+    early = EarlyStopping(patience=2)
+    assert not early.should_stop(Stage.HEAD, epochs_done=3, best_epoch=2, stage_first_epoch=1)
+    assert early.should_stop(Stage.HEAD, epochs_done=4, best_epoch=2, stage_first_epoch=1)
+    assert early.stopped_stage is Stage.HEAD and early.stopped_early
+    # A new stage starting at epoch 5 gets its own patience, whatever the head's best epoch was.
+    assert not early.should_stop(Stage.FINETUNE, epochs_done=5, best_epoch=2, stage_first_epoch=5)
+    assert early.should_stop(Stage.FINETUNE, epochs_done=6, best_epoch=2, stage_first_epoch=5)
+    assert not EarlyStopping(patience=0).should_stop(Stage.HEAD, 100, 1, 1)
+
+
+def test_epoch_records_read_rows_of_older_states():
+    old = {"epoch": 3, "stage": "head", "train_loss": 0.1234, "train_acc": 1.0, "val_loss": 0.2, "val_acc": 0.9,
+           "lr": "0.000988", "seconds": 0.05, "images_per_s": 9796.8}
+    r = EpochRecord.from_dict(old)
+    assert r.stage is Stage.HEAD and r.lr == pytest.approx(0.000988)
+    assert EpochRecord.from_dict(r.to_dict()) == r
+    assert r.to_csv_row()["lr"] == "0.000988"
+
+
+def test_resume_state_round_trip(tmp_path):
+    head = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    head(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = ResumeState(
+        stage=Stage.HEAD, epoch=2, history=[record(1, 0.5, 1.0), record(2, 0.75, 0.5)],
+        trainable={f"head.1.{k}": v for k, v in head.state_dict().items()}, optimizer=optimizer.state_dict(),
+        schedule={"last_epoch": 7}, best_acc=0.75, best_loss=0.5, best_epoch=2,
+        best_trainable={"head.1.weight": torch.zeros(2, 3)}, best_val_pred=torch.tensor([1, 0]),
+        rng={"torch": torch.get_rng_state()}, skipped=[{"path": "a.jpg", "reason": "bad"}], num_train=4, num_val=2,
+        classes=["a", "b"], stopped_stage=None, files_digest="abc",
+    )
+    state.save(tmp_path / "s.safetensors")
+    back = ResumeState.load(tmp_path / "s.safetensors")
+    assert back.history == state.history and back.stage is Stage.HEAD and back.epoch == 2
+    assert back.trainable.keys() == state.trainable.keys() and back.best_trainable.keys() == {"head.1.weight"}
+    assert torch.equal(back.best_val_pred, state.best_val_pred) and torch.equal(back.rng["torch"], state.rng["torch"])
+    fresh = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    fresh.load_state_dict(back.optimizer)
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    (tmp_path / "s.safetensors").write_bytes(b"garbage")
+    with pytest.raises(finetune.FinetuneError, match="training state is damaged"):
+        ResumeState.load(tmp_path / "s.safetensors")
+
+
+def test_import_finetune_is_light_and_lists_the_library():
+    code = "import sys, finetune; print(sorted(finetune.__all__)); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in ("train", "load_model", "predict", "evaluate", "export", "TrainConfig", "FinetuneError"):
+        assert name in out[0]
+    assert out[1] == "False"  # torch loads on first use, not on import (the CLI's --help stays fast)
+
+
+def test_the_library_face_end_to_end(trained_run, tmp_path):
+    model = finetune.load_model(Path(trained_run["summary"]["run_dir"]))  # a run folder
+    assert model.classes == ["cat", "dog", "fox"]
+    val = trained_run["data"] / "val"
+    predictions = list(finetune.predict(model, [val / "dog", tmp_path / "missing.jpg"], finetune.PredictConfig(workers=0)))
+    assert [p.label for p in predictions[:3]] == ["dog"] * 3
+    assert predictions[-1].error == "file not found"
+    report = finetune.evaluate(model, trained_run["data"], finetune.PredictConfig(workers=0))
+    assert isinstance(report, finetune.EvaluationReport) and report.num_images == 9
+    assert report.accuracy == trained_run["summary"]["best_val_acc"]
+    exported = finetune.export(model, "torchscript", tmp_path / "m.pt")
+    assert exported.path.is_file() and exported.max_abs_diff <= 1e-4
+    with pytest.raises(finetune.FinetuneError, match="no trained model"):
+        finetune.load_model(None, tmp_path / "no_runs")
+
+
+def test_a_run_resumed_in_the_head_stage_keeps_its_own_copy_of_the_best_model(tmp_path):
+    from finetune.data import DatasetSplit
+    from finetune.fit import Run
+    from finetune.models import build_classifier, get_arch
+    from finetune.progress import Reporter
+    from finetune.runs import RunFolder
+
+    spec = get_arch("efficientnet_lite0")
+    model = build_classifier(spec, 2)
+    best_head = {k: torch.full_like(v, 0.5) for k, v in model.head.state_dict().items()}
+    state = ResumeState(
+        stage=Stage.HEAD, epoch=1, history=[record(1, 0.5, 1.0)], trainable={f"head.{k}": v for k, v in model.head.state_dict().items()},
+        optimizer={}, schedule={}, best_acc=0.5, best_loss=1.0, best_epoch=1,
+        best_trainable={f"head.{k}": v for k, v in best_head.items()}, best_val_pred=None, rng={}, skipped=[],
+        num_train=2, num_val=2, classes=["a", "b"], stopped_stage=None, files_digest="")
+    run = Run(TrainConfig(), model, DatasetSplit(["a", "b"], [], [], "test"), spec.preprocessing(), RunFolder(tmp_path),
+              Reporter(), "")
+    run.restore(state, torch.device("cpu"))
+    assert torch.equal(run.best.state["head.1.weight"], best_head["1.weight"])
+    backbone_before = {k: v.clone() for k, v in run.best.state.items() if k.startswith("backbone.")}
+    with torch.no_grad():  # fine-tuning then changes the live backbone...
+        for p in model.backbone.parameters():
+            p.add_(1.0)
+    # ...but not the best model, which is what gets saved if no later epoch beats it.
+    assert all(torch.equal(run.best.state[k], v) for k, v in backbone_before.items())
