@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from finetune import PredictConfig, load_model, predict
-from finetune.data import walk_files
+from finetune.scan import list_images
 from finetune.device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
 
 
 def link_folder(data: Path, target: Path, min_images: int) -> int:
-    images, _ = walk_files(data)
+    images = list_images(data)
     n = 0
     while n < min_images:
         for src in images:

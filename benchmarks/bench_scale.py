@@ -1,10 +1,11 @@
 """Does memory stay flat and the folder scan stay cheap as a dataset grows?
 
-    python benchmarks/bench_scale.py [--sizes 1000 25000] [--keep DIR]
+    python benchmarks/bench_scale.py [--sizes 1000 25000]
 
 Makes synthetic ImageFolders (2 classes, 160x120 JPEGs) of each size in a temporary
 folder, then for each: times the folder scan (listing + split), times decoding every image
-once (what the bad-file check costs), and runs `finetune train` (efficientnet_lite0,
+once (what the bad-file check costs), runs `finetune check` (which reads and decodes every
+image as train would, in one process per core), and runs `finetune train` (efficientnet_lite0,
 --img-size 64 --views 1 --epochs 5 to keep the run short) measuring its peak RSS.
 Prints JSON. finetune keeps no decoded images in memory: only the backbone features
 (views x feature_dim x 2 bytes per training image).
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from finetune.config import TrainConfig
-from finetune.data import scan_dataset
+from finetune.scan import scan_dataset
 from finetune.images import load_rgb
 
 
@@ -36,7 +37,8 @@ def make_folder(root: Path, n: int) -> None:
         folder.mkdir(parents=True)
         base = np.clip(np.array(colour) + rng.normal(0, 30, (120, 160, 3)), 0, 255).astype(np.uint8)
         for i in range(n // 2):
-            img = np.roll(base, i % 160, axis=1)  # cheap variety; each file is its own JPEG
+            img = np.roll(base, i % 160, axis=1)  # cheap variety
+            img[0, :3] = [[i & 255, (i >> 8) & 255, (i >> 16) & 255]] * 3  # no two files alike (finetune drops copies)
             Image.fromarray(img).save(folder / f"{i:06d}.jpg", quality=80)
 
 
@@ -71,11 +73,15 @@ def main() -> None:
             for p in paths:
                 load_rgb(p, TrainConfig().max_pixels)
             decode_s = time.perf_counter() - started
+            check_wall, check_rss, check = child_peak_rss_mb([
+                sys.executable, "-m", "finetune", "check", str(data), "--arch", "efficientnet_lite0", "--json", "--quiet"])
             wall, rss, summary = child_peak_rss_mb([
                 sys.executable, "-m", "finetune", "train", str(data), "--arch", "efficientnet_lite0", "--img-size", "64",
                 "--views", "1", "--epochs", "5", "--runs-dir", str(Path(tmp) / "runs"), "--json", "--quiet"])
             rows.append({"images": n, "make_s": round(made, 1), "scan_s": round(scan_s, 2),
                          "decode_all_once_s": round(decode_s, 1), "decode_img_per_s": round(len(paths) / decode_s),
+                         "check_wall_s": round(check_wall, 1), "check_peak_rss_mb": round(check_rss), "check_ok": check["ok"],
+                         "check_skipped": len(check["skipped"]),
                          "train_wall_s": round(wall, 1), "train_peak_rss_mb": round(rss), "best_val_acc": summary["best_val_acc"]})
             print(json.dumps(rows[-1]), file=sys.stderr)
     print(json.dumps({"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "runs": rows}, indent=1))

@@ -22,6 +22,9 @@ class TrainConfig:
     weights: Path | None = None  # a state dict or a finetune model file; overrides the cache/download
     pretrained: bool = True
     img_size: int | None = None  # None: the architecture's own training size
+    layout: str = "auto"  # how DATA is read: auto, classes, or train=DIR[,val=DIR][,test=DIR] (layout.py)
+    labels: Path | None = None  # a CSV of image paths (in DATA) and labels, instead of class folders (labels.py)
+    label_columns: str | None = None  # "PATH,LABEL[,SPLIT]" column names; None: found among the usual names
     val_split: float = 0.2  # only used when DATA has no val/ folder
     seed: int = 0
     device: str = "auto"
@@ -80,7 +83,7 @@ class TrainConfig:
     @classmethod
     def from_json_dict(cls, d: dict) -> "TrainConfig":
         known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
-        for key in ("data", "weights", "runs_dir", "resume"):
+        for key in ("data", "weights", "runs_dir", "resume", "labels"):
             if known.get(key) is not None:
                 known[key] = Path(known[key])
         return cls(**known)
@@ -98,6 +101,10 @@ class PredictConfig:
     workers: int | None = None
     max_pixels: int = MAX_PIXELS
     tta: bool = False  # average with the horizontally flipped image
+    # evaluate: how DATA is read, as for training
+    layout: str = "auto"
+    labels: Path | None = None
+    label_columns: str | None = None
 
     def checked(self) -> "PredictConfig":
         _require([

@@ -1,4 +1,5 @@
-"""Evaluate a trained model on a labelled folder."""
+"""Measure a trained model on labelled images: a folder (its test or val split as train reads
+it), or samples a caller already has (training's test split)."""
 
 from __future__ import annotations
 
@@ -6,52 +7,91 @@ from pathlib import Path
 
 from .checkpoint import LoadedModel
 from .config import PredictConfig
-from .data import SPLIT_FOLDER_NAMES, class_folders, find_val_folder, scan_class_tree
+from .data import Sample
 from .errors import DataError
+from .layout import find_layout, sub_folders
 from .prediction import iter_probabilities
 from .progress import Reporter
 from .records import EvaluationReport
 from .report import classification_report
+from .scan import TreeReader
 
 
-def find_eval_root(data: Path) -> Path:
-    """DATA/test or DATA/val (first found), else DATA itself as a folder of class folders."""
-    if not data.is_dir():
-        raise DataError(f"{data}: no such folder. Give a folder of class folders, or one with a test/ or val/ folder.")
-    return find_val_folder(data, SPLIT_FOLDER_NAMES) or data
+def find_eval_root(data: Path, layout: str = "auto") -> Path:
+    """DATA's test split, else its val split (as train would read DATA), else DATA's own class folders."""
+    found = find_layout(data, layout)
+    for role in ("test", "val"):
+        if role in found.splits:
+            return found.splits[role]
+    if found.kind != "class folders":
+        raise DataError(f"{data}: holds a training split ({found.splits['train']}) but no test or val folder to measure "
+                        f"on. Pass a folder of labelled held-out images.")
+    return found.root
 
 
-def labelled_images(root: Path, classes: list[str]) -> tuple[list[Path], list[int], list[dict]]:
-    """Images under root/<class>/, labelled by the model's class order; non-images are skipped."""
-    folders = [p.name for p in class_folders(root)]
+def labelled_images(root: Path, classes: list[str]) -> tuple[list[Sample], list[dict]]:
+    """Images under root/<class>/, labelled by the model's class order; what is not an image is skipped."""
+    folders = [p.name for p in sub_folders(root)]
     if not folders:
         raise DataError(f"{root}: no class folders. Evaluate needs labelled images: {root}/<class>/*.jpg.")
     unknown = [c for c in folders if c not in classes]
     if unknown:
         raise DataError(f"{root}: class folders the model does not know: {', '.join(unknown)} (the model knows: {', '.join(classes)}). Remove them or use the right --model.")
     skipped: list[dict] = []
-    samples = scan_class_tree(root, classes, skipped)
+    reader = TreeReader([root / c for c in folders], skipped)
+    samples = [Sample(p, label) for label, c in enumerate(classes) if (root / c).is_dir() for p in reader.images(root / c)]
     if not samples:
         raise DataError(f"{root}: the class folders hold no images.")
-    return [s.path for s in samples], [s.label for s in samples], skipped
+    return samples, skipped
 
 
 def evaluate(model: LoadedModel, data: Path | str, cfg: PredictConfig | None = None,
              reporter: Reporter | None = None) -> EvaluationReport:
-    """Measure `model` on labelled images: DATA/test or DATA/val if there is one, else DATA's class folders."""
+    """Measure `model` on DATA's test split, else its val split, else DATA's class folders
+    (DATA read as `cfg.layout` says, as for training)."""
+    cfg = cfg or PredictConfig()
+    if cfg.labels is not None:
+        return evaluate_labelled(model, Path(data), cfg, reporter)
+    root = find_eval_root(Path(data), cfg.layout)
+    samples, skipped = labelled_images(root, model.classes)
+    return measure(model, samples, cfg, reporter, str(root), skipped)
+
+
+def evaluate_labelled(model: LoadedModel, data: Path, cfg: PredictConfig, reporter: Reporter | None) -> EvaluationReport:
+    """With a labels CSV: its test rows, else its val rows, else all its rows."""
+    from .labels import read_labels_csv
+
+    skipped: list[dict] = []
+    found = read_labels_csv(data, cfg.labels, cfg.label_columns, skipped)
+    role = next((r for r in ("test", "val") if found.rows.get(r)), None)
+    rows = found.rows[role] if role else [row for rows in found.rows.values() for row in rows]
+    unknown = sorted({label for _, label in rows} - set(model.classes))
+    if unknown:
+        raise DataError(f"{cfg.labels}: labels the model does not know: {', '.join(unknown[:5])} (the model knows: "
+                        f"{', '.join(model.classes)}). Remove those rows or use the right --model.")
+    if not rows:
+        raise DataError(f"{cfg.labels}: no rows whose image file was found in {data}.")
+    index = {c: i for i, c in enumerate(model.classes)}
+    samples = sorted((Sample(p, index[label]) for p, label in rows), key=lambda s: str(s.path))
+    return measure(model, samples, cfg, reporter, f"{cfg.labels} ({role or 'all'} rows)", skipped)
+
+
+def measure(model: LoadedModel, samples: list[Sample], cfg: PredictConfig, reporter: Reporter | None,
+            source: str, skipped: list[dict] | None = None) -> EvaluationReport:
+    """Accuracy, per-class figures, confusion matrix and worst mistakes of `model` on `samples`;
+    images that cannot be read are added to `skipped`."""
     import torch
 
-    cfg = cfg or PredictConfig()
-    root = find_eval_root(Path(data))
-    paths, labels, skipped = labelled_images(root, model.classes)
+    skipped = list(skipped or [])
+    paths = [s.path for s in samples]
     kept_paths, kept_labels, probs = [], [], []
-    for path, label, (p, reason) in zip(paths, labels, iter_probabilities(paths, model, cfg, reporter)):
+    for sample, (p, reason) in zip(samples, iter_probabilities(paths, model, cfg, reporter)):
         if reason is not None:
-            skipped.append({"path": str(path), "reason": reason})
+            skipped.append({"path": str(sample.path), "reason": reason})
             continue
-        kept_paths.append(str(path))
-        kept_labels.append(label)
+        kept_paths.append(str(sample.path))
+        kept_labels.append(sample.label)
         probs.append(p)
     stacked = torch.stack(probs) if probs else torch.empty(0, len(model.classes))
     metrics = classification_report(kept_paths, kept_labels, stacked, model.classes)
-    return EvaluationReport(model=str(model.path), data=str(root), **metrics, skipped=skipped, tta=cfg.tta)
+    return EvaluationReport(model=str(model.path), data=source, **metrics, skipped=skipped, tta=cfg.tta)

@@ -9,7 +9,7 @@ every image is decoded once in all.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,8 +43,7 @@ class FeatureExtractor:
         added to its `skipped` list, in order, and reported)."""
         train, train_feats, train_failed = self.sharded(split.train, self.cfg.views, "Features (train)")
         val, val_feats, val_failed = self.sharded(split.val, 1, "Features (val)")
-        skipped = [*split.skipped, *train_failed, *val_failed]
-        clean = DatasetSplit(split.classes, train, val, split.layout, skipped)
+        clean = replace(split, train=train, val=val, skipped=[*split.skipped, *train_failed, *val_failed])
         labels = lambda samples: torch.tensor([s.label for s in samples], dtype=torch.long)  # noqa: E731
         return FeatureSet(train_feats, labels(train), val_feats[:, 0], labels(val)), clean
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
 import struct
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,19 @@ def is_candidate_image(path: Path) -> bool:
     return suffix in IMAGE_EXTENSIONS or suffix in PLUGIN_EXTENSIONS
 
 
+@dataclass(frozen=True)
+class ImageFacts:
+    """What an image file is, as stored (for `finetune check`)."""
+
+    width: int
+    height: int
+    mode: str  # Pillow's mode of the file: RGB, L, P, RGBA, I;16, CMYK, ...
+    grayscale: bool  # no colour, whatever the mode (X-rays saved as RGB JPEGs too)
+
+
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
 def load_rgb(path: Path, max_pixels: int, min_side: int | None = None) -> Image.Image:
     """Fully decode `path` into an upright RGB image.
 
@@ -38,6 +52,22 @@ def load_rgb(path: Path, max_pixels: int, min_side: int | None = None) -> Image.
     reduced scale (libjpeg's draft mode) that still covers it, which makes big phone photos
     several times cheaper to read.
     """
+    return to_rgb(decode(path, max_pixels, min_side)[0])
+
+
+def inspect_image(path: Path, max_pixels: int, min_side: int | None = None) -> ImageFacts:
+    """Decode `path` as training does (ImageDecodeError if that fails) and say what it is."""
+    image, (w, h), mode = decode(path, max_pixels, min_side)
+    if mode in GRAY_MODES:
+        return ImageFacts(w, h, mode, True)
+    small = np.asarray(to_rgb(image).resize((32, 32), Image.BILINEAR), dtype=np.int16)
+    # JPEG's colour subsampling leaves a little noise in the channels of a grey picture.
+    spread = max(int(np.abs(small[..., 0] - small[..., 1]).max()), int(np.abs(small[..., 1] - small[..., 2]).max()))
+    return ImageFacts(w, h, mode, spread <= 8)
+
+
+def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int], str]:
+    """(the decoded, upright image in its own mode, the stored size, the stored mode)."""
     suffix = path.suffix.lower()
     try:
         with warnings.catch_warnings():
@@ -55,8 +85,9 @@ def load_rgb(path: Path, max_pixels: int, min_side: int | None = None) -> Image.
                     scale = min(w, h) / min_side
                     if scale >= 2:
                         im.draft("RGB", (int(w / scale * 1.0) + 1, int(h / scale * 1.0) + 1))
+                mode = im.mode
                 im.load()
-                return to_rgb(ImageOps.exif_transpose(im))
+                return ImageOps.exif_transpose(im), (w, h), mode
     except ImageDecodeError:
         raise
     except FileNotFoundError:

@@ -11,10 +11,11 @@ import torch
 
 from .checkpoint import LoadedModel
 from .config import PredictConfig
-from .data import ImageFileDataset, make_loader, walk_files
+from .data import ImageFileDataset, make_loader
 from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
 from .errors import UsageError
 from .progress import Reporter
+from .scan import list_images
 
 GLOB_CHARS = set("*?[")
 
@@ -49,8 +50,7 @@ def expand_inputs(inputs: Iterable[str]) -> list[InputItem]:
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            images, _others = walk_files(p)
-            items.extend(InputItem(str(f)) for f in images)
+            items.extend(InputItem(str(f)) for f in list_images(p))
         elif p.exists():
             items.append(InputItem(raw))
         elif GLOB_CHARS & set(raw):

@@ -70,12 +70,18 @@ class TrainResult:
     stopped_early: bool = False
     plots: list[str] = field(default_factory=list)
     history: list[EpochRecord] = field(default_factory=list)
+    read_as: str = ""  # how the folder was read (scan.describe_reading)
+    num_test: int = 0
+    test_acc: float | None = None  # the saved model on the test split, when DATA has one
+    test: dict | None = None  # EvaluationReport.summary() of that measurement
+    leakage: list[dict] = field(default_factory=list)  # val/test files with the same bytes as another split's
 
     def to_json_dict(self) -> dict:
         """The `--json` object and results.json (the history is in metrics.csv)."""
         d = {k: getattr(self, k) for k in ("best_val_acc", "best_epoch", "epochs", "classes", "num_train", "num_val",
-                                            "skipped", "device", "seconds", "arch", "img_size", "weights", "layout",
-                                            "class_counts", "imbalanced", "stopped_early", "plots")}
+                                            "num_test", "test_acc", "test", "skipped", "device", "seconds", "arch",
+                                            "img_size", "weights", "layout", "read_as", "class_counts", "imbalanced",
+                                            "leakage", "stopped_early", "plots")}
         return {"run_dir": str(self.run_dir), "model": str(self.model), **d}
 
 
@@ -97,3 +103,7 @@ class EvaluationReport:
 
     def to_json_dict(self) -> dict:
         return asdict(self)
+
+    def summary(self) -> dict:
+        """The figures without the per-image lists (for a training run's results)."""
+        return {k: getattr(self, k) for k in ("accuracy", "num_images", "per_class", "confusion_matrix")}

@@ -42,7 +42,7 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     run_dir = create_run_dir(cfg.runs_dir, cfg.name)
     # Absolute paths, so that --resume works from any working directory.
     absolute = replace(cfg, data=cfg.data.resolve(), runs_dir=cfg.runs_dir.resolve(),
-                       weights=cfg.weights.resolve() if cfg.weights else None)
+                       weights=cfg.weights.resolve() if cfg.weights else None, labels=cfg.labels.resolve() if cfg.labels else None)
     write_json(run_dir / "config.json", {k: v for k, v in absolute.to_json_dict().items() if k != "resume"})
     return run_dir
 

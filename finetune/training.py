@@ -14,11 +14,12 @@ from __future__ import annotations
 import random
 import signal
 import time
+from dataclasses import replace
 
 import torch
 
 from .config import TrainConfig
-from .data import DatasetSplit, count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class, scan_dataset
+from .data import DatasetSplit
 from .device import pick_device
 from .distributed import Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, sigint_handler
 from .errors import GpuOutOfMemory, PeerStopped, TrainingInterrupted
@@ -29,6 +30,7 @@ from .progress import Reporter
 from .records import Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input
+from .scan import count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class, scan_dataset
 from .stages import FinetuneStage, HeadStage, LossFn, make_loss
 
 
@@ -68,7 +70,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     device = pick_device(device_name)
     spec = get_arch(cfg.arch)
     split = share_outcome(d, lambda: scan_for_training(cfg))  # the folder is scanned once, not once per rank
-    reporter.info(f"{cfg.data}: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images ({split.layout})")
+    tell_reading(split, reporter)
     state, weights_source = resolve_pretrained(spec, cfg.weights) if cfg.pretrained else (None, "none (random init)")
     model = build_classifier(spec, len(split.classes), state).to(device).to(memory_format=torch.channels_last)
     pp = spec.preprocessing(cfg.img_size)
@@ -91,10 +93,20 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
 
 
 def scan_for_training(cfg: TrainConfig) -> DatasetSplit:
-    split = scan_dataset(cfg.data, cfg.val_split, cfg.seed)
-    split.train = limit_per_class(split.train, cfg.max_images_per_class, cfg.seed)
-    split.val = limit_per_class(split.val, cfg.max_images_per_class, cfg.seed)
-    return split
+    split = scan_dataset(cfg.data, cfg.val_split, cfg.seed, cfg.layout, cfg.labels, cfg.label_columns)
+    limit = lambda samples: limit_per_class(samples, cfg.max_images_per_class, cfg.seed)  # noqa: E731
+    return replace(split, train=limit(split.train), val=limit(split.val), test=limit(split.test))
+
+
+def tell_reading(split: DatasetSplit, reporter: Reporter) -> None:
+    reporter.info(f"read as: {split.read_as}")
+    for note in split.notes:
+        reporter.info(note)
+    if split.leakage:
+        first = split.leakage[0]
+        reporter.warn(f"{len(split.leakage)} {'image' if len(split.leakage) == 1 else 'images'} in val/test "
+                      f"{'has' if len(split.leakage) == 1 else 'have'} the same bytes as another split's (e.g. "
+                      f"{first['path']} = {first['same_as']}): they inflate val/test accuracy (all in results.json 'leakage').")
 
 
 def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | None) -> None:
@@ -117,9 +129,9 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         done, resumed = 0, None
     else:  # the features were computed before the interruption: drop the files they found bad
         bad = {s["path"] for s in resumed.skipped}
-        loss = settle_split(run, DatasetSplit(run.split.classes, [s for s in run.split.train if str(s.path) not in bad],
-                                              [s for s in run.split.val if str(s.path) not in bad], run.split.layout,
-                                              resumed.skipped), device)
+        usable = lambda samples: [s for s in samples if str(s.path) not in bad]  # noqa: E731
+        loss = settle_split(run, replace(run.split, train=usable(run.split.train), val=usable(run.split.val),
+                                         skipped=resumed.skipped), device)
     if cfg.finetune_epochs > done:
         fit_stage(FinetuneStage(run.model, run.split, run.pp, loss, cfg, device, d), run, done, resumed)
 
@@ -161,6 +173,7 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
     model_path = run.save_best()
     folder.write_metrics(run.history)
     plots = folder.write_plots(run.history, run.best, split)
+    test = measure_test(run, model_path, device) if split.test else None
     counts = count_per_class(split.train, len(split.classes))
     result = TrainResult(
         run_dir=folder.path, model=model_path, best_val_acc=round(run.best.acc, 4), best_epoch=run.best.epoch,
@@ -169,9 +182,27 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
         img_size=run.pp.img_size, weights=weights_source, layout=split.layout,
         class_counts=dict(zip(split.classes, counts)), imbalanced=is_imbalanced(counts),
         stopped_early=run.early.stopped_early, plots=[str(p) for p in plots], history=run.history,
+        read_as=split.read_as, num_test=test.num_images if test else 0, test_acc=test.accuracy if test else None,
+        test=test.summary() if test else None, leakage=split.leakage,
     )
     folder.finish(result)
     return result
+
+
+def measure_test(run: Run, model_path, device: torch.device):
+    """The saved model on the test split, read back from its file: the very figures
+    `finetune evaluate` gives. Test images never choose anything."""
+    from .checkpoint import read_model_file
+    from .config import PredictConfig
+    from .evaluation import measure
+
+    cfg = PredictConfig(device=str(device), batch_size=max(64, run.cfg.batch_size), workers=run.cfg.workers,
+                        max_pixels=run.cfg.max_pixels)
+    report = measure(read_model_file(model_path), run.split.test, cfg, run.reporter, "test")
+    if report.skipped:
+        run.split.skipped.extend(report.skipped)
+        run.folder.write_skipped(run.split.skipped)
+    return report
 
 
 def sigint_ignored():

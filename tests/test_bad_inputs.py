@@ -172,8 +172,8 @@ def exif_rotated(p):
     save(img, p, exif=exif, quality=95)
 
 
-def upper_jpg(p):
-    make_image(p, (200, 40, 40), fmt="JPEG")
+def upper_jpg(p, seed=0):
+    make_image(p, (200, 40, 40), seed=seed, fmt="JPEG")
 
 
 def px(img, xy):
@@ -193,7 +193,7 @@ MODE_CASES = {
     "animated.gif": (animated, lambda im: px(im, (5, 5))[1] > 150 and px(im, (5, 5))[0] < 60),
     "rotated.jpg": (exif_rotated, lambda im: im.size == (20, 40) and px(im, (10, 5))[0] > 200 and px(im, (10, 35))[2] > 200),
     "UPPER.JPG": (upper_jpg, lambda im: im.mode == "RGB"),
-    "Mixed.Jpeg": (upper_jpg, lambda im: im.mode == "RGB"),
+    "Mixed.Jpeg": (lambda p: upper_jpg(p, seed=1), lambda im: im.mode == "RGB"),  # not the same bytes as UPPER.JPG
 }
 
 

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data import default_workers, scan_dataset, stratified_split
+from finetune.data import default_workers
+from finetune.scan import scan_dataset, stratified_split
 from finetune.errors import DataError
 
 from conftest import FAST_TRAIN_ARGS, make_class_tree, make_image, tree_hashes
@@ -27,7 +28,8 @@ def test_val_folder_aliases_are_found(tmp_path):
         make_class_tree(data / "train", 2)
         make_class_tree(data / alias, 1)
         split = scan_dataset(data, 0.2, 0)
-        assert split.layout == "train/val folders" and len(split.val) == 3
+        assert split.layout == "split folders" and len(split.val) == 3
+        assert split.read_as == f"train = train (3 classes, 6 images), val = {alias} (3)"
 
 
 def test_single_folder_is_split_stratified_and_repeatably(flat_folder):
@@ -75,6 +77,7 @@ def test_symlink_loop_does_not_hang(tmp_path):
     os.symlink(data / "cat", data / "cat" / "loop")
     split = scan_dataset(data, 0.34, 0)
     assert len(split.train) + len(split.val) == 6
+    assert split.skipped == [{"path": str(data / "cat" / "loop"), "reason": f"symbolic link to a folder above it ({data / 'cat'}): a loop, not entered"}]
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -140,7 +143,8 @@ def test_split_from_one_folder_via_cli(flat_folder, tmp_path):
     result = train_cli(flat_folder, tmp_path / "runs", "--json", "--val-split", "0.3")
     summary = json.loads(result.stdout)
     assert (summary["num_train"], summary["num_val"]) == (21, 9)
-    assert summary["layout"].startswith("split from one folder")
+    assert summary["layout"] == "class folders"
+    assert summary["read_as"] == "train = the class folders of flat (3 classes, 30 images); val = 30% of train (seed 0)"
 
 
 @pytest.mark.parametrize("name", ["a/b", "../escape", "/abs", ".."])
@@ -159,14 +163,14 @@ def test_runs_dir_that_is_a_file_is_a_clear_error(image_folder, tmp_path):
 
 
 def test_an_unreadable_folder_is_a_clear_error(tmp_path, monkeypatch):
-    import finetune.data as data_module
+    from finetune.scan import TreeReader
 
     data = make_class_tree(tmp_path / "d", 3, classes=("cat", "dog"))
 
-    def denied(folder):
+    def denied(self, folder):
         raise PermissionError(13, "Permission denied", str(folder))
 
-    monkeypatch.setattr(data_module, "walk_files", denied)  # as for a folder without read permission (root reads all)
+    monkeypatch.setattr(TreeReader, "images", denied)  # as for a folder without read permission (root reads all)
     result = train_cli(data, tmp_path / "runs")
     assert result.exit_code == 1 and f"{data / 'cat'}: permission denied" in result.stderr
 

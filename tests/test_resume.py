@@ -18,7 +18,7 @@ from finetune.features import FeatureExtractor
 from finetune.resume import STATE_FILENAME
 from finetune.stages import FinetuneStage
 
-from conftest import FAST_TRAIN_ARGS, make_train_val, tree_hashes
+from conftest import CLASS_COLOURS, FAST_TRAIN_ARGS, make_image, make_train_val, tree_hashes
 
 runner = CliRunner()
 COMPARED = ("epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -177,7 +177,7 @@ def test_resume_refuses_a_changed_folder(reference, tmp_path):
     shutil.copytree(data, copy)
     with pytest.raises(TrainingInterrupted):
         train(config(copy, tmp_path / "runs"), CtrlCAt("Fine-tune epoch 1", 1))
-    shutil.copy(copy / "train" / "cat" / "cat_0.jpg", copy / "train" / "cat" / "cat_new.jpg")
+    make_image(copy / "train" / "cat" / "cat_new.jpg", CLASS_COLOURS["cat"], seed=999)  # a new image (a mere copy is dropped)
     from finetune.errors import DataError
 
     with pytest.raises(DataError, match="images were added, removed or renamed"):

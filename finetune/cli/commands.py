@@ -17,9 +17,10 @@ import typer
 from .. import __version__
 from ..config import UNFROZEN_FINETUNE_EPOCHS, PredictConfig, TrainConfig
 from ..errors import FinetuneError, UsageError
+from ..layout import LAYOUT_HELP
 from ..progress import Reporter
 from .output import (RichReporter, echo_json, fail, render_evaluation, render_predictions, say_error, show_archs,
-                     show_export_result, show_fields, show_train_result, stderr, stdout)
+                     show_check, show_export_result, show_fields, show_train_result, stderr, stdout)
 
 app = typer.Typer(
     help="Train an image classifier from a folder of labelled images, then predict with it.",
@@ -71,6 +72,9 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = TRAIN.batch_size,
     lr: Annotated[float, typer.Option(help="Learning rate of the head (AdamW); the backbone gets lr x 0.1 when fine-tuned.")] = TRAIN.lr,
     img_size: Annotated[Optional[int], typer.Option(help="Training crop size in pixels (default: the arch's own, e.g. 224 for resnet, 288 for efficientnet_lite0).", show_default=False)] = TRAIN.img_size,
+    layout: Annotated[str, typer.Option(help=f"How DATA is read: {LAYOUT_HELP}. auto: split folders by name (train/val/test and the like, also inside one wrapper folder) and by structure.")] = TRAIN.layout,
+    labels: Annotated[Optional[Path], typer.Option(help="A CSV naming each image (relative to DATA) and its label, and optionally its split, instead of class folders.", show_default=False)] = None,
+    label_columns: Annotated[Optional[str], typer.Option(help="The CSV's PATH,LABEL[,SPLIT] column names (default: found among path/filename/image_id, label/class/category, split/set).", show_default=False)] = None,
     val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation when DATA has no val/ folder.")] = TRAIN.val_split,
     seed: Annotated[int, typer.Option(help="Seed for the split, augmentation and initialisation.")] = TRAIN.seed,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps (auto: CUDA, then MPS, then CPU).")] = TRAIN.device,
@@ -97,7 +101,7 @@ def train(
         raise fail(UsageError("missing DATA: give an image folder (finetune train ./photos), or --resume RUN_FOLDER."))
     cfg = replace(TRAIN, data=data or Path("."), arch=arch, weights=weights, pretrained=pretrained, epochs=epochs,
                   finetune_epochs=finetune_epochs, freeze_backbone=freeze_backbone, views=views, batch_size=batch_size,
-                  lr=lr, img_size=img_size, val_split=val_split, seed=seed, device=device, workers=workers,
+                  lr=lr, img_size=img_size, layout=layout, labels=labels, label_columns=label_columns, val_split=val_split, seed=seed, device=device, workers=workers,
                   runs_dir=runs_dir, name=name, max_pixels=max_pixels, resume=resume, patience=patience,
                   class_weights=class_weights, label_smoothing=label_smoothing, max_images_per_class=max_images_per_class)
     from ..training import train as run_training  # imported late: keeps --help fast
@@ -172,13 +176,16 @@ def predict(
 
 @app.command()
 def evaluate(
-    data: Annotated[Path, typer.Argument(help="Labelled images: DATA/<class>/*, or DATA/test/ or DATA/val/ of class folders.", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="Labelled images: DATA's test split (else its val split), as train reads DATA; or DATA/<class>/*.", show_default=False)],
     model: Annotated[Optional[Path], typer.Option(help="Model file or run folder (default: the newest run under --runs-dir).", show_default=False)] = PREDICT.model,
     runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = PREDICT.batch_size,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = PREDICT.device,
     workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8).", show_default=False)] = PREDICT.workers,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average with the horizontally flipped image.")] = PREDICT.tta,
+    layout: Annotated[str, typer.Option(help=f"How DATA is read: {LAYOUT_HELP}.")] = PREDICT.layout,
+    labels: Annotated[Optional[Path], typer.Option(help="A CSV naming each image (relative to DATA) and its label, and optionally its split, instead of class folders.", show_default=False)] = None,
+    label_columns: Annotated[Optional[str], typer.Option(help="The CSV's PATH,LABEL[,SPLIT] column names (default: found among path/filename/image_id, label/class/category, split/set).", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
 ):
@@ -188,7 +195,8 @@ def evaluate(
     """
     from ..evaluation import evaluate as run_evaluate
 
-    cfg = replace(PREDICT, model=model, runs_dir=runs_dir, batch_size=batch_size, device=device, workers=workers, tta=tta)
+    cfg = replace(PREDICT, model=model, runs_dir=runs_dir, batch_size=batch_size, device=device, workers=workers, tta=tta,
+                  layout=layout, labels=labels, label_columns=label_columns)
     reporter = RichReporter(stderr, quiet)
     try:
         loaded = load_model_or_newest(model, runs_dir, reporter)
@@ -201,6 +209,39 @@ def evaluate(
         echo_json(report.to_json_dict())
     else:
         render_evaluation(report)
+
+
+@app.command()
+def check(
+    data: Annotated[Path, typer.Argument(help="The image folder, as you would give it to train.", show_default=False)],
+    layout: Annotated[str, typer.Option(help=f"How DATA is read: {LAYOUT_HELP}.")] = TRAIN.layout,
+    labels: Annotated[Optional[Path], typer.Option(help="A CSV naming each image (relative to DATA) and its label, and optionally its split, instead of class folders.", show_default=False)] = None,
+    label_columns: Annotated[Optional[str], typer.Option(help="The CSV's PATH,LABEL[,SPLIT] column names (default: found among path/filename/image_id, label/class/category, split/set).", show_default=False)] = None,
+    val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation when DATA has no val/ folder.")] = TRAIN.val_split,
+    seed: Annotated[int, typer.Option(help="Seed of the val split.")] = TRAIN.seed,
+    arch: Annotated[str, typer.Option(help="The backbone train would use (images are decoded at its size).")] = TRAIN.arch,
+    max_pixels: Annotated[int, typer.Option(help="Images with more pixels are skipped as possible decompression bombs.")] = TRAIN.max_pixels,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding processes (default: every core, at most 8).", show_default=False)] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
+):
+    """Read a folder as train would, decode every image, and report what train would see; nothing is written.
+
+    Exit code 0 when train would run, 1 when it would refuse. Example: finetune check ./photos
+    """
+    from ..check import check_folder
+
+    cfg = replace(TRAIN, data=data, layout=layout, labels=labels, label_columns=label_columns, val_split=val_split, seed=seed, arch=arch, max_pixels=max_pixels,
+                  workers=workers)
+    try:
+        result = check_folder(cfg, RichReporter(stderr, quiet))
+    except FinetuneError as e:
+        raise fail(e)
+    if json_out:
+        echo_json(result.to_json_dict())
+    else:
+        show_check(result)
+    raise typer.Exit(0 if result.ok else 1)
 
 
 @app.command()

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import sys
+from collections import Counter
 
 import typer
 from rich.console import Console
@@ -146,8 +147,12 @@ def render_evaluation(report) -> None:
 
 
 def show_train_result(result, class_weights: bool) -> None:
-    stdout.print(Text(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch} of {result.epochs}), "
+    test = f"test acc {result.test_acc:.4f} ({result.num_test} images), " if result.test_acc is not None else ""
+    stdout.print(Text(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch} of {result.epochs}), {test}"
                       f"{result.num_train} train / {result.num_val} val images, {len(result.classes)} classes, {result.seconds:.1f}s on {result.device}"))
+    if result.leakage:
+        stdout.print(Text(f"leakage: {len(result.leakage)} val/test images have the same bytes as images of another split "
+                          f"(listed in {result.run_dir / 'results.json'}); their accuracy is inflated"))
     if result.skipped:
         stdout.print(Text(f"skipped {len(result.skipped)} files (listed in {result.run_dir / 'skipped.csv'})"))
     if result.imbalanced:
@@ -167,6 +172,47 @@ def show_fields(details: dict) -> None:
     for key, value in details.items():
         table.add_row(key, Text(value if isinstance(value, str) else json.dumps(value)))
     stdout.print(table)
+
+
+def show_check(check) -> None:
+    """`finetune check`: how the folder reads, its classes and counts, and what train would do."""
+    if check.read_as:
+        stdout.print(Text(f"read as: {check.read_as}"))
+    for note in check.notes:
+        stdout.print(Text(f"note: {note}"))
+    if check.counts:
+        splits = list(check.counts)
+        table = Table("class", *splits, title=f"{check.data}: {len(check.classes)} classes")
+        for c in check.classes:
+            table.add_row(Text(c), *[f"{check.counts[s][c]:,}" for s in splits])
+        table.add_row(Text("total", style="bold"), *[f"{sum(check.counts[s].values()):,}" for s in splits])
+        stdout.print(table)
+    if check.imbalanced:
+        stdout.print(Text(f"imbalanced: the largest class has {check.imbalance}x the images of the smallest (train); consider --class-weights"))
+    if check.images.get("count"):
+        stdout.print(Text("images: " + "; ".join(check.images["summary"])))
+    if check.skipped:
+        reasons = Counter(_reason_kind(s["reason"]) for s in check.skipped)
+        stdout.print(Text(f"skipped {len(check.skipped)} files: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common())))
+        for s in check.skipped[:10]:
+            stdout.print(Text(f"  {s['path']}: {s['reason']}"))
+        if len(check.skipped) > 10:
+            stdout.print(Text(f"  ... and {len(check.skipped) - 10} more (--json lists all)"))
+    if check.leakage:
+        stdout.print(Text(f"leakage: {len(check.leakage)} val/test images have the same bytes as images of another split, e.g."))
+        for pair in check.leakage[:5]:
+            stdout.print(Text(f"  {pair['path']} = {pair['same_as']}"))
+    verdict = (f"train would run ({check.seconds:.1f}s to check)" if check.ok else f"train would refuse: {check.problem}")
+    stdout.print(Text(verdict, style="green" if check.ok else "red"))
+
+
+def _reason_kind(reason: str) -> str:
+    """A skip reason without the file-specific part, for counting."""
+    for kind in ("not an image file", "the same bytes as", "symbolic link", "the same file as", "empty file",
+                 "pixel limit", "aspect ratio", "needs a Pillow plugin", "broken symbolic link"):
+        if kind in reason:
+            return kind.replace("the same bytes as", "duplicates").replace("the same file as", "links to files read")
+    return "could not be decoded"
 
 
 def show_archs(rows: list[dict]) -> None:

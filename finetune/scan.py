@@ -1,0 +1,261 @@
+"""Listing the labelled images of a folder, as train, evaluate and check read it: the layout
+(layout.py), each class folder's images (every real file once; symlinks are never followed in
+a circle or into another class), files with identical bytes, and the train/val split."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .data import DatasetSplit, Sample
+from .errors import DataError
+from .images import is_candidate_image
+from .layout import Layout, find_layout, is_hidden, sub_folders
+
+IMBALANCE_RATIO = 3.0  # largest class / smallest class at which training warns
+
+
+class TreeReader:
+    """Lists the images under class folders so that every real file is read once and no
+    symbolic link leads the walk in a circle, or into another class's folder (whose images
+    would get this class's label). What is not taken goes to `skipped` with the reason."""
+
+    def __init__(self, class_folders: list[Path], skipped: list[dict]):
+        self.class_roots = {os.path.realpath(p) for p in class_folders}
+        self.seen_dirs: set[str] = set()
+        self.seen_files: dict[str, Path] = {}
+        self.skipped = skipped
+
+    def images(self, folder: Path) -> list[Path]:
+        found: list[Path] = []
+        real = os.path.realpath(folder)
+        if real not in self.seen_dirs:
+            self._walk(folder, real, real, found)
+        return found
+
+    def _walk(self, folder: Path, real: str, class_root: str, found: list[Path]) -> None:
+        self.seen_dirs.add(real)
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if is_hidden(entry.name):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir():  # follows a symlink
+                target = os.path.realpath(path)
+                reason = self._refuse_link(target, real, class_root) if entry.is_symlink() else None
+                if reason is None and target in self.seen_dirs:
+                    reason = f"a folder already read ({target})"
+                if reason is not None:
+                    self.skipped.append({"path": str(path), "reason": reason})
+                    continue
+                self._walk(path, target, class_root, found)
+            elif entry.is_file():
+                reason = self._refuse_link(os.path.realpath(path), real, class_root) if entry.is_symlink() else None
+                if reason is not None:
+                    self.skipped.append({"path": str(path), "reason": reason})
+                    continue
+                self._take_file(path, found)
+            elif entry.is_symlink():
+                self.skipped.append({"path": str(path), "reason": "broken symbolic link"})
+
+    def _refuse_link(self, target: str, here: str, class_root: str) -> str | None:
+        """Why a symbolic link (to a folder or a file) in folder `here` is not followed, if it is not."""
+        if here == target or here.startswith(target + os.sep):
+            return f"symbolic link to a folder above it ({target}): a loop, not entered"
+        inside_other = [r for r in self.class_roots if r != class_root and (target == r or target.startswith(r + os.sep))]
+        if inside_other:
+            return f"symbolic link into another class folder ({inside_other[0]}): its images are read there"
+        return None
+
+    def _take_file(self, path: Path, found: list[Path]) -> None:
+        if not is_candidate_image(path):
+            self.skipped.append({"path": str(path), "reason": "not an image file"})
+            return
+        real = os.path.realpath(path)
+        if real in self.seen_files:
+            self.skipped.append({"path": str(path), "reason": f"the same file as {self.seen_files[real]} (a link): read once"})
+            return
+        self.seen_files[real] = path
+        found.append(path)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every image file below `folder`, sorted, each real file once (for predict)."""
+    return TreeReader([], []).images(folder)
+
+
+def scan_dataset(data: Path, val_split: float, seed: int, layout: str = "auto", labels: Path | None = None,
+                 label_columns: str | None = None) -> DatasetSplit:
+    """Read an image folder laid out in any of the ways layout.py knows, or labelled by a CSV (labels.py)."""
+    try:
+        if labels is not None:
+            from .labels import scan_labelled
+
+            return scan_labelled(data, labels, label_columns, val_split, seed)
+        found = find_layout(data, layout)
+        return read_split(data, found, val_split, seed)
+    except PermissionError as e:
+        raise DataError(f"{e.filename or data}: permission denied; make it readable or pass another folder.") from None
+
+
+def read_split(data: Path, found: Layout, val_split: float, seed: int) -> DatasetSplit:
+    train_root = found.splits["train"]
+    classes = [p.name for p in sub_folders(train_root)]
+    if len(classes) < 2:
+        have = f"only '{classes[0]}'" if classes else "none"
+        raise DataError(f"{train_root}: need at least 2 class folders (e.g. {train_root}/cats/, {train_root}/dogs/), found {have}.")
+    for role in ("val", "test"):
+        if role in found.splits:
+            require_known_classes(found.splits[role], classes, train_root, exact=role == "val")
+    skipped: list[dict] = []
+    reader = TreeReader([root / c for root in found.splits.values() for c in classes], skipped)
+    samples = {role: [Sample(p, label) for label, c in enumerate(classes) if (root / c).is_dir() for p in reader.images(root / c)]
+               for role, root in found.splits.items()}
+    require_every_class(samples["train"], classes, train_root)
+    leakage = drop_duplicates(samples, classes, skipped)
+    train, val = samples["train"], samples.get("val")
+    if val is None:
+        train, val = stratified_split(train, len(classes), val_split, seed)
+        if not val:
+            raise DataError(f"{data}: too few images to hold any out for validation; add images or a {data}/val folder.")
+    split = DatasetSplit(classes, train, val, found.kind, skipped, test=samples.get("test", []), leakage=leakage,
+                         notes=found.notes)
+    split.read_as = describe_reading(data, found, split, val_split, seed)
+    return split
+
+
+def require_known_classes(root: Path, classes: list[str], train_root: Path, exact: bool) -> None:
+    """val must hold the training classes; test may hold fewer, but none the model cannot know."""
+    have = [p.name for p in sub_folders(root)]
+    missing = sorted(set(classes) - set(have)) if exact else []
+    extra = sorted(set(have) - set(classes))
+    if missing or extra:
+        detail = "; ".join(x for x in (f"missing in {root.name}: {', '.join(missing)}" if missing else "",
+                                       f"not in train: {', '.join(extra)}" if extra else "") if x)
+        raise DataError(f"{root}: {root.name} class folders differ from {train_root} ({detail}). "
+                        f"Make them hold the same class folders.")
+
+
+def describe_reading(data: Path, found: Layout, split: DatasetSplit, val_split: float, seed: int) -> str:
+    """One line that says how the folder was read, e.g. `train = Training (4 classes, 5,712
+    images), test = Testing (1,311); val = 20% of train (seed 0)`."""
+    def where(folder: Path) -> str:
+        rel = os.path.relpath(folder, data)
+        return f"the class folders of {data.name or data}" if rel == "." else rel
+
+    train_total = len(split.train) + (0 if "val" in found.splits else len(split.val))
+    parts = [f"train = {where(found.splits['train'])} ({len(split.classes)} classes, {train_total:,} images)"]
+    if "val" in found.splits:
+        parts.append(f"val = {where(found.splits['val'])} ({len(split.val):,})")
+    if "test" in found.splits:
+        parts.append(f"test = {where(found.splits['test'])} ({len(split.test):,})")
+    line = ", ".join(parts)
+    if "val" not in found.splits:
+        line += f"; val = {val_split:.0%} of train (seed {seed})"
+    return line
+
+
+def file_digests(paths: list[Path]) -> dict[Path, str]:
+    """Content hash of each file. Threads: reading and hashing release the GIL."""
+    def digest(path: Path) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        try:
+            if path.stat().st_size == 0:
+                return f"unreadable:{path}"  # empty files are all alike, and none is an image
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError:
+            return f"unreadable:{path}"  # the decode will say what is wrong with it
+        return h.hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        return dict(zip(paths, pool.map(digest, paths)))
+
+
+def drop_duplicates(samples: dict[str, list[Sample]], classes: list[str], skipped: list[dict]) -> list[dict]:
+    """Files with identical bytes: within one split the first copy is kept (copies under two
+    labels are all dropped: the label is in doubt); across splits they are kept, and returned
+    as leakage pairs (a val or test image that is also a training image inflates its accuracy)."""
+    digests = file_digests([s.path for group in samples.values() for s in group])
+    first: dict[str, tuple[str, Sample]] = {}
+    dropped: dict[Path, str] = {}
+    leakage: list[dict] = []
+    for role in ("train", "val", "test"):
+        for s in samples.get(role, []):
+            digest = digests[s.path]
+            if digest.startswith("unreadable:") or digest not in first:
+                first.setdefault(digest, (role, s))
+                continue
+            role0, s0 = first[digest]
+            if role0 != role:
+                leakage.append({"path": str(s.path), "split": role, "same_as": str(s0.path), "same_as_split": role0})
+            elif s0.label == s.label:
+                dropped[s.path] = f"the same bytes as {s0.path}: used once"
+            else:
+                conflict = f"the same bytes as {s0.path} but labelled {classes[s.label]}, not {classes[s0.label]}: label in doubt, not used"
+                dropped[s.path] = conflict
+                dropped.setdefault(s0.path, f"the same bytes as {s.path} but labelled {classes[s0.label]}, not {classes[s.label]}: label in doubt, not used")
+    for role, group in samples.items():
+        samples[role] = [s for s in group if s.path not in dropped]
+    skipped.extend({"path": str(p), "reason": reason} for p, reason in dropped.items())
+    return leakage
+
+
+def require_every_class(samples: list[Sample], classes: list[str], root: Path) -> None:
+    counts = count_per_class(samples, len(classes))
+    empty = [classes[i] for i, n in enumerate(counts) if n == 0]
+    if empty:
+        raise DataError(f"{root / empty[0]}: class folder has no images. Add images to it or remove the folder.")
+
+
+def require_images_in_every_class(split: DatasetSplit) -> None:
+    """After the bad files are dropped: every class still has training images, and val has some."""
+    counts = count_per_class(split.train, len(split.classes))
+    for name, n in zip(split.classes, counts):
+        if n == 0:
+            raise DataError(f"class '{name}' has no readable training images left after skipping bad files; add good images to it.")
+    if not split.val:
+        raise DataError("no readable validation images left after skipping bad files; add images to the val folder.")
+
+
+def count_per_class(samples: list[Sample], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for s in samples:
+        counts[s.label] += 1
+    return counts
+
+
+def is_imbalanced(counts: list[int]) -> bool:
+    return min(counts) > 0 and max(counts) / min(counts) >= IMBALANCE_RATIO
+
+
+def stratified_split(samples: list[Sample], num_classes: int, val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out `val_fraction` of each class, the same files for the same seed on every machine."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in range(num_classes):
+        members = sorted((s for s in samples if s.label == label), key=lambda s: str(s.path))
+        rng.shuffle(members)
+        n_val = round(len(members) * val_fraction)
+        if len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)  # keep at least one image on each side
+        else:
+            n_val = 0
+        val.extend(members[:n_val])
+        train.extend(members[n_val:])
+    return sorted(train, key=lambda s: str(s.path)), sorted(val, key=lambda s: str(s.path))
+
+
+def limit_per_class(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
+    """At most `limit` samples of each class, a seeded random choice (quick trials)."""
+    if limit is None:
+        return samples
+    rng = random.Random(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    kept = [s for members in by_class.values() for s in (rng.sample(members, limit) if len(members) > limit else members)]
+    return sorted(kept, key=lambda s: str(s.path))

@@ -1,0 +1,230 @@
+"""Any folder a user brings: layouts by name and structure, a test split, symlinks,
+identical files, labels from a CSV, and `finetune check`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.errors import DataError
+from finetune.scan import scan_dataset
+
+from conftest import FAST_TRAIN_ARGS, make_class_tree, make_image, tree_hashes
+
+runner = CliRunner()
+CLASSES = ("cat", "dog")
+
+
+def splits(root: Path, train: str, held_out: dict[str, int], n_train: int = 5) -> Path:
+    make_class_tree(root / train, n_train, classes=CLASSES)
+    for i, (name, n) in enumerate(held_out.items()):
+        make_class_tree(root / name, n, classes=CLASSES, seed=1000 * (i + 1))
+    return root
+
+
+def read(data: Path, **kw):
+    return scan_dataset(data, 0.2, 0, **kw)
+
+
+@pytest.mark.parametrize("train, held_out, expected", [
+    ("Training", {"Testing": 2}, "train = Training (2 classes, 10 images), test = Testing (4); val = 20% of train (seed 0)"),
+    ("train", {"test": 3}, "train = train (2 classes, 10 images), test = test (6); val = 20% of train (seed 0)"),
+    ("seg_train", {"seg_test": 2}, "train = seg_train (2 classes, 10 images), test = seg_test (4); val = 20% of train (seed 0)"),
+    ("TRAIN", {"Valid": 2, "TEST": 1}, "train = TRAIN (2 classes, 10 images), val = Valid (4), test = TEST (2)"),
+    ("train-set", {"dev": 2}, "train = train-set (2 classes, 10 images), val = dev (4)"),
+])
+def test_split_folders_are_read_by_name_in_any_case(tmp_path, train, held_out, expected):
+    split = read(splits(tmp_path / "data", train, held_out))
+    assert split.classes == list(CLASSES) and split.layout == "split folders"
+    assert split.read_as == expected
+    if any(split_name.lower().endswith(("test", "testing")) for split_name in held_out):
+        assert split.test and not {s.path for s in split.test} & {s.path for s in split.train + split.val}
+
+
+def test_splits_inside_wrapper_folders_as_zips_extract(tmp_path):
+    data = tmp_path / "download"
+    splits(data / "archive" / "dataset", "train", {"test": 2})
+    (data / "archive" / "README.txt").write_text("from the web")
+    split = read(data)
+    assert split.read_as.startswith("train = archive/dataset/train (2 classes, 10 images), test = archive/dataset/test (4)")
+    assert split.notes == ["download: read inside archive/dataset/ (the only folder there)"]
+
+
+def test_training_and_testing_are_never_two_classes(tmp_path):
+    """The reported failure: DATA/Training/<class> + DATA/Testing/<class> read as 2 classes."""
+    data = splits(tmp_path / "data", "Training", {"Testing": 2})
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "runs"), "--json", *FAST_TRAIN_ARGS])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["classes"] == ["cat", "dog"] and summary["num_test"] == 4
+    assert summary["read_as"] == "train = Training (2 classes, 10 images), test = Testing (4); val = 20% of train (seed 0)"
+
+
+def test_classes_named_like_splits_stop_with_a_way_out(tmp_path):
+    data = tmp_path / "data"
+    make_class_tree(data, 4, classes=("train", "test"))  # two real classes: locomotives and test strips
+    with pytest.raises(DataError, match="pass --layout classes"):
+        read(data)
+    split = read(data, layout="classes")
+    assert split.classes == ["test", "train"] and split.layout == "class folders" and not split.test
+
+
+def test_a_word_of_a_split_name_inside_a_class_name_is_still_a_class(tmp_path):
+    data = make_class_tree(tmp_path / "data", 3, classes=("beakers", "flasks", "test_tubes"))
+    split = read(data)
+    assert split.classes == ["beakers", "flasks", "test_tubes"] and split.layout == "class folders"
+
+
+def test_structure_says_splits_when_names_do_not(tmp_path):
+    data = splits(tmp_path / "data", "part_a", {"part_b": 2})
+    with pytest.raises(DataError, match=r"each hold the same folders \(cat, dog\).*--layout train=part_a,test=part_b"):
+        read(data)
+    split = read(data, layout="train=part_a,test=part_b")
+    assert split.classes == ["cat", "dog"] and len(split.test) == 4
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "runs"), *FAST_TRAIN_ARGS])
+    assert result.exit_code == 1 and "--layout" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_test_folder_without_class_folders_is_noted_not_used(tmp_path):
+    data = tmp_path / "data"
+    make_class_tree(data / "train", 4, classes=CLASSES)
+    make_image(data / "test" / "unlabelled_1.jpg", (9, 9, 9))
+    split = read(data)
+    assert not split.test and split.notes == ["test/ holds no class folders (images without labels?): not used"]
+
+
+def test_bad_explicit_layouts_are_usage_errors(tmp_path):
+    data = splits(tmp_path / "data", "train", {"test": 2})
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "runs"), "--layout", "train:x", *FAST_TRAIN_ARGS])
+    assert result.exit_code == 2 and "--layout 'train:x'" in result.stderr
+    with pytest.raises(DataError, match="no such folder"):
+        read(data, layout="train=nope")
+
+
+@pytest.mark.parametrize("target", ["..", "../.."])
+def test_symlink_loops_read_no_file_twice_and_no_wrong_label(tmp_path, target):
+    data = splits(tmp_path / "data", "train", {"val": 2})
+    os.symlink(target, data / "train" / "dog" / "loop")
+    split = read(data)
+    paths = [s.path for s in split.train + split.val]
+    assert len(paths) == len({os.path.realpath(p) for p in paths}) == 14
+    assert all(("cat" in s.path.name) == (s.label == 0) for s in split.train + split.val)
+    assert [s["path"] for s in split.skipped] == [str(data / "train" / "dog" / "loop")]
+    assert "a loop, not entered" in split.skipped[0]["reason"]
+
+
+def test_a_symlink_into_another_class_is_not_entered_but_one_elsewhere_is(tmp_path):
+    data = splits(tmp_path / "data", "train", {"val": 2})
+    os.symlink(data / "train" / "dog", data / "train" / "cat" / "dogs")
+    extra = make_class_tree(tmp_path / "elsewhere", 2, classes=("more",), seed=77) / "more"
+    os.symlink(extra, data / "train" / "cat" / "more")
+    split = read(data)
+    cats = [s for s in split.train + split.val if s.label == 0 and "/train/" in str(s.path)]
+    assert len(cats) == 5 + 2 and all("dog_" not in s.path.name for s in cats)  # the two linked images are cats
+    assert split.skipped[0]["reason"].startswith("symbolic link into another class folder")
+
+
+def test_identical_files_within_a_split_are_used_once_and_across_splits_reported(tmp_path):
+    data = splits(tmp_path / "data", "train", {"val": 2, "test": 2})
+    shutil.copy(data / "train" / "cat" / "cat_0.jpg", data / "train" / "cat" / "copy_of_cat_0.jpg")
+    shutil.copy(data / "train" / "dog" / "dog_1.jpg", data / "train" / "cat" / "dog_1_as_cat.jpg")  # one file, two labels
+    shutil.copy(data / "train" / "dog" / "dog_2.jpg", data / "test" / "dog" / "leaked.jpg")
+    split = read(data)
+    reasons = {Path(s["path"]).name: s["reason"] for s in split.skipped}
+    assert reasons["copy_of_cat_0.jpg"].endswith("used once")
+    assert "label in doubt" in reasons["dog_1_as_cat.jpg"] and "label in doubt" in reasons["dog_1.jpg"]
+    assert len(split.train) == 10 - 1 and len(split.test) == 5  # the leaked file is kept, and reported
+    assert split.leakage == [{"path": str(data / "test" / "dog" / "leaked.jpg"), "split": "test",
+                              "same_as": str(data / "train" / "dog" / "dog_2.jpg"), "same_as_split": "train"}]
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def test_labels_from_a_csv_with_a_split_column(tmp_path):
+    images = tmp_path / "images"
+    rows = [["image_id", "dx", "set"]]
+    for i in range(12):
+        colour = (220, 40, 40) if i % 2 else (40, 200, 40)
+        make_image(images / f"img_{i}.jpg", colour, seed=i)
+        rows.append([f"img_{i}", "red" if i % 2 else "green", "test" if i >= 10 else "train"])
+    rows.append(["img_0", "green", "train"])  # listed twice, same label
+    rows.append(["img_3", "green", "train"])  # listed twice, another label
+    rows.append(["missing_9", "red", "train"])
+    rows.append(["img_4", "", "train"])  # listed twice, the second time without a label
+    labels = write_csv(tmp_path / "labels.csv", rows)
+    split = read(images, labels=labels)
+    assert split.classes == ["green", "red"] and split.layout == "labels CSV" and len(split.test) == 2
+    assert split.read_as == "labels.csv (columns image_id, dx, set): train = 9 rows (2 classes), test = 2 rows; val = 20% of train (seed 0)"
+    why = {s["path"]: s["reason"] for s in split.skipped}
+    assert why[str(images / "img_0.jpg")].endswith("used once") and "label in doubt" in why[str(images / "img_3.jpg")]
+    assert "no such image file" in why["missing_9"] and why[str(images / "img_4.jpg")].startswith("no label")
+    assert all(s.path.name != "img_3.jpg" for s in split.train + split.val + split.test)
+    out = runner.invoke(app, ["train", str(images), "--labels", str(labels), "--runs-dir", str(tmp_path / "runs"), "--json", *FAST_TRAIN_ARGS])
+    assert out.exit_code == 0, out.stderr
+    assert json.loads(out.stdout)["num_test"] == 2
+
+
+def test_a_csv_whose_columns_cannot_be_told_says_how_to_name_them(tmp_path):
+    make_class_tree(tmp_path / "images", 2)
+    labels = write_csv(tmp_path / "l.csv", [["a", "b"], ["cat/cat_0.jpg", "cat"]])
+    with pytest.raises(DataError, match="--label-columns PATH,LABEL"):
+        read(tmp_path / "images", labels=labels)
+    rows = [["a", "b"]] + [[f"{c}/{c}_{i}.jpg", c] for c in ("cat", "dog") for i in range(2)]
+    split = read(tmp_path / "images", labels=write_csv(tmp_path / "l.csv", rows), label_columns="a,b")
+    assert split.classes == ["cat", "dog"] and len(split.train) + len(split.val) == 4
+
+
+def test_train_measures_the_test_split_once_and_evaluate_agrees(tmp_path):
+    data = splits(tmp_path / "data", "train", {"val": 2, "test": 3})
+    before = tree_hashes(data)
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "runs"), "--json", *FAST_TRAIN_ARGS])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["num_test"] == 6 and 0.0 <= summary["test_acc"] <= 1.0
+    assert summary["test"]["num_images"] == 6 and set(summary["test"]["per_class"]) == set(CLASSES)
+    assert json.loads((Path(summary["run_dir"]) / "results.json").read_text())["test_acc"] == summary["test_acc"]
+    evaluated = runner.invoke(app, ["evaluate", str(data), "--model", summary["model"], "--json", "--workers", "0"])
+    report = json.loads(evaluated.stdout)
+    assert report["data"] == str(data / "test") and report["accuracy"] == summary["test_acc"]
+    assert tree_hashes(data) == before and not any(p.name == "runs" for p in data.iterdir())
+    plain = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "runs"), *FAST_TRAIN_ARGS])
+    assert "test acc" in plain.stdout
+
+
+def test_check_reports_what_train_would_see_and_writes_nothing(tmp_path):
+    data = splits(tmp_path / "data", "Training", {"Testing": 2})
+    (data / "Training" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    (data / "Training" / "cat" / "notes.txt").write_text("x")
+    before = tree_hashes(data)
+    result = runner.invoke(app, ["check", str(data), "--json", "--workers", "0"])
+    assert result.exit_code == 0, result.stderr
+    check = json.loads(result.stdout)
+    assert check["ok"] and check["counts"]["test"] == {"cat": 2, "dog": 2}
+    assert sum(check["counts"]["train"].values()) + sum(check["counts"]["val"].values()) == 10
+    assert {Path(s["path"]).name for s in check["skipped"]} == {"broken.jpg", "notes.txt"}
+    assert check["images"]["summary"] == ["all are 40x32", "all colour"]
+    table = runner.invoke(app, ["check", str(data), "--workers", "0"])
+    assert table.exit_code == 0 and "train would run" in table.stdout and "Testing" in table.stdout
+    assert tree_hashes(data) == before
+
+
+def test_check_exits_1_when_train_would_refuse(tmp_path):
+    data = make_class_tree(tmp_path / "data", 3, classes=("cat",))
+    result = runner.invoke(app, ["check", str(data)])
+    assert result.exit_code == 1 and "train would refuse" in result.stdout and "need at least 2 class folders" in result.stdout
+    one_good = make_class_tree(tmp_path / "d2", 2, classes=CLASSES)
+    for p in (one_good / "dog").iterdir():
+        p.write_bytes(b"junk")
+    result = runner.invoke(app, ["check", str(one_good), "--json", "--workers", "0"])
+    assert result.exit_code == 1 and "class 'dog' has no readable training images" in json.loads(result.stdout)["problem"]
