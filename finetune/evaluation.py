@@ -14,7 +14,7 @@ from .prediction import iter_probabilities
 from .progress import Reporter
 from .records import EvaluationReport
 from .report import classification_report
-from .scan import TreeReader
+from .scan import TreeReader, drop_duplicates
 
 
 def find_eval_root(data: Path, layout: str = "auto") -> Path:
@@ -39,10 +39,11 @@ def labelled_images(root: Path, classes: list[str]) -> tuple[list[Sample], list[
         raise DataError(f"{root}: class folders the model does not know: {', '.join(unknown)} (the model knows: {', '.join(classes)}). Remove them or use the right --model.")
     skipped: list[dict] = []
     reader = TreeReader([root / c for c in folders], skipped)
-    samples = [Sample(p, label) for label, c in enumerate(classes) if (root / c).is_dir() for p in reader.images(root / c)]
-    if not samples:
+    samples = {"test": [Sample(p, label) for label, c in enumerate(classes) if (root / c).is_dir() for p in reader.images(root / c)]}
+    drop_duplicates(samples, classes, skipped)  # as train reads a split: identical files count once
+    if not samples["test"]:
         raise DataError(f"{root}: the class folders hold no images.")
-    return samples, skipped
+    return samples["test"], skipped
 
 
 def evaluate(model: LoadedModel, data: Path | str, cfg: PredictConfig | None = None,

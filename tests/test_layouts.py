@@ -187,6 +187,7 @@ def test_a_csv_whose_columns_cannot_be_told_says_how_to_name_them(tmp_path):
 
 def test_train_measures_the_test_split_once_and_evaluate_agrees(tmp_path):
     data = splits(tmp_path / "data", "train", {"val": 2, "test": 3})
+    shutil.copy(data / "test" / "cat" / "cat_0.jpg", data / "test" / "cat" / "again.jpg")  # counted once by both
     before = tree_hashes(data)
     result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "runs"), "--json", *FAST_TRAIN_ARGS])
     assert result.exit_code == 0, result.stderr
@@ -197,6 +198,7 @@ def test_train_measures_the_test_split_once_and_evaluate_agrees(tmp_path):
     evaluated = runner.invoke(app, ["evaluate", str(data), "--model", summary["model"], "--json", "--workers", "0"])
     report = json.loads(evaluated.stdout)
     assert report["data"] == str(data / "test") and report["accuracy"] == summary["test_acc"]
+    assert report["num_images"] == summary["test"]["num_images"] == 6
     assert tree_hashes(data) == before and not any(p.name == "runs" for p in data.iterdir())
     plain = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "runs"), *FAST_TRAIN_ARGS])
     assert "test acc" in plain.stdout
