@@ -144,7 +144,7 @@ def sync(device: torch.device) -> None:
 def check_speed(data: Path, tmp: Path, finetune_epochs: int) -> dict:
     cfg = TrainConfig()
     device = pick_device("auto")
-    rates = pure_rates("efficientnet_lite0", cfg.batch_size, cfg.views, device)
+    rates = pure_rates("efficientnet_lite0", cfg.batch_size, 4, device)
     result = {"pure": rates, "runs": {}}
     for name, extra in (("defaults", []), (f"finetune_{finetune_epochs}", ["--finetune-epochs", str(finetune_epochs)])):
         out, wall = run(train_cmd(data, tmp / name, *extra), timeout=600)
@@ -154,7 +154,7 @@ def check_speed(data: Path, tmp: Path, finetune_epochs: int) -> dict:
         summary = json.loads(out.stdout)
         rows = metrics_rows(summary)
         n_train, n_val = summary["num_train"], summary["num_val"]
-        feature_images = n_train * cfg.views + n_val
+        feature_images = n_train * summary["recipe"]["views_computed"] + n_val + summary["num_test"]
         ft_rows = [r for r in rows if r["stage"] == "finetune"]
         pure_features = feature_images / rates["forward_img_per_s"]
         pure_finetune = len(ft_rows) * (n_train / rates["train_step_img_per_s"] + n_val / rates["forward_img_per_s"])

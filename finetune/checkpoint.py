@@ -35,12 +35,13 @@ class LoadedModel:
 
 
 def model_metadata(arch: str, classes: list[str], pp: Preprocessing, train_config: dict, best: dict,
-                   num_train: int, num_val: int) -> dict:
+                   num_train: int, num_val: int, multi_layer: bool = False) -> dict:
     """What a model file says about itself besides its tensors (README: Model file format)."""
     import torchvision
 
     return {
-        "arch": arch, "classes": classes, "preprocessing": pp.to_dict(), "train_config": train_config, "best": best,
+        "arch": arch, "classes": classes, "preprocessing": pp.to_dict(), "features": {"multi_layer": multi_layer},
+        "train_config": train_config, "best": best,
         "num_train": num_train, "num_val": num_val,
         "versions": {"finetune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -76,7 +77,8 @@ def read_model_file(path: Path) -> LoadedModel:
     if head is None or head.shape[0] != len(classes):
         rows = "no head" if head is None else f"a head for {head.shape[0]} classes"
         raise ModelFileError(f"{path}: metadata lists {len(classes)} classes but the tensors hold {rows}; the file was damaged or edited.")
-    model = model_from_state(arch, len(classes), state, path)
+    multi_layer = bool((meta.get("features") or {}).get("multi_layer", False))  # absent in older files
+    model = model_from_state(arch, len(classes), state, path, multi_layer)
     model.eval()
     return LoadedModel(path, model, meta)
 

@@ -13,6 +13,7 @@ DEFAULT_RUNS_DIR = Path("runs")
 MODEL_FILENAME = "model.safetensors"
 UNFROZEN_FINETUNE_EPOCHS = 5  # what `freeze_backbone=False` means when finetune_epochs is not given
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold, but as a hard error
+HEAD_FEATURES = ("auto", "final", "multi")
 
 
 @dataclass
@@ -32,7 +33,8 @@ class TrainConfig:
     # Stage 1: a new head on the frozen backbone, trained on features computed once for
     # `views` augmented views of each training image (view 0 is the plain centre crop).
     epochs: int = 30
-    views: int = 4
+    views: int | None = None  # None: from the number of training images (recipe.views_for)
+    head_features: str = "auto"  # auto (chosen on val), final, or multi (every stage's features, standardised)
     lr: float = 1e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
@@ -60,7 +62,8 @@ class TrainConfig:
              f"--finetune-epochs must be 0 or more (got {self.finetune_epochs})."),
             (not (self.freeze_backbone and self.finetune_epochs),
              "--freeze-backbone and --finetune-epochs > 0 contradict each other; pass one of them."),
-            (self.views >= 1, f"--views must be at least 1 (got {self.views})."),
+            (self.views is None or self.views >= 1, f"--views must be at least 1 (got {self.views})."),
+            (self.head_features in HEAD_FEATURES, f"--head-features must be one of {', '.join(HEAD_FEATURES)} (got '{self.head_features}')."),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})."),
             (self.lr > 0, f"--lr must be positive (got {self.lr})."),
             (self.img_size is None or self.img_size >= 32, f"--img-size must be at least 32 (got {self.img_size})."),

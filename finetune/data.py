@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .images import ImageDecodeError, load_rgb
 class Sample:
     path: Path
     label: int
+    digest: str = ""  # content hash (scan.py), which seeds the image's augmented views
 
 
 @dataclass
@@ -66,7 +68,15 @@ def eval_transform(pp: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
     ])
 
 
-def train_transform(pp: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
+def train_transform(pp: Preprocessing, light: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """Augmentation. `light`: for data whose plain view trains the better head (X-rays, scans),
+    where strong crops and colour changes make an image something it is not."""
+    if light:
+        return v2.Compose([
+            v2.PILToTensor(),
+            v2.RandomResizedCrop(pp.img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ])
     return v2.Compose([
         v2.PILToTensor(),
         v2.RandomResizedCrop(pp.img_size, scale=(0.35, 1.0), antialias=True),
@@ -83,14 +93,18 @@ class ImageFileDataset(Dataset):
     once per item, at a reduced JPEG scale when that still covers the resize.
     """
 
-    def __init__(self, paths: list[Path], pp: Preprocessing, max_pixels: int, views: int = 1, augment_all: bool = False):
+    def __init__(self, paths: list[Path], pp: Preprocessing, max_pixels: int, views: int = 1, augment_all: bool = False,
+                 seeds: list[int] | None = None, light: bool = False):
         self.paths = paths
         self.pp = pp
         self.max_pixels = max_pixels
         self.views = views
         self.augment_all = augment_all
+        # With seeds, image i's augmented views are always the same (whatever the batch, the
+        # worker or the run), so its features can be reused; without, each draw is new.
+        self.seeds = seeds
         self.eval_tf = eval_transform(pp)
-        self.train_tf = train_transform(pp)
+        self.train_tf = train_transform(pp, light)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -102,7 +116,17 @@ class ImageFileDataset(Dataset):
             return i, str(e)
         img = _shrink(img, self.pp.resize)
         tfs = [self.train_tf if (self.augment_all or v > 0) else self.eval_tf for v in range(self.views)]
-        return i, torch.stack([tf(img) for tf in tfs])
+        if self.seeds is None:
+            return i, torch.stack([tf(img) for tf in tfs])
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on as if untouched
+            torch.manual_seed(self.seeds[i])
+            return i, torch.stack([tf(img) for tf in tfs])
+
+
+def view_seed(seed: int, sample: Sample) -> int:
+    """The seed of an image's augmented views: from its content (its path when not hashed) and the run's seed."""
+    key = f"{seed}:{sample.digest or sample.path}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
 
 
 def _shrink(img: Image.Image, shorter: int) -> Image.Image:

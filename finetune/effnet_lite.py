@@ -26,6 +26,7 @@ LITE0_STAGES = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
+STAGE_ENDS = frozenset(sum(s[0] for s in LITE0_STAGES[:k + 1]) - 1 for k in range(len(LITE0_STAGES)))  # last block of each stage
 
 
 class SameConv2d(nn.Conv2d):
@@ -110,6 +111,17 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
         x = self.act(self._bn1(self._conv_head(x)))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def stage_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The pooled output of each of the 7 stages, then the pooled 1280-d features."""
+        x = self.act(self._bn0(self._conv_stem(x)))
+        pooled = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in STAGE_ENDS:
+                pooled.append(x.mean((2, 3)))
+        x = self.act(self._bn1(self._conv_head(x)))
+        return [*pooled, x.mean((2, 3))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self._dropout(self.forward_features(x)))

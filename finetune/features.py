@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .config import TrainConfig
-from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, make_loader
+from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, make_loader, view_seed
 from .device import autocast, autocast_dtype, forward_in_chunks, to_model_input
 from .distributed import Dist
 from .models import Classifier
@@ -38,10 +38,10 @@ class FeatureExtractor:
     d: Dist
     reporter: Reporter
 
-    def features_of(self, split: DatasetSplit) -> tuple[FeatureSet, DatasetSplit]:
-        """The features, and the split without the images that failed to decode (they are
-        added to its `skipped` list, in order, and reported)."""
-        train, train_feats, train_failed = self.sharded(split.train, self.cfg.views, "Features (train)")
+    def features_of(self, split: DatasetSplit, views: int) -> tuple[FeatureSet, DatasetSplit]:
+        """The features of every stage (Classifier.all_stage_features), and the split without
+        the images that failed to decode (they are added to its `skipped` list and reported)."""
+        train, train_feats, train_failed = self.sharded(split.train, views, "Features (train)")
         val, val_feats, val_failed = self.sharded(split.val, 1, "Features (val)")
         clean = replace(split, train=train, val=val, skipped=[*split.skipped, *train_failed, *val_failed])
         labels = lambda samples: torch.tensor([s.label for s in samples], dtype=torch.long)  # noqa: E731
@@ -62,7 +62,8 @@ class FeatureExtractor:
     def extract(self, samples: list[Sample], views: int, description: str) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
         """Decode each image once and run its `views` crops through the frozen backbone: the
         indices of the decoded samples, their features [n, views, dim], (index, reason) of the others."""
-        dataset = ImageFileDataset([s.path for s in samples], self.pp, self.cfg.max_pixels, views=views)
+        seeds = [view_seed(self.cfg.seed, s) for s in samples] if views > 1 else None
+        dataset = ImageFileDataset([s.path for s in samples], self.pp, self.cfg.max_pixels, views=views, seeds=seeds)
         loader = make_loader(dataset, max(1, self.cfg.batch_size // views), self.cfg.workers,
                              pin_memory=self.device.type == "cuda", seed=self.cfg.seed)
         amp = autocast_dtype(self.device)
@@ -76,11 +77,11 @@ class FeatureExtractor:
                 b, v = batch.shape[:2]
                 x = to_model_input(batch.flatten(0, 1), self.device)
                 with autocast(self.device, amp):
-                    f = forward_in_chunks(self.model.features, x, self.device)
+                    f = forward_in_chunks(self.model.all_stage_features, x, self.device)
                 chunks.append(f.view(b, v, -1).to("cpu", torch.float16))
                 kept.extend(indices)
             done += len(indices) + len(failed)
             self.reporter.advance(len(indices) + len(failed), images_per_s=round(done * views / (time.perf_counter() - t0), 1))
         self.reporter.finish()
-        feats = torch.cat(chunks) if chunks else torch.empty(0, views, self.model.head[1].in_features, dtype=torch.float16)
+        feats = torch.cat(chunks) if chunks else torch.empty(0, views, self.model.all_dim, dtype=torch.float16)
         return kept, feats, failures

@@ -22,7 +22,7 @@ from .device import autocast
 from .distributed import Dist, interrupts_deferred
 from .models import Classifier
 from .progress import Reporter
-from .records import EpochRecord, Stage
+from .records import EpochRecord, HeadChoice, Stage
 from .resume import ResumeState, restore_rng, rng_state
 from .runs import RunFolder
 from .tracking import BestEpoch, EarlyStopping
@@ -43,6 +43,9 @@ class Run:
     history: list[EpochRecord] = field(default_factory=list)
     best: BestEpoch = field(default_factory=BestEpoch)
     early: EarlyStopping = field(init=False)
+    head_choice: HeadChoice | None = None  # what the head reads, once chosen (recipe.py)
+    candidates: list[dict] = field(default_factory=list)  # every candidate head's val figures
+    views_computed: int | None = None  # views per training image the features were computed for
 
     def __post_init__(self) -> None:
         self.early = EarlyStopping(self.cfg.patience)
@@ -51,19 +54,20 @@ class Run:
         meta = model_metadata(self.cfg.arch, self.split.classes, self.pp,
                               {k: v for k, v in self.cfg.to_json_dict().items() if k != "resume"},
                               {"epoch": self.best.epoch, "val_acc": round(self.best.acc, 4), "val_loss": round(self.best.loss, 4)},
-                              len(self.split.train), len(self.split.val))
+                              len(self.split.train), len(self.split.val), self.model.multi_layer)
         return self.folder.save_model(self.best, meta)
 
     def resume_state(self, stage, epoch: int, optimizer, schedule) -> ResumeState:
         """The state after `epoch` epochs of `stage` (a stages.HeadStage or FinetuneStage)."""
-        trained = {k: v for k, v in self.model.state_dict().items() if k.startswith(stage.prefix)}
-        best = {k: v for k, v in self.best.state.items() if k.startswith(stage.prefix)} if stage.best_in_state else {}
+        trained = {k: v for k, v in self.model.state_dict().items() if k.startswith(stage.prefixes)}
+        best = {k: v for k, v in self.best.state.items() if k.startswith(stage.prefixes)} if stage.best_in_state else {}
         return ResumeState(
             stage=stage.kind, epoch=epoch, history=self.history, trainable=trained, optimizer=optimizer.state_dict(),
             schedule=schedule.state_dict(), best_acc=self.best.acc, best_loss=self.best.loss, best_epoch=self.best.epoch,
             best_trainable=best, best_val_pred=self.best.val_pred, rng=rng_state(stage.generator),
             skipped=self.split.skipped, num_train=len(self.split.train), num_val=len(self.split.val),
             classes=self.split.classes, stopped_stage=self.early.stopped_stage, files_digest=self.files_digest,
+            head_choice=self.head_choice, candidates=self.candidates,
         )
 
     def restore(self, state: ResumeState, device: torch.device) -> None:
@@ -72,6 +76,10 @@ class Run:
         self.best.acc, self.best.loss, self.best.epoch = state.best_acc, state.best_loss, state.best_epoch
         self.best.val_pred = state.best_val_pred
         self.early.stopped_stage = state.stopped_stage
+        # States written before heads were chosen had the final features of `views` views.
+        self.head_choice = state.head_choice or HeadChoice(self.cfg.views or 4, False)
+        self.candidates = state.candidates
+        self.model.use_features(self.head_choice.multi_layer)  # shaped before its weights load
         self.model.load_state_dict(state.trainable, strict=state.stage is Stage.FINETUNE)
         if state.stage is Stage.FINETUNE:  # the best model is the one in the model file
             from .files import read_safetensors
@@ -87,9 +95,10 @@ class Run:
         if not d.active:
             return
         mine = (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_pred, self.early.stopped_stage,
-                {k: v.cpu() for k, v in self.best.state.items()}) if d.is_main else None
+                self.head_choice, {k: v.cpu() for k, v in self.best.state.items()}) if d.is_main else None
         (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_pred, self.early.stopped_stage,
-         state) = d.broadcast(mine)
+         self.head_choice, state) = d.broadcast(mine)
+        self.model.use_features(self.head_choice.multi_layer)
         device = next(self.model.parameters()).device
         self.best.state = {k: v.to(device) for k, v in state.items()}
 
@@ -145,7 +154,7 @@ def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None
 def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Reporter | None) -> tuple[float, float, float]:
     """One pass over the stage's batches: (loss sum, correct, images) over all ranks. `reporter`:
     where each step's running figures go, if anywhere."""
-    stage.net.train()
+    stage.train_mode()
     loss_sum = correct = seen = 0.0
     t0 = time.perf_counter()
     for batch in stage.batches():

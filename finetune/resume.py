@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from .config import MODEL_FILENAME, TrainConfig
 from .data import DatasetSplit
 from .errors import DataError, ModelFileError, UsageError
 from .files import read_safetensors, write_safetensors
-from .records import EpochRecord, Stage
+from .records import EpochRecord, HeadChoice, Stage
 
 STATE_FILENAME = "last_state.safetensors"
 STATE_KEY = "finetune_state"
@@ -48,6 +48,8 @@ class ResumeState:
     classes: list[str]
     stopped_stage: Stage | None  # the stage that early stopping ended
     files_digest: str  # which files were in train and val when the run started ("" in old states: not checked)
+    head_choice: HeadChoice | None = None  # what the head reads (None in states written before it was chosen)
+    candidates: list[dict] = field(default_factory=list)  # the candidate heads' val figures
 
     @property
     def stopped_early(self) -> bool:
@@ -68,6 +70,7 @@ class ResumeState:
             "skipped": self.skipped, "num_train": self.num_train, "num_val": self.num_val, "classes": self.classes,
             "stopped_early": self.stopped_early, "stopped_stage": self.stopped_stage and self.stopped_stage.value,
             "files_digest": self.files_digest, "optimizer_param_groups": self.optimizer["param_groups"],
+            "head_choice": self.head_choice.to_dict() if self.head_choice else None, "candidates": self.candidates,
         }
         write_safetensors(path, tensors, info, STATE_KEY)
 
@@ -93,6 +96,8 @@ class ResumeState:
                 skipped=info["skipped"], num_train=info["num_train"], num_val=info["num_val"], classes=info["classes"],
                 stopped_stage=Stage(info["stopped_stage"]) if info.get("stopped_stage") else None,
                 files_digest=info.get("files_digest", ""),
+                head_choice=HeadChoice(**info["head_choice"]) if info.get("head_choice") else None,
+                candidates=info.get("candidates", []),
             )
         except (ModelFileError, KeyError, TypeError, ValueError):
             raise damaged from None

@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from .data import DatasetSplit, Sample
@@ -199,7 +200,7 @@ def drop_duplicates(samples: dict[str, list[Sample]], classes: list[str], skippe
                 dropped[s.path] = conflict
                 dropped.setdefault(s0.path, f"the same bytes as {s.path} but labelled {classes[s0.label]}, not {classes[s.label]}: label in doubt, not used")
     for role, group in samples.items():
-        samples[role] = [s for s in group if s.path not in dropped]
+        samples[role] = [replace(s, digest=digests[s.path]) for s in group if s.path not in dropped]
     skipped.extend({"path": str(p), "reason": reason} for p, reason in dropped.items())
     return leakage
 

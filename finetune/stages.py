@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
@@ -49,12 +50,13 @@ class HeadStage:
     bar_per_epoch = False
     dist = SINGLE
     amp = None  # the head always runs in fp32
-    prefix = "head."  # what it trains, by name in the model
+    prefixes = ("feature_norm.", "head.")  # what it sets and trains, by name in the model
     best_in_state = True  # the best head is tiny: kept in the state file, not rewritten to the model file each epoch
 
     def __init__(self, model: Classifier, features: FeatureSet, loss: LossFn, cfg: TrainConfig, device: torch.device):
         n, views, dim = features.train.shape
-        self.model, self.net, self.loss, self.device = model, model.head, loss, device
+        self.model, self.loss, self.device = model, loss, device
+        self.net = nn.Sequential(model.feature_norm, model.head)  # on raw cached features; the norm is fixed
         self.x, self.y = features.train.reshape(n * views, dim).to(device), features.train_labels.repeat_interleave(views).to(device)
         self.x_val, self.y_val = features.val.to(device), features.val_labels.to(device)
         self.epochs, self.batch_size, self.lr = cfg.epochs, cfg.batch_size, cfg.lr
@@ -68,6 +70,9 @@ class HeadStage:
 
     def start_epoch(self, epoch: int) -> None:
         pass
+
+    def train_mode(self) -> None:
+        self.net.train()
 
     def batches(self) -> Iterator[Batch]:
         order = torch.randperm(len(self.x), generator=self.generator).to(self.x.device)
@@ -88,16 +93,17 @@ class FinetuneStage:
     kind = Stage.FINETUNE
     title = "Fine-tune"
     bar_per_epoch = True
-    prefix = ""  # the whole model
+    prefixes = ("",)  # the whole model
     best_in_state = False  # the best model is in the model file, written when it changes
     generator = None
 
     def __init__(self, model: Classifier, split: DatasetSplit, pp: Preprocessing, loss: LossFn, cfg: TrainConfig,
-                 device: torch.device, d: Dist):
+                 device: torch.device, d: Dist, light_augmentation: bool = False):
         self.model, self.loss, self.cfg, self.device, self.dist = model, loss, cfg, device, d
         self.amp = autocast_dtype(device)
         self.epochs = cfg.finetune_epochs
-        train_ds = ImageFileDataset([s.path for s in split.train], pp, cfg.max_pixels, views=1, augment_all=True)
+        train_ds = ImageFileDataset([s.path for s in split.train], pp, cfg.max_pixels, views=1, augment_all=True,
+                                    light=light_augmentation)
         self.val_mine = d.shard(list(range(len(split.val))))  # each rank validates its share
         val_ds = ImageFileDataset([split.val[i].path for i in self.val_mine], pp, cfg.max_pixels, views=1)
         self.labels = torch.tensor([s.label for s in split.train])
@@ -118,6 +124,15 @@ class FinetuneStage:
     def param_groups(self) -> list[dict]:
         return [{"params": self.model.backbone.parameters(), "lr": self.cfg.lr * self.cfg.backbone_lr_ratio},
                 {"params": self.model.head.parameters(), "lr": self.cfg.lr}]
+
+    def train_mode(self) -> None:
+        """Training mode with BatchNorm's statistics frozen: the first steps then start from the
+        very model the head stage ended with (batch statistics of small batches would first
+        make it worse), and the weights, BatchNorm's affine ones included, still learn."""
+        self.net.train()
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
     def start_epoch(self, epoch: int) -> None:
         # Shuffling, augmentation and worker seeds depend only on (seed, epoch, rank): a resumed

@@ -23,11 +23,12 @@ from .data import DatasetSplit
 from .device import pick_device
 from .distributed import Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, sigint_handler
 from .errors import GpuOutOfMemory, PeerStopped, TrainingInterrupted
-from .features import FeatureExtractor
+from .features import FeatureExtractor, FeatureSet
 from .fit import Run, fit_stage
 from .models import build_classifier, get_arch, resolve_pretrained
 from .progress import Reporter
-from .records import Stage, TrainResult
+from .recipe import choose_head, head_features, norm_statistics, views_for
+from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input
 from .scan import count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class, scan_dataset
@@ -118,11 +119,15 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         stage, done = resumed.stage, epochs_completed(resumed, cfg)
         run.reporter.info(f"resuming {run.folder.path} after epoch {len(run.history)} ({stage} stage)")
     if stage is Stage.HEAD:
-        features, clean = FeatureExtractor(run.model, run.pp, cfg, device, d, run.reporter).features_of(run.split)
+        views = run.views_computed = run.head_choice.views if run.head_choice else views_for(len(run.split.train), cfg.views)
+        features, clean = FeatureExtractor(run.model, run.pp, cfg, device, d, run.reporter).features_of(run.split, views)
         loss = settle_split(run, clean, device)
         run.folder.write_skipped(run.split.skipped)  # the bad-file check is done: the list is final
-        if d.is_main:  # the head trains in seconds: one process does it, the others wait
-            fit_stage(HeadStage(run.model, features, loss, cfg, device), run, done, resumed)
+        if d.is_main:  # the heads train in seconds: one process does it, the others wait
+            if run.head_choice is None:  # (a resumed head stage goes on with the head it had chosen)
+                choose(run, features, loss, device, views)
+            fit_stage(HeadStage(run.model, head_features(features, run.head_choice, run.model.final_dim), loss, cfg, device),
+                      run, done, resumed)
             run.save_best()
         run.share_from_main(d)
         run.model.load_state_dict(run.best.state)
@@ -133,7 +138,22 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         loss = settle_split(run, replace(run.split, train=usable(run.split.train), val=usable(run.split.val),
                                          skipped=resumed.skipped), device)
     if cfg.finetune_epochs > done:
-        fit_stage(FinetuneStage(run.model, run.split, run.pp, loss, cfg, device, d), run, done, resumed)
+        light = run.head_choice is not None and run.head_choice.views == 1  # the plain view won: augment lightly
+        fit_stage(FinetuneStage(run.model, run.split, run.pp, loss, cfg, device, d, light), run, done, resumed)
+
+
+def choose(run: Run, features: FeatureSet, loss: LossFn, device: torch.device, views: int) -> None:
+    """Pick the head on the cached features (recipe.py), set the model up for it and say why."""
+    choice, run.candidates = choose_head(features, run.model, run.split, run.pp, loss, run.cfg, device, views)
+    norm = norm_statistics(head_features(features, choice, run.model.final_dim).train) if choice.multi_layer else None
+    torch.manual_seed(run.cfg.seed)  # as the candidates started: the head trained next is the winner again
+    run.model.use_features(choice.multi_layer, norm, new_head=True)
+    run.head_choice = choice
+    others = "; ".join(f"{HeadChoice(c['views'], c['multi_layer']).describe()}: {c['val_acc']:.4f}"
+                       for c in run.candidates if (c["views"], c["multi_layer"]) != (choice.views, choice.multi_layer))
+    best = next(c for c in run.candidates if (c["views"], c["multi_layer"]) == (choice.views, choice.multi_layer))
+    run.reporter.info(f"head: {choice.describe()} (best val acc of {len(run.candidates)} heads: {best['val_acc']:.4f}"
+                      f"{'; others: ' + others if others else ''})")
 
 
 def epochs_completed(resumed: ResumeState, cfg: TrainConfig) -> int:
@@ -184,6 +204,10 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
         stopped_early=run.early.stopped_early, plots=[str(p) for p in plots], history=run.history,
         read_as=split.read_as, num_test=test.num_images if test else 0, test_acc=test.accuracy if test else None,
         test=test.summary() if test else None, leakage=split.leakage,
+        recipe={"head": run.head_choice.to_dict() if run.head_choice else None, "candidates": run.candidates,
+                "views_computed": run.views_computed,
+                "chosen_by": "the best validation accuracy (then loss) among heads trained on the same cached features",
+                "finetune_epochs": run.cfg.finetune_epochs},
     )
     folder.finish(result)
     return result

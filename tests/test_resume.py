@@ -121,7 +121,7 @@ def test_cli_resume_of_a_finished_or_foreign_folder_is_refused(reference, tmp_pa
 def test_cuda_out_of_memory_suggests_a_smaller_batch(reference, tmp_path, monkeypatch):
     data, _ = reference
 
-    def oom(self, split):
+    def oom(self, split, views):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(FeatureExtractor, "features_of", oom)

@@ -1,0 +1,67 @@
+"""Every training recipe on every dataset given: one JSON row each.
+
+    python benchmarks/bench_recipes.py DATA [DATA ...] [--arch efficientnet_lite0] [--recipes NAME ...] [--finetune]
+
+Each recipe is a `finetune train` run (a fresh process, defaults plus the recipe's options),
+so the figures are what a user gets: best val accuracy, test accuracy (when DATA has a test
+split), wall time including start-up, and peak RSS. Rows go to stdout as JSON lines, as each
+run ends; nothing is written into DATA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RECIPES = {
+    "auto": [],  # the default: views from the data size, the head chosen on val
+    "final-4views": ["--head-features", "final", "--views", "4"],  # the default before the adaptive recipe
+    "final-plain": ["--head-features", "final", "--views", "1"],
+    "multi-plain": ["--head-features", "multi", "--views", "1"],
+    "multi-4views": ["--head-features", "multi", "--views", "4"],
+}
+FINETUNE = {"auto+finetune2": ["--finetune-epochs", "2"]}
+
+
+def run(cmd: list[str]) -> tuple[float, float, dict]:
+    """cmd in a fresh process: (wall s, its peak RSS in MB, its JSON output)."""
+    wrapper = ("import json,resource,subprocess,sys,time;t=time.perf_counter();"
+               "o=subprocess.run(sys.argv[1:],capture_output=True,text=True);"
+               "print(json.dumps({'wall':time.perf_counter()-t,'rss':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
+               "'rc':o.returncode,'out':o.stdout,'err':o.stderr[-2000:]}))")
+    res = json.loads(subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True).stdout)
+    if res["rc"] != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{res['err']}")
+    return res["wall"], res["rss"] / 1024, json.loads(res["out"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", type=Path, nargs="+")
+    ap.add_argument("--arch", default="efficientnet_lite0")
+    ap.add_argument("--recipes", nargs="+", choices=[*RECIPES, *FINETUNE], help="default: all but fine-tuning")
+    ap.add_argument("--finetune", action="store_true", help="also the default plus 2 whole-network epochs (slow on a CPU)")
+    args = ap.parse_args()
+    recipes = {**RECIPES, **FINETUNE}
+    names = args.recipes or [*RECIPES, *(FINETUNE if args.finetune else [])]
+    for data in args.data:
+        for name in names:
+            with tempfile.TemporaryDirectory() as runs:
+                cmd = [sys.executable, "-m", "finetune", "train", str(data), "--arch", args.arch, "--runs-dir", runs,
+                       "--json", "--quiet", *recipes[name]]
+                wall, rss, summary = run(cmd)
+            row = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "dataset": data.name, "recipe": name,
+                   "options": " ".join(recipes[name]), "best_val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"],
+                   "num_train": summary["num_train"], "num_test": summary["num_test"], "head": summary["recipe"]["head"],
+                   "wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

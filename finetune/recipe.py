@@ -1,0 +1,101 @@
+"""The default recipe adapts to the data, decided on held-out data rather than fixed.
+
+Measured on this project's datasets (BENCHMARKS.md, "Recipes"): no single head recipe wins
+everywhere. Photos like ImageNet's (ants/bees) do best with the final features of a few
+augmented views per image; X-rays do best with the pooled features of every stage of the
+backbone, standardised, on the plain (unaugmented) view, since cropping and colour jitter
+make an X-ray something it is not. Features are computed once, so trying each head costs
+seconds: every candidate is trained the same way and the one with the best validation
+accuracy (then the lower validation loss) is kept, and the run says which and why.
+
+Augmented views cost a pass of the backbone each. They matter most when images are few,
+so their number follows the size of the training set (at most 3, none from 3,000 images on).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .data import DatasetSplit, Preprocessing
+from .features import FeatureSet
+from .fit import Run, fit_stage
+from .models import Classifier, FeatureNorm, new_head_module
+from .progress import Reporter
+from .records import HeadChoice
+from .runs import RunFolder
+from .stages import HeadStage, LossFn
+
+MAX_EXTRA_VIEWS = 3
+IMAGES_FOR_NO_VIEWS = 3_000  # from this many training images on, the plain view alone
+
+
+def views_for(num_train: int, requested: int | None) -> int:
+    """Views per training image: as asked, else 1 + 3000 // images, at most 1 + 3."""
+    if requested is not None:
+        return requested
+    return 1 + min(MAX_EXTRA_VIEWS, IMAGES_FOR_NO_VIEWS // max(1, num_train))
+
+
+def candidates(views: int, head_features: str = "auto") -> list[HeadChoice]:
+    """Every head worth trying: the plain view and all views; final and every stage's features
+    (`head_features` final or multi keeps one kind)."""
+    view_counts = [1] if views == 1 else [1, views]
+    kinds = {"auto": (False, True), "final": (False,), "multi": (True,)}[head_features]
+    return [HeadChoice(v, m) for v in view_counts for m in kinds]
+
+
+def head_features(features: FeatureSet, choice: HeadChoice, final_dim: int) -> FeatureSet:
+    """The columns and views of the cached features that a head of this choice reads."""
+    cols = slice(None) if choice.multi_layer else slice(features.train.shape[-1] - final_dim, None)
+    return FeatureSet(features.train[:, :choice.views, cols], features.train_labels, features.val[:, cols], features.val_labels)
+
+
+def norm_statistics(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of each feature over all training rows (views included). The variance has
+    a floor of 1% of the average one: a feature (nearly) constant on few training images must
+    not blow up on others."""
+    flat = train.reshape(-1, train.shape[-1]).float()
+    var = flat.var(0)
+    return flat.mean(0), (var + 0.01 * var.mean()).sqrt()
+
+
+class _HeadOnly(nn.Module):
+    """A scratch model for a candidate head: its best-epoch copies are tiny."""
+
+    def __init__(self, feature_norm: FeatureNorm, head: nn.Module):
+        super().__init__()
+        self.feature_norm, self.head = feature_norm, head
+
+
+def choose_head(features: FeatureSet, model: Classifier, split: DatasetSplit, pp: Preprocessing, loss: LossFn,
+                cfg: TrainConfig, device: torch.device, views: int) -> tuple[HeadChoice, list[dict]]:
+    """Train each candidate head on the cached features; the best on val wins. Returns it and
+    every candidate's validation figures. The caller's random streams are left as they were.
+    Each candidate starts from `torch.manual_seed(cfg.seed)`, so the head trained after the
+    choice, started the same way, is the winning candidate again."""
+    scores = []
+    for choice in candidates(views, cfg.head_features):
+        chosen = head_features(features, choice, model.final_dim)
+        dim = chosen.train.shape[-1]
+        norm = FeatureNorm(dim).to(device)
+        if choice.multi_layer:
+            mean, std = norm_statistics(chosen.train)
+            norm.mean.copy_(mean), norm.std.copy_(std)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            scratch = _HeadOnly(norm, new_head_module(dim, len(split.classes), model.head[0].p)).to(device)
+            run = Run(cfg, scratch, split, pp, RunFolder(Path("."), writes=False), Reporter(), "")
+            fit_stage(HeadStage(scratch, chosen, loss, cfg, device), run)
+        scores.append({**choice.to_dict(), "val_acc": run.best.acc, "val_loss": run.best.loss, "epoch": run.best.epoch})
+    return best_candidate(scores), scores
+
+
+def best_candidate(scores: list[dict]) -> HeadChoice:
+    """The candidate with the best val accuracy; on a tie, the lower val loss; then the first listed."""
+    best = max(range(len(scores)), key=lambda i: (scores[i]["val_acc"], -scores[i]["val_loss"], -i))
+    return HeadChoice(scores[best]["views"], scores[best]["multi_layer"])
+

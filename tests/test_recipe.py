@@ -1,0 +1,142 @@
+"""The adaptive recipe: how many views, which head (chosen on val), the multi-layer model file,
+and fine-tuning that starts from the head's model instead of first making it worse."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from finetune import TrainConfig, load_model, train
+from finetune.cli import app
+from finetune.errors import TrainingInterrupted
+from finetune.recipe import best_candidate, candidates, norm_statistics, views_for
+from finetune.records import HeadChoice
+
+from conftest import FAST_TRAIN_ARGS, make_train_val, tree_hashes
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("images, requested, expected", [
+    (120, None, 4), (245, None, 4), (1000, None, 4), (1200, None, 3), (2000, None, 2), (3000, None, 2), (3636, None, 1),
+    (1_000_000, None, 1), (245, 1, 1), (50_000, 3, 3),
+])
+def test_views_follow_the_number_of_training_images(images, requested, expected):
+    assert views_for(images, requested) == expected
+
+
+def test_candidates_are_every_kind_of_head_worth_trying():
+    assert candidates(4) == [HeadChoice(1, False), HeadChoice(1, True), HeadChoice(4, False), HeadChoice(4, True)]
+    assert candidates(1) == [HeadChoice(1, False), HeadChoice(1, True)]
+    assert candidates(4, "final") == [HeadChoice(1, False), HeadChoice(4, False)]
+    assert candidates(1, "multi") == [HeadChoice(1, True)]
+
+
+def score(views, multi, acc, loss):
+    return {"views": views, "multi_layer": multi, "val_acc": acc, "val_loss": loss, "epoch": 1}
+
+
+def test_the_best_val_accuracy_wins_then_the_lower_loss_then_the_first():
+    assert best_candidate([score(1, False, 0.90, 0.3), score(1, True, 0.95, 0.5)]) == HeadChoice(1, True)
+    assert best_candidate([score(1, False, 0.95, 0.3), score(4, False, 0.95, 0.2)]) == HeadChoice(4, False)
+    assert best_candidate([score(1, False, 0.95, 0.3), score(4, True, 0.95, 0.3)]) == HeadChoice(1, False)
+
+
+def test_feature_statistics_do_not_blow_up_a_constant_feature():
+    train = torch.zeros(10, 2, 3)
+    train[..., 0] = torch.arange(20.0).view(10, 2)  # varies
+    train[..., 1] = 5.0  # constant on the training images
+    mean, std = norm_statistics(train)
+    average_variance = train.reshape(-1, 3).var(0).mean()
+    assert mean[1] == 5.0 and std[1] == pytest.approx(float((0.01 * average_variance).sqrt()))  # a floor, not 1e-6
+    assert torch.allclose(std[0], train[..., 0].flatten().std(), rtol=0.05)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_train_val(tmp_path_factory.mktemp("recipe") / "data")
+
+
+def test_a_multi_layer_model_trains_predicts_evaluates_and_exports(data, tmp_path):
+    before = tree_hashes(data)
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path), "--json", "--head-features", "multi", *FAST_TRAIN_ARGS])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["recipe"]["head"] == {"views": 1, "multi_layer": True} or summary["recipe"]["head"]["multi_layer"]
+    assert {(c["views"], c["multi_layer"]) for c in summary["recipe"]["candidates"]} == {(1, True), (2, True)}
+    loaded = load_model(Path(summary["run_dir"]))
+    assert loaded.meta["features"] == {"multi_layer": True} and loaded.model.multi_layer
+    assert loaded.model.head[1].in_features == loaded.model.all_dim == 2064
+    assert loaded.model.feature_norm.std.min() > 0 and not torch.all(loaded.model.feature_norm.mean == 0)
+    evaluated = json.loads(runner.invoke(app, ["evaluate", str(data), "--model", summary["model"], "--json", "--workers", "0"]).stdout)
+    assert evaluated["accuracy"] == summary["best_val_acc"]  # the same model the run measured
+    exported = runner.invoke(app, ["export", "--model", summary["model"], "--format", "torchscript", "--out", str(tmp_path / "m.pt"), "--json"])
+    assert exported.exit_code == 0 and json.loads(exported.stdout)["max_abs_diff"] <= 1e-4
+    assert tree_hashes(data) == before
+
+
+def test_the_head_trained_after_the_choice_is_the_winning_candidate(data, tmp_path):
+    result = train(TrainConfig(data=data, runs_dir=tmp_path, arch="efficientnet_lite0", img_size=64, epochs=4, views=2,
+                               workers=0, batch_size=8))
+    chosen = result.recipe["head"]
+    winner = next(c for c in result.recipe["candidates"] if (c["views"], c["multi_layer"]) == (chosen["views"], chosen["multi_layer"]))
+    assert result.best_epoch == winner["epoch"] and result.best_val_acc == round(winner["val_acc"], 4)
+    assert result.history[winner["epoch"] - 1].val_loss == pytest.approx(winner["val_loss"], abs=1e-6)
+
+
+class CtrlCAtHead:
+    """A reporter that presses Ctrl-C at the second epoch of the recorded head stage."""
+
+    def __init__(self):
+        self.count = 0
+
+    def start(self, description, total):
+        self.on = description.startswith("Head")
+
+    def advance(self, steps=1, **fields):
+        if self.on and steps:
+            self.count += 1
+            if self.count == 2:
+                raise KeyboardInterrupt
+
+    def finish(self):
+        pass
+
+    def epoch(self, record):
+        pass
+
+    def info(self, message):
+        pass
+
+    def warn(self, message):
+        pass
+
+
+def test_a_multi_layer_head_stage_resumes_to_the_same_run(data, tmp_path):
+    cfg = TrainConfig(data=data, runs_dir=tmp_path / "a", arch="efficientnet_lite0", img_size=64, epochs=3, views=2,
+                      workers=0, batch_size=8, head_features="multi", finetune_epochs=1)
+    reference = train(cfg)
+    with pytest.raises(TrainingInterrupted):
+        train(replace(cfg, runs_dir=tmp_path / "b"), CtrlCAtHead())
+    resumed = train(TrainConfig(resume=tmp_path / "b" / "train"))
+    assert [r.to_csv_row()["val_loss"] for r in resumed.history] == [r.to_csv_row()["val_loss"] for r in reference.history]
+    saved, expected = load_model(resumed.run_dir).model.state_dict(), load_model(reference.run_dir).model.state_dict()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_fine_tuning_starts_from_the_heads_model(data, tmp_path):
+    """BatchNorm's statistics stay as they were: with a learning rate too small to move the weights,
+    the first fine-tuning epoch's val loss is the head's, not a worse one."""
+    result = train(TrainConfig(data=data, runs_dir=tmp_path, arch="efficientnet_lite0", img_size=64, epochs=3, views=2,
+                               workers=0, batch_size=8, finetune_epochs=1, lr=1e-12))
+    head_best = min((r for r in result.history if r.stage == "head"), key=lambda r: (-r.val_acc, r.val_loss))
+    first_finetune = next(r for r in result.history if r.stage == "finetune")
+    assert first_finetune.val_loss == pytest.approx(head_best.val_loss, abs=1e-4)
+    rows = list(csv.DictReader(open(result.run_dir / "metrics.csv")))
+    assert [r["stage"] for r in rows] == ["head"] * 3 + ["finetune"]
