@@ -34,7 +34,8 @@ def machine() -> str:
 
 
 def classic_recipe(data: Path, arch: str, weights: str | None, epochs: int, workers: int) -> dict:
-    from finetune.models import build_classifier, get_arch, resolve_pretrained
+    from finetune.models import build_classifier, get_arch
+    from finetune.weights import resolve_pretrained
 
     spec = get_arch(arch)
     state, _ = resolve_pretrained(spec, Path(weights) if weights else None)

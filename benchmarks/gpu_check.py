@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from finetune.config import TrainConfig  # noqa: E402
 from finetune.device import autocast, autocast_dtype, pick_device, to_model_input  # noqa: E402
-from finetune.models import build_classifier, get_arch, resolve_pretrained  # noqa: E402
+from finetune.models import build_classifier, get_arch  # noqa: E402
+from finetune.weights import resolve_pretrained  # noqa: E402
 
 COMPARED = ["epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
 

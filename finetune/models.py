@@ -1,22 +1,19 @@
-"""Registry of backbones, ImageNet weight resolution, and the classifier we train."""
+"""Registry of backbones and the classifier we train (weights come from weights.py)."""
 
 from __future__ import annotations
 
 import difflib
 import functools
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from .data import Preprocessing
 from .errors import ModelFileError, UsageError, WeightsError
-from .files import FORMAT, read_safetensors
+from .weights import offline_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -214,68 +211,6 @@ def build_classifier(spec: ArchSpec, num_classes: int, backbone_state: dict | No
     return Classifier(backbone, spec, num_classes, multi_layer)
 
 
-# --- weight resolution -------------------------------------------------------------------
-
-def hub_checkpoint_dir() -> Path:
-    """torchvision's download folder: $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/...)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def url_filename(url: str) -> str:
-    return os.path.basename(urlparse(url).path)
-
-
-def resolve_pretrained(spec: ArchSpec, weights_file: Path | None) -> tuple[dict, str]:
-    """ImageNet (or user) weights for the backbone, and a description of where they came from.
-
-    Order: --weights FILE, then the package that ships them, then torchvision's hub cache,
-    then a download through torchvision.
-    """
-    if weights_file is not None:
-        return read_weights_file(weights_file), str(weights_file)
-    local = local_weights_path(spec)
-    if local is not None:
-        return read_weights_file(local), str(local)
-    url = spec.weight_urls[0]
-    try:
-        state = download_state_dict(url)
-    except Exception as e:  # any failure to download is the same problem for the user
-        raise WeightsError(
-            f"cannot get ImageNet weights for {spec.name} ({type(e).__name__}: {e}). Fixes: "
-            f"(1) put {url_filename(url)} into {hub_checkpoint_dir()} (download it from {url} on a machine that is online); "
-            f"(2) pass --weights FILE with a state dict for {spec.name}; "
-            f"(3) use --arch efficientnet_lite0, whose weights install with pip and work offline."
-        ) from None
-    return state, url
-
-
-def download_state_dict(url: str) -> dict:
-    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True, weights_only=True)
-
-
-def read_weights_file(path: Path) -> dict:
-    """A state dict from .safetensors (a finetune model file included) or a weights-only torch file."""
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found. Pass an existing state dict file to --weights.")
-    if path.suffix == ".safetensors":
-        state, meta = read_safetensors(path)
-        if meta.get("format") == FORMAT:  # a model we trained: reuse its backbone
-            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        return state
-    try:
-        with warnings.catch_warnings():  # torch's notes on pickle protocols mean nothing to a user
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except Exception as e:
-        raise WeightsError(f"{path}: not a readable weights-only state dict ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use a .pth saved with torch.save(model.state_dict()) or a .safetensors file.") from None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: does not hold a state dict of tensors.")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
 def load_backbone_state(backbone: nn.Module, state: dict, arch: str) -> None:
     """Load ImageNet-style weights, ignoring the old 1000-class head (fc / _fc)."""
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "_fc."))}
@@ -313,27 +248,6 @@ def backbone_parameter_count(spec: ArchSpec) -> int:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         backbone = spec.build_backbone()
     return sum(p.numel() for p in backbone.parameters())
-
-
-def local_weights_path(spec: ArchSpec) -> Path | None:
-    """The weights file on this machine: the package that ships them (WeightsError when it is
-    not installed), else torchvision's hub cache; None when only a download would do."""
-    if spec.packaged_weights is not None:
-        return spec.packaged_weights()
-    for url in spec.weight_urls:
-        cached = hub_checkpoint_dir() / url_filename(url)
-        if cached.is_file():
-            return cached
-    return None
-
-
-def offline_weights(spec: ArchSpec) -> str | None:
-    """Where pretrained weights are available without a network right now, or None."""
-    try:
-        path = local_weights_path(spec)
-    except WeightsError:
-        return None
-    return str(path) if path is not None and path.is_file() else None
 
 
 def list_archs() -> list[dict]:

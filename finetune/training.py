@@ -25,7 +25,8 @@ from .distributed import Dist, from_environment, is_lost_peer, record_rank_end, 
 from .errors import GpuOutOfMemory, PeerStopped, TrainingInterrupted
 from .features import FeatureExtractor, FeatureSet
 from .fit import Run, fit_stage
-from .models import build_classifier, get_arch, resolve_pretrained
+from .models import build_classifier, get_arch
+from .weights import resolve_pretrained
 from .progress import Reporter
 from .recipe import choose_head, head_features, norm_statistics, views_for
 from .records import HeadChoice, Stage, TrainResult

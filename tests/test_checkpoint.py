@@ -89,7 +89,7 @@ def test_a_malicious_pickle_is_never_run(tmp_path):
     bad.write_bytes(pickle.dumps(Evil()))
     result = runner.invoke(app, ["predict", "x.jpg", "--model", str(bad)])
     assert result.exit_code == 2 and "never loaded as models" in result.stderr
-    from finetune.models import read_weights_file
+    from finetune.weights import read_weights_file
     from finetune.errors import WeightsError
 
     with pytest.raises(WeightsError, match="not a readable weights-only state dict"):

