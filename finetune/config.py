@@ -51,6 +51,10 @@ class TrainConfig:
     name: str | None = None
     max_pixels: int = MAX_PIXELS
     resume: Path | None = None  # a run folder to continue; its config.json replaces the rest
+    # The frozen backbone's features are kept on disk (cache.py) for the next run on the same files.
+    cache: bool = True
+    cache_dir: Path | None = None  # None: $FINETUNE_CACHE_DIR, else the platform's user cache folder
+    cache_limit_gb: float = 20.0  # least recently used features go beyond this
 
     def checked(self) -> "TrainConfig":
         """This config with every option checked (UsageError naming the option otherwise) and the
@@ -69,6 +73,7 @@ class TrainConfig:
             (self.img_size is None or self.img_size >= 32, f"--img-size must be at least 32 (got {self.img_size})."),
             (self.workers is None or self.workers >= 0, f"--workers must be 0 or more (got {self.workers})."),
             (self.max_pixels >= 1, f"--max-pixels must be positive (got {self.max_pixels})."),
+            (self.cache_limit_gb > 0, f"--cache-limit-gb must be positive (got {self.cache_limit_gb})."),
             (self.patience >= 0, f"--patience must be 0 (off) or more (got {self.patience})."),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})."),
             (self.max_images_per_class is None or self.max_images_per_class >= 1,
@@ -86,7 +91,7 @@ class TrainConfig:
     @classmethod
     def from_json_dict(cls, d: dict) -> "TrainConfig":
         known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
-        for key in ("data", "weights", "runs_dir", "resume", "labels"):
+        for key in ("data", "weights", "runs_dir", "resume", "labels", "cache_dir"):
             if known.get(key) is not None:
                 known[key] = Path(known[key])
         return cls(**known)

@@ -1,6 +1,8 @@
 """Features of the frozen backbone, computed once per image: the training images in `views`
 views (view 0 the plain centre crop, the others augmented), the val images in their plain
 view. Decoding each image for this is also the bad-file check: what fails is skipped.
+Rows already in the feature cache (cache.py) are read, not computed: the files they come
+from decoded before, with the same bytes.
 
 Under torchrun each rank computes its share and every rank gets all the features, so that
 every image is decoded once in all.
@@ -13,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .cache import FeatureCache, row_id
 from .config import TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, make_loader, view_seed
 from .device import autocast, autocast_dtype, forward_in_chunks, to_model_input
@@ -37,6 +40,7 @@ class FeatureExtractor:
     device: torch.device
     d: Dist
     reporter: Reporter
+    cache: FeatureCache | None = None  # None: --no-cache
 
     def features_of(self, split: DatasetSplit, views: int) -> tuple[FeatureSet, DatasetSplit]:
         """The features of every stage (Classifier.all_stage_features), and the split without
@@ -58,8 +62,31 @@ class FeatureExtractor:
             self.reporter.warn(f"skipped {samples[i].path}: {reason}")
         return [samples[i] for i in kept_all], feats_all, failures
 
-    @torch.inference_mode()
     def extract(self, samples: list[Sample], views: int, description: str) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
+        """The features [n, views, dim] of the samples that decode, in index order: from the
+        cache where it has them, computed for the rest; (index, reason) of the others."""
+        ids = [[row_id(s, v, self.cfg.seed) for v in range(views)] for s in samples]
+        cached = self.cache.lookup(ids) if self.cache is not None else {}
+        todo = [i for i in range(len(samples)) if i not in cached]
+        self.reporter.start(description, len(samples))
+        self.reporter.advance(len(cached))
+        try:
+            done, feats, failed = self.compute([samples[i] for i in todo], views, [ids[i] for i in todo])
+        finally:
+            if self.cache is not None:  # also when interrupted: the next run goes on from here
+                self.cache.flush()
+            self.reporter.finish()
+        kept = sorted([*cached, *(todo[k] for k in done)])
+        out = torch.empty(len(kept), views, self.model.all_dim, dtype=torch.float16)
+        where = {i: row for row, i in enumerate(kept)}
+        for i, f in cached.items():
+            out[where[i]] = f
+        for k, f in zip(done, feats):
+            out[where[todo[k]]] = f
+        return kept, out, [(todo[k], reason) for k, reason in failed]
+
+    @torch.inference_mode()
+    def compute(self, samples: list[Sample], views: int, ids: list[list[str | None]]) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
         """Decode each image once and run its `views` crops through the frozen backbone: the
         indices of the decoded samples, their features [n, views, dim], (index, reason) of the others."""
         seeds = [view_seed(self.cfg.seed, s) for s in samples] if views > 1 else None
@@ -69,7 +96,6 @@ class FeatureExtractor:
         amp = autocast_dtype(self.device)
         self.model.eval()
         kept, chunks, failures = [], [], []
-        self.reporter.start(description, len(samples))
         t0, done = time.perf_counter(), 0
         for indices, batch, failed in loader:
             failures.extend(failed)
@@ -80,8 +106,9 @@ class FeatureExtractor:
                     f = forward_in_chunks(self.model.all_stage_features, x, self.device)
                 chunks.append(f.view(b, v, -1).to("cpu", torch.float16))
                 kept.extend(indices)
+                if self.cache is not None:
+                    self.cache.add([ids[i] for i in indices], chunks[-1])
             done += len(indices) + len(failed)
             self.reporter.advance(len(indices) + len(failed), images_per_s=round(done * views / (time.perf_counter() - t0), 1))
-        self.reporter.finish()
         feats = torch.cat(chunks) if chunks else torch.empty(0, views, self.model.all_dim, dtype=torch.float16)
         return kept, feats, failures

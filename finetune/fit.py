@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import model_metadata
+from .cache import FeatureCache
 from .config import TrainConfig
 from .data import DatasetSplit, Preprocessing
 from .device import autocast
@@ -46,6 +47,7 @@ class Run:
     head_choice: HeadChoice | None = None  # what the head reads, once chosen (recipe.py)
     candidates: list[dict] = field(default_factory=list)  # every candidate head's val figures
     views_computed: int | None = None  # views per training image the features were computed for
+    cache: FeatureCache | None = None  # where the features are kept between runs (None: --no-cache)
 
     def __post_init__(self) -> None:
         self.early = EarlyStopping(self.cfg.patience)

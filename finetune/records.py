@@ -91,13 +91,14 @@ class TrainResult:
     test: dict | None = None  # EvaluationReport.summary() of that measurement
     leakage: list[dict] = field(default_factory=list)  # val/test files with the same bytes as another split's
     recipe: dict = field(default_factory=dict)  # the head chosen and the candidates' val figures (recipe.py)
+    feature_cache: dict | None = None  # cache.CacheUse.to_dict(): where the features were kept, how many were reused
 
     def to_json_dict(self) -> dict:
         """The `--json` object and results.json (the history is in metrics.csv)."""
         d = {k: getattr(self, k) for k in ("best_val_acc", "best_epoch", "epochs", "classes", "num_train", "num_val",
                                             "num_test", "test_acc", "test", "skipped", "device", "seconds", "arch",
                                             "img_size", "weights", "layout", "read_as", "class_counts", "imbalanced",
-                                            "leakage", "recipe", "stopped_early", "plots")}
+                                            "leakage", "recipe", "feature_cache", "stopped_early", "plots")}
         return {"run_dir": str(self.run_dir), "model": str(self.model), **d}
 
 

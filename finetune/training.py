@@ -18,9 +18,10 @@ from dataclasses import replace
 
 import torch
 
+from .cache import cache_for
 from .config import TrainConfig
 from .data import DatasetSplit
-from .device import pick_device
+from .device import autocast_dtype, pick_device
 from .distributed import Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, sigint_handler
 from .errors import GpuOutOfMemory, PeerStopped, TrainingInterrupted
 from .features import FeatureExtractor, FeatureSet
@@ -80,7 +81,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     if d.active:
         reporter.info(f"distributed: {d.world} process{'es' if d.world > 1 else ''} ({'nccl' if device.type == 'cuda' else 'gloo'})")
     run_dir = resume_dir if resume_dir is not None else share_outcome(d, lambda: new_run_dir(cfg))
-    run = Run(cfg, model, split, pp, RunFolder(run_dir, writes=d.is_main), reporter, files_digest(split, cfg.data))
+    run = Run(cfg, model, split, pp, RunFolder(run_dir, writes=d.is_main), reporter, files_digest(split, cfg.data),
+              cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device)))
     try:
         run_stages(run, device, d, ResumeState.load(run.folder.state_path) if resume_dir is not None else None)
     except KeyboardInterrupt:
@@ -121,7 +123,8 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         run.reporter.info(f"resuming {run.folder.path} after epoch {len(run.history)} ({stage} stage)")
     if stage is Stage.HEAD:
         views = run.views_computed = run.head_choice.views if run.head_choice else views_for(len(run.split.train), cfg.views)
-        features, clean = FeatureExtractor(run.model, run.pp, cfg, device, d, run.reporter).features_of(run.split, views)
+        features, clean = FeatureExtractor(run.model, run.pp, cfg, device, d, run.reporter, run.cache).features_of(run.split, views)
+        tell_cache_use(run)
         loss = settle_split(run, clean, device)
         run.folder.write_skipped(run.split.skipped)  # the bad-file check is done: the list is final
         if d.is_main:  # the heads train in seconds: one process does it, the others wait
@@ -141,6 +144,13 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
     if cfg.finetune_epochs > done:
         light = run.head_choice is not None and run.head_choice.views == 1  # the plain view won: augment lightly
         fit_stage(FinetuneStage(run.model, run.split, run.pp, loss, cfg, device, d, light), run, done, resumed)
+
+
+def tell_cache_use(run: Run) -> None:
+    use = run.cache.use if run.cache is not None else None
+    if use is not None and (use.hits or use.dropped_chunks):
+        dropped = f"; {use.dropped_chunks} damaged cache files deleted, their features computed again" if use.dropped_chunks else ""
+        run.reporter.info(f"features of {use.hits:,} of {use.hits + use.computed:,} images from the cache ({use.dir}){dropped}")
 
 
 def choose(run: Run, features: FeatureSet, loss: LossFn, device: torch.device, views: int) -> None:
@@ -205,6 +215,7 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
         stopped_early=run.early.stopped_early, plots=[str(p) for p in plots], history=run.history,
         read_as=split.read_as, num_test=test.num_images if test else 0, test_acc=test.accuracy if test else None,
         test=test.summary() if test else None, leakage=split.leakage,
+        feature_cache=run.cache.use.to_dict() if run.cache is not None else None,
         recipe={"head": run.head_choice.to_dict() if run.head_choice else None, "candidates": run.candidates,
                 "views_computed": run.views_computed,
                 "chosen_by": "the best validation accuracy (then loss) among heads trained on the same cached features",

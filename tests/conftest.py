@@ -37,6 +37,22 @@ def make_train_val(data: Path, n_train: int = 6, n_val: int = 3) -> Path:
     return data
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_feature_cache(tmp_path_factory):
+    """No test writes into the user's feature cache; the session's shared runs get one of their own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_CACHE_DIR", str(tmp_path_factory.mktemp("feature-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def feature_cache(tmp_path, monkeypatch) -> Path:
+    """Each test starts with an empty feature cache of its own."""
+    path = tmp_path / "feature-cache"
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_train_val(tmp_path / "data")

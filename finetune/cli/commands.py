@@ -20,7 +20,7 @@ from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
 from ..progress import Reporter
 from .output import (RichReporter, echo_json, fail, render_evaluation, render_predictions, say_error, show_archs,
-                     show_check, show_export_result, show_fields, show_train_result, stderr, stdout)
+                     show_cache, show_check, show_export_result, show_fields, show_train_result, stderr, stdout)
 
 app = typer.Typer(
     help="Train an image classifier from a folder of labelled images, then predict with it.",
@@ -88,6 +88,9 @@ def train(
     max_images_per_class: Annotated[Optional[int], typer.Option(help="Quick trials: use at most N images per class (train and val, seeded choice).", show_default=False)] = TRAIN.max_images_per_class,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are skipped as possible decompression bombs.")] = TRAIN.max_pixels,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder from its last completed epoch (its own settings are used).", show_default=False)] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Keep the backbone's features on disk, so that the next run on the same images skips computing them (--no-cache: write nothing there).")] = TRAIN.cache,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Where features are cached (default: $FINETUNE_CACHE_DIR, else the user cache folder, e.g. ~/.cache/finetune).", show_default=False)] = TRAIN.cache_dir,
+    cache_limit_gb: Annotated[float, typer.Option(help="Size limit of the feature cache; the least recently used features go first.")] = TRAIN.cache_limit_gb,
     devices: Annotated[Optional[int], typer.Option(help="Train with N processes on this machine (one per GPU; CPU: gloo), via torchrun and DistributedDataParallel.", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr (warnings still shown).")] = False,
@@ -104,7 +107,8 @@ def train(
                   finetune_epochs=finetune_epochs, freeze_backbone=freeze_backbone, views=views, head_features=head_features, batch_size=batch_size,
                   lr=lr, img_size=img_size, layout=layout, labels=labels, label_columns=label_columns, val_split=val_split, seed=seed, device=device, workers=workers,
                   runs_dir=runs_dir, name=name, max_pixels=max_pixels, resume=resume, patience=patience,
-                  class_weights=class_weights, label_smoothing=label_smoothing, max_images_per_class=max_images_per_class)
+                  class_weights=class_weights, label_smoothing=label_smoothing, max_images_per_class=max_images_per_class,
+                  cache=cache, cache_dir=cache_dir, cache_limit_gb=cache_limit_gb)
     from ..training import train as run_training  # imported late: keeps --help fast
 
     try:
@@ -305,3 +309,26 @@ def models(
         echo_json(rows)
     else:
         show_archs(rows)
+
+
+@app.command("cache")
+def cache_command(
+    clear: Annotated[bool, typer.Option("--clear", help="Delete every cached feature.")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="The cache folder (default: $FINETUNE_CACHE_DIR, else the user cache folder).", show_default=False)] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+):
+    """Show the feature cache (where, how big, which feature sets), or clear it.
+
+    Example: finetune cache --clear
+    """
+    from ..cache import clear as clear_cache
+    from ..cache import default_cache_dir, describe
+
+    root = cache_dir or default_cache_dir()
+    summary = describe(root)
+    if clear:
+        summary = {**summary, "cleared_bytes": clear_cache(root), "bytes": 0, "entries": []}
+    if json_out:
+        echo_json(summary)
+    else:
+        show_cache(summary)

@@ -220,3 +220,20 @@ def show_archs(rows: list[dict]) -> None:
     for r in rows:
         table.add_row(r["arch"], f"{r['params'] / 1e6:.1f} M", str(r["img_size"]), Text(r["offline_weights"] or "no (download or --weights)"))
     stdout.print(table)
+
+
+def show_cache(summary: dict) -> None:
+    if "cleared_bytes" in summary:
+        stdout.print(f"cleared {_size(summary['cleared_bytes'])} of cached features from {summary['dir']}")
+        return
+    stdout.print(f"feature cache: {summary['dir']}, {_size(summary['bytes'])}")
+    if summary["entries"]:
+        table = Table("arch", "img size", "device", "files", "size", "last used", "weights")
+        for e in summary["entries"]:
+            table.add_row(str(e["arch"]), str(e["img_size"]), str(e["device"]), str(e["chunks"]), _size(e["bytes"]),
+                          str(e["last_used"]), Text(str(e["weights"])))
+        stdout.print(table)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

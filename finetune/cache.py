@@ -1,0 +1,262 @@
+"""An on-disk cache of the frozen backbone's features, so that a second run on the same
+folder (another --lr, --epochs, head...) skips the slow pass, and an interrupted pass
+goes on from what it had computed.
+
+A feature row is the features of one image in one view. Its id says what determines it:
+the file's content hash and, for augmented views, the view number and the run's seed
+(data.view_seed). Everything else that shapes it (arch, weights, preprocessing, decode
+limit, device kind and precision, this format's version) names the folder the rows live
+in, so a change there can never serve old rows.
+
+Rows are written in chunk files, each complete or absent (written beside, then renamed),
+named uniquely per writer: runs sharing a cache never write the same file. Each chunk
+holds a checksum of its tensor; a chunk that cannot be read or fails it is deleted and its
+rows are computed again. Above the size limit the least recently used chunks go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import TrainConfig
+from .data import Preprocessing, Sample
+from .files import atomic_write_text, write_safetensors
+
+CACHE_FORMAT = 1  # bump when what a feature row means changes (transforms, the stages pooled)
+ENV_DIR = "FINETUNE_CACHE_DIR"
+META_KEY = "finetune-features"
+ROWS_PER_CHUNK = 4096  # a chunk is written every this many rows (about 16 MB for Lite0's 2,064 dims)
+
+
+def default_cache_dir() -> Path:
+    """$FINETUNE_CACHE_DIR, else the platform's user cache folder."""
+    if os.environ.get(ENV_DIR):
+        return Path(os.environ[ENV_DIR]).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "finetune"
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "finetune" / "Cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune"
+
+
+def cache_for(cfg: TrainConfig, pp: Preprocessing, weights_source: str, device: torch.device,
+              precision: torch.dtype | None) -> "FeatureCache | None":
+    """The run's feature cache; None with --no-cache, and for random weights (not worth keeping)."""
+    if not cfg.cache or not cfg.pretrained:
+        return None
+    key = feature_key(cfg.arch, weights_source, pp, cfg.max_pixels, device, precision)
+    return FeatureCache(cfg.cache_dir or default_cache_dir(), key, int(cfg.cache_limit_gb * 1e9))
+
+
+def weights_identity(source: str) -> str:
+    """A weights file by path, size and modification time (a replaced file is another
+    identity); a URL as itself (torchvision checks the download's hash)."""
+    path = Path(source)
+    if path.is_file():
+        st = path.stat()
+        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return source
+
+
+def feature_key(arch: str, weights_source: str, pp: Preprocessing, max_pixels: int, device: torch.device,
+                precision: torch.dtype | None) -> dict:
+    return {"format": CACHE_FORMAT, "arch": arch, "weights": weights_identity(weights_source), **pp.to_dict(),
+            "max_pixels": max_pixels, "device": device.type, "precision": str(precision or torch.float32).removeprefix("torch.")}
+
+
+def row_id(sample: Sample, view: int, seed: int) -> str | None:
+    """None for a file without a content hash: it cannot be recognised again, so it is not cached."""
+    if not sample.digest or sample.digest.startswith("unreadable"):
+        return None
+    return f"{sample.digest}:0" if view == 0 else f"{sample.digest}:{view}:{seed}"
+
+
+def checksum(t: torch.Tensor) -> str:
+    return hashlib.blake2b(t.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+
+
+@dataclass
+class CacheUse:
+    """What a run got from the cache, for the summary."""
+
+    dir: str
+    hits: int = 0  # images whose every view came from the cache
+    computed: int = 0
+    dropped_chunks: int = 0  # unreadable or failing their checksum: deleted, their rows computed again
+
+    def to_dict(self) -> dict:
+        return {"dir": self.dir, "hits": self.hits, "computed": self.computed, "dropped_chunks": self.dropped_chunks}
+
+
+@dataclass
+class FeatureCache:
+    root: Path
+    key: dict
+    limit_bytes: int
+    use: CacheUse = field(init=False)
+    _index: dict[str, tuple[Path, int]] | None = field(default=None, init=False)
+    _pending_ids: list[str] = field(default_factory=list, init=False)
+    _pending: list[torch.Tensor] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        name = hashlib.blake2b(json.dumps(self.key, sort_keys=True).encode(), digest_size=10).hexdigest()
+        self.dir = self.root / "features" / name
+        self.use = CacheUse(str(self.dir))
+
+    # --- reading ------------------------------------------------------------------------
+
+    def index(self) -> dict[str, tuple[Path, int]]:
+        """row id -> (chunk, row), from the chunks' headers (their tensors are read on use)."""
+        if self._index is None:
+            self._index = {}
+            for chunk in sorted(self.dir.glob("*.safetensors")) if self.dir.is_dir() else []:
+                ids = self._chunk_ids(chunk)
+                for row, rid in enumerate(ids or []):
+                    self._index.setdefault(rid, (chunk, row))
+        return self._index
+
+    def _chunk_ids(self, chunk: Path) -> list[str] | None:
+        try:
+            with safe_open(str(chunk), framework="pt") as f:
+                return json.loads(f.metadata()[META_KEY])["rows"]
+        except FileNotFoundError:  # evicted by another run meanwhile
+            return None
+        except Exception:  # truncated, edited, another format: never trusted
+            self._drop(chunk)
+            return None
+
+    def lookup(self, ids: list[list[str | None]]) -> dict[int, torch.Tensor]:
+        """For each item (a list of view row ids) whose every row is cached and intact: its
+        rows [views, dim]. Items with any row missing are left to compute."""
+        index = self.index()
+        wanted = [i for i, rows in enumerate(ids) if rows and all(r is not None and r in index for r in rows)]
+        by_chunk: dict[Path, list[tuple[int, int, int]]] = {}
+        for i in wanted:
+            for v, rid in enumerate(ids[i]):
+                chunk, row = index[rid]
+                by_chunk.setdefault(chunk, []).append((i, v, row))
+        got: dict[int, dict[int, torch.Tensor]] = {}
+        for chunk, wants in by_chunk.items():
+            table = self._read_chunk(chunk)
+            if table is None:
+                continue
+            for i, v, row in wants:
+                got.setdefault(i, {})[v] = table[row]
+        found = {i: torch.stack([views[v] for v in range(len(ids[i]))]) for i, views in got.items() if len(views) == len(ids[i])}
+        self.use.hits += len(found)
+        return found
+
+    def _read_chunk(self, chunk: Path) -> torch.Tensor | None:
+        try:
+            with safe_open(str(chunk), framework="pt") as f:
+                table = f.get_tensor("features")
+                expected = json.loads(f.metadata()[META_KEY])["checksum"]
+        except FileNotFoundError:
+            return None
+        except Exception:
+            self._drop(chunk)
+            return None
+        if checksum(table) != expected:
+            self._drop(chunk)
+            return None
+        os.utime(chunk)  # used now: the last to be evicted
+        return table
+
+    def _drop(self, chunk: Path) -> None:
+        chunk.unlink(missing_ok=True)
+        self.use.dropped_chunks += 1
+        if self._index is not None:
+            self._index = {rid: loc for rid, loc in self._index.items() if loc[0] != chunk}
+
+    # --- writing ------------------------------------------------------------------------
+
+    def add(self, ids: list[list[str | None]], feats: torch.Tensor) -> None:
+        """Rows computed now: item k's views feats[k] (fp16). Written every ROWS_PER_CHUNK rows."""
+        self.use.computed += len(ids)
+        for rows, f in zip(ids, feats):
+            for rid, row in zip(rows, f):
+                if rid is not None:
+                    self._pending_ids.append(rid)
+                    self._pending.append(row)
+        if len(self._pending_ids) >= ROWS_PER_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending as one chunk (also when interrupted: the next run goes on from it)."""
+        if not self._pending_ids:
+            return
+        table = torch.stack(self._pending).to(torch.float16)
+        ids, self._pending_ids, self._pending = self._pending_ids, [], []
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not (self.dir / "key.json").is_file():
+                atomic_write_text(self.dir / "key.json", json.dumps(self.key, indent=2) + "\n")
+            name = f"{time.time_ns():x}-{os.getpid()}-{secrets.token_hex(4)}.safetensors"
+            write_safetensors(self.dir / name, {"features": table}, {"rows": ids, "checksum": checksum(table)}, key=META_KEY)
+            evict(self.root, self.limit_bytes)
+        except OSError:  # a full or read-only disk costs speed next time, never this run
+            pass
+
+
+# --- the whole cache: size, listing, eviction, clearing --------------------------------------
+
+def chunks(root: Path) -> list[Path]:
+    base = root / "features"
+    return [p for p in base.glob("*/*.safetensors")] if base.is_dir() else []
+
+
+def evict(root: Path, limit_bytes: int) -> int:
+    """Delete the least recently used chunks until the cache is under 90% of its limit; bytes freed."""
+    sized = []
+    for p in chunks(root):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        sized.append((st.st_mtime_ns, st.st_size, p))
+    total = sum(s for _, s, _ in sized)
+    freed = 0
+    if total <= limit_bytes:
+        return 0
+    for _, size, p in sorted(sized):
+        if total - freed <= 0.9 * limit_bytes:
+            break
+        p.unlink(missing_ok=True)
+        freed += size
+    return freed
+
+
+def describe(root: Path) -> dict:
+    """The cache's folder, total size and one entry per feature set (arch, image size, rows...)."""
+    entries = []
+    base = root / "features"
+    for folder in sorted(base.iterdir()) if base.is_dir() else []:
+        files = list(folder.glob("*.safetensors"))
+        try:
+            key = json.loads((folder / "key.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            key = {}
+        size = sum(f.stat().st_size for f in files if f.exists())
+        last = max((f.stat().st_mtime for f in files if f.exists()), default=None)
+        entries.append({"folder": str(folder), "arch": key.get("arch"), "img_size": key.get("img_size"),
+                        "weights": key.get("weights"), "device": key.get("device"), "chunks": len(files), "bytes": size,
+                        "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(last)) if last else None})
+    return {"dir": str(root), "bytes": sum(e["bytes"] for e in entries), "entries": entries}
+
+
+def clear(root: Path) -> int:
+    """Remove every cached feature (only what finetune wrote: the `features` folder); bytes freed."""
+    freed = describe(root)["bytes"]
+    shutil.rmtree(root / "features", ignore_errors=True)
+    return freed

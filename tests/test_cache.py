@@ -1,0 +1,179 @@
+"""The feature cache: a second run on the same images reads their features instead of computing
+them, and never reads features that a change (to a file, the arch, the size, the seed) or a
+damaged cache file made wrong."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from finetune import TrainConfig, train
+from finetune import cache as cache_module
+from finetune.cache import FeatureCache, chunks, evict
+from finetune.cli import app
+from finetune.errors import TrainingInterrupted
+from finetune.progress import Reporter
+
+from conftest import make_image, make_train_val
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cfg(tmp_path) -> TrainConfig:
+    data = make_train_val(tmp_path / "data", n_train=6, n_val=3)
+    return TrainConfig(data=data, arch="efficientnet_lite0", img_size=64, epochs=3, views=2, workers=0, batch_size=8,
+                       runs_dir=tmp_path / "runs")
+
+
+def model_tensors(result) -> dict[str, torch.Tensor]:
+    return load_file(str(result.model))
+
+
+def same_model(a, b) -> bool:
+    ta, tb = model_tensors(a), model_tensors(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_a_second_run_reads_every_feature_and_trains_the_same_model(cfg):
+    first = train(cfg)
+    second = train(cfg)
+    images = first.num_train + first.num_val
+    assert first.feature_cache["hits"] == 0 and first.feature_cache["computed"] == images
+    assert second.feature_cache["hits"] == images and second.feature_cache["computed"] == 0
+    assert same_model(first, second)  # the cached features are the computed ones, bit for bit
+
+
+def test_a_changed_file_is_computed_again(cfg):
+    first = train(cfg)
+    changed = next((cfg.data / "train" / "cat").glob("*.jpg"))
+    make_image(changed, (10, 10, 10), seed=999)  # new bytes under the same name
+    second = train(cfg)
+    assert second.feature_cache["computed"] == 1
+    assert second.feature_cache["hits"] == first.num_train + first.num_val - 1
+
+
+def test_what_shapes_the_features_is_part_of_their_key(cfg):
+    first = train(cfg)
+    for change, hits in [
+        ({"img_size": 72}, 0),
+        ({"max_pixels": 10**7}, 0),
+        ({"arch": "resnet18", "pretrained": False}, None),  # random weights are not cached at all
+        ({"seed": 1}, first.num_val),  # the augmented views change with the seed; the plain view of val does not
+    ]:
+        use = train(replace(cfg, **change)).feature_cache
+        assert (use["hits"] if use else None) == hits, change
+
+
+def test_no_cache_writes_nothing(cfg, feature_cache):
+    result = train(replace(cfg, cache=False))
+    assert result.feature_cache is None and not feature_cache.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_cache_file_is_deleted_and_its_features_computed_again(cfg, feature_cache, damage):
+    first = train(cfg)
+    damaged = chunks(feature_cache)  # the train images' and the val images'
+    for chunk in damaged:
+        data = bytearray(chunk.read_bytes())
+        if damage == "truncate":
+            data = data[: len(data) // 2]
+        else:  # the file still parses; only its checksum can tell
+            data[-10] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+    second = train(cfg)
+    assert second.feature_cache["dropped_chunks"] == len(damaged) == 2 and second.feature_cache["hits"] == 0
+    assert same_model(first, second)
+    assert not any(c.exists() for c in damaged) and len(chunks(feature_cache)) == 2  # replaced by good ones
+
+
+class StopAfter(Reporter):
+    """Ctrl-C in the middle of the feature pass."""
+
+    def __init__(self, images: int):
+        self.left = images
+
+    def advance(self, steps=1, **fields):
+        if fields:  # a computed batch (the cached ones are advanced without figures)
+            self.left -= steps
+            if self.left <= 0:
+                raise KeyboardInterrupt
+
+
+def test_an_interrupted_feature_pass_goes_on_from_what_it_had_computed(cfg, monkeypatch):
+    monkeypatch.setattr(cache_module, "ROWS_PER_CHUNK", 4)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, StopAfter(10))
+    result = train(cfg)
+    assert result.feature_cache["hits"] >= 8 and result.feature_cache["computed"] > 0
+    assert result.feature_cache["hits"] + result.feature_cache["computed"] == result.num_train + result.num_val
+
+
+def write_rows(root: str, writer: int, rounds: int) -> None:
+    """One of two processes writing the same rows into one cache at once."""
+    cache = FeatureCache(Path(root), {"k": 1}, 10**9)
+    for r in range(rounds):
+        ids = [[f"img{i}:0"] for i in range(r * 8, r * 8 + 8)]
+        feats = torch.tensor([[[float(i)] * 4] for i in range(r * 8, r * 8 + 8)], dtype=torch.float16)
+        cache.add(ids, feats)
+        cache.flush()
+
+
+def test_concurrent_writers_leave_a_consistent_cache(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=write_rows, args=(str(tmp_path), w, 6)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    reader = FeatureCache(tmp_path, {"k": 1}, 10**9)
+    found = reader.lookup([[f"img{i}:0"] for i in range(48)])
+    assert sorted(found) == list(range(48)) and reader.use.dropped_chunks == 0
+    assert all(torch.equal(found[i], torch.full((1, 4), float(i), dtype=torch.float16)) for i in found)
+    assert not list(tmp_path.rglob(".*.tmp"))  # no half-written file left behind
+
+
+def test_eviction_removes_the_least_recently_used_first(tmp_path):
+    folder = tmp_path / "features" / "x"
+    folder.mkdir(parents=True)
+    files = []
+    for i in range(4):
+        f = folder / f"{i}.safetensors"
+        f.write_bytes(b"\0" * 1000)
+        os.utime(f, ns=(i * 10**9, i * 10**9))  # 0 is the oldest
+        files.append(f)
+    assert evict(tmp_path, 2500) == 2000
+    assert [f.exists() for f in files] == [False, False, True, True]
+
+
+def test_cache_command_shows_and_clears(cfg, feature_cache):
+    train(cfg)
+    shown = runner.invoke(app, ["cache", "--json"])
+    assert shown.exit_code == 0, shown.stderr
+    summary = json.loads(shown.stdout)
+    assert summary["dir"] == str(feature_cache) and summary["bytes"] > 0
+    assert summary["entries"][0]["arch"] == "efficientnet_lite0" and summary["entries"][0]["img_size"] == 64
+    table = runner.invoke(app, ["cache"])
+    assert str(feature_cache) in table.stdout.replace("\n", "") and table.stderr == ""
+    cleared = runner.invoke(app, ["cache", "--clear"])
+    assert cleared.exit_code == 0 and "cleared" in cleared.stdout
+    assert not (feature_cache / "features").exists()
+    assert json.loads(runner.invoke(app, ["cache", "--json"]).stdout)["bytes"] == 0
+
+
+def test_train_summary_names_the_cache(cfg):
+    train(cfg)
+    result = runner.invoke(app, ["train", str(cfg.data), "--arch", "efficientnet_lite0", "--img-size", "64", "--epochs", "3",
+                                 "--views", "2", "--workers", "0", "--runs-dir", str(cfg.runs_dir), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["feature_cache"]["hits"] == 27
+    assert "images from the cache" in result.stderr
