@@ -1,6 +1,17 @@
 """Does memory stay flat and the folder scan stay cheap as a dataset grows?
 
     python benchmarks/bench_scale.py [--sizes 1000 25000]
+    python benchmarks/bench_scale.py --sizes --photos 25000     # real-sized JPEGs: a first and a second run
+    python benchmarks/bench_scale.py --sizes --store-rows 1000000 [--store-epochs 3]
+
+--photos N: N photo-sized JPEGs (500x375, 2 classes), trained with the defaults twice with an
+empty feature cache of its own: the first run, then a second that changes only --lr (the
+features come from the cache). Wall time, peak RSS, accuracy and cache use of each.
+
+--store-rows N: the head training over a feature table of N simulated images
+(efficientnet_lite0's 2,064 features, 2 classes), kept in a file as a run does when the
+features pass --feature-memory-gb: the time to write it, each candidate head's training time,
+and this process's peak RSS (the table is 4 GB at a million rows).
 
 Makes synthetic ImageFolders (2 classes, 160x120 JPEGs) of each size in a temporary
 folder, then for each: times the folder scan (listing + split), times decoding every image
@@ -43,13 +54,91 @@ def make_folder(root: Path, n: int) -> None:
             Image.fromarray(img).save(folder / f"{i:06d}.jpg", quality=80)
 
 
-def child_peak_rss_mb(cmd: list[str]) -> tuple[float, float, dict]:
+def make_photos(root: Path, n: int) -> None:
+    """500x375 JPEGs of smooth random scenes; the classes differ in the orientation of their
+    dominant gradient and texture (a task a backbone's features separate, not a trivial one)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
+    for label in range(2):
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(n // 2):
+            angle = rng.uniform(-0.6, 0.6) + (0.0 if label == 0 else np.pi / 2)
+            freq = rng.uniform(0.01, 0.05)
+            wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * freq * 2 * np.pi + rng.uniform(0, 6.3))
+            colour = rng.uniform(40, 215, 3)
+            img = colour + 40 * wave[..., None] + rng.normal(0, 12, (375, 500, 3))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=85)
+
+
+def photo_runs(tmp: Path, n: int) -> dict:
+    data = tmp / f"photos{n}"
+    started = time.perf_counter()
+    make_photos(data, n)
+    made = time.perf_counter() - started
+    env = {**os.environ, "FINETUNE_CACHE_DIR": str(tmp / "cache")}
+    out = {"images": n, "image_size": "500x375", "make_s": round(made, 1)}
+    for name, extra in (("first", []), ("second", ["--lr", "0.003"])):
+        wall, rss, summary = child_peak_rss_mb([sys.executable, "-m", "finetune", "train", str(data), "--arch", "efficientnet_lite0",
+                                                "--runs-dir", str(tmp / "runs"), "--json", "--quiet", *extra], env)
+        out[name] = {"options": " ".join(extra), "wall_s": round(wall, 1), "peak_rss_mb": round(rss),
+                     "best_val_acc": summary["best_val_acc"], "views": summary["recipe"]["views_computed"],
+                     "head": summary["recipe"]["head"], "feature_cache": summary["feature_cache"]}
+        print(json.dumps({name: out[name]}), file=sys.stderr)
+    out["second_over_first"] = round(out["second"]["wall_s"] / out["first"]["wall_s"], 3)
+    return out
+
+
+def store_run(tmp: Path, rows: int, epochs: int) -> dict:
+    """Head training over a simulated feature table in a file (store.DiskRows), in this process."""
+    import resource
+
+    import torch
+
+    from finetune.data import DatasetSplit
+    from finetune.features import FeatureSet
+    from finetune.models import build_classifier, get_arch
+    from finetune.recipe import choose_head
+    from finetune.stages import make_loss
+    from finetune.store import DiskRows
+
+    dim, classes, n_val = 2064, 2, rows // 5
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(classes, dim, generator=gen)
+    def table(n: int) -> tuple[DiskRows, torch.Tensor]:
+        t = DiskRows.create(n, 1, dim, tmp / "store")
+        labels = torch.randint(0, classes, (n,), generator=gen)
+        step = 16_384
+        for start in range(0, n, step):
+            y = labels[start:start + step]
+            x = (centres[y] * 0.3 + torch.randn(len(y), dim, generator=gen)).to(torch.float16)
+            os.pwrite(t.file.fileno(), x.numpy().tobytes(), start * t.row_bytes())
+        return t, labels
+    started = time.perf_counter()
+    train, train_y = table(rows)
+    val, val_y = table(n_val)
+    write_s = time.perf_counter() - started
+    spec = get_arch("efficientnet_lite0")
+    model = build_classifier(spec, classes, multi_layer=True)
+    cfg = TrainConfig(epochs=epochs, batch_size=256, head_features="auto")
+    split = DatasetSplit(classes=["a", "b"], train=[], val=[], layout="class folders")
+    started = time.perf_counter()
+    choice, scores = choose_head(FeatureSet(train, train_y, val, val_y), model, split, spec.preprocessing(None),
+                                 make_loss(cfg, [rows // 2, rows // 2], torch.device("cpu")), cfg, torch.device("cpu"), 1)
+    heads_s = time.perf_counter() - started
+    return {"rows": rows, "val_rows": n_val, "dim": dim, "table_gb": round(rows * dim * 2 / 1e9, 2), "write_s": round(write_s, 1),
+            "epochs": epochs, "candidates": len(scores), "heads_s": round(heads_s, 1),
+            "s_per_epoch": round(heads_s / (epochs * len(scores)), 1), "val_acc": [round(s["val_acc"], 4) for s in scores],
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def child_peak_rss_mb(cmd: list[str], env: dict | None = None) -> tuple[float, float, dict]:
     """Run cmd in a fresh process (via a wrapper) and return (wall s, its peak RSS MB, its JSON)."""
     wrapper = ("import json,resource,subprocess,sys,time;t=time.perf_counter();"
                "o=subprocess.run(sys.argv[1:],capture_output=True,text=True);"
                "print(json.dumps({'wall':time.perf_counter()-t,'rss':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
                "'rc':o.returncode,'out':o.stdout,'err':o.stderr[-2000:]}))")
-    res = json.loads(subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True).stdout)
+    res = json.loads(subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env).stdout)
     if res["rc"] != 0:
         raise SystemExit(res["err"])
     return res["wall"], res["rss"] / 1024, json.loads(res["out"])
@@ -57,10 +146,18 @@ def child_peak_rss_mb(cmd: list[str]) -> tuple[float, float, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 25000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1000, 25000])
+    ap.add_argument("--photos", type=int, help="also: a folder of this many 500x375 JPEGs, first and second run")
+    ap.add_argument("--store-rows", type=int, help="also: head training over a simulated feature table of this many rows")
+    ap.add_argument("--store-epochs", type=int, default=3)
     args = ap.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    rows, extra = [], {}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        if args.store_rows:
+            extra["store"] = store_run(Path(tmp), args.store_rows, args.store_epochs)
+            print(json.dumps(extra["store"]), file=sys.stderr)
+        if args.photos:
+            extra["photos"] = photo_runs(Path(tmp), args.photos)
         for n in args.sizes:
             data = Path(tmp) / f"n{n}"
             started = time.perf_counter()
@@ -85,7 +182,7 @@ def main() -> None:
                          "check_skipped": len(check["skipped"]),
                          "train_wall_s": round(wall, 1), "train_peak_rss_mb": round(rss), "best_val_acc": summary["best_val_acc"]})
             print(json.dumps(rows[-1]), file=sys.stderr)
-    print(json.dumps({"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "runs": rows}, indent=1))
+    print(json.dumps({"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "runs": rows, **extra}, indent=1))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from .config import TrainConfig
 from .data import Preprocessing, Sample
 from .files import atomic_write_text, write_safetensors
+from .store import Rows, put
 
 CACHE_FORMAT = 1  # bump when what a feature row means changes (transforms, the stages pooled)
 ENV_DIR = "FINETUNE_CACHE_DIR"
@@ -136,9 +137,9 @@ class FeatureCache:
             self._drop(chunk)
             return None
 
-    def lookup(self, ids: list[list[str | None]]) -> dict[int, torch.Tensor]:
-        """For each item (a list of view row ids) whose every row is cached and intact: its
-        rows [views, dim]. Items with any row missing are left to compute."""
+    def lookup(self, ids: list[list[str | None]], out: Rows) -> set[int]:
+        """Items (each a list of view row ids) whose every row is cached and intact: their rows
+        are written to out[item]. Items with any row missing are left to compute (and overwrite)."""
         index = self.index()
         wanted = [i for i, rows in enumerate(ids) if rows and all(r is not None and r in index for r in rows)]
         by_chunk: dict[Path, list[tuple[int, int, int]]] = {}
@@ -146,14 +147,19 @@ class FeatureCache:
             for v, rid in enumerate(ids[i]):
                 chunk, row = index[rid]
                 by_chunk.setdefault(chunk, []).append((i, v, row))
-        got: dict[int, dict[int, torch.Tensor]] = {}
-        for chunk, wants in by_chunk.items():
+        views_found: dict[int, int] = {}
+        partial: dict[int, torch.Tensor] = {}  # items whose views lie in several chunks, until complete
+        for chunk, wants in by_chunk.items():  # one chunk in memory at a time
             table = self._read_chunk(chunk)
             if table is None:
                 continue
             for i, v, row in wants:
-                got.setdefault(i, {})[v] = table[row]
-        found = {i: torch.stack([views[v] for v in range(len(ids[i]))]) for i, views in got.items() if len(views) == len(ids[i])}
+                item = partial.setdefault(i, torch.empty(len(ids[i]), table.shape[-1], dtype=torch.float16))
+                item[v] = table[row]
+                views_found[i] = views_found.get(i, 0) + 1
+                if views_found[i] == len(ids[i]):
+                    put(out, i, partial.pop(i))
+        found = {i for i, n in views_found.items() if n == len(ids[i])}
         self.use.hits += len(found)
         return found
 

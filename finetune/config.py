@@ -55,6 +55,7 @@ class TrainConfig:
     cache: bool = True
     cache_dir: Path | None = None  # None: $FINETUNE_CACHE_DIR, else the platform's user cache folder
     cache_limit_gb: float = 20.0  # least recently used features go beyond this
+    feature_memory_gb: float = 1.0  # a run's feature table beyond this is kept in a file, read in blocks (store.py)
 
     def checked(self) -> "TrainConfig":
         """This config with every option checked (UsageError naming the option otherwise) and the
@@ -73,6 +74,7 @@ class TrainConfig:
             (self.img_size is None or self.img_size >= 32, f"--img-size must be at least 32 (got {self.img_size})."),
             (self.workers is None or self.workers >= 0, f"--workers must be 0 or more (got {self.workers})."),
             (self.max_pixels >= 1, f"--max-pixels must be positive (got {self.max_pixels})."),
+            (self.feature_memory_gb >= 0, f"--feature-memory-gb must be 0 or more (got {self.feature_memory_gb})."),
             (self.cache_limit_gb > 0, f"--cache-limit-gb must be positive (got {self.cache_limit_gb})."),
             (self.patience >= 0, f"--patience must be 0 (off) or more (got {self.patience})."),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})."),

@@ -11,25 +11,30 @@ every image is decoded once in all.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .cache import FeatureCache, row_id
+from .cache import FeatureCache, default_cache_dir, row_id
 from .config import TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, make_loader, view_seed
 from .device import autocast, autocast_dtype, forward_in_chunks, to_model_input
 from .distributed import Dist
 from .models import Classifier
 from .progress import Reporter
+from .store import DiskRows, Rows, keep, new_rows, put
 
 
 @dataclass
 class FeatureSet:
-    train: torch.Tensor  # [images, views, dim], fp16 on the CPU: half the memory, ample for a linear head
+    train: Rows  # [images, views, dim], fp16 on the CPU: half the memory, ample for a linear head
     train_labels: torch.Tensor
-    val: torch.Tensor  # [images, dim]
+    val: Rows  # [images, dim] in memory; [images, 1, dim] in a file (store.DiskRows)
     val_labels: torch.Tensor
+
+    @property
+    def on_disk(self) -> bool:
+        return isinstance(self.train, DiskRows)
 
 
 @dataclass
@@ -41,61 +46,62 @@ class FeatureExtractor:
     d: Dist
     reporter: Reporter
     cache: FeatureCache | None = None  # None: --no-cache
+    on_disk: bool = field(default=False, init=False)  # the table is too big for memory: in a file (store.py)
 
     def features_of(self, split: DatasetSplit, views: int) -> tuple[FeatureSet, DatasetSplit]:
         """The features of every stage (Classifier.all_stage_features), and the split without
         the images that failed to decode (they are added to its `skipped` list and reported)."""
+        size = (len(split.train) * views + len(split.val)) * self.model.all_dim * 2
+        self.on_disk = not self.d.active and size > self.cfg.feature_memory_gb * 1e9  # (ranks exchange tensors)
         train, train_feats, train_failed = self.sharded(split.train, views, "Features (train)")
         val, val_feats, val_failed = self.sharded(split.val, 1, "Features (val)")
         clean = replace(split, train=train, val=val, skipped=[*split.skipped, *train_failed, *val_failed])
         labels = lambda samples: torch.tensor([s.label for s in samples], dtype=torch.long)  # noqa: E731
-        return FeatureSet(train_feats, labels(train), val_feats[:, 0], labels(val)), clean
+        return FeatureSet(train_feats, labels(train), val_feats if self.on_disk else val_feats[:, 0], labels(val)), clean
 
-    def sharded(self, samples: list[Sample], views: int, description: str) -> tuple[list[Sample], torch.Tensor, list[dict]]:
+    def sharded(self, samples: list[Sample], views: int, description: str) -> tuple[list[Sample], Rows, list[dict]]:
         """(decoded samples, their features, {path, reason} of the others), each rank computing its share."""
         mine = self.d.shard(list(range(len(samples))))
         kept, feats, failed = self.extract([samples[i] for i in mine], views, description)
-        kept_all, feats_all = self.d.gather_in_order([mine[i] for i in kept], feats)
+        kept_all, feats_all = self.d.gather_in_order([mine[i] for i in kept], feats) if self.d.active else (kept, feats)
         failures = []
         for i, reason in sorted(f for part in self.d.all_gather([(mine[i], reason) for i, reason in failed]) for f in part):
             failures.append({"path": str(samples[i].path), "reason": reason})
             self.reporter.warn(f"skipped {samples[i].path}: {reason}")
         return [samples[i] for i in kept_all], feats_all, failures
 
-    def extract(self, samples: list[Sample], views: int, description: str) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
+    def extract(self, samples: list[Sample], views: int, description: str) -> tuple[list[int], Rows, list[tuple[int, str]]]:
         """The features [n, views, dim] of the samples that decode, in index order: from the
         cache where it has them, computed for the rest; (index, reason) of the others."""
         ids = [[row_id(s, v, self.cfg.seed) for v in range(views)] for s in samples]
-        cached = self.cache.lookup(ids) if self.cache is not None else {}
+        folder = (self.cfg.cache_dir or default_cache_dir()) / "tmp"
+        out = new_rows(len(samples), views, self.model.all_dim, 0 if self.on_disk else 2**62, folder)
+        cached = self.cache.lookup(ids, out) if self.cache is not None else set()
         todo = [i for i in range(len(samples)) if i not in cached]
         self.reporter.start(description, len(samples))
         self.reporter.advance(len(cached))
         try:
-            done, feats, failed = self.compute([samples[i] for i in todo], views, [ids[i] for i in todo])
+            done, failed = self.compute([samples[i] for i in todo], views, [ids[i] for i in todo], out, todo)
         finally:
             if self.cache is not None:  # also when interrupted: the next run goes on from here
                 self.cache.flush()
             self.reporter.finish()
         kept = sorted([*cached, *(todo[k] for k in done)])
-        out = torch.empty(len(kept), views, self.model.all_dim, dtype=torch.float16)
-        where = {i: row for row, i in enumerate(kept)}
-        for i, f in cached.items():
-            out[where[i]] = f
-        for k, f in zip(done, feats):
-            out[where[todo[k]]] = f
-        return kept, out, [(todo[k], reason) for k, reason in failed]
+        return kept, keep(out, kept), [(todo[k], reason) for k, reason in failed]
 
     @torch.inference_mode()
-    def compute(self, samples: list[Sample], views: int, ids: list[list[str | None]]) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
-        """Decode each image once and run its `views` crops through the frozen backbone: the
-        indices of the decoded samples, their features [n, views, dim], (index, reason) of the others."""
+    def compute(self, samples: list[Sample], views: int, ids: list[list[str | None]], out: Rows,
+                places: list[int]) -> tuple[list[int], list[tuple[int, str]]]:
+        """Decode each image once and run its `views` crops through the frozen backbone, the
+        features of samples[k] going to out[places[k]]: the indices k of the decoded samples,
+        (k, reason) of the others."""
         seeds = [view_seed(self.cfg.seed, s) for s in samples] if views > 1 else None
         dataset = ImageFileDataset([s.path for s in samples], self.pp, self.cfg.max_pixels, views=views, seeds=seeds)
         loader = make_loader(dataset, max(1, self.cfg.batch_size // views), self.cfg.workers,
                              pin_memory=self.device.type == "cuda", seed=self.cfg.seed)
         amp = autocast_dtype(self.device)
         self.model.eval()
-        kept, chunks, failures = [], [], []
+        kept, failures = [], []
         t0, done = time.perf_counter(), 0
         for indices, batch, failed in loader:
             failures.extend(failed)
@@ -104,11 +110,12 @@ class FeatureExtractor:
                 x = to_model_input(batch.flatten(0, 1), self.device)
                 with autocast(self.device, amp):
                     f = forward_in_chunks(self.model.all_stage_features, x, self.device)
-                chunks.append(f.view(b, v, -1).to("cpu", torch.float16))
+                f = f.view(b, v, -1).to("cpu", torch.float16)
+                for k, row in zip(indices, f):
+                    put(out, places[k], row)
                 kept.extend(indices)
                 if self.cache is not None:
-                    self.cache.add([ids[i] for i in indices], chunks[-1])
+                    self.cache.add([ids[i] for i in indices], f)
             done += len(indices) + len(failed)
             self.reporter.advance(len(indices) + len(failed), images_per_s=round(done * views / (time.perf_counter() - t0), 1))
-        feats = torch.cat(chunks) if chunks else torch.empty(0, views, self.model.all_dim, dtype=torch.float16)
-        return kept, feats, failures
+        return kept, failures

@@ -27,7 +27,8 @@ from .models import Classifier, FeatureNorm, new_head_module
 from .progress import Reporter
 from .records import HeadChoice
 from .runs import RunFolder
-from .stages import HeadStage, LossFn
+from .stages import LossFn, head_stage
+from .store import DiskRows, Rows, column_statistics, narrow
 
 MAX_EXTRA_VIEWS = 3
 IMAGES_FOR_NO_VIEWS = 3_000  # from this many training images on, the plain view alone
@@ -50,17 +51,22 @@ def candidates(views: int, head_features: str = "auto") -> list[HeadChoice]:
 
 def head_features(features: FeatureSet, choice: HeadChoice, final_dim: int) -> FeatureSet:
     """The columns and views of the cached features that a head of this choice reads."""
-    cols = slice(None) if choice.multi_layer else slice(features.train.shape[-1] - final_dim, None)
-    return FeatureSet(features.train[:, :choice.views, cols], features.train_labels, features.val[:, cols], features.val_labels)
+    dim = features.train.shape[-1]
+    cols = slice(0, dim) if choice.multi_layer else slice(dim - final_dim, dim)
+    return FeatureSet(narrow(features.train, choice.views, cols), features.train_labels,
+                      narrow(features.val, 1 if features.on_disk else None, cols), features.val_labels)
 
 
-def norm_statistics(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def norm_statistics(train: Rows) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of each feature over all training rows (views included). The variance has
     a floor of 1% of the average one: a feature (nearly) constant on few training images must
     not blow up on others."""
-    flat = train.reshape(-1, train.shape[-1]).float()
-    var = flat.var(0)
-    return flat.mean(0), (var + 0.01 * var.mean()).sqrt()
+    if isinstance(train, DiskRows):
+        mean, var = column_statistics(train)
+    else:
+        flat = train.reshape(-1, train.shape[-1]).float()
+        mean, var = flat.mean(0), flat.var(0)
+    return mean, (var + 0.01 * var.mean()).sqrt()
 
 
 class _HeadOnly(nn.Module):
@@ -89,7 +95,7 @@ def choose_head(features: FeatureSet, model: Classifier, split: DatasetSplit, pp
             torch.manual_seed(cfg.seed)
             scratch = _HeadOnly(norm, new_head_module(dim, len(split.classes), model.head[0].p)).to(device)
             run = Run(cfg, scratch, split, pp, RunFolder(Path("."), writes=False), Reporter(), "")
-            fit_stage(HeadStage(scratch, chosen, loss, cfg, device), run)
+            fit_stage(head_stage(scratch, chosen, loss, cfg, device), run)
         scores.append({**choice.to_dict(), "val_acc": run.best.acc, "val_loss": run.best.loss, "epoch": run.best.epoch})
     return best_candidate(scores), scores
 

@@ -1,7 +1,8 @@
 """The kinds of training stage. A stage says what is trained, on which batches, with which
 learning rates and how it is validated; `fit.fit_stage` runs any of them the same way.
 
-- HeadStage: a new head on the cached features of the frozen backbone (seconds).
+- HeadStage: a new head on the cached features of the frozen backbone (seconds);
+  StreamedHeadStage the same over features kept in a file (store.py), block by block.
 - FinetuneStage: the whole network on freshly augmented images, the backbone at a lower
   learning rate (minutes per epoch on a CPU), on every rank under torchrun.
 """
@@ -84,6 +85,49 @@ class HeadStage:
     def validate(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.net.eval()
         return self.net(self.x_val.float()), self.y_val
+
+
+class StreamedHeadStage(HeadStage):
+    """The head stage over a feature table kept in a file (store.DiskRows): each epoch reads the
+    blocks in a random order and shuffles the rows within each block, so that memory holds one
+    block at a time whatever the number of images."""
+
+    def __init__(self, model: Classifier, features: FeatureSet, loss: LossFn, cfg: TrainConfig, device: torch.device):
+        n, views, dim = features.train.shape
+        self.model, self.loss, self.device = model, loss, device
+        self.net = nn.Sequential(model.feature_norm, model.head)
+        self.rows, self.labels, self.views = features.train, features.train_labels, views
+        self.val_rows, self.y_val = features.val, features.val_labels.to(device)
+        self.epochs, self.batch_size, self.lr = cfg.epochs, cfg.batch_size, cfg.lr
+        self.steps_per_epoch = sum(math.ceil((stop - start) * views / cfg.batch_size) for start, stop in self.rows.blocks())
+        self.warmup_steps = self.steps_per_epoch
+        self.epoch_size = n * views
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def batches(self) -> Iterator[Batch]:
+        blocks = self.rows.blocks()
+        # (One block: the very batches HeadStage draws from the same features in memory.)
+        for b in torch.randperm(len(blocks), generator=self.generator).tolist() if len(blocks) > 1 else [0]:
+            start, stop = blocks[b]
+            x = self.rows.block(start, stop).reshape(-1, self.rows.shape[-1])
+            y = self.labels[start:stop].repeat_interleave(self.views)
+            order = torch.randperm(len(x), generator=self.generator)
+            for first in range(0, len(order), self.batch_size):
+                idx = order[first:first + self.batch_size]
+                yield x[idx].float().to(self.device), y[idx].to(self.device)
+
+    @torch.no_grad()
+    def validate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.net.eval()
+        logits = [self.net(self.val_rows.block(start, stop).reshape(stop - start, -1).float().to(self.device))
+                  for start, stop in self.val_rows.blocks()]
+        return torch.cat(logits), self.y_val
+
+
+def head_stage(model: Classifier, features: FeatureSet, loss: LossFn, cfg: TrainConfig, device: torch.device) -> HeadStage:
+    """The head stage for where the features are: in memory, or in a file read block by block."""
+    kind = StreamedHeadStage if features.on_disk else HeadStage
+    return kind(model, features, loss, cfg, device)
 
 
 class FinetuneStage:

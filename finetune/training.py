@@ -34,7 +34,7 @@ from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input
 from .scan import count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class, scan_dataset
-from .stages import FinetuneStage, HeadStage, LossFn, make_loss
+from .stages import FinetuneStage, LossFn, head_stage, make_loss
 
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | None:
@@ -130,7 +130,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         if d.is_main:  # the heads train in seconds: one process does it, the others wait
             if run.head_choice is None:  # (a resumed head stage goes on with the head it had chosen)
                 choose(run, features, loss, device, views)
-            fit_stage(HeadStage(run.model, head_features(features, run.head_choice, run.model.final_dim), loss, cfg, device),
+            fit_stage(head_stage(run.model, head_features(features, run.head_choice, run.model.final_dim), loss, cfg, device),
                       run, done, resumed)
             run.save_best()
         run.share_from_main(d)

@@ -91,6 +91,7 @@ def train(
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Keep the backbone's features on disk, so that the next run on the same images skips computing them (--no-cache: write nothing there).")] = TRAIN.cache,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where features are cached (default: $FINETUNE_CACHE_DIR, else the user cache folder, e.g. ~/.cache/finetune).", show_default=False)] = TRAIN.cache_dir,
     cache_limit_gb: Annotated[float, typer.Option(help="Size limit of the feature cache; the least recently used features go first.")] = TRAIN.cache_limit_gb,
+    feature_memory_gb: Annotated[float, typer.Option(help="Features beyond this size stay in a file, read block by block (memory stays bounded at any number of images).")] = TRAIN.feature_memory_gb,
     devices: Annotated[Optional[int], typer.Option(help="Train with N processes on this machine (one per GPU; CPU: gloo), via torchrun and DistributedDataParallel.", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr (warnings still shown).")] = False,
@@ -108,7 +109,7 @@ def train(
                   lr=lr, img_size=img_size, layout=layout, labels=labels, label_columns=label_columns, val_split=val_split, seed=seed, device=device, workers=workers,
                   runs_dir=runs_dir, name=name, max_pixels=max_pixels, resume=resume, patience=patience,
                   class_weights=class_weights, label_smoothing=label_smoothing, max_images_per_class=max_images_per_class,
-                  cache=cache, cache_dir=cache_dir, cache_limit_gb=cache_limit_gb)
+                  cache=cache, cache_dir=cache_dir, cache_limit_gb=cache_limit_gb, feature_memory_gb=feature_memory_gb)
     from ..training import train as run_training  # imported late: keeps --help fast
 
     try:

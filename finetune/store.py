@@ -1,0 +1,123 @@
+"""Where a run keeps its feature table: in memory when it fits the budget, else in a file read
+block by block, so that memory stays bounded at any number of images.
+
+The file is anonymous (removed as soon as it is made, so it vanishes with the process even
+after a crash) and read with plain reads, not mapped: pages read go to the OS file cache,
+not to this process's resident memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BLOCK_BYTES = 64 * 2**20  # what a block read brings into memory at once
+
+
+@dataclass
+class DiskRows:
+    """A [n, views, dim] fp16 table in a file; `views` and `cols` select what reads return."""
+
+    file: object  # an open binary file (tempfile.TemporaryFile)
+    n: int
+    full_views: int
+    full_dim: int
+    views: int
+    cols: slice
+
+    @classmethod
+    def create(cls, n: int, views: int, dim: int, folder: Path) -> "DiskRows":
+        folder.mkdir(parents=True, exist_ok=True)
+        f = tempfile.TemporaryFile(dir=folder)
+        f.truncate(n * views * dim * 2)
+        return cls(f, n, views, dim, views, slice(0, dim))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.n, self.views, self.cols.stop - self.cols.start)
+
+    def row_bytes(self) -> int:
+        return self.full_views * self.full_dim * 2
+
+    def narrow(self, views: int, cols: slice) -> "DiskRows":
+        """The first `views` views and the columns `cols` (start/stop within the full rows)."""
+        start = 0 if cols.start is None else cols.start
+        stop = self.full_dim if cols.stop is None else cols.stop
+        return DiskRows(self.file, self.n, self.full_views, self.full_dim, views, slice(start, stop))
+
+    def write(self, i: int, rows: torch.Tensor) -> None:
+        """Item i's full row [full_views, full_dim]."""
+        data = rows.to(torch.float16).contiguous().numpy().tobytes()
+        os.pwrite(self.file.fileno(), data, i * self.row_bytes())
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Items start..stop, as selected, fp16 [stop - start, views, dim] in memory."""
+        count = (stop - start) * self.full_views * self.full_dim
+        raw = os.pread(self.file.fileno(), count * 2, start * self.row_bytes())
+        table = torch.from_numpy(np.frombuffer(raw, dtype=np.float16).copy()).view(stop - start, self.full_views, self.full_dim)
+        return table[:, :self.views, self.cols]
+
+    def block_items(self) -> int:
+        return max(1, BLOCK_BYTES // self.row_bytes())
+
+    def blocks(self):
+        """(start, stop) of consecutive blocks covering every item."""
+        step = self.block_items()
+        return [(s, min(s + step, self.n)) for s in range(0, self.n, step)]
+
+    def keep(self, positions: list[int]) -> "DiskRows":
+        """Only the items at `positions` (ascending), moved to the front in order."""
+        for new, old in enumerate(positions):
+            if new != old:
+                os.pwrite(self.file.fileno(), os.pread(self.file.fileno(), self.row_bytes(), old * self.row_bytes()),
+                          new * self.row_bytes())
+        return DiskRows(self.file, len(positions), self.full_views, self.full_dim, self.views, self.cols)
+
+
+Rows = torch.Tensor | DiskRows
+
+
+def new_rows(n: int, views: int, dim: int, budget_bytes: int, folder: Path) -> Rows:
+    """A table for n items of [views, dim] fp16: a tensor when it fits the budget, else a file."""
+    if n * views * dim * 2 <= budget_bytes:
+        return torch.empty(n, views, dim, dtype=torch.float16)
+    return DiskRows.create(n, views, dim, folder)
+
+
+def put(rows: Rows, i: int, value: torch.Tensor) -> None:
+    if isinstance(rows, DiskRows):
+        rows.write(i, value)
+    else:
+        rows[i] = value
+
+
+def keep(rows: Rows, positions: list[int]) -> Rows:
+    if isinstance(rows, DiskRows):
+        return rows.keep(positions)
+    return rows if len(positions) == len(rows) else rows[positions]
+
+
+def narrow(rows: Rows, views: int | None, cols: slice) -> Rows:
+    """The first `views` views (None: the table has no view axis) and columns `cols`."""
+    if isinstance(rows, DiskRows):
+        return rows.narrow(views if views is not None else rows.views, cols)
+    return rows[:, :views, cols] if views is not None else rows[:, cols]
+
+
+def column_statistics(rows: DiskRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population-corrected) variance of each column over every item and view, read block by block."""
+    dim = rows.shape[-1]
+    total, sq, count = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), 0
+    for start, stop in rows.blocks():
+        x = rows.block(start, stop).reshape(-1, dim).double()
+        total += x.sum(0)
+        sq += (x * x).sum(0)
+        count += len(x)
+    mean = total / count
+    var = (sq - count * mean * mean) / max(1, count - 1)
+    return mean.float(), var.clamp_min(0).float()
