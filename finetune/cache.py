@@ -210,6 +210,9 @@ class FeatureCache:
                 atomic_write_text(self.dir / "key.json", json.dumps(self.key, indent=2) + "\n")
             name = f"{time.time_ns():x}-{os.getpid()}-{secrets.token_hex(4)}.safetensors"
             write_safetensors(self.dir / name, {"features": table}, {"rows": ids, "checksum": checksum(table)}, key=META_KEY)
+            if self._index is not None:  # a later lookup in this run (the next growth step) finds them
+                for row, rid in enumerate(ids):
+                    self._index.setdefault(rid, (self.dir / name, row))
             evict(self.root, self.limit_bytes)
         except OSError:  # a full or read-only disk costs speed next time, never this run
             pass

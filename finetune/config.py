@@ -35,6 +35,7 @@ class TrainConfig:
     epochs: int = 30
     views: int | None = None  # None: from the number of training images (recipe.views_for)
     head_features: str = "auto"  # auto (chosen on val), final, or multi (every stage's features, standardised)
+    all_images: bool = False  # False: beyond recipe.GROW_FROM images, grow the training set while more images pay
     lr: float = 1e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1

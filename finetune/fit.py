@@ -48,6 +48,7 @@ class Run:
     candidates: list[dict] = field(default_factory=list)  # every candidate head's val figures
     views_computed: int | None = None  # views per training image the features were computed for
     cache: FeatureCache | None = None  # where the features are kept between runs (None: --no-cache)
+    learning_curve: list[dict] = field(default_factory=list)  # {images, val_acc} per growth step (recipe.py)
 
     def __post_init__(self) -> None:
         self.early = EarlyStopping(self.cfg.patience)

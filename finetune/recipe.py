@@ -10,6 +10,13 @@ accuracy (then the lower validation loss) is kept, and the run says which and wh
 
 Augmented views cost a pass of the backbone each. They matter most when images are few,
 so their number follows the size of the training set (at most 3, none from 3,000 images on).
+
+Beyond GROW_FROM training images, more images often buy nothing (a 25,000-photo cats/dogs
+folder: 0.990 val against 0.992 from 1,200 of them, at 24 times the cost). So the training
+set grows in steps instead (4,000 images, then doubling, a stratified seeded order): after
+each step a quick head is measured on val, and the growth stops when doubling no longer
+cut the val error by a tenth (and by two val images at least). The time then follows what
+more data buys, not the file count; `--all-images` uses every one.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .data import DatasetSplit, Preprocessing
+from .data import DatasetSplit, Preprocessing, Sample
 from .features import FeatureSet
 from .fit import Run, fit_stage
 from .models import Classifier, FeatureNorm, new_head_module
@@ -32,6 +39,8 @@ from .store import DiskRows, Rows, column_statistics, narrow
 
 MAX_EXTRA_VIEWS = 3
 IMAGES_FOR_NO_VIEWS = 3_000  # from this many training images on, the plain view alone
+GROW_FROM = 8_000  # training sets larger than this grow in steps while more images pay
+FIRST_STEP = 4_000
 
 
 def views_for(num_train: int, requested: int | None) -> int:
@@ -39,6 +48,34 @@ def views_for(num_train: int, requested: int | None) -> int:
     if requested is not None:
         return requested
     return 1 + min(MAX_EXTRA_VIEWS, IMAGES_FOR_NO_VIEWS // max(1, num_train))
+
+
+def growth_steps(num_train: int) -> list[int]:
+    """Training-set sizes to measure: 4,000, 8,000, 16,000, ... then all (all at once up to GROW_FROM)."""
+    if num_train <= GROW_FROM:
+        return [num_train]
+    steps = [FIRST_STEP]
+    while steps[-1] * 2 < num_train:
+        steps.append(steps[-1] * 2)
+    return [*steps, num_train]
+
+
+def more_images_pay(prev_acc: float, acc: float, num_val: int) -> bool:
+    """Whether the last doubling paid: the val error fell by a tenth or more, and by two val images at least."""
+    return (acc - prev_acc) * num_val >= 2 and (1 - acc) <= 0.9 * (1 - prev_acc)
+
+
+def learning_order(samples: list[Sample], seed: int) -> list[Sample]:
+    """The samples in a seeded order whose every prefix holds the classes in proportion."""
+    gen = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    keyed = []
+    for label, group in sorted(by_class.items()):
+        order = torch.randperm(len(group), generator=gen).tolist()
+        keyed.extend(((rank + 0.5) / len(group), label, group[i]) for rank, i in enumerate(order))
+    return [s for _, _, s in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
 def candidates(views: int, head_features: str = "auto") -> list[HeadChoice]:
@@ -83,21 +120,26 @@ def choose_head(features: FeatureSet, model: Classifier, split: DatasetSplit, pp
     every candidate's validation figures. The caller's random streams are left as they were.
     Each candidate starts from `torch.manual_seed(cfg.seed)`, so the head trained after the
     choice, started the same way, is the winning candidate again."""
-    scores = []
-    for choice in candidates(views, cfg.head_features):
-        chosen = head_features(features, choice, model.final_dim)
-        dim = chosen.train.shape[-1]
-        norm = FeatureNorm(dim).to(device)
-        if choice.multi_layer:
-            mean, std = norm_statistics(chosen.train)
-            norm.mean.copy_(mean), norm.std.copy_(std)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            scratch = _HeadOnly(norm, new_head_module(dim, len(split.classes), model.head[0].p)).to(device)
-            run = Run(cfg, scratch, split, pp, RunFolder(Path("."), writes=False), Reporter(), "")
-            fit_stage(head_stage(scratch, chosen, loss, cfg, device), run)
-        scores.append({**choice.to_dict(), "val_acc": run.best.acc, "val_loss": run.best.loss, "epoch": run.best.epoch})
+    scores = [{**choice.to_dict(), **try_head(features, choice, model, split, pp, loss, cfg, device)}
+              for choice in candidates(views, cfg.head_features)]
     return best_candidate(scores), scores
+
+
+def try_head(features: FeatureSet, choice: HeadChoice, model: Classifier, split: DatasetSplit, pp: Preprocessing,
+             loss: LossFn, cfg: TrainConfig, device: torch.device) -> dict:
+    """Train a scratch head of this choice on the cached features: its best val figures."""
+    chosen = head_features(features, choice, model.final_dim)
+    dim = chosen.train.shape[-1]
+    norm = FeatureNorm(dim).to(device)
+    if choice.multi_layer:
+        mean, std = norm_statistics(chosen.train)
+        norm.mean.copy_(mean), norm.std.copy_(std)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        scratch = _HeadOnly(norm, new_head_module(dim, len(split.classes), model.head[0].p)).to(device)
+        run = Run(cfg, scratch, split, pp, RunFolder(Path("."), writes=False), Reporter(), "")
+        fit_stage(head_stage(scratch, chosen, loss, cfg, device), run)
+    return {"val_acc": run.best.acc, "val_loss": run.best.loss, "epoch": run.best.epoch}
 
 
 def best_candidate(scores: list[dict]) -> HeadChoice:

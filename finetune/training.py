@@ -29,7 +29,8 @@ from .fit import Run, fit_stage
 from .models import build_classifier, get_arch
 from .weights import resolve_pretrained
 from .progress import Reporter
-from .recipe import choose_head, head_features, norm_statistics, views_for
+from .recipe import (choose_head, growth_steps, head_features, learning_order, more_images_pay, norm_statistics, try_head,
+                     views_for)
 from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input
@@ -123,7 +124,11 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         run.reporter.info(f"resuming {run.folder.path} after epoch {len(run.history)} ({stage} stage)")
     if stage is Stage.HEAD:
         views = run.views_computed = run.head_choice.views if run.head_choice else views_for(len(run.split.train), cfg.views)
-        features, clean = FeatureExtractor(run.model, run.pp, cfg, device, d, run.reporter, run.cache).features_of(run.split, views)
+        extractor = FeatureExtractor(run.model, run.pp, cfg, device, d, run.reporter, run.cache)
+        if grows(run, d, device):
+            features, clean = grow_training_set(run, extractor, views, device)
+        else:
+            features, clean = extractor.features_of(run.split, views)
         tell_cache_use(run)
         loss = settle_split(run, clean, device)
         run.folder.write_skipped(run.split.skipped)  # the bad-file check is done: the list is final
@@ -139,11 +144,40 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
     else:  # the features were computed before the interruption: drop the files they found bad
         bad = {s["path"] for s in resumed.skipped}
         usable = lambda samples: [s for s in samples if str(s.path) not in bad]  # noqa: E731
-        loss = settle_split(run, replace(run.split, train=usable(run.split.train), val=usable(run.split.val),
-                                         skipped=resumed.skipped), device)
+        train = usable(run.split.train)
+        if resumed.num_train < len(train):  # the head stage had stopped growing the training set: its images
+            train = usable(learning_order(run.split.train, cfg.seed))[:resumed.num_train]
+        loss = settle_split(run, replace(run.split, train=train, val=usable(run.split.val), skipped=resumed.skipped), device)
     if cfg.finetune_epochs > done:
         light = run.head_choice is not None and run.head_choice.views == 1  # the plain view won: augment lightly
         fit_stage(FinetuneStage(run.model, run.split, run.pp, loss, cfg, device, d, light), run, done, resumed)
+
+
+def grows(run: Run, d: Dist, device: torch.device) -> bool:
+    """Whether the training set grows in steps while more images pay (recipe.py): for large
+    sets, on one process off CUDA (a GPU computes every image's features in little time), and
+    with the feature cache (each step reads the last one's features back from it)."""
+    return (not run.cfg.all_images and run.cache is not None and not d.active and device.type != "cuda"
+            and len(growth_steps(len(run.split.train))) > 1)
+
+
+def grow_training_set(run: Run, extractor: FeatureExtractor, views: int, device: torch.device) -> tuple[FeatureSet, DatasetSplit]:
+    """Features of ever more training images (recipe.growth_steps) until a doubling no longer
+    pays on val (measured with a quick head on the final features of the plain view)."""
+    cfg, available = run.cfg, len(run.split.train)
+    ordered = learning_order(run.split.train, cfg.seed)
+    for size in growth_steps(available):
+        features, clean = extractor.features_of(replace(run.split, train=ordered[:size]), views)
+        loss = make_loss(cfg, count_per_class(clean.train, len(clean.classes)), device)
+        acc = try_head(features, HeadChoice(1, False), run.model, clean, run.pp, loss, cfg, device)["val_acc"]
+        run.learning_curve.append({"images": len(clean.train), "val_acc": acc})
+        run.reporter.info(f"learning curve: {len(clean.train):,} training images, val acc {acc:.4f}")
+        if len(run.learning_curve) > 1 and not more_images_pay(run.learning_curve[-2]["val_acc"], acc, len(clean.val)):
+            break
+    if size < available:
+        run.reporter.info(f"using {len(clean.train):,} of {available:,} training images: the last doubling cut the val "
+                          "error by less than a tenth (--all-images uses every one)")
+    return features, clean
 
 
 def tell_cache_use(run: Run) -> None:
@@ -219,7 +253,7 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
         recipe={"head": run.head_choice.to_dict() if run.head_choice else None, "candidates": run.candidates,
                 "views_computed": run.views_computed,
                 "chosen_by": "the best validation accuracy (then loss) among heads trained on the same cached features",
-                "finetune_epochs": run.cfg.finetune_epochs},
+                "finetune_epochs": run.cfg.finetune_epochs, "learning_curve": run.learning_curve or None},
     )
     folder.finish(result)
     return result

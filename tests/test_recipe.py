@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from finetune import TrainConfig, load_model, train
 from finetune.cli import app
 from finetune.errors import TrainingInterrupted
-from finetune.recipe import best_candidate, candidates, norm_statistics, views_for
+from finetune.recipe import (best_candidate, candidates, growth_steps, learning_order, more_images_pay, norm_statistics,
+                             views_for)
 from finetune.records import HeadChoice
 
 from conftest import FAST_TRAIN_ARGS, make_train_val, tree_hashes
@@ -140,3 +141,51 @@ def test_fine_tuning_starts_from_the_heads_model(data, tmp_path):
     assert first_finetune.val_loss == pytest.approx(head_best.val_loss, abs=1e-4)
     rows = list(csv.DictReader(open(result.run_dir / "metrics.csv")))
     assert [r["stage"] for r in rows] == ["head"] * 3 + ["finetune"]
+
+
+def test_growth_steps_double_from_the_first_step_up_to_all():
+    assert growth_steps(8_000) == [8_000]
+    assert growth_steps(8_001) == [4_000, 8_000, 8_001]
+    assert growth_steps(25_000) == [4_000, 8_000, 16_000, 25_000]
+    assert growth_steps(16_000) == [4_000, 8_000, 16_000]
+
+
+@pytest.mark.parametrize("prev, acc, n_val, pays", [
+    (0.90, 0.92, 1000, True),     # a fifth of the error gone
+    (0.990, 0.9902, 5000, False),  # one val image: noise
+    (0.990, 0.9905, 5000, False),  # 5% of the error: not worth doubling again
+    (0.980, 0.983, 5000, True),
+    (0.95, 0.94, 1000, False),
+])
+def test_more_images_pay_only_when_they_cut_the_val_error_by_a_tenth(prev, acc, n_val, pays):
+    assert more_images_pay(prev, acc, n_val) is pays
+
+
+def test_learning_order_keeps_the_classes_in_proportion_in_every_prefix():
+    from finetune.data import Sample
+
+    samples = [Sample(Path(f"a{i}"), 0) for i in range(300)] + [Sample(Path(f"b{i}"), 1) for i in range(100)]
+    order = learning_order(samples, seed=0)
+    assert sorted(map(str, (s.path for s in order))) == sorted(map(str, (s.path for s in samples)))
+    for k in (4, 40, 100, 400):
+        assert abs(sum(s.label for s in order[:k]) - k / 4) <= 1
+    assert order == learning_order(samples, seed=0) and order != learning_order(samples, seed=1)
+
+
+def test_a_large_training_set_grows_while_more_images_pay(tmp_path, monkeypatch):
+    from finetune import recipe
+
+    monkeypatch.setattr(recipe, "GROW_FROM", 8)
+    monkeypatch.setattr(recipe, "FIRST_STEP", 6)
+    data = make_train_val(tmp_path / "data", n_train=10, n_val=4)
+    cfg = TrainConfig(data=data, arch="efficientnet_lite0", img_size=64, epochs=3, views=1, workers=0, batch_size=8,
+                      runs_dir=tmp_path / "runs", finetune_epochs=1)
+    grown = train(cfg)
+    curve = grown.recipe["learning_curve"]
+    # 6 images (2 a class) are too few, 12 pay, 24 add nothing: the head and the fine-tuning use 24 of 30
+    assert [c["images"] for c in curve] == [6, 12, 24], curve
+    assert curve[0]["val_acc"] < curve[1]["val_acc"] == curve[2]["val_acc"] == 1.0, curve
+    assert grown.num_train == 24 and [r.stage for r in grown.history].count("finetune") == 1
+    assert grown.feature_cache["hits"] == (6 + 12) + (12 + 12)  # each step read the last one's train and val features back
+    every = train(replace(cfg, all_images=True))
+    assert every.num_train == 30 and every.recipe["learning_curve"] is None
