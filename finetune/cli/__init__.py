@@ -1,5 +1,7 @@
-"""The command line (`finetune ...`): commands.py parses and calls the library, output.py shows the results."""
+"""The command line (`finetune ...`): app.py holds the typer app, train_command.py and
+commands.py parse options and call the library, output.py shows the results."""
 
-from .commands import app
+from .app import app
+from . import train_command, commands  # importing them registers the commands (train first, as help lists them)
 
-__all__ = ["app"]
+__all__ = ["app", "commands", "train_command"]

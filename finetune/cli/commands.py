@@ -1,12 +1,8 @@
-"""The commands: each builds a config, calls the library and hands the result to output.py.
-
-Results go to stdout; progress, warnings and errors go to stderr. This package is the only
-place that imports typer or rich, and the only one that prints.
-"""
+"""The commands other than train: each builds a config, calls the library and hands the
+result to output.py."""
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -14,129 +10,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import __version__
-from ..config import UNFROZEN_FINETUNE_EPOCHS, PredictConfig, TrainConfig
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
-from ..progress import Reporter
-from .output import (RichReporter, echo_json, fail, render_evaluation, render_predictions, say_error, show_archs,
-                     show_cache, show_check, show_export_result, show_fields, show_train_result, stderr, stdout)
-
-app = typer.Typer(
-    help="Train an image classifier from a folder of labelled images, then predict with it.",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-)
-TRAIN = TrainConfig()
-PREDICT = PredictConfig()
-FORMATS = ("table", "json", "jsonl", "csv")
-
-
-def load_model_or_newest(model: Path | None, runs_dir: Path, reporter: Reporter | None = None):
-    """Load --model, or the newest run's model and say which on stderr."""
-    from ..checkpoint import load_model
-
-    loaded = load_model(model, runs_dir)
-    if model is None and reporter is not None:
-        reporter.info(f"using the newest model: {loaded.path}")
-    return loaded
-
-
-def version_callback(value: bool):
-    if value:
-        stdout.print(f"finetune {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version and exit.")] = None,
-):
-    """Train an image classifier from a folder of labelled images, then predict with it.
-
-    Example: finetune train ./photos && finetune predict new.jpg
-    """
-
-
-@app.command()
-def train(
-    data: Annotated[Optional[Path], typer.Argument(help="Image folder: DATA/train/<class>/ + DATA/val/<class>/, or DATA/<class>/ to split.", show_default=False)] = None,
-    arch: Annotated[str, typer.Option(help="Backbone, e.g. resnet18, resnet50, efficientnet_lite0 (offline weights).")] = TRAIN.arch,
-    weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict (.pth/.safetensors) or finetune model file instead of ImageNet weights from the cache/download.")] = TRAIN.weights,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights (--no-pretrained: random init).")] = TRAIN.pretrained,
-    epochs: Annotated[int, typer.Option(help="Epochs of the head on the frozen backbone (fast: features are computed once).")] = TRAIN.epochs,
-    finetune_epochs: Annotated[Optional[int], typer.Option(help="Then fine-tune the whole network for this many epochs (0: keep the backbone frozen).", show_default="0")] = TRAIN.finetune_epochs,
-    freeze_backbone: Annotated[Optional[bool], typer.Option("--freeze-backbone/--no-freeze-backbone", help=f"Fixed feature extractor (default) vs whole-network fine-tuning (--no-freeze-backbone: {UNFROZEN_FINETUNE_EPOCHS} fine-tune epochs unless --finetune-epochs says).", show_default=False)] = TRAIN.freeze_backbone,
-    views: Annotated[Optional[int], typer.Option(help="Views per training image for the frozen-backbone features: the plain one plus augmented ones (default: 4 for up to 1,000 training images, fewer for more, 1 from 3,000; 1: the plain view only).", show_default=False)] = TRAIN.views,
-    head_features: Annotated[str, typer.Option(help="What the head reads: auto (the better on val of the final features and every stage's features, standardised), final, or multi.")] = TRAIN.head_features,
-    all_images: Annotated[bool, typer.Option("--all-images", help="Train on every training image. Default: beyond 8,000, the training set grows from 4,000 in doublings while they still cut the val error by a tenth (on a CPU).")] = TRAIN.all_images,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = TRAIN.batch_size,
-    lr: Annotated[float, typer.Option(help="Learning rate of the head (AdamW); the backbone gets lr x 0.1 when fine-tuned.")] = TRAIN.lr,
-    img_size: Annotated[Optional[int], typer.Option(help="Training crop size in pixels (default: the arch's own, e.g. 224 for resnet, 288 for efficientnet_lite0).", show_default=False)] = TRAIN.img_size,
-    layout: Annotated[str, typer.Option(help=f"How DATA is read: {LAYOUT_HELP}. auto: split folders by name (train/val/test and the like, also inside one wrapper folder) and by structure.")] = TRAIN.layout,
-    labels: Annotated[Optional[Path], typer.Option(help="A CSV naming each image (relative to DATA) and its label, and optionally its split, instead of class folders.", show_default=False)] = None,
-    label_columns: Annotated[Optional[str], typer.Option(help="The CSV's PATH,LABEL[,SPLIT] column names (default: found among path/filename/image_id, label/class/category, split/set).", show_default=False)] = None,
-    val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation when DATA has no val/ folder.")] = TRAIN.val_split,
-    seed: Annotated[int, typer.Option(help="Seed for the split, augmentation and initialisation.")] = TRAIN.seed,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps (auto: CUDA, then MPS, then CPU).")] = TRAIN.device,
-    workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8, shared among the ranks under torchrun; 0 loads in the main process).", show_default=False)] = TRAIN.workers,
-    runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = TRAIN.runs_dir,
-    name: Annotated[Optional[str], typer.Option(help="Run folder name (default 'train'; numbered if taken, never overwritten).", show_default=False)] = TRAIN.name,
-    patience: Annotated[int, typer.Option(help="Early stopping: end a stage after N epochs without a better val accuracy (0: off).")] = TRAIN.patience,
-    class_weights: Annotated[bool, typer.Option("--class-weights", help="Weight the loss by inverse class frequency, for imbalanced folders.")] = TRAIN.class_weights,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy loss (0: off).")] = TRAIN.label_smoothing,
-    max_images_per_class: Annotated[Optional[int], typer.Option(help="Quick trials: use at most N images per class (train and val, seeded choice).", show_default=False)] = TRAIN.max_images_per_class,
-    max_pixels: Annotated[int, typer.Option(help="Images with more pixels are skipped as possible decompression bombs.")] = TRAIN.max_pixels,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder from its last completed epoch (its own settings are used).", show_default=False)] = None,
-    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Keep the backbone's features on disk, so that the next run on the same images skips computing them (--no-cache: write nothing there).")] = TRAIN.cache,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Where features are cached (default: $FINETUNE_CACHE_DIR, else the user cache folder, e.g. ~/.cache/finetune).", show_default=False)] = TRAIN.cache_dir,
-    cache_limit_gb: Annotated[float, typer.Option(help="Size limit of the feature cache; the least recently used features go first.")] = TRAIN.cache_limit_gb,
-    feature_memory_gb: Annotated[float, typer.Option(help="Features beyond this size stay in a file, read block by block (memory stays bounded at any number of images).")] = TRAIN.feature_memory_gb,
-    devices: Annotated[Optional[int], typer.Option(help="Train with N processes on this machine (one per GPU; CPU: gloo), via torchrun and DistributedDataParallel.", show_default=False)] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr (warnings still shown).")] = False,
-):
-    """Train a classifier on an image folder.
-
-    Example: finetune train ./photos --arch efficientnet_lite0 --json
-    """
-    if devices is not None and "WORLD_SIZE" not in os.environ:
-        raise train_with_torchrun(devices)
-    if data is None and resume is None:
-        raise fail(UsageError("missing DATA: give an image folder (finetune train ./photos), or --resume RUN_FOLDER."))
-    cfg = replace(TRAIN, data=data or Path("."), arch=arch, weights=weights, pretrained=pretrained, epochs=epochs,
-                  finetune_epochs=finetune_epochs, freeze_backbone=freeze_backbone, views=views, head_features=head_features, all_images=all_images, batch_size=batch_size,
-                  lr=lr, img_size=img_size, layout=layout, labels=labels, label_columns=label_columns, val_split=val_split, seed=seed, device=device, workers=workers,
-                  runs_dir=runs_dir, name=name, max_pixels=max_pixels, resume=resume, patience=patience,
-                  class_weights=class_weights, label_smoothing=label_smoothing, max_images_per_class=max_images_per_class,
-                  cache=cache, cache_dir=cache_dir, cache_limit_gb=cache_limit_gb, feature_memory_gb=feature_memory_gb)
-    from ..training import train as run_training  # imported late: keeps --help fast
-
-    try:
-        result = run_training(cfg, RichReporter(stderr, quiet))
-    except FinetuneError as e:
-        raise fail(e)
-    if result is None:  # a torchrun rank other than 0: rank 0 reports
-        return
-    if json_out:
-        echo_json(result.to_json_dict())
-    else:
-        show_train_result(result, cfg.class_weights)
-
-
-def train_with_torchrun(devices: int) -> typer.Exit:
-    """`train ... --devices N`: run this same command line in N processes under torchrun."""
-    from ..launcher import launch, strip_devices_option
-
-    if devices < 1:
-        return fail(UsageError(f"--devices must be at least 1 (got {devices})."))
-    if "train" not in sys.argv:
-        return fail(UsageError("--devices: run it as 'finetune train DATA --devices N'."))
-    outcome = launch(devices, strip_devices_option(sys.argv[sys.argv.index("train") + 1:]))
-    if outcome.message:
-        say_error(outcome.message, outcome.rank)
-    return typer.Exit(outcome.exit_code)
+from .app import FORMATS, PREDICT, TRAIN, app, load_model_or_newest
+from .output import (RichReporter, echo_json, fail, render_evaluation, render_predictions, show_archs, show_cache,
+                     show_check, show_export_result, show_fields, stderr)
 
 
 @app.command()

@@ -1,0 +1,53 @@
+"""The typer app, the defaults the commands read, and what several commands share.
+
+Results go to stdout; progress, warnings and errors go to stderr. This package is the only
+place that imports typer or rich, and the only one that prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from ..config import PredictConfig, TrainConfig
+from ..progress import Reporter
+from .output import stdout
+
+app = typer.Typer(
+    help="Train an image classifier from a folder of labelled images, then predict with it.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+TRAIN = TrainConfig()
+PREDICT = PredictConfig()
+FORMATS = ("table", "json", "jsonl", "csv")
+
+
+def load_model_or_newest(model: Path | None, runs_dir: Path, reporter: Reporter | None = None):
+    """Load --model, or the newest run's model and say which on stderr."""
+    from ..checkpoint import load_model
+
+    loaded = load_model(model, runs_dir)
+    if model is None and reporter is not None:
+        reporter.info(f"using the newest model: {loaded.path}")
+    return loaded
+
+
+def version_callback(value: bool):
+    if value:
+        stdout.print(f"finetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version and exit.")] = None,
+):
+    """Train an image classifier from a folder of labelled images, then predict with it.
+
+    Example: finetune train ./photos && finetune predict new.jpg
+    """
