@@ -70,7 +70,7 @@ class Run:
             best_trainable=best, best_val_pred=self.best.val_pred, rng=rng_state(stage.generator),
             skipped=self.split.skipped, num_train=len(self.split.train), num_val=len(self.split.val),
             classes=self.split.classes, stopped_stage=self.early.stopped_stage, files_digest=self.files_digest,
-            head_choice=self.head_choice, candidates=self.candidates,
+            head_choice=self.head_choice, candidates=self.candidates, learning_curve=self.learning_curve,
         )
 
     def restore(self, state: ResumeState, device: torch.device) -> None:
@@ -82,6 +82,7 @@ class Run:
         # States written before heads were chosen had the final features of `views` views.
         self.head_choice = state.head_choice or HeadChoice(self.cfg.views or 4, False)
         self.candidates = state.candidates
+        self.learning_curve = state.learning_curve
         self.model.use_features(self.head_choice.multi_layer)  # shaped before its weights load
         self.model.load_state_dict(state.trainable, strict=state.stage is Stage.FINETUNE)
         if state.stage is Stage.FINETUNE:  # the best model is the one in the model file

@@ -50,6 +50,7 @@ class ResumeState:
     files_digest: str  # which files were in train and val when the run started ("" in old states: not checked)
     head_choice: HeadChoice | None = None  # what the head reads (None in states written before it was chosen)
     candidates: list[dict] = field(default_factory=list)  # the candidate heads' val figures
+    learning_curve: list[dict] = field(default_factory=list)  # {images, val_acc} per growth step of the training set
 
     @property
     def stopped_early(self) -> bool:
@@ -71,6 +72,7 @@ class ResumeState:
             "stopped_early": self.stopped_early, "stopped_stage": self.stopped_stage and self.stopped_stage.value,
             "files_digest": self.files_digest, "optimizer_param_groups": self.optimizer["param_groups"],
             "head_choice": self.head_choice.to_dict() if self.head_choice else None, "candidates": self.candidates,
+            "learning_curve": self.learning_curve,
         }
         write_safetensors(path, tensors, info, STATE_KEY)
 
@@ -97,7 +99,7 @@ class ResumeState:
                 stopped_stage=Stage(info["stopped_stage"]) if info.get("stopped_stage") else None,
                 files_digest=info.get("files_digest", ""),
                 head_choice=HeadChoice(**info["head_choice"]) if info.get("head_choice") else None,
-                candidates=info.get("candidates", []),
+                candidates=info.get("candidates", []), learning_curve=info.get("learning_curve", []),
             )
         except (ModelFileError, KeyError, TypeError, ValueError):
             raise damaged from None

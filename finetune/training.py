@@ -166,6 +166,7 @@ def grow_training_set(run: Run, extractor: FeatureExtractor, views: int, device:
     pays on val (measured with a quick head on the final features of the plain view)."""
     cfg, available = run.cfg, len(run.split.train)
     ordered = learning_order(run.split.train, cfg.seed)
+    run.learning_curve = []  # (a resumed head stage measures it again, from the cache, to the same end)
     for size in growth_steps(available):
         features, clean = extractor.features_of(replace(run.split, train=ordered[:size]), views)
         loss = make_loss(cfg, count_per_class(clean.train, len(clean.classes)), device)

@@ -189,3 +189,22 @@ def test_a_large_training_set_grows_while_more_images_pay(tmp_path, monkeypatch)
     assert grown.feature_cache["hits"] == (6 + 12) + (12 + 12)  # each step read the last one's train and val features back
     every = train(replace(cfg, all_images=True))
     assert every.num_train == 30 and every.recipe["learning_curve"] is None
+
+
+@pytest.mark.parametrize("stage, n", [("Fine-tune epoch 2", 1), ("Head", 2)])
+def test_a_grown_training_set_is_the_same_after_a_resume(tmp_path, monkeypatch, stage, n):
+    from finetune import recipe
+    from test_resume import CtrlCAt, compared
+
+    monkeypatch.setattr(recipe, "GROW_FROM", 8)
+    monkeypatch.setattr(recipe, "FIRST_STEP", 6)
+    data = make_train_val(tmp_path / "data", n_train=10, n_val=4)
+    cfg = TrainConfig(data=data, arch="efficientnet_lite0", img_size=64, epochs=3, views=1, workers=0, batch_size=8,
+                      runs_dir=tmp_path / "ref", finetune_epochs=2)
+    ref = train(cfg)
+    with pytest.raises(TrainingInterrupted):
+        train(replace(cfg, runs_dir=tmp_path / "runs"), CtrlCAt(stage, n))
+    resumed = train(TrainConfig(resume=tmp_path / "runs" / "train"))
+    assert resumed.num_train == ref.num_train == 24  # the same images as the uninterrupted run
+    assert compared(resumed.history) == compared(ref.history)
+    assert resumed.recipe["learning_curve"] == ref.recipe["learning_curve"]
