@@ -168,7 +168,8 @@ class FeatureCache:
             with safe_open(str(chunk), framework="pt") as f:
                 table = f.get_tensor("features")
                 expected = json.loads(f.metadata()[META_KEY])["checksum"]
-        except FileNotFoundError:
+        except FileNotFoundError:  # evicted by another run since the index was read
+            self._forget(chunk)
             return None
         except Exception:
             self._drop(chunk)
@@ -180,8 +181,12 @@ class FeatureCache:
         return table
 
     def _drop(self, chunk: Path) -> None:
+        """A damaged chunk: deleted, and its rows computed again."""
         chunk.unlink(missing_ok=True)
         self.use.dropped_chunks += 1
+        self._forget(chunk)
+
+    def _forget(self, chunk: Path) -> None:
         if self._index is not None:
             self._index = {rid: loc for rid, loc in self._index.items() if loc[0] != chunk}
 

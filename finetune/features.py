@@ -75,7 +75,7 @@ class FeatureExtractor:
         cache where it has them, computed for the rest; (index, reason) of the others."""
         ids = [[row_id(s, v, self.cfg.seed) for v in range(views)] for s in samples]
         folder = (self.cfg.cache_dir or default_cache_dir()) / "tmp"
-        out = new_rows(len(samples), views, self.model.all_dim, 0 if self.on_disk else 2**62, folder)
+        out = new_rows(len(samples), views, self.model.all_dim, self.on_disk, folder)
         cached = self.cache.lookup(ids, out) if self.cache is not None else set()
         todo = [i for i in range(len(samples)) if i not in cached]
         self.reporter.start(description, len(samples))

@@ -82,11 +82,9 @@ class DiskRows:
 Rows = torch.Tensor | DiskRows
 
 
-def new_rows(n: int, views: int, dim: int, budget_bytes: int, folder: Path) -> Rows:
-    """A table for n items of [views, dim] fp16: a tensor when it fits the budget, else a file."""
-    if n * views * dim * 2 <= budget_bytes:
-        return torch.empty(n, views, dim, dtype=torch.float16)
-    return DiskRows.create(n, views, dim, folder)
+def new_rows(n: int, views: int, dim: int, on_disk: bool, folder: Path) -> Rows:
+    """A table for n items of [views, dim] fp16: a tensor, or a file in `folder`."""
+    return DiskRows.create(n, views, dim, folder) if on_disk else torch.empty(n, views, dim, dtype=torch.float16)
 
 
 def put(rows: Rows, i: int, value: torch.Tensor) -> None:
