@@ -47,6 +47,8 @@ class FeatureExtractor:
     reporter: Reporter
     cache: FeatureCache | None = None  # None: --no-cache
     on_disk: bool = field(default=False, init=False)  # the table is too big for memory: in a file (store.py)
+    computed: int = field(default=0, init=False)  # image views through the backbone (decoding overlapped), and their time
+    compute_seconds: float = field(default=0.0, init=False)
 
     def features_of(self, split: DatasetSplit, views: int) -> tuple[FeatureSet, DatasetSplit]:
         """The features of every stage (Classifier.all_stage_features), and the split without
@@ -118,4 +120,6 @@ class FeatureExtractor:
                     self.cache.add([ids[i] for i in indices], f)
             done += len(indices) + len(failed)
             self.reporter.advance(len(indices) + len(failed), images_per_s=round(done * views / (time.perf_counter() - t0), 1))
+        self.computed += len(kept) * views
+        self.compute_seconds += time.perf_counter() - t0
         return kept, failures

@@ -49,6 +49,7 @@ class Run:
     views_computed: int | None = None  # views per training image the features were computed for
     cache: FeatureCache | None = None  # where the features are kept between runs (None: --no-cache)
     learning_curve: list[dict] = field(default_factory=list)  # {images, val_acc} per growth step (recipe.py)
+    feature_pass: dict | None = None  # what computing the features took: image views, seconds (this process)
 
     def __post_init__(self) -> None:
         self.early = EarlyStopping(self.cfg.patience)

@@ -130,6 +130,8 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         else:
             features, clean = extractor.features_of(run.split, views)
         tell_cache_use(run)
+        run.feature_pass = {"image_views": extractor.computed, "seconds": round(extractor.compute_seconds, 2),
+                            "image_views_per_s": round(extractor.computed / extractor.compute_seconds, 1) if extractor.computed else None}
         loss = settle_split(run, clean, device)
         run.folder.write_skipped(run.split.skipped)  # the bad-file check is done: the list is final
         if d.is_main:  # the heads train in seconds: one process does it, the others wait
@@ -254,7 +256,8 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
         recipe={"head": run.head_choice.to_dict() if run.head_choice else None, "candidates": run.candidates,
                 "views_computed": run.views_computed,
                 "chosen_by": "the best validation accuracy (then loss) among heads trained on the same cached features",
-                "finetune_epochs": run.cfg.finetune_epochs, "learning_curve": run.learning_curve or None},
+                "finetune_epochs": run.cfg.finetune_epochs, "learning_curve": run.learning_curve or None,
+                "feature_pass": run.feature_pass},
     )
     folder.finish(result)
     return result
