@@ -228,10 +228,10 @@ def show_cache(summary: dict) -> None:
         return
     stdout.print(f"feature cache: {summary['dir']}, {_size(summary['bytes'])}")
     if summary["entries"]:
-        table = Table("arch", "img size", "device", "files", "size", "last used", "weights")
+        table = Table("arch", "img size", "device", "files", "size", "last used")  # (the weights file: in --json)
         for e in summary["entries"]:
             table.add_row(str(e["arch"]), str(e["img_size"]), str(e["device"]), str(e["chunks"]), _size(e["bytes"]),
-                          str(e["last_used"]), Text(str(e["weights"])))
+                          str(e["last_used"]))
         stdout.print(table)
 
 
