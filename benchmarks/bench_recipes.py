@@ -11,6 +11,7 @@ run ends; nothing is written into DATA.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -56,10 +57,15 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "finetune", "train", str(data), "--arch", args.arch, "--runs-dir", runs,
                        "--json", "--quiet", *recipes[name]]
                 wall, rss, summary = run(cmd)
+                with open(Path(summary["run_dir"]) / "metrics.csv") as f:
+                    history = list(csv.DictReader(f))
             row = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "dataset": data.name, "recipe": name,
                    "options": " ".join(recipes[name]), "best_val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"],
                    "num_train": summary["num_train"], "num_test": summary["num_test"], "head": summary["recipe"]["head"],
-                   "wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
+                   "wall_s": round(wall, 1), "peak_rss_mb": round(rss),
+                   # the head's best val accuracy, then each fine-tune epoch's: fine-tuning must start from it, not below
+                   "head_best_val_acc": max((float(r["val_acc"]) for r in history if r["stage"] == "head"), default=None),
+                   "finetune_val_accs": [float(r["val_acc"]) for r in history if r["stage"] == "finetune"]}
             print(json.dumps(row), flush=True)
 
 
