@@ -172,14 +172,20 @@ def test_learning_order_keeps_the_classes_in_proportion_in_every_prefix():
     assert order == learning_order(samples, seed=0) and order != learning_order(samples, seed=1)
 
 
-def test_a_large_training_set_grows_while_more_images_pay(tmp_path, monkeypatch):
+@pytest.fixture
+def growing(tmp_path, monkeypatch) -> TrainConfig:
+    """30 training images, grown from 6 in doublings beyond 8 (the real thresholds: 4,000 and 8,000)."""
     from finetune import recipe
 
     monkeypatch.setattr(recipe, "GROW_FROM", 8)
     monkeypatch.setattr(recipe, "FIRST_STEP", 6)
     data = make_train_val(tmp_path / "data", n_train=10, n_val=4)
-    cfg = TrainConfig(data=data, arch="efficientnet_lite0", img_size=64, epochs=3, views=1, workers=0, batch_size=8,
-                      runs_dir=tmp_path / "runs", finetune_epochs=1)
+    return TrainConfig(data=data, arch="efficientnet_lite0", img_size=64, epochs=3, views=1, workers=0, batch_size=8,
+                       runs_dir=tmp_path / "runs", finetune_epochs=1)
+
+
+def test_a_large_training_set_grows_while_more_images_pay(growing):
+    cfg = growing
     grown = train(cfg)
     curve = grown.recipe["learning_curve"]
     # 6 images (2 a class) are too few, 12 pay, 24 add nothing: the head and the fine-tuning use 24 of 30
@@ -192,15 +198,10 @@ def test_a_large_training_set_grows_while_more_images_pay(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("stage, n", [("Fine-tune epoch 2", 1), ("Head", 2)])
-def test_a_grown_training_set_is_the_same_after_a_resume(tmp_path, monkeypatch, stage, n):
-    from finetune import recipe
+def test_a_grown_training_set_is_the_same_after_a_resume(growing, tmp_path, stage, n):
     from test_resume import CtrlCAt, compared
 
-    monkeypatch.setattr(recipe, "GROW_FROM", 8)
-    monkeypatch.setattr(recipe, "FIRST_STEP", 6)
-    data = make_train_val(tmp_path / "data", n_train=10, n_val=4)
-    cfg = TrainConfig(data=data, arch="efficientnet_lite0", img_size=64, epochs=3, views=1, workers=0, batch_size=8,
-                      runs_dir=tmp_path / "ref", finetune_epochs=2)
+    cfg = replace(growing, runs_dir=tmp_path / "ref", finetune_epochs=2)
     ref = train(cfg)
     with pytest.raises(TrainingInterrupted):
         train(replace(cfg, runs_dir=tmp_path / "runs"), CtrlCAt(stage, n))

@@ -26,6 +26,11 @@ TRAIN = TrainConfig()
 PREDICT = PredictConfig()
 FORMATS = ("table", "json", "jsonl", "csv")
 
+# Options that train, evaluate and check share, spelt once.
+LabelsCsv = Annotated[Optional[Path], typer.Option(help="A CSV naming each image (relative to DATA) and its label, and optionally its split, instead of class folders.", show_default=False)]
+LabelColumns = Annotated[Optional[str], typer.Option(help="The CSV's PATH,LABEL[,SPLIT] column names (default: found among path/filename/image_id, label/class/category, split/set).", show_default=False)]
+ValSplit = Annotated[float, typer.Option(help="Fraction of each class held out for validation when DATA has no val/ folder.")]
+
 
 def load_model_or_newest(model: Path | None, runs_dir: Path, reporter: Reporter | None = None):
     """Load --model, or the newest run's model and say which on stderr."""

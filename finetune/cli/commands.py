@@ -12,7 +12,7 @@ import typer
 
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
-from .app import FORMATS, PREDICT, TRAIN, app, load_model_or_newest
+from .app import FORMATS, PREDICT, TRAIN, LabelColumns, LabelsCsv, ValSplit, app, load_model_or_newest
 from .output import (RichReporter, echo_json, fail, render_evaluation, render_predictions, show_archs, show_cache,
                      show_check, show_export_result, show_fields, stderr)
 
@@ -69,8 +69,8 @@ def evaluate(
     workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8).", show_default=False)] = PREDICT.workers,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average with the horizontally flipped image.")] = PREDICT.tta,
     layout: Annotated[str, typer.Option(help=f"How DATA is read: {LAYOUT_HELP}.")] = PREDICT.layout,
-    labels: Annotated[Optional[Path], typer.Option(help="A CSV naming each image (relative to DATA) and its label, and optionally its split, instead of class folders.", show_default=False)] = None,
-    label_columns: Annotated[Optional[str], typer.Option(help="The CSV's PATH,LABEL[,SPLIT] column names (default: found among path/filename/image_id, label/class/category, split/set).", show_default=False)] = None,
+    labels: LabelsCsv = None,
+    label_columns: LabelColumns = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
 ):
@@ -100,9 +100,9 @@ def evaluate(
 def check(
     data: Annotated[Path, typer.Argument(help="The image folder, as you would give it to train.", show_default=False)],
     layout: Annotated[str, typer.Option(help=f"How DATA is read: {LAYOUT_HELP}.")] = TRAIN.layout,
-    labels: Annotated[Optional[Path], typer.Option(help="A CSV naming each image (relative to DATA) and its label, and optionally its split, instead of class folders.", show_default=False)] = None,
-    label_columns: Annotated[Optional[str], typer.Option(help="The CSV's PATH,LABEL[,SPLIT] column names (default: found among path/filename/image_id, label/class/category, split/set).", show_default=False)] = None,
-    val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation when DATA has no val/ folder.")] = TRAIN.val_split,
+    labels: LabelsCsv = None,
+    label_columns: LabelColumns = None,
+    val_split: ValSplit = TRAIN.val_split,
     seed: Annotated[int, typer.Option(help="Seed of the val split.")] = TRAIN.seed,
     arch: Annotated[str, typer.Option(help="The backbone train would use (images are decoded at its size).")] = TRAIN.arch,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are skipped as possible decompression bombs.")] = TRAIN.max_pixels,

@@ -13,7 +13,7 @@ import typer
 from ..config import UNFROZEN_FINETUNE_EPOCHS
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
-from .app import TRAIN, app
+from .app import TRAIN, LabelColumns, LabelsCsv, ValSplit, app
 from .output import RichReporter, echo_json, fail, say_error, show_train_result, stderr
 
 
@@ -34,9 +34,9 @@ def train(
     lr: Annotated[float, typer.Option(help="Learning rate of the head (AdamW); the backbone gets lr x 0.1 when fine-tuned.")] = TRAIN.lr,
     img_size: Annotated[Optional[int], typer.Option(help="Training crop size in pixels (default: the arch's own, e.g. 224 for resnet, 288 for efficientnet_lite0).", show_default=False)] = TRAIN.img_size,
     layout: Annotated[str, typer.Option(help=f"How DATA is read: {LAYOUT_HELP}. auto: split folders by name (train/val/test and the like, also inside one wrapper folder) and by structure.")] = TRAIN.layout,
-    labels: Annotated[Optional[Path], typer.Option(help="A CSV naming each image (relative to DATA) and its label, and optionally its split, instead of class folders.", show_default=False)] = None,
-    label_columns: Annotated[Optional[str], typer.Option(help="The CSV's PATH,LABEL[,SPLIT] column names (default: found among path/filename/image_id, label/class/category, split/set).", show_default=False)] = None,
-    val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation when DATA has no val/ folder.")] = TRAIN.val_split,
+    labels: LabelsCsv = None,
+    label_columns: LabelColumns = None,
+    val_split: ValSplit = TRAIN.val_split,
     seed: Annotated[int, typer.Option(help="Seed for the split, augmentation and initialisation.")] = TRAIN.seed,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps (auto: CUDA, then MPS, then CPU).")] = TRAIN.device,
     workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8, shared among the ranks under torchrun; 0 loads in the main process).", show_default=False)] = TRAIN.workers,
