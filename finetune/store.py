@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 BLOCK_BYTES = 64 * 2**20  # what a block read brings into memory at once
 
 
@@ -32,8 +34,16 @@ class DiskRows:
 
     @classmethod
     def create(cls, n: int, views: int, dim: int, folder: Path) -> "DiskRows":
-        folder.mkdir(parents=True, exist_ok=True)
-        f = tempfile.TemporaryFile(dir=folder)
+        """In `folder`, else (not writable) in the system's temporary folder."""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            f = tempfile.TemporaryFile(dir=folder)
+        except OSError:
+            try:
+                f = tempfile.TemporaryFile()
+            except OSError as e:
+                raise UsageError(f"{folder}: cannot write the feature table there ({e.strerror}); pass a writable "
+                                 "--cache-dir, or a larger --feature-memory-gb to keep it in memory.") from None
         f.truncate(n * views * dim * 2)
         return cls(f, n, views, dim, views, slice(0, dim))
 

@@ -198,3 +198,11 @@ def test_a_table_of_many_blocks_streams_and_still_learns(cfg, monkeypatch):
     assert result.best_val_acc == 1.0  # the colour classes are easy; a broken stream would not be
     again = train(replace(cfg, feature_memory_gb=0, epochs=6))  # from the cache, into the file
     assert again.feature_cache["hits"] == again.num_train + again.num_val and same_model(result, again)
+
+
+def test_an_unusable_cache_folder_costs_speed_not_the_run(cfg, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = train(replace(cfg, cache_dir=blocker / "cache", feature_memory_gb=0))  # nothing can be written there
+    assert result.best_val_acc == 1.0 and result.feature_cache["hits"] == 0
+    assert blocker.read_text() == "not a folder"
