@@ -82,7 +82,8 @@ def photo_runs(tmp: Path, n: int) -> dict:
         wall, rss, summary = child_peak_rss_mb([sys.executable, "-m", "finetune", "train", str(data), "--arch", "efficientnet_lite0",
                                                 "--runs-dir", str(tmp / "runs"), "--json", "--quiet", *extra], env)
         out[name] = {"options": " ".join(extra), "wall_s": round(wall, 1), "peak_rss_mb": round(rss),
-                     "best_val_acc": summary["best_val_acc"], "views": summary["recipe"]["views_computed"],
+                     "best_val_acc": summary["best_val_acc"], "num_train": summary["num_train"],
+                     "learning_curve": summary["recipe"]["learning_curve"], "views": summary["recipe"]["views_computed"],
                      "head": summary["recipe"]["head"], "feature_cache": summary["feature_cache"]}
         print(json.dumps({name: out[name]}), file=sys.stderr)
     out["second_over_first"] = round(out["second"]["wall_s"] / out["first"]["wall_s"], 3)
