@@ -16,6 +16,7 @@ rows are computed again. Above the size limit the least recently used chunks go.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -177,7 +178,8 @@ class FeatureCache:
         if checksum(table) != expected:
             self._drop(chunk)
             return None
-        os.utime(chunk)  # used now: the last to be evicted
+        with contextlib.suppress(OSError):  # (evicted since it was read: its rows are in hand all the same)
+            os.utime(chunk)  # used now: the last to be evicted
         return table
 
     def _drop(self, chunk: Path) -> None:

@@ -50,6 +50,11 @@ class FeatureExtractor:
     computed: int = field(default=0, init=False)  # image views through the backbone (decoding overlapped), and their time
     compute_seconds: float = field(default=0.0, init=False)
 
+    def pass_summary(self) -> dict:
+        """What computing features took in this run (results.json `recipe.feature_pass`)."""
+        rate = round(self.computed / self.compute_seconds, 1) if self.computed else None
+        return {"image_views": self.computed, "seconds": round(self.compute_seconds, 2), "image_views_per_s": rate}
+
     def features_of(self, split: DatasetSplit, views: int) -> tuple[FeatureSet, DatasetSplit]:
         """The features of every stage (Classifier.all_stage_features), and the split without
         the images that failed to decode (they are added to its `skipped` list and reported)."""

@@ -130,8 +130,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         else:
             features, clean = extractor.features_of(run.split, views)
         tell_cache_use(run)
-        run.feature_pass = {"image_views": extractor.computed, "seconds": round(extractor.compute_seconds, 2),
-                            "image_views_per_s": round(extractor.computed / extractor.compute_seconds, 1) if extractor.computed else None}
+        run.feature_pass = extractor.pass_summary()
         loss = settle_split(run, clean, device)
         run.folder.write_skipped(run.split.skipped)  # the bad-file check is done: the list is final
         if d.is_main:  # the heads train in seconds: one process does it, the others wait
