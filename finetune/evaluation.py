@@ -13,7 +13,8 @@ from .layout import find_layout, sub_folders
 from .prediction import iter_probabilities
 from .progress import Reporter
 from .records import EvaluationReport
-from .report import classification_report
+from .metrics import classification_report
+from .report import Measured
 from .scan import TreeReader, drop_duplicates
 
 
@@ -95,4 +96,5 @@ def measure(model: LoadedModel, samples: list[Sample], cfg: PredictConfig, repor
         probs.append(p)
     stacked = torch.stack(probs) if probs else torch.empty(0, len(model.classes))
     metrics = classification_report(kept_paths, kept_labels, stacked, model.classes)
-    return EvaluationReport(model=str(model.path), data=source, **metrics, skipped=skipped, tta=cfg.tta)
+    return EvaluationReport(model=str(model.path), data=source, **metrics, skipped=skipped, tta=cfg.tta,
+                            measured=Measured(source, kept_paths, kept_labels, stacked))

@@ -50,6 +50,8 @@ class Run:
     cache: FeatureCache | None = None  # where the features are kept between runs (None: --no-cache)
     learning_curve: list[dict] = field(default_factory=list)  # {images, val_acc} per growth step (recipe.py)
     feature_pass: dict | None = None  # what computing the features took: image views, seconds (this process)
+    suspects: list[dict] | None = None  # suspected label errors in train (run_report.training_suspects); None: not computed
+    suspects_note: str = "Not computed: the run was resumed after its head stage, whose features it no longer holds."
 
     def __post_init__(self) -> None:
         self.early = EarlyStopping(self.cfg.patience)
@@ -57,7 +59,7 @@ class Run:
     def save_best(self) -> Path | None:
         meta = model_metadata(self.cfg.arch, self.split.classes, self.pp,
                               {k: v for k, v in self.cfg.to_json_dict().items() if k != "resume"},
-                              {"epoch": self.best.epoch, "val_acc": round(self.best.acc, 4), "val_loss": round(self.best.loss, 4)},
+                              {"epoch": self.best.epoch, "val_acc": self.best.acc, "val_loss": self.best.loss},
                               len(self.split.train), len(self.split.val), self.model.multi_layer)
         return self.folder.save_model(self.best, meta)
 
@@ -68,7 +70,7 @@ class Run:
         return ResumeState(
             stage=stage.kind, epoch=epoch, history=self.history, trainable=trained, optimizer=optimizer.state_dict(),
             schedule=schedule.state_dict(), best_acc=self.best.acc, best_loss=self.best.loss, best_epoch=self.best.epoch,
-            best_trainable=best, best_val_pred=self.best.val_pred, rng=rng_state(stage.generator),
+            best_trainable=best, best_val_probs=self.best.val_probs, rng=rng_state(stage.generator),
             skipped=self.split.skipped, num_train=len(self.split.train), num_val=len(self.split.val),
             classes=self.split.classes, stopped_stage=self.early.stopped_stage, files_digest=self.files_digest,
             head_choice=self.head_choice, candidates=self.candidates, learning_curve=self.learning_curve,
@@ -78,7 +80,7 @@ class Run:
         """Progress and weights as they were after the state's epoch."""
         self.history = list(state.history)
         self.best.acc, self.best.loss, self.best.epoch = state.best_acc, state.best_loss, state.best_epoch
-        self.best.val_pred = state.best_val_pred
+        self.best.val_probs = state.best_val_probs
         self.early.stopped_stage = state.stopped_stage
         # States written before heads were chosen had the final features of `views` views.
         self.head_choice = state.head_choice or HeadChoice(self.cfg.views or 4, False)
@@ -99,9 +101,9 @@ class Run:
         """Give every rank rank 0's progress (after a stage that only rank 0 ran)."""
         if not d.active:
             return
-        mine = (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_pred, self.early.stopped_stage,
+        mine = (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_probs, self.early.stopped_stage,
                 self.head_choice, {k: v.cpu() for k, v in self.best.state.items()}) if d.is_main else None
-        (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_pred, self.early.stopped_stage,
+        (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_probs, self.early.stopped_stage,
          self.head_choice, state) = d.broadcast(mine)
         self.model.use_features(self.head_choice.multi_layer)
         device = next(self.model.parameters()).device
@@ -195,12 +197,13 @@ def end_epoch(stage, run: Run, epoch: int, first_epoch_of_stage: int, optimizer,
     loss_sum, correct, seen, seconds = totals
     record = EpochRecord(
         epoch=len(run.history) + 1, stage=stage.kind, train_loss=loss_sum / max(1, seen), train_acc=correct / max(1, seen),
-        val_loss=F.cross_entropy(val_logits.float(), val_y).item(), val_acc=(val_logits.argmax(1) == val_y).float().mean().item(),
+        val_loss=F.cross_entropy(val_logits.float(), val_y).item(),
+        val_acc=(val_logits.argmax(1) == val_y).sum().item() / max(1, len(val_y)),  # exact, as evaluate's accuracy
         lr=optimizer.param_groups[-1]["lr"], seconds=seconds, images_per_s=seen / max(seconds, 1e-9),
     )
     run.history.append(record)
     run.reporter.epoch(record)
-    if run.best.offer(record, run.model, val_logits.argmax(1)) and not stage.best_in_state:
+    if run.best.offer(record, run.model, val_logits.float().softmax(1)) and not stage.best_in_state:
         run.save_best()  # the state file below may point at it, so it goes first
     stop = run.early.should_stop(stage.kind, len(run.history), run.best.epoch, first_epoch_of_stage)
     if stop:

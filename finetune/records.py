@@ -6,7 +6,7 @@ Numbers are kept as computed; they are rounded only where they are shown or writ
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -92,13 +92,17 @@ class TrainResult:
     leakage: list[dict] = field(default_factory=list)  # val/test files with the same bytes as another split's
     recipe: dict = field(default_factory=dict)  # the head chosen and the candidates' val figures (recipe.py)
     feature_cache: dict | None = None  # cache.CacheUse.to_dict(): where the features were kept, how many were reused
+    val: dict | None = None  # the best epoch on val: accuracy, per-class figures, confusion matrix, calibration
+    suspects: dict | None = None  # suspected label errors in train: how many, the CSV listing them (or why none)
+    report: dict | None = None  # report.html: path, bytes, seconds to write
 
     def to_json_dict(self) -> dict:
         """The `--json` object and results.json (the history is in metrics.csv)."""
         d = {k: getattr(self, k) for k in ("best_val_acc", "best_epoch", "epochs", "classes", "num_train", "num_val",
                                             "num_test", "test_acc", "test", "skipped", "device", "seconds", "arch",
                                             "img_size", "weights", "layout", "read_as", "class_counts", "imbalanced",
-                                            "leakage", "recipe", "feature_cache", "stopped_early", "plots")}
+                                            "leakage", "recipe", "feature_cache", "val", "suspects", "report",
+                                            "stopped_early", "plots")}
         return {"run_dir": str(self.run_dir), "model": str(self.model), **d}
 
 
@@ -115,12 +119,15 @@ class EvaluationReport:
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted
     most_confused: list[dict]  # {true, predicted, count}, most frequent first
     top_losses: list[dict]  # {path, true, predicted, score, loss}, worst first
+    calibration: dict = field(default_factory=dict)  # metrics.calibration: ECE and the reliability diagram's bins
     skipped: list[dict] = field(default_factory=list)  # {path, reason}
     tta: bool = False
+    measured: object = field(default=None, repr=False, compare=False)  # report.Measured: every image's probabilities
+    report: dict | None = None  # where the HTML report went, its size and writing time (evaluate --report)
 
     def to_json_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(replace(self, measured=None)).items() if k != "measured"}
 
     def summary(self) -> dict:
         """The figures without the per-image lists (for a training run's results)."""
-        return {k: getattr(self, k) for k in ("accuracy", "num_images", "per_class", "confusion_matrix")}
+        return {k: getattr(self, k) for k in ("accuracy", "num_images", "per_class", "confusion_matrix", "calibration")}

@@ -1,132 +1,145 @@
-"""Metrics (confusion matrix, per-class precision/recall/F1, worst mistakes) and plots."""
+"""One self-contained HTML report of a model on labelled images: `report.html` in every run
+folder, and `finetune evaluate DATA --report FILE.html`.
+
+One file, no network: CSS inline, plots and thumbnails embedded as data URIs (small JPEGs, so
+a report over thousands of images stays a few MB), no JavaScript. Each off-diagonal cell of a
+confusion matrix links to the thumbnails of its images.
+"""
 
 from __future__ import annotations
 
+import base64
+import datetime
+import io
+import time
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .records import EpochRecord, Stage
+from .files import atomic_write_text
+from .images import load_rgb
+from .metrics import ECE_BINS, classification_report, top_losses
+from .plots import confusion_figure, curves_figure, png_bytes, reliability_figure
+from .records import EpochRecord
+
+THUMB_SIDE = 128  # px, the longer side of a thumbnail
+THUMB_QUALITY = 70
+TOP_LOSSES_SHOWN = 24
+SUSPECTS_SHOWN = 48
+THUMBS_PER_CELL = 60  # beyond this, a cell's images are listed by path only (keeps the file a few MB)
 
 
-def confusion_matrix(y_true: list[int], y_pred: list[int], num_classes: int) -> list[list[int]]:
-    """cm[t][p]: how many images of true class t were predicted as p."""
-    cm = [[0] * num_classes for _ in range(num_classes)]
-    for t, p in zip(y_true, y_pred):
-        cm[t][p] += 1
-    return cm
+@dataclass
+class Measured:
+    """A model's answers on one labelled set, image by image."""
+
+    name: str  # "val", "test", or where the images came from
+    paths: list[str]
+    labels: list[int]
+    probs: torch.Tensor  # [images, classes]
 
 
-def accuracy(cm: list[list[int]]) -> float:
-    total = sum(map(sum, cm))
-    return sum(cm[i][i] for i in range(len(cm))) / total if total else 0.0
+@dataclass
+class ReportContent:
+    """Everything a report shows; report.py turns it into HTML."""
+
+    title: str
+    classes: list[str]
+    summary: list[tuple[str, str]]  # (what, value) rows, in order
+    sets: list[Measured]
+    class_counts: dict[str, list[int]] = field(default_factory=dict)  # split -> images per class
+    history: list[EpochRecord] = field(default_factory=list)
+    suspects: list[dict] | None = None  # {path, given, suggested, probability}; None: not computed
+    suspects_note: str = ""  # how they were found, or why not
+    skipped: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
 
 
-def per_class_metrics(cm: list[list[int]], classes: list[str]) -> dict[str, dict]:
-    out = {}
-    for i, name in enumerate(classes):
-        tp = cm[i][i]
-        predicted = sum(row[i] for row in cm)
-        support = sum(cm[i])
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        out[name] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "support": support}
-    return out
-
-
-def most_confused(cm: list[list[int]], classes: list[str], limit: int = 5) -> list[dict]:
-    pairs = [{"true": classes[t], "predicted": classes[p], "count": cm[t][p]}
-             for t in range(len(cm)) for p in range(len(cm)) if t != p and cm[t][p]]
-    return sorted(pairs, key=lambda d: (-d["count"], d["true"], d["predicted"]))[:limit]
-
-
-def top_losses(paths: list[str], y_true: list[int], probs: torch.Tensor, classes: list[str], limit: int = 10) -> list[dict]:
-    """The images the model got most wrong: highest cross-entropy of the true class."""
-    if not paths:
-        return []
-    true_p = probs[torch.arange(len(y_true)), torch.tensor(y_true)].clamp_min(1e-12)
-    losses = -true_p.log()
-    order = losses.argsort(descending=True)[:limit].tolist()
-    return [{"path": paths[i], "true": classes[y_true[i]], "predicted": classes[int(probs[i].argmax())],
-             "score": round(float(probs[i].max()), 4), "loss": round(float(losses[i]), 4)} for i in order]
-
-
-def classification_report(paths: list[str], y_true: list[int], probs: torch.Tensor, classes: list[str]) -> dict:
-    y_pred = probs.argmax(1).tolist() if len(paths) else []
-    cm = confusion_matrix(y_true, y_pred, len(classes))
-    return {
-        "accuracy": round(accuracy(cm), 4),
-        "num_images": len(paths),
-        "classes": classes,
-        "per_class": per_class_metrics(cm, classes),
-        "confusion_matrix": cm,
-        "most_confused": most_confused(cm, classes),
-        "top_losses": top_losses(paths, y_true, probs, classes),
-    }
-
-
-# --- plots (matplotlib, headless) -----------------------------------------------------------
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed, and never opens a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_curves(history: list[EpochRecord], path: Path) -> Path:
-    return _save(curves_figure(history), path)
-
-
-def curves_figure(history: list[EpochRecord]):
-    """Loss and accuracy per epoch, train vs val; a dotted line where fine-tuning starts."""
-    plt = _pyplot()
-    epochs = [r.epoch for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
-        ax.plot(epochs, [getattr(r, f"train_{key}") for r in history], marker=".", label="train")
-        ax.plot(epochs, [getattr(r, f"val_{key}") for r in history], marker=".", label="val")
-        stage2 = [r.epoch for r in history if r.stage is Stage.FINETUNE]
-        if stage2:
-            ax.axvline(stage2[0] - 0.5, color="grey", linestyle=":", label="fine-tune starts")
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def plot_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path, title: str = "confusion matrix") -> Path:
-    plt = _pyplot()
-    n = len(classes)
-    size = min(4 + 0.5 * n, 20)
-    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    top = max((max(row) for row in cm), default=0)
-    if n <= 30:
-        for t in range(n):
-            for p in range(n):
-                ax.text(p, t, str(cm[t][p]), ha="center", va="center", color="white" if cm[t][p] > top / 2 else "black")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    import io
-
-    from .files import atomic_write_bytes
-
+def thumbnail_uri(path: str, max_pixels: int) -> str | None:
+    """A small JPEG of the image as a data URI; None when it cannot be read (any more)."""
+    try:
+        image = load_rgb(Path(path), max_pixels, min_side=THUMB_SIDE)
+    except Exception:  # noqa: BLE001 - a report shows what it can; the image is listed by path anyway
+        return None
+    image.thumbnail((THUMB_SIDE, THUMB_SIDE))
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    _pyplot().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    image.save(buf, format="JPEG", quality=THUMB_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def png_uri(fig) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(fig)).decode("ascii")
+
+
+class Thumbnails:
+    """Each image's thumbnail made once, however many galleries show it."""
+
+    def __init__(self, max_pixels: int):
+        self.max_pixels, self.made = max_pixels, {}
+
+    def __call__(self, path: str) -> str | None:
+        if path not in self.made:
+            self.made[path] = thumbnail_uri(path, self.max_pixels)
+        return self.made[path]
+
+
+def set_view(m: Measured, classes: list[str], thumbs: Thumbnails) -> dict:
+    """What the report shows of one measured set: metrics, the confusion matrix with its cells'
+    images, the top losses and calibration."""
+    metrics = classification_report(m.paths, m.labels, m.probs, classes)
+    pred = m.probs.argmax(1).tolist() if m.paths else []
+    slug = "".join(ch if ch.isalnum() else "-" for ch in m.name.lower()) or "set"
+    cells = []
+    for t in range(len(classes)):
+        for p in range(len(classes)):
+            members = [i for i in range(len(m.paths)) if m.labels[i] == t and pred[i] == p]
+            if t == p or not members:
+                continue
+            members.sort(key=lambda i: -float(m.probs[i, p]))
+            images = [image_view(m.paths[i], classes[t], classes[p], float(m.probs[i, p]), thumbs)
+                      for i in members[:THUMBS_PER_CELL]]
+            cells.append({"id": f"{slug}-true{t}-pred{p}", "true": classes[t], "predicted": classes[p], "images": images,
+                          "more": [m.paths[i] for i in members[THUMBS_PER_CELL:]]})
+    losses = metrics["top_losses"] = _top_losses(m, classes, thumbs)
+    cal = metrics["calibration"]
+    return {"name": m.name, "slug": slug, "metrics": metrics, "cells": cells, "cell_ids": {(c["true"], c["predicted"]): c["id"] for c in cells},
+            "top_losses": losses, "reliability": png_uri(reliability_figure(cal, m.name)) if cal["bins"] else None,
+            "confusion_png": png_uri(confusion_figure(metrics["confusion_matrix"], classes, m.name))}
+
+
+def _top_losses(m: Measured, classes: list[str], thumbs: Thumbnails) -> list[dict]:
+    return [{**row, **image_view(row["path"], row["true"], row["predicted"], row["score"], thumbs)}
+            for row in top_losses(m.paths, m.labels, m.probs, classes, TOP_LOSSES_SHOWN)]
+
+
+def image_view(path: str, true: str, predicted: str, probability: float, thumbs: Thumbnails) -> dict:
+    return {"path": path, "name": Path(path).name, "true": true, "predicted": predicted, "probability": probability,
+            "thumb": thumbs(path)}
+
+
+def render(content: ReportContent, max_pixels: int) -> str:
+    from jinja2 import Environment, StrictUndefined
+
+    thumbs = Thumbnails(max_pixels)
+    sets = [set_view(m, content.classes, thumbs) for m in content.sets]
+    suspects = [{**s, **image_view(s["path"], s["given"], s["suggested"], s["probability"], thumbs)}
+                for s in (content.suspects or [])[:SUSPECTS_SHOWN]]
+    env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(resources.files("finetune").joinpath("templates/report.html.j2").read_text("utf-8"))
+    return template.render(
+        c=content, sets=sets, ece_bins=ECE_BINS, suspects=suspects, num_suspects=len(content.suspects or []),
+        curves=png_uri(curves_figure(content.history)) if content.history else None,
+        written=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
+
+
+def write_report(path: Path, content: ReportContent, max_pixels: int) -> dict:
+    """Write the report; returns where, its size and how long it took."""
+    started = time.perf_counter()
+    html = render(content, max_pixels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, html)
+    return {"path": str(path), "bytes": len(html.encode("utf-8")), "seconds": time.perf_counter() - started}
+

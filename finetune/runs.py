@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .checkpoint import save_model
 from .config import MODEL_FILENAME, TrainConfig
-from .data import DatasetSplit
 from .errors import UsageError
 from .files import write_csv, write_json
 from .records import EpochRecord, TrainResult
@@ -95,16 +94,36 @@ class RunFolder:
         write_csv(self.path / "skipped.csv", skipped, ["path", "reason"])
 
     @_writes
-    def write_plots(self, history: list[EpochRecord], best: BestEpoch, split: DatasetSplit) -> list[Path]:
-        """curves.png (loss/accuracy per epoch) and confusion_matrix.png (best epoch, val)."""
-        from .report import confusion_matrix, plot_confusion_matrix, plot_curves
+    def write_plots(self, history: list[EpochRecord], val, classes: list[str]) -> list[Path]:
+        """curves.png (loss/accuracy per epoch), and of the best epoch on val (`val`: a report.Measured):
+        confusion_matrix.png and reliability.png."""
+        from .metrics import calibration, confusion_matrix
+        from .plots import confusion_figure, curves_figure, reliability_figure, save_png
 
-        paths = [plot_curves(history, self.path / "curves.png")]
-        if best.val_pred is not None:
-            cm = confusion_matrix([s.label for s in split.val], best.val_pred.tolist(), len(split.classes))
-            paths.append(plot_confusion_matrix(cm, split.classes, self.path / "confusion_matrix.png",
-                                               f"validation, best epoch {best.epoch}"))
+        paths = [save_png(curves_figure(history), self.path / "curves.png")]
+        if val is not None and val.labels:
+            cm = confusion_matrix(val.labels, val.probs.argmax(1).tolist(), len(classes))
+            paths.append(save_png(confusion_figure(cm, classes, "validation, best epoch"), self.path / "confusion_matrix.png"))
+            paths.append(save_png(reliability_figure(calibration(val.probs, val.labels), "validation"), self.path / "reliability.png"))
         return paths
+
+    @_writes
+    def write_suspects(self, suspects: list[dict] | None, note: str) -> dict:
+        """suspects.csv (path, given, suggested, probability, why), when the run could look for them."""
+        from .run_report import SUSPECT_COLUMNS
+
+        if suspects is None:
+            return {"count": None, "file": None, "note": note}
+        path = self.path / "suspects.csv"
+        write_csv(path, suspects, SUSPECT_COLUMNS)
+        return {"count": len(suspects), "file": str(path), "note": note}
+
+    @_writes
+    def write_report(self, content, max_pixels: int) -> dict:
+        """report.html (report.py), from a report.ReportContent."""
+        from .report import write_report
+
+        return write_report(self.path / "report.html", content, max_pixels)
 
     @_writes
     def finish(self, result: TrainResult) -> None:

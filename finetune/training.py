@@ -33,6 +33,7 @@ from .recipe import (choose_head, growth_steps, head_features, learning_order, m
                      views_for)
 from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
+from .run_report import measured_val, summary_of, training_content, training_suspects
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input
 from .scan import count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class, scan_dataset
 from .stages import FinetuneStage, LossFn, head_stage, make_loss
@@ -136,6 +137,8 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         if d.is_main:  # the heads train in seconds: one process does it, the others wait
             if run.head_choice is None:  # (a resumed head stage goes on with the head it had chosen)
                 choose(run, features, loss, device, views)
+            run.suspects, run.suspects_note = training_suspects(features, run.model.final_dim, run.head_choice,
+                                                                [str(s.path) for s in run.split.train], run.split.classes, cfg.seed)
             fit_stage(head_stage(run.model, head_features(features, run.head_choice, run.model.final_dim), loss, cfg, device),
                       run, done, resumed)
             run.save_best()
@@ -239,11 +242,12 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
     split, folder = run.split, run.folder
     model_path = run.save_best()
     folder.write_metrics(run.history)
-    plots = folder.write_plots(run.history, run.best, split)
+    val = measured_val(run)
+    plots = folder.write_plots(run.history, val, split.classes)
     test = measure_test(run, model_path, device) if split.test else None
     counts = count_per_class(split.train, len(split.classes))
     result = TrainResult(
-        run_dir=folder.path, model=model_path, best_val_acc=round(run.best.acc, 4), best_epoch=run.best.epoch,
+        run_dir=folder.path, model=model_path, best_val_acc=run.best.acc, best_epoch=run.best.epoch,
         epochs=len(run.history), classes=split.classes, num_train=len(split.train), num_val=len(split.val),
         skipped=split.skipped, device=str(device), seconds=round(time.perf_counter() - started, 2), arch=run.cfg.arch,
         img_size=run.pp.img_size, weights=weights_source, layout=split.layout,
@@ -257,7 +261,10 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
                 "chosen_by": "the best validation accuracy (then loss) among heads trained on the same cached features",
                 "finetune_epochs": run.cfg.finetune_epochs, "learning_curve": run.learning_curve or None,
                 "feature_pass": run.feature_pass},
+        val=summary_of(val, split.classes) if val else None, suspects=folder.write_suspects(run.suspects, run.suspects_note),
     )
+    result.report = folder.write_report(training_content(run, result, [m for m in (val, test and test.measured) if m]),
+                                        run.cfg.max_pixels)
     folder.finish(result)
     return result
 

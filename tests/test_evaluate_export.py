@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.records import EpochRecord, Stage
-from finetune.report import classification_report, curves_figure
+from finetune.metrics import classification_report
+from finetune.plots import curves_figure
 
 from conftest import FAST_TRAIN_ARGS, make_class_tree
 
@@ -56,10 +57,10 @@ def test_report_metrics_on_a_known_case():
 
 def test_training_writes_plots(run):
     run_dir = Path(run["summary"]["run_dir"])
-    for name, min_size in (("curves.png", (800, 300)), ("confusion_matrix.png", (300, 300))):
+    for name, min_size in (("curves.png", (800, 300)), ("confusion_matrix.png", (300, 300)), ("reliability.png", (300, 300))):
         with Image.open(run_dir / name) as im:
             assert im.format == "PNG" and im.size[0] >= min_size[0] and im.size[1] >= min_size[1]
-    assert sorted(run["summary"]["plots"]) == sorted(str(run_dir / n) for n in ("curves.png", "confusion_matrix.png"))
+    assert sorted(run["summary"]["plots"]) == sorted(str(run_dir / n) for n in ("curves.png", "confusion_matrix.png", "reliability.png"))
 
 
 def test_curves_have_train_and_val_lines():

@@ -71,14 +71,16 @@ def evaluate(
     layout: Annotated[str, typer.Option(help=f"How DATA is read: {LAYOUT_HELP}.")] = PREDICT.layout,
     labels: LabelsCsv = None,
     label_columns: LabelColumns = None,
+    report_file: Annotated[Optional[Path], typer.Option("--report", help="Also write a self-contained HTML report there (confusion matrix linked to the images, top losses, calibration).", show_default=False, dir_okay=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
 ):
     """Measure a model on labelled images: accuracy, per-class metrics, confusion matrix, worst mistakes.
 
-    Example: finetune evaluate ./photos/val --model runs/train --json
+    Example: finetune evaluate ./photos/val --model runs/train --report val.html
     """
     from ..evaluation import evaluate as run_evaluate
+    from ..run_report import write_evaluation_report
 
     cfg = replace(PREDICT, model=model, runs_dir=runs_dir, batch_size=batch_size, device=device, workers=workers, tta=tta,
                   layout=layout, labels=labels, label_columns=label_columns)
@@ -86,6 +88,9 @@ def evaluate(
     try:
         loaded = load_model_or_newest(model, runs_dir, reporter)
         report = run_evaluate(loaded, data, cfg, reporter)
+        if report_file is not None:
+            report.report = write_evaluation_report(report_file, report, loaded, cfg.max_pixels)
+            reporter.info(f"report: {report_file} ({report.report['bytes'] / 1e6:.1f} MB)")
     except FinetuneError as e:
         raise fail(e)
     for s in report.skipped:

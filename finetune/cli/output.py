@@ -160,6 +160,11 @@ def show_train_result(result, class_weights: bool) -> None:
         stdout.print(Text(f"classes are imbalanced ({counts}){'' if class_weights else '; consider --class-weights'}"))
     stdout.print(Text(f"model: {result.model}"))
     stdout.print(Text(f"plots: {', '.join(result.plots)}; metrics: {result.run_dir / 'metrics.csv'}"))
+    if result.suspects and result.suspects.get("count"):
+        n = result.suspects["count"]
+        stdout.print(Text(f"suspected label errors: {n} training image{'s' if n != 1 else ''} (listed in {result.suspects['file']})"))
+    if result.report:
+        stdout.print(Text(f"report: {result.report['path']}"))
 
 
 def show_export_result(result) -> None:

@@ -1,0 +1,90 @@
+"""The figures of a run: learning curves, confusion matrix, reliability diagram.
+
+Made with matplotlib's object API (a `Figure` of its own, no pyplot): the library never
+switches the plotting backend or opens a window, so a notebook that calls it keeps its own.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from .files import atomic_write_bytes
+from .records import EpochRecord, Stage
+
+
+def curves_figure(history: list[EpochRecord]):
+    """Loss and accuracy per epoch, train vs val; a dotted line where fine-tuning starts."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=100)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    epochs = [r.epoch for r in history]
+    for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
+        ax.plot(epochs, [getattr(r, f"train_{key}") for r in history], marker=".", label="train")
+        ax.plot(epochs, [getattr(r, f"val_{key}") for r in history], marker=".", label="val")
+        stage2 = [r.epoch for r in history if r.stage is Stage.FINETUNE]
+        if stage2:
+            ax.axvline(stage2[0] - 0.5, color="grey", linestyle=":", label="fine-tune starts")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(cm: list[list[int]], classes: list[str], title: str = "confusion matrix"):
+    from matplotlib.figure import Figure
+
+    n = len(classes)
+    size = min(4 + 0.5 * n, 20)
+    fig = Figure(figsize=(size, size), dpi=100)
+    ax = fig.subplots()
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    top = max((max(row) for row in cm), default=0)
+    if n <= 30:
+        for t in range(n):
+            for p in range(n):
+                ax.text(p, t, str(cm[t][p]), ha="center", va="center", color="white" if cm[t][p] > top / 2 else "black")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(calibration: dict, title: str = "reliability"):
+    """Accuracy against confidence per bin (metrics.calibration); the diagonal is perfect calibration."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    ax = fig.subplots()
+    bins = calibration["bins"]
+    ax.bar([b["lower"] for b in bins], [b["accuracy"] for b in bins], width=[b["upper"] - b["lower"] for b in bins],
+           align="edge", edgecolor="black", alpha=0.7, label="accuracy in bin")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="tab:orange", markersize=4,
+            label="mean confidence in bin")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top score)")
+    ax.set_ylabel("accuracy")
+    ece = calibration["ece"]
+    ax.set_title(f"{title}: ECE {ece:.3f}" if ece is not None else title)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def save_png(fig, path: Path) -> Path:
+    atomic_write_bytes(path, png_bytes(fig))
+    return path

@@ -1,0 +1,124 @@
+"""What the HTML report (report.py) shows of a training run and of an evaluation, and the
+training set's suspected label errors (suspects.py) that a run finds on its cached features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import LoadedModel
+from .records import EvaluationReport, TrainResult
+from .report import Measured, ReportContent, write_report
+from .scan import count_per_class
+from .suspects import FOLDS, OUTLIER_SHARE, find_suspects
+
+SUSPECTS_HOW = (f"Two kinds, found on the cached backbone features. Another class: {FOLDS}-fold cross-validation judges each "
+                "training image by heads trained on the other folds; it is a suspect when another class gets at least the "
+                "probability that class's own images typically get, and more than its given label. No class: the "
+                f"{OUTLIER_SHARE:.0%} of training images least like any other (nearest neighbours in feature space), "
+                "which a head may still file confidently under some class. The figure is the out-of-fold probability of "
+                "the given label. Full list: suspects.csv.")
+SUSPECT_COLUMNS = ["path", "given", "suggested", "probability", "why"]
+
+
+def training_suspects(features, final_dim: int, choice, paths: list[str], classes: list[str],
+                      seed: int) -> tuple[list[dict] | None, str]:
+    """Suspected label errors among the training images whose features are `features` (the
+    FeatureSet of the run, train rows [images, views, dim]; the plain view is used): another
+    class on the columns the chosen head reads, no class on the final features."""
+    if features.on_disk:
+        return None, "Not computed: the training set's features are too many to hold in memory."
+    plain = features.train[:, 0]
+    read = plain if choice.multi_layer else plain[:, -final_dim:]
+    found = find_suspects(read, features.train_labels, len(classes), seed, final=plain[:, -final_dim:])
+    if found is None:
+        return None, "Not computed: every class needs at least 2 training images for cross-validation."
+    given = features.train_labels.tolist()
+    return [{"path": paths[s.index], "given": classes[given[s.index]],
+             "suggested": classes[s.suggested] if s.suggested is not None else "",
+             "probability": s.probability, "why": "another class" if s.suggested is not None else "unlike the other images"}
+            for s in found], SUSPECTS_HOW
+
+
+def measured_val(run) -> Measured | None:
+    """The best epoch's answers on the val images (a fit.Run)."""
+    if run.best.val_probs is None or len(run.best.val_probs) != len(run.split.val):
+        return None
+    return Measured("val", [str(s.path) for s in run.split.val], [s.label for s in run.split.val], run.best.val_probs)
+
+
+def summary_of(m: Measured, classes: list[str]) -> dict:
+    """A measured set's figures without the per-image lists (results.json)."""
+    from .metrics import classification_report
+
+    figures = classification_report(m.paths, m.labels, m.probs, classes)
+    return {k: figures[k] for k in ("accuracy", "num_images", "per_class", "confusion_matrix", "calibration")}
+
+
+def training_content(run, result: TrainResult, sets: list[Measured]) -> ReportContent:
+    """The report of a finished run (a fit.Run) and its result."""
+    split, n = run.split, len(run.split.classes)
+    counts = {"train": count_per_class(split.train, n), "val": count_per_class(split.val, n)}
+    if split.test:
+        counts["test"] = count_per_class(split.test, n)
+    head = run.head_choice.describe() if run.head_choice else "n/a"
+    finetuned = any(r.stage.value == "finetune" for r in run.history)
+    summary = [
+        ("data", str(run.cfg.data)), ("read as", split.read_as), ("classes", f"{n}: {', '.join(split.classes)}"),
+        ("arch", f"{result.arch}, weights: {result.weights}"), ("image size", f"{result.img_size} px"),
+        ("strategy", f"a new head on the frozen backbone's features ({head})"
+                     + (f", then {run.cfg.finetune_epochs} epochs fine-tuning the whole network" if finetuned else "")),
+        ("device", result.device), ("time", f"{result.seconds:.1f} s"),
+        ("best epoch", f"{result.best_epoch} of {result.epochs}"), ("val accuracy", f"{result.best_val_acc:.4f}"),
+        ("test accuracy", f"{result.test_acc:.4f} ({result.num_test:,} images)" if result.test_acc is not None else "no test split"),
+        ("model", str(result.model)),
+    ]
+    settings = {k: v for k, v in run.cfg.to_json_dict().items() if k != "resume"}
+    return ReportContent(title=f"finetune run {run.folder.path.name}", classes=split.classes, summary=summary, sets=sets,
+                         class_counts=counts, history=run.history, suspects=run.suspects, suspects_note=run.suspects_note,
+                         skipped=split.skipped, settings=settings)
+
+
+def evaluation_content(report: EvaluationReport, model: LoadedModel) -> ReportContent:
+    """The report of `finetune evaluate`: one measured set, no training curves or suspects."""
+    m = report.measured
+    summary = [("model", str(model.path)), ("data", report.data), ("classes", f"{len(report.classes)}: {', '.join(report.classes)}"),
+               ("arch", str(model.meta.get("arch"))), ("image size", f"{model.preprocessing.img_size} px"),
+               ("images", f"{report.num_images:,}"), ("accuracy", f"{report.accuracy:.4f}"),
+               ("test-time augmentation", "on" if report.tta else "off")]
+    counts = {"images": count_per_class_labels(m.labels, len(report.classes))} if m is not None else {}
+    note = ("Not computed by evaluate: suspected label errors come from a training run's cross-validated heads "
+            "(see report.html and suspects.csv in the run folder).")
+    return ReportContent(title=f"finetune evaluate: {report.data}", classes=report.classes, summary=summary,
+                         sets=[m] if m is not None else [], class_counts=counts, suspects=None, suspects_note=note,
+                         skipped=report.skipped, settings=_flat(model.meta))
+
+
+def write_evaluation_report(path: Path, report: EvaluationReport, model: LoadedModel, max_pixels: int) -> dict:
+    """`evaluate --report FILE`: the HTML report of this evaluation (report.write_report's figures)."""
+    from .errors import UsageError
+
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--report {path}: a report is an HTML file; name it .html.")
+    if path.is_dir():
+        raise UsageError(f"--report {path} is a folder; give a file name ending in .html.")
+    try:
+        return write_report(path, evaluation_content(report, model), max_pixels)
+    except OSError as e:
+        raise UsageError(f"--report {path}: cannot write it ({e.strerror or e}). Pass a writable location.") from None
+
+
+def count_per_class_labels(labels: list[int], num_classes: int) -> list[int]:
+    return torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_classes).tolist() if labels else [0] * num_classes
+
+
+def _flat(meta: dict) -> dict:
+    """The model file's metadata as key/value rows (nested dicts spelt out one level down)."""
+    rows = {}
+    for k, v in meta.items():
+        if isinstance(v, dict):
+            rows.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            rows[k] = v
+    return rows

@@ -1,0 +1,141 @@
+"""Suspected label errors in the training set, of two kinds.
+
+- Another class: each training image gets an out-of-fold probability for every class (heads
+  trained on the cached backbone features of the other folds judge it, so its own label
+  cannot have taught them the answer). It is a suspect when another class is as probable for
+  it as that class's own images typically find themselves to be (the per-class thresholds of
+  confident learning, Northcutt et al., 2021) and more probable than its given label.
+- No class: the images least like any other training image (the lowest mean similarity to
+  their nearest neighbours in feature space), a fixed small share of the set: a placeholder
+  picture, a document scanned into a folder of photos, which a head may still file confidently
+  under some class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FOLDS = 5
+MIN_PER_CLASS = 2  # fewer images in a class, and a fold's head may never see it: no suspects then
+OUTLIER_SHARE = 0.01  # the share of training images listed as unlike the others (rounded up)
+NEIGHBOURS = 5
+MAX_REFERENCES = 10_000  # neighbours are looked for among at most this many images: the cost stays O(n)
+
+
+@dataclass(frozen=True)
+class Suspect:
+    index: int  # of the training image
+    suggested: int | None  # the class it looks like; None: unlike every training image
+    probability: float  # the out-of-fold probability of its given label
+
+
+def fold_of_each(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """A fold number per image, stratified: each class is dealt round the folds in a seeded order."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(len(labels), dtype=torch.long)
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        out[members] = torch.arange(len(members)) % folds
+    return out
+
+
+def standardising(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std per feature, the variance floored at 1% of the average one (as recipe.norm_statistics):
+    a feature nearly constant on these images must not blow up on others."""
+    mean, var = x.mean(0), x.var(0)
+    return mean, (var + 0.01 * var.mean() + 1e-12).sqrt()
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A multinomial logistic regression on standardised features, fitted by L-BFGS: its (weight, bias).
+    Started at zero, not at random: the run's random numbers are left as they were."""
+    weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=100, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(F.linear(x, weight, bias), y) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def out_of_fold_probabilities(features: torch.Tensor, labels: torch.Tensor, num_classes: int, folds: int = FOLDS,
+                              seed: int = 0) -> torch.Tensor:
+    """[images, classes]: each image's class probabilities from a head that never saw it."""
+    x = features.float()
+    fold = fold_of_each(labels, folds, seed)
+    probs = torch.empty(len(labels), num_classes)
+    for k in range(folds):
+        held = fold == k
+        if not held.any():
+            continue
+        fit_x = x[~held]
+        mean, std = standardising(fit_x)
+        with torch.enable_grad():
+            weight, bias = fit_linear((fit_x - mean) / std, labels[~held], num_classes)
+        probs[held] = F.linear((x[held] - mean) / std, weight, bias).softmax(1)
+    return probs
+
+
+def label_issues(probs: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, int, float]]:
+    """(image index, suggested class, probability of the given label), most suspicious first."""
+    num_classes = probs.shape[1]
+    # What the heads typically give a class on its own images: another class's image reaching it is suspicious.
+    thresholds = torch.stack([probs[labels == c, c].mean() if (labels == c).any() else torch.tensor(1.0)
+                              for c in range(num_classes)])
+    confident = probs >= thresholds  # [images, classes]
+    candidates = torch.where(confident, probs, torch.full_like(probs, -1.0))
+    suggested = candidates.argmax(1)
+    given_p = probs[torch.arange(len(labels)), labels]
+    flagged = confident.any(1) & (suggested != labels) & (probs[torch.arange(len(labels)), suggested] > given_p)
+    order = sorted(flagged.nonzero().flatten().tolist(), key=lambda i: float(given_p[i]))
+    return [(i, int(suggested[i]), float(given_p[i])) for i in order]
+
+
+def typicality(features: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Each image's mean cosine similarity (standardised features) to its NEIGHBOURS nearest
+    other images, among at most MAX_REFERENCES of them."""
+    f = features.float()
+    mean, std = standardising(f)
+    f = F.normalize((f - mean) / std, dim=1)
+    refs = torch.randperm(len(f), generator=torch.Generator().manual_seed(seed))[:MAX_REFERENCES].sort().values
+    k = min(NEIGHBOURS, len(refs) - 1)
+    out = torch.empty(len(f))
+    for start in range(0, len(f), 2048):
+        sim = f[start:start + 2048] @ f[refs].T
+        rows = torch.arange(start, min(start + 2048, len(f)))
+        sim[rows[:, None] == refs[None, :]] = -2.0  # an image is not its own neighbour
+        out[rows] = sim.topk(k, 1).values.mean(1)
+    return out
+
+
+def least_typical(features: torch.Tensor, seed: int = 0) -> list[int]:
+    """The OUTLIER_SHARE of images (at least one) least like the others, least typical first."""
+    count = math.ceil(OUTLIER_SHARE * len(features))
+    return typicality(features, seed).argsort()[:count].tolist()
+
+
+def find_suspects(features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0,
+                  final: torch.Tensor | None = None) -> list[Suspect] | None:
+    """The suspected label errors among training images: those another class claims (label_issues
+    on `features`, what the head reads), then those unlike the rest (least_typical on `final`,
+    the backbone's final features; default `features`). None when a class has too few images to
+    cross-validate."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    if len(labels) < FOLDS or int(counts.min()) < MIN_PER_CLASS:
+        return None
+    probs = out_of_fold_probabilities(features, labels, num_classes, min(FOLDS, int(counts.min())), seed)
+    claimed = [Suspect(i, j, p) for i, j, p in label_issues(probs, labels)]
+    seen = {s.index for s in claimed}
+    unlike = [Suspect(i, None, float(probs[i, labels[i]])) for i in least_typical(features if final is None else final, seed)
+              if i not in seen]
+    return claimed + unlike

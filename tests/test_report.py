@@ -1,0 +1,176 @@
+"""The HTML report (report.html, evaluate --report), calibration figures and suspected label errors."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.metrics import calibration, classification_report
+from finetune.report import Measured, ReportContent, write_report
+from finetune.suspects import find_suspects, fold_of_each
+
+from conftest import CLASS_COLOURS, FAST_TRAIN_ARGS, make_image, make_train_val
+
+runner = CliRunner()
+SECTIONS = ("summary", "curves", "confusion", "per-class", "top-losses", "suspects", "calibration", "skipped", "settings")
+
+
+class Parsed(HTMLParser):
+    """Every id, link, image source and external reference of a page."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.ids, self.links, self.images, self.tags = set(), [], [], []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append(tag)
+        if "id" in a:
+            self.ids.add(a["id"])
+        if tag == "a" and "href" in a:
+            self.links.append(a["href"])
+        if tag == "img":
+            self.images.append(a.get("src", ""))
+
+
+def check_self_contained(html: str) -> Parsed:
+    """Every section present, every image decodes, every link target exists, nothing fetched from elsewhere."""
+    page = Parsed(html)
+    for link in page.links:
+        assert link.startswith("#") and link[1:] in page.ids, link
+    for src in page.images:
+        head, _, data = src.partition(",")
+        assert head in ("data:image/jpeg;base64", "data:image/png;base64"), src[:40]
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            im.load()
+    assert not {"script", "link", "iframe", "object", "embed"} & set(page.tags)
+    style = html.split("<style>")[1].split("</style>")[0]
+    assert "@import" not in style and "url(" not in style and not re.search(r"""(src|href)=["']?(https?:|//)""", html)
+    return page
+
+
+def test_calibration_of_known_probabilities():
+    # Four images at confidence 0.9, half of them right: every bit of confidence above 0.5 is a miscalibration.
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    cal = calibration(probs, [0, 1, 1, 0])
+    assert cal["ece"] == pytest.approx(0.4)
+    assert [(b["count"], b["accuracy"]) for b in cal["bins"]] == [(4, 0.5)] and cal["bins"][0]["lower"] < 0.9 <= cal["bins"][0]["upper"]
+    assert calibration(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), [0, 1])["ece"] == pytest.approx(0.0)
+
+
+def test_figures_are_not_rounded():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    report = classification_report(["a", "b", "c"], [0, 1, 1], probs, ["x", "y"])
+    assert report["accuracy"] == 2 / 3 and report["per_class"]["y"]["recall"] == 0.5
+    assert report["per_class"]["x"]["precision"] == 0.5 and report["top_losses"][0]["score"] == pytest.approx(0.6)
+
+
+def test_folds_are_stratified():
+    labels = torch.tensor([0] * 10 + [1] * 5)
+    fold = fold_of_each(labels, 5, seed=0)
+    for k in range(5):
+        assert ((fold == k) & (labels == 0)).sum() == 2 and ((fold == k) & (labels == 1)).sum() == 1
+
+
+def test_flipped_labels_are_the_suspects():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 32, generator=g) * 3
+    labels = torch.arange(3).repeat_interleave(40)
+    features = centres[labels] + torch.randn(120, 32, generator=g)
+    given = labels.clone()
+    flipped = [3, 50, 95]
+    given[flipped] = torch.tensor([1, 2, 0])
+    features[7] = torch.randn(32, generator=g) * 12  # like nothing else
+    found = find_suspects(features, given, 3)
+    claimed = {s.index: s.suggested for s in found if s.suggested is not None}
+    assert claimed == {3: 0, 50: 1, 95: 2}  # the class each image really is
+    assert all(s.probability < 0.5 for s in found if s.suggested is not None)
+    unlike = [s.index for s in found if s.suggested is None]
+    assert len(unlike) == 2 - (unlike[0] in claimed) and unlike[0] == 7  # 1% of 120, rounded up, least typical first
+    assert find_suspects(features[:7], given[:7], 3) is None  # too few per class to cross-validate
+
+
+def test_report_of_a_run_is_self_contained_and_complete(tmp_path):
+    data = make_train_val(tmp_path / "data", n_train=8)
+    # A red (cat) image filed under dog: the training set's label error; and a file that is no image.
+    make_image(data / "train" / "dog" / "really_a_cat.jpg", CLASS_COLOURS["cat"], seed=9999)
+    (data / "val" / "fox" / "notes.jpg").write_text("not an image")
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "runs"), "--json", *FAST_TRAIN_ARGS])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    run_dir = Path(summary["run_dir"])
+    html = (run_dir / "report.html").read_text("utf-8")
+    page = check_self_contained(html)
+    assert set(SECTIONS) <= page.ids
+    assert html.index('id="summary"') < html.index('id="curves"') < html.index('id="confusion"') < html.index('id="settings"')
+    assert "notes.jpg" in html  # the skipped file, with why
+    assert summary["report"]["path"] == str(run_dir / "report.html") and summary["report"]["bytes"] == len(html.encode())
+    with open(run_dir / "suspects.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and rows[0]["path"].endswith("really_a_cat.jpg") and rows[0]["given"] == "dog" and rows[0]["suggested"] == "cat"
+    assert "really_a_cat.jpg" in html.split('id="suspects"')[1].split('id="calibration"')[0]
+    assert summary["suspects"]["count"] == len(rows)
+    assert 0 <= summary["val"]["calibration"]["ece"] <= 1 and summary["val"]["accuracy"] == summary["best_val_acc"]
+    assert f"report: {run_dir / 'report.html'}" not in result.stdout  # --json: one JSON object only
+
+
+def test_off_diagonal_cells_link_to_their_images(tmp_path):
+    paths = [str(make_image(tmp_path / f"im{i}.png", (i * 40, 0, 0))) for i in range(4)]
+    probs = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.4, 0.6], [0.2, 0.8]])  # true 0,0,1,1: image 1 is a mistake
+    (tmp_path / "im3.png").unlink()  # gone since: the report says so instead of failing
+    content = ReportContent("t", ["a", "b"], [("data", "x")], [Measured("test set", paths, [0, 0, 1, 1], probs)])
+    out = write_report(tmp_path / "sub" / "r.html", content, 10**8)
+    html = (tmp_path / "sub" / "r.html").read_text()
+    page = check_self_contained(html)
+    assert "#test-set-true0-pred1" in page.links and "test-set-true0-pred1" in page.ids
+    cell = html.split('id="test-set-true0-pred1"')[1].split("</div>\n</div>")[0]
+    assert "im1.png" in cell and "im0.png" not in cell
+    assert "cannot read" in html and out["bytes"] == len(html.encode())
+
+
+def test_the_report_leaves_the_plotting_backend_alone(tmp_path):
+    code = ("import matplotlib, sys, torch; matplotlib.use('svg'); from finetune.report import *; "
+            "c = ReportContent('t', ['a', 'b'], [], [Measured('v', [], [], torch.empty(0, 2))]); "
+            f"write_report(__import__('pathlib').Path({str(tmp_path / 'r.html')!r}), c, 1); "
+            "from finetune.plots import confusion_figure, png_bytes; png_bytes(confusion_figure([[1, 0], [0, 1]], ['a', 'b'])); "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); assert 'matplotlib.pyplot' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "r.html").is_file()
+
+
+def test_evaluate_writes_a_report(trained_run, tmp_path):
+    target = tmp_path / "out" / "val.html"
+    result = runner.invoke(app, ["evaluate", str(trained_run["data"]), "--model", trained_run["summary"]["run_dir"],
+                                 "--report", str(target), "--json", "--workers", "0"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["report"]["path"] == str(target) and f"report: {target}" in result.stderr
+    page = check_self_contained(target.read_text())
+    assert set(SECTIONS) - {"curves"} <= page.ids
+    bad = runner.invoke(app, ["evaluate", str(trained_run["data"]), "--model", trained_run["summary"]["run_dir"],
+                              "--report", str(tmp_path / "val.txt")])
+    assert bad.exit_code != 0 and "name it .html" in bad.stderr and bad.stdout == ""
+
+
+def test_looking_for_suspects_leaves_the_random_numbers_alone():
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    labels = torch.arange(2).repeat(10)
+    find_suspects(torch.randn(20, 8, generator=torch.Generator().manual_seed(1)), labels, 2)
+    assert torch.equal(torch.rand(4), expected)
