@@ -24,6 +24,18 @@ class LoadedModel:
     path: Path
     model: torch.nn.Module
     meta: dict
+    distance: object = None  # calibration.FeatureDistance of the unknown rule; None in files from before it
+
+    @property
+    def temperature(self) -> float:
+        """What the logits are divided by before the softmax (1.0 in files from before calibration)."""
+        return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+
+    @property
+    def distance_threshold(self) -> float | None:
+        """Beyond this distance from the training images, an image is unknown (None: no rule in the file)."""
+        rule = self.meta.get("unknown") or {}
+        return float(rule["threshold"]) if self.distance is not None and rule.get("threshold") is not None else None
 
     @property
     def classes(self) -> list[str]:
@@ -78,9 +90,15 @@ def read_model_file(path: Path) -> LoadedModel:
         rows = "no head" if head is None else f"a head for {head.shape[0]} classes"
         raise ModelFileError(f"{path}: metadata lists {len(classes)} classes but the tensors hold {rows}; the file was damaged or edited.")
     multi_layer = bool((meta.get("features") or {}).get("multi_layer", False))  # absent in older files
+    from .calibration import FeatureDistance
+
+    try:
+        distance = FeatureDistance.from_tensors({k: state.pop(k) for k in [k for k in state if k.startswith("distance.")]})
+    except ValueError as e:
+        raise ModelFileError(f"{path}: the unknown rule's tensors are damaged ({e}); the file was damaged or edited.") from None
     model = model_from_state(arch, len(classes), state, path, multi_layer)
     model.eval()
-    return LoadedModel(path, model, meta)
+    return LoadedModel(path, model, meta, distance)
 
 
 def newest_model(runs_dir: Path) -> Path:

@@ -112,6 +112,9 @@ class PredictConfig:
     workers: int | None = None
     max_pixels: int = MAX_PIXELS
     tta: bool = False  # average with the horizontally flipped image
+    unknown: bool = True  # answer "unknown" (label null) for images unlike every class (calibration.py)
+    max_distance: float | None = None  # the unknown rule's threshold; None: the model's own
+    min_score: float | None = None  # also unknown when the top (calibrated) probability is below this
     # evaluate: how DATA is read, as for training
     layout: str = "auto"
     labels: Path | None = None
@@ -123,6 +126,8 @@ class PredictConfig:
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})."),
             (self.workers is None or self.workers >= 0, f"--workers must be 0 or more (got {self.workers})."),
             (self.max_pixels >= 1, f"--max-pixels must be positive (got {self.max_pixels})."),
+            (self.min_score is None or 0 <= self.min_score <= 1, f"--min-score must be between 0 and 1 (got {self.min_score})."),
+            (self.max_distance is None or self.max_distance > 0, f"--max-distance must be positive (got {self.max_distance})."),
         ])
         return self
 

@@ -10,7 +10,7 @@ from .config import PredictConfig
 from .data import Sample
 from .errors import DataError
 from .layout import find_layout, sub_folders
-from .prediction import iter_probabilities
+from .prediction import Answer, is_unknown, iter_answers
 from .progress import Reporter
 from .records import EvaluationReport
 from .metrics import classification_report
@@ -86,15 +86,28 @@ def measure(model: LoadedModel, samples: list[Sample], cfg: PredictConfig, repor
 
     skipped = list(skipped or [])
     paths = [s.path for s in samples]
-    kept_paths, kept_labels, probs = [], [], []
-    for sample, (p, reason) in zip(samples, iter_probabilities(paths, model, cfg, reporter)):
+    kept_paths, kept_labels, answers = [], [], []
+    for sample, (answer, reason) in zip(samples, iter_answers(paths, model, cfg, reporter)):
         if reason is not None:
             skipped.append({"path": str(sample.path), "reason": reason})
             continue
         kept_paths.append(str(sample.path))
         kept_labels.append(sample.label)
-        probs.append(p)
-    stacked = torch.stack(probs) if probs else torch.empty(0, len(model.classes))
+        answers.append(answer)
+    stacked = torch.stack([a.probs for a in answers]) if answers else torch.empty(0, len(model.classes))
     metrics = classification_report(kept_paths, kept_labels, stacked, model.classes)
+    distance = torch.tensor([a.distance for a in answers]) if answers and answers[0].distance is not None else None
     return EvaluationReport(model=str(model.path), data=source, **metrics, skipped=skipped, tta=cfg.tta,
-                            measured=Measured(source, kept_paths, kept_labels, stacked))
+                            temperature=model.temperature, unknown=unknown_figures(answers, kept_labels, model, cfg),
+                            measured=Measured(source, kept_paths, kept_labels, stacked, distance))
+
+
+def unknown_figures(answers: list[Answer], labels: list[int], model: LoadedModel, cfg: PredictConfig) -> dict:
+    """What the unknown rule would do on these labelled images: how many it flags, and the
+    accuracy on the ones it accepts (coverage = accepted / all)."""
+    flagged = [is_unknown(a, model, cfg) for a in answers]
+    accepted = [int(a.probs.argmax()) == y for a, y, f in zip(answers, labels, flagged) if not f]
+    threshold = cfg.max_distance if cfg.max_distance is not None else model.distance_threshold
+    return {"rule": "off" if not cfg.unknown else {"max_distance": threshold, "min_score": cfg.min_score},
+            "flagged": sum(flagged), "coverage": len(accepted) / len(answers) if answers else None,
+            "accuracy_on_accepted": sum(accepted) / len(accepted) if accepted else None}

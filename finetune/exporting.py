@@ -19,15 +19,17 @@ TOLERANCE = 1e-4
 
 
 class ProbabilityModel(nn.Module):
-    """float32 NCHW RGB in 0..1 -> softmax probabilities; normalisation is inside the graph."""
+    """float32 NCHW RGB in 0..1 -> calibrated softmax probabilities; normalisation and the
+    model's temperature are inside the graph, so an exported model gives predict's numbers."""
 
-    def __init__(self, classifier: nn.Module):
+    def __init__(self, classifier: nn.Module, temperature: float = 1.0):
         super().__init__()
         self.classifier = classifier
+        self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Called piecewise, not through Classifier.forward, to keep autocast out of the graph.
-        return torch.softmax(self.classifier.head(self.classifier.features(x)), dim=1)
+        return torch.softmax(self.classifier.head(self.classifier.features(x)) / self.temperature, dim=1)
 
 
 @dataclass
@@ -63,7 +65,8 @@ def sidecar_dict(loaded: LoadedModel, fmt: str, max_abs_diff: float) -> dict:
         "format": fmt, "arch": loaded.meta["arch"], "classes": loaded.classes,
         "resize": pp.resize, "input_size": [pp.img_size, pp.img_size], "mean": list(pp.mean), "std": list(pp.std),
         "input": "float32 NCHW RGB in 0..1, dynamic batch; resize the shorter side to `resize` (bilinear), centre-crop `input_size`",
-        "output": "softmax probabilities over `classes`; mean/std normalisation is inside the graph",
+        "output": "softmax probabilities over `classes`, calibrated (logits / `temperature`); mean/std normalisation is inside the graph",
+        "temperature": loaded.temperature,
         "max_abs_diff_vs_pytorch": max_abs_diff, "source_model": str(loaded.path),
     }
 
@@ -76,7 +79,7 @@ def export(loaded: LoadedModel, fmt: str = "onnx", out: Path | str | None = None
     out = Path(out) if out is not None else default_output(loaded.path, fmt)
     if out.resolve() == loaded.path.resolve():
         raise UsageError(f"--out {out} would overwrite the model file; choose another path.")
-    wrapper = ProbabilityModel(loaded.model.float().cpu().eval()).eval()
+    wrapper = ProbabilityModel(loaded.model.float().cpu().eval(), loaded.temperature).eval()
     size = loaded.preprocessing.img_size
     images = check_images(size)
     with torch.no_grad():

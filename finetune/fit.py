@@ -52,16 +52,26 @@ class Run:
     feature_pass: dict | None = None  # what computing the features took: image views, seconds (this process)
     suspects: list[dict] | None = None  # suspected label errors in train (run_report.training_suspects); None: not computed
     suspects_note: str = "Not computed: the run was resumed after its head stage, whose features it no longer holds."
+    frozen_features: tuple | None = None  # the frozen backbone's features (every stage): train, val, val positions (training.frozen_sample)
+    calibration: dict | None = None  # the model file's temperature and ECE (calibration.calibrate), once fitted
+    unknown: dict | None = None  # the model file's unknown rule
+    distance: object = None  # calibration.FeatureDistance: the unknown rule's tensors
+    val_distance: torch.Tensor | None = None  # each val image's distance from the training images
 
     def __post_init__(self) -> None:
         self.early = EarlyStopping(self.cfg.patience)
 
-    def save_best(self) -> Path | None:
+    def save_best(self, force: bool = False) -> Path | None:
+        """The model file of the best epoch (with its calibration once fitted); `force`: written even
+        when that epoch's file is already there."""
         meta = model_metadata(self.cfg.arch, self.split.classes, self.pp,
                               {k: v for k, v in self.cfg.to_json_dict().items() if k != "resume"},
                               {"epoch": self.best.epoch, "val_acc": self.best.acc, "val_loss": self.best.loss},
                               len(self.split.train), len(self.split.val), self.model.multi_layer)
-        return self.folder.save_model(self.best, meta)
+        if self.calibration is not None:
+            meta.update(calibration=self.calibration, unknown=self.unknown)
+        extra = self.distance.tensors() if self.distance is not None else {}
+        return self.folder.save_model(self.best, meta, extra, force)
 
     def resume_state(self, stage, epoch: int, optimizer, schedule) -> ResumeState:
         """The state after `epoch` epochs of `stage` (a stages.HeadStage or FinetuneStage)."""
@@ -70,7 +80,7 @@ class Run:
         return ResumeState(
             stage=stage.kind, epoch=epoch, history=self.history, trainable=trained, optimizer=optimizer.state_dict(),
             schedule=schedule.state_dict(), best_acc=self.best.acc, best_loss=self.best.loss, best_epoch=self.best.epoch,
-            best_trainable=best, best_val_probs=self.best.val_probs, rng=rng_state(stage.generator),
+            best_trainable=best, best_val_logits=self.best.val_logits, rng=rng_state(stage.generator),
             skipped=self.split.skipped, num_train=len(self.split.train), num_val=len(self.split.val),
             classes=self.split.classes, stopped_stage=self.early.stopped_stage, files_digest=self.files_digest,
             head_choice=self.head_choice, candidates=self.candidates, learning_curve=self.learning_curve,
@@ -80,7 +90,7 @@ class Run:
         """Progress and weights as they were after the state's epoch."""
         self.history = list(state.history)
         self.best.acc, self.best.loss, self.best.epoch = state.best_acc, state.best_loss, state.best_epoch
-        self.best.val_probs = state.best_val_probs
+        self.best.val_logits = state.best_val_logits
         self.early.stopped_stage = state.stopped_stage
         # States written before heads were chosen had the final features of `views` views.
         self.head_choice = state.head_choice or HeadChoice(self.cfg.views or 4, False)
@@ -101,9 +111,9 @@ class Run:
         """Give every rank rank 0's progress (after a stage that only rank 0 ran)."""
         if not d.active:
             return
-        mine = (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_probs, self.early.stopped_stage,
+        mine = (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_logits, self.early.stopped_stage,
                 self.head_choice, {k: v.cpu() for k, v in self.best.state.items()}) if d.is_main else None
-        (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_probs, self.early.stopped_stage,
+        (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_logits, self.early.stopped_stage,
          self.head_choice, state) = d.broadcast(mine)
         self.model.use_features(self.head_choice.multi_layer)
         device = next(self.model.parameters()).device
@@ -203,7 +213,7 @@ def end_epoch(stage, run: Run, epoch: int, first_epoch_of_stage: int, optimizer,
     )
     run.history.append(record)
     run.reporter.epoch(record)
-    if run.best.offer(record, run.model, val_logits.float().softmax(1)) and not stage.best_in_state:
+    if run.best.offer(record, run.model, val_logits) and not stage.best_in_state:
         run.save_best()  # the state file below may point at it, so it goes first
     stop = run.early.should_stop(stage.kind, len(run.history), run.best.epoch, first_epoch_of_stage)
     if stop:

@@ -203,6 +203,14 @@ class Classifier(nn.Module):
         with torch.autocast(device_type=features.device.type, enabled=False):
             return self.head(features.float())
 
+    def logits_and_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """[images, classes + all_dim]: the logits, then every stage's pooled features (what the
+        unknown rule reads, calibration.FeatureDistance), from one pass."""
+        stages = self.all_stage_features(x)
+        features = self.feature_norm(stages if self.multi_layer else stages[:, -self.final_dim:])
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return torch.cat([self.head(features.float()), stages.float()], 1)
+
 
 def build_classifier(spec: ArchSpec, num_classes: int, backbone_state: dict | None = None, multi_layer: bool = False) -> Classifier:
     backbone = spec.build_backbone()

@@ -79,6 +79,31 @@ def reliability_figure(calibration: dict, title: str = "reliability"):
     return fig
 
 
+def coverage_figure(distance, correct, threshold: float | None, title: str = "coverage"):
+    """Accuracy on the images kept against the share kept, as the distance threshold of the
+    unknown rule falls; a dot where the model's threshold is."""
+    from matplotlib.figure import Figure
+
+    order = distance.argsort()
+    right = correct.float()[order].cumsum(0)
+    kept = right.new_tensor(range(1, len(order) + 1))
+    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    ax = fig.subplots()
+    ax.plot((kept / len(order)).tolist(), (right / kept).tolist(), label="accuracy on the kept images")
+    if threshold is not None:
+        n = int((distance <= threshold).sum())
+        if n:
+            ax.plot([n / len(order)], [float(right[n - 1] / n)], "o", color="tab:red", label=f"the model's threshold ({threshold:.2f})")
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("share of images kept (coverage)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

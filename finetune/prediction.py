@@ -23,15 +23,37 @@ GLOB_CHARS = set("*?[")
 @dataclass
 class Prediction:
     path: str
-    label: str | None = None
-    score: float | None = None
+    label: str | None = None  # None when the image is unknown (or could not be read)
+    score: float | None = None  # the calibrated probability of the most likely class
     top_k: list[dict] = field(default_factory=list)
     error: str | None = None
+    unknown: bool = False  # unlike every class: beyond the model's distance threshold, or under --min-score
+    distance: float | None = None  # from the training images (calibration.FeatureDistance); None for older model files
 
     def to_json_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "label": self.label, "score": self.score, "top_k": self.top_k}
+        return {"path": self.path, "label": self.label, "score": self.score, "top_k": self.top_k, "unknown": self.unknown,
+                "distance": self.distance}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One image's answer from the model: calibrated probabilities, and its distance from the training images."""
+
+    probs: torch.Tensor
+    distance: float | None
+
+
+def is_unknown(answer: Answer, loaded: LoadedModel, cfg: PredictConfig) -> bool:
+    """Whether to answer "unknown": a distance over the threshold (cfg.max_distance, else the
+    model's), or a top probability under cfg.min_score; never with cfg.unknown off."""
+    if not cfg.unknown:
+        return False
+    threshold = cfg.max_distance if cfg.max_distance is not None else loaded.distance_threshold
+    if threshold is not None and answer.distance is not None and answer.distance > threshold:
+        return True
+    return cfg.min_score is not None and float(answer.probs.max()) < cfg.min_score
 
 
 @dataclass
@@ -67,18 +89,20 @@ def read_path_list(lines: Iterable[str]) -> list[str]:
     return [line.rstrip("\r\n") for line in lines if line.strip()]
 
 
-def iter_probabilities(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig,
-                       reporter: Reporter | None = None) -> Iterator[tuple[torch.Tensor | None, str | None]]:
-    """For each path, in order: (class probabilities, None), or (None, reason) when it cannot be read.
+def iter_answers(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig,
+                 reporter: Reporter | None = None) -> Iterator[tuple[Answer | None, str | None]]:
+    """For each path, in order: (Answer, None), or (None, reason) when it cannot be read.
 
-    Batched; images are decoded in loader workers while the model computes. With
-    `cfg.tta` the probabilities are averaged with those of the horizontally flipped image.
+    Batched; images are decoded in loader workers while the model computes. Probabilities are
+    the softmax of the logits divided by the model's temperature. With `cfg.tta` they are
+    averaged with those of the horizontally flipped image.
     """
     reporter = reporter or Reporter()
     cfg = cfg.checked()
     device = pick_device(cfg.device)
     amp = autocast_dtype(device)
     model = loaded.model.to(device).to(memory_format=torch.channels_last).eval()
+    n, temperature, distance = len(loaded.classes), loaded.temperature, loaded.distance
     dataset = ImageFileDataset(paths, loaded.preprocessing, cfg.max_pixels)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
     reporter.start("Predicting", len(paths))
@@ -88,10 +112,12 @@ def iter_probabilities(paths: list[Path], loaded: LoadedModel, cfg: PredictConfi
             if batch is not None:
                 x = to_model_input(batch[:, 0], device)
                 with autocast(device, amp):
-                    probs = forward_in_chunks(model, x, device).float().softmax(1)
+                    out = forward_in_chunks(model.logits_and_stages, x, device).float()
+                    probs = (out[:, :n] / temperature).softmax(1)
                     if cfg.tta:
-                        probs = (probs + forward_in_chunks(model, x.flip(-1), device).float().softmax(1)) / 2
-                by_index.update({i: (p, None) for i, p in zip(indices, probs.cpu())})
+                        probs = (probs + (forward_in_chunks(model, x.flip(-1), device).float() / temperature).softmax(1)) / 2
+                far = distance(out[:, n:]).tolist() if distance is not None else [None] * len(probs)
+                by_index.update({i: (Answer(p, f), None) for i, p, f in zip(indices, probs.cpu(), far)})
             for i in sorted(by_index):  # the loader keeps order; failures sit among their batch
                 yield by_index[i]
             reporter.advance(len(by_index))
@@ -112,17 +138,20 @@ def predict(model: LoadedModel, inputs: Iterable[str | Path], cfg: PredictConfig
     classes = model.classes
     k = min(cfg.top_k, len(classes))
     readable = [Path(item.path) for item in items if item.error is None]
-    results = iter_probabilities(readable, model, cfg, reporter)
+    results = iter_answers(readable, model, cfg, reporter)
     for item in items:
         if item.error is not None:
             yield Prediction(item.path, error=item.error)
             continue
-        probs, reason = next(results)
+        answer, reason = next(results)
         if reason is not None:
             yield Prediction(item.path, error=reason)
             continue
-        scores, labels = probs.topk(k)
+        scores, labels = answer.probs.topk(k)
         top = [{"label": classes[c], "score": round(s, 6)} for s, c in zip(scores.tolist(), labels.tolist())]
-        yield Prediction(item.path, top[0]["label"], top[0]["score"], top)
+        unknown = is_unknown(answer, model, cfg)
+        distance = round(answer.distance, 6) if answer.distance is not None else None
+        yield Prediction(item.path, None if unknown else top[0]["label"], top[0]["score"], top, unknown=unknown,
+                         distance=distance)
     for _ in results:  # let the loader finish (and the progress bar close)
         pass

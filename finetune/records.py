@@ -95,13 +95,15 @@ class TrainResult:
     val: dict | None = None  # the best epoch on val: accuracy, per-class figures, confusion matrix, calibration
     suspects: dict | None = None  # suspected label errors in train: how many, the CSV listing them (or why none)
     report: dict | None = None  # report.html: path, bytes, seconds to write
+    calibration: dict | None = None  # the temperature and ECE before/after on val (and test)
+    unknown: dict | None = None  # the unknown rule stored in the model: threshold, share of val flagged
 
     def to_json_dict(self) -> dict:
         """The `--json` object and results.json (the history is in metrics.csv)."""
         d = {k: getattr(self, k) for k in ("best_val_acc", "best_epoch", "epochs", "classes", "num_train", "num_val",
                                             "num_test", "test_acc", "test", "skipped", "device", "seconds", "arch",
                                             "img_size", "weights", "layout", "read_as", "class_counts", "imbalanced",
-                                            "leakage", "recipe", "feature_cache", "val", "suspects", "report",
+                                            "leakage", "recipe", "feature_cache", "val", "calibration", "unknown", "suspects", "report",
                                             "stopped_early", "plots")}
         return {"run_dir": str(self.run_dir), "model": str(self.model), **d}
 
@@ -122,6 +124,8 @@ class EvaluationReport:
     calibration: dict = field(default_factory=dict)  # metrics.calibration: ECE and the reliability diagram's bins
     skipped: list[dict] = field(default_factory=list)  # {path, reason}
     tta: bool = False
+    temperature: float = 1.0  # the model's calibration: probabilities are softmax(logits / temperature)
+    unknown: dict | None = None  # the unknown rule on these images: flagged, coverage, accuracy on the accepted ones
     measured: object = field(default=None, repr=False, compare=False)  # report.Measured: every image's probabilities
     report: dict | None = None  # where the HTML report went, its size and writing time (evaluate --report)
 
@@ -130,4 +134,4 @@ class EvaluationReport:
 
     def summary(self) -> dict:
         """The figures without the per-image lists (for a training run's results)."""
-        return {k: getattr(self, k) for k in ("accuracy", "num_images", "per_class", "confusion_matrix", "calibration")}
+        return {k: getattr(self, k) for k in ("accuracy", "num_images", "per_class", "confusion_matrix", "calibration", "unknown")}

@@ -20,8 +20,8 @@ import torch
 
 from .files import atomic_write_text
 from .images import load_rgb
-from .metrics import ECE_BINS, classification_report, top_losses
-from .plots import confusion_figure, curves_figure, png_bytes, reliability_figure
+from .metrics import ECE_BINS, calibration, classification_report, top_losses
+from .plots import confusion_figure, coverage_figure, curves_figure, png_bytes, reliability_figure
 from .records import EpochRecord
 
 THUMB_SIDE = 128  # px, the longer side of a thumbnail
@@ -39,6 +39,7 @@ class Measured:
     paths: list[str]
     labels: list[int]
     probs: torch.Tensor  # [images, classes]
+    distance: torch.Tensor | None = None  # [images], from the training images (calibration.FeatureDistance), when known
 
 
 @dataclass
@@ -55,6 +56,8 @@ class ReportContent:
     suspects_note: str = ""  # how they were found, or why not
     skipped: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    temperature: float = 1.0  # the model's calibration: the sets' probabilities are softmax(logits / temperature)
+    distance_threshold: float | None = None  # the model's unknown rule
 
 
 def thumbnail_uri(path: str, max_pixels: int) -> str | None:
@@ -85,9 +88,10 @@ class Thumbnails:
         return self.made[path]
 
 
-def set_view(m: Measured, classes: list[str], thumbs: Thumbnails) -> dict:
+def set_view(m: Measured, content: ReportContent, thumbs: Thumbnails) -> dict:
     """What the report shows of one measured set: metrics, the confusion matrix with its cells'
     images, the top losses and calibration."""
+    classes = content.classes
     metrics = classification_report(m.paths, m.labels, m.probs, classes)
     pred = m.probs.argmax(1).tolist() if m.paths else []
     slug = "".join(ch if ch.isalnum() else "-" for ch in m.name.lower()) or "set"
@@ -104,9 +108,20 @@ def set_view(m: Measured, classes: list[str], thumbs: Thumbnails) -> dict:
                           "more": [m.paths[i] for i in members[THUMBS_PER_CELL:]]})
     losses = metrics["top_losses"] = _top_losses(m, classes, thumbs)
     cal = metrics["calibration"]
-    return {"name": m.name, "slug": slug, "metrics": metrics, "cells": cells, "cell_ids": {(c["true"], c["predicted"]): c["id"] for c in cells},
+    before = calibration((m.probs.clamp_min(1e-30).log() * content.temperature).softmax(1), m.labels)["ece"] if m.paths else None
+    return {"ece_before": before, "coverage": coverage_view(m, pred, content.distance_threshold),"name": m.name, "slug": slug, "metrics": metrics, "cells": cells, "cell_ids": {(c["true"], c["predicted"]): c["id"] for c in cells},
             "top_losses": losses, "reliability": png_uri(reliability_figure(cal, m.name)) if cal["bins"] else None,
             "confusion_png": png_uri(confusion_figure(metrics["confusion_matrix"], classes, m.name))}
+
+
+def coverage_view(m: Measured, pred: list[int], threshold: float | None) -> dict | None:
+    """The unknown rule on this set: how many it flags, accuracy on the rest, and the trade-off plot."""
+    if m.distance is None or not m.paths:
+        return None
+    correct = torch.tensor(pred) == torch.tensor(m.labels)
+    kept = m.distance <= threshold if threshold is not None else torch.ones(len(correct), dtype=torch.bool)
+    return {"flagged": int((~kept).sum()), "accuracy_kept": float(correct[kept].float().mean()) if kept.any() else None,
+            "coverage": float(kept.float().mean()), "plot": png_uri(coverage_figure(m.distance, correct, threshold, m.name))}
 
 
 def _top_losses(m: Measured, classes: list[str], thumbs: Thumbnails) -> list[dict]:
@@ -123,7 +138,7 @@ def render(content: ReportContent, max_pixels: int) -> str:
     from jinja2 import Environment, StrictUndefined
 
     thumbs = Thumbnails(max_pixels)
-    sets = [set_view(m, content.classes, thumbs) for m in content.sets]
+    sets = [set_view(m, content, thumbs) for m in content.sets]
     suspects = [{**s, **image_view(s["path"], s["given"], s["suggested"], s["probability"], thumbs)}
                 for s in (content.suspects or [])[:SUSPECTS_SHOWN]]
     env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)

@@ -40,7 +40,7 @@ class ResumeState:
     # The best epoch's weights of the stage when they are not in the model file (the head
     # stage keeps its tiny best head here instead of rewriting the model file every epoch).
     best_trainable: dict[str, torch.Tensor]
-    best_val_probs: torch.Tensor | None  # val probabilities of the best epoch [images, classes]
+    best_val_logits: torch.Tensor | None  # val logits of the best epoch [images, classes]
     rng: dict[str, torch.Tensor]  # "torch", "generator" (the stage's own, if any), "cuda.<i>"
     skipped: list[dict]
     num_train: int
@@ -59,8 +59,8 @@ class ResumeState:
     def save(self, path: Path) -> None:
         tensors = {f"model.{k}": v for k, v in self.trainable.items()}
         tensors.update({f"best.{k}": v for k, v in self.best_trainable.items()})
-        if self.best_val_probs is not None:
-            tensors["best.val_probs"] = self.best_val_probs
+        if self.best_val_logits is not None:
+            tensors["best.val_logits"] = self.best_val_logits
         tensors.update({f"rng.{k}": v for k, v in self.rng.items()})
         for param_id, param_state in self.optimizer["state"].items():  # per-parameter tensors by name
             for name, value in param_state.items():
@@ -93,8 +93,8 @@ class ResumeState:
                 history=[EpochRecord.from_dict(r) for r in info["history"]],
                 trainable=_with_prefix(tensors, "model."), optimizer=optimizer, schedule=info["schedule"],
                 best_acc=best["acc"], best_loss=best["loss"], best_epoch=best["epoch"],
-                best_trainable={k: v for k, v in _with_prefix(tensors, "best.").items() if k not in ("val_pred", "val_probs")},
-                best_val_probs=_val_probs(tensors, len(info["classes"])), rng=_with_prefix(tensors, "rng."),
+                best_trainable={k: v for k, v in _with_prefix(tensors, "best.").items() if k not in ("val_pred", "val_logits")},
+                best_val_logits=_val_logits(tensors, len(info["classes"])), rng=_with_prefix(tensors, "rng."),
                 skipped=info["skipped"], num_train=info["num_train"], num_val=info["num_val"], classes=info["classes"],
                 stopped_stage=Stage(info["stopped_stage"]) if info.get("stopped_stage") else None,
                 files_digest=info.get("files_digest", ""),
@@ -114,12 +114,13 @@ class ResumeState:
                             "so its train/val split would change; start a new run.")
 
 
-def _val_probs(tensors: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor | None:
-    """The best epoch's val probabilities; states written before they were kept had its predictions only."""
-    if "best.val_probs" in tensors:
-        return tensors["best.val_probs"]
+def _val_logits(tensors: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor | None:
+    """The best epoch's val logits; states written before they were kept had its predictions only
+    (read back as logits that put nearly all the probability on the predicted class)."""
+    if "best.val_logits" in tensors:
+        return tensors["best.val_logits"]
     pred = tensors.get("best.val_pred")
-    return torch.nn.functional.one_hot(pred.long(), num_classes).float() if pred is not None else None
+    return 10 * torch.nn.functional.one_hot(pred.long(), num_classes).float() if pred is not None else None
 
 
 def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

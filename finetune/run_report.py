@@ -42,10 +42,14 @@ def training_suspects(features, final_dim: int, choice, paths: list[str], classe
 
 
 def measured_val(run) -> Measured | None:
-    """The best epoch's answers on the val images (a fit.Run)."""
-    if run.best.val_probs is None or len(run.best.val_probs) != len(run.split.val):
+    """The best epoch's answers on the val images (a fit.Run), calibrated as predict gives them."""
+    logits = run.best.val_logits
+    if logits is None or len(logits) != len(run.split.val):
         return None
-    return Measured("val", [str(s.path) for s in run.split.val], [s.label for s in run.split.val], run.best.val_probs)
+    t = run.calibration["temperature"] if run.calibration else 1.0
+    distance = run.val_distance if run.val_distance is not None and len(run.val_distance) == len(logits) else None
+    return Measured("val", [str(s.path) for s in run.split.val], [s.label for s in run.split.val], (logits / t).softmax(1),
+                    distance)
 
 
 def summary_of(m: Measured, classes: list[str]) -> dict:
@@ -77,7 +81,9 @@ def training_content(run, result: TrainResult, sets: list[Measured]) -> ReportCo
     settings = {k: v for k, v in run.cfg.to_json_dict().items() if k != "resume"}
     return ReportContent(title=f"finetune run {run.folder.path.name}", classes=split.classes, summary=summary, sets=sets,
                          class_counts=counts, history=run.history, suspects=run.suspects, suspects_note=run.suspects_note,
-                         skipped=split.skipped, settings=settings)
+                         skipped=split.skipped, settings=settings,
+                         temperature=run.calibration["temperature"] if run.calibration else 1.0,
+                         distance_threshold=run.unknown["threshold"] if run.unknown else None)
 
 
 def evaluation_content(report: EvaluationReport, model: LoadedModel) -> ReportContent:
@@ -92,7 +98,8 @@ def evaluation_content(report: EvaluationReport, model: LoadedModel) -> ReportCo
             "(see report.html and suspects.csv in the run folder).")
     return ReportContent(title=f"finetune evaluate: {report.data}", classes=report.classes, summary=summary,
                          sets=[m] if m is not None else [], class_counts=counts, suspects=None, suspects_note=note,
-                         skipped=report.skipped, settings=_flat(model.meta))
+                         skipped=report.skipped, settings=_flat(model.meta), temperature=model.temperature,
+                         distance_threshold=model.distance_threshold)
 
 
 def write_evaluation_report(path: Path, report: EvaluationReport, model: LoadedModel, max_pixels: int) -> dict:

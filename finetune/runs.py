@@ -71,12 +71,13 @@ class RunFolder:
         self.saved_epoch: int | None = None  # the epoch whose model is in the model file
 
     @_writes
-    def save_model(self, best: BestEpoch, metadata: dict) -> Path | None:
-        """The model file of the best epoch, written only when that epoch changed."""
+    def save_model(self, best: BestEpoch, metadata: dict, extra: dict | None = None, force: bool = False) -> Path | None:
+        """The model file of the best epoch (plus `extra` tensors), written only when that epoch changed
+        or when `force`d."""
         if best.state is None:
             return None
-        if self.saved_epoch != best.epoch:
-            save_model(self.model_path, best.state, metadata)
+        if self.saved_epoch != best.epoch or force:
+            save_model(self.model_path, {**best.state, **(extra or {})}, metadata)
             self.saved_epoch = best.epoch
         return self.model_path
 

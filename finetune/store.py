@@ -129,3 +129,14 @@ def column_statistics(rows: DiskRows) -> tuple[torch.Tensor, torch.Tensor]:
     mean = total / count
     var = (sq - count * mean * mean) / max(1, count - 1)
     return mean.float(), var.clamp_min(0).float()
+
+
+def plain_sample(rows: Rows, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain view (view 0) of at most `limit` items, a seeded sample in item order:
+    (fp16 [m, dim], their positions)."""
+    n = rows.n if isinstance(rows, DiskRows) else len(rows)
+    positions = torch.arange(n) if n <= limit else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    if isinstance(rows, DiskRows):
+        return torch.stack([rows.block(i, i + 1)[0, 0] for i in positions.tolist()]) if n else torch.empty(0, rows.shape[-1]), positions
+    picked = rows[positions]
+    return (picked[:, 0] if picked.dim() == 3 else picked), positions

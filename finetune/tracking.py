@@ -17,19 +17,23 @@ class BestEpoch:
     def __init__(self) -> None:
         self.acc, self.loss, self.epoch = -1.0, math.inf, 0
         self.state: dict[str, torch.Tensor] | None = None
-        self.val_probs: torch.Tensor | None = None  # its probabilities on the val set [images, classes], for the report
+        self.val_logits: torch.Tensor | None = None  # its logits on the val set [images, classes]: the report, calibration
 
     @property
     def val_pred(self) -> torch.Tensor | None:
-        return self.val_probs.argmax(1) if self.val_probs is not None else None
+        return self.val_logits.argmax(1) if self.val_logits is not None else None
 
-    def offer(self, record: EpochRecord, model: torch.nn.Module, val_probs: torch.Tensor) -> bool:
+    @property
+    def val_probs(self) -> torch.Tensor | None:
+        return self.val_logits.softmax(1) if self.val_logits is not None else None
+
+    def offer(self, record: EpochRecord, model: torch.nn.Module, val_logits: torch.Tensor) -> bool:
         """Keep this epoch if it is better; returns whether it was."""
         # Ties on accuracy go to the lower loss: the more confident, better calibrated model.
         if record.val_acc > self.acc or (record.val_acc == self.acc and record.val_loss < self.loss):
             self.acc, self.loss, self.epoch = record.val_acc, record.val_loss, record.epoch
             self.state = copy.deepcopy(model.state_dict())
-            self.val_probs = val_probs.float().cpu()
+            self.val_logits = val_logits.float().cpu()
             return True
         return False
 

@@ -33,8 +33,10 @@ from .recipe import (choose_head, growth_steps, head_features, learning_order, m
                      views_for)
 from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
-from .run_report import measured_val, summary_of, training_content, training_suspects
+from .finish import MAX_FEATURE_IMAGES, finish
+from .run_report import training_suspects
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input
+from .store import plain_sample
 from .scan import count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class, scan_dataset
 from .stages import FinetuneStage, LossFn, head_stage, make_loss
 
@@ -137,6 +139,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         if d.is_main:  # the heads train in seconds: one process does it, the others wait
             if run.head_choice is None:  # (a resumed head stage goes on with the head it had chosen)
                 choose(run, features, loss, device, views)
+            run.frozen_features = frozen_sample(features, cfg.seed)
             run.suspects, run.suspects_note = training_suspects(features, run.model.final_dim, run.head_choice,
                                                                 [str(s.path) for s in run.split.train], run.split.classes, cfg.seed)
             fit_stage(head_stage(run.model, head_features(features, run.head_choice, run.model.final_dim), loss, cfg, device),
@@ -183,6 +186,14 @@ def grow_training_set(run: Run, extractor: FeatureExtractor, views: int, device:
         run.reporter.info(f"using {len(clean.train):,} of {available:,} training images: the last doubling cut the val "
                           "error by less than a tenth (--all-images uses every one)")
     return features, clean
+
+
+def frozen_sample(features: FeatureSet, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the unknown rule is fitted on (finish.calibrate_run): the plain view of a sample of the
+    training images, and of the val images (all of them when in memory): (train, val, val positions)."""
+    train, _ = plain_sample(features.train, MAX_FEATURE_IMAGES, seed)
+    val, positions = plain_sample(features.val, MAX_FEATURE_IMAGES if features.on_disk else len(features.val_labels), seed)
+    return train, val, positions
 
 
 def tell_cache_use(run: Run) -> None:
@@ -235,54 +246,6 @@ def interrupted(run: Run, d: Dist) -> TrainingInterrupted:
     again = (f" Continue with: finetune train --resume {run.folder.path}{same_processes}" if run.folder.state_path.is_file()
              else " It stopped before its first epoch finished; start it again to continue.")
     return TrainingInterrupted(f"training interrupted{where}.{again}")
-
-
-def finish(run: Run, started: float, device: torch.device, weights_source: str) -> TrainResult:
-    """Write the model, metrics, plots and results.json; the training state goes (nothing left to resume)."""
-    split, folder = run.split, run.folder
-    model_path = run.save_best()
-    folder.write_metrics(run.history)
-    val = measured_val(run)
-    plots = folder.write_plots(run.history, val, split.classes)
-    test = measure_test(run, model_path, device) if split.test else None
-    counts = count_per_class(split.train, len(split.classes))
-    result = TrainResult(
-        run_dir=folder.path, model=model_path, best_val_acc=run.best.acc, best_epoch=run.best.epoch,
-        epochs=len(run.history), classes=split.classes, num_train=len(split.train), num_val=len(split.val),
-        skipped=split.skipped, device=str(device), seconds=round(time.perf_counter() - started, 2), arch=run.cfg.arch,
-        img_size=run.pp.img_size, weights=weights_source, layout=split.layout,
-        class_counts=dict(zip(split.classes, counts)), imbalanced=is_imbalanced(counts),
-        stopped_early=run.early.stopped_early, plots=[str(p) for p in plots], history=run.history,
-        read_as=split.read_as, num_test=test.num_images if test else 0, test_acc=test.accuracy if test else None,
-        test=test.summary() if test else None, leakage=split.leakage,
-        feature_cache=run.cache.use.to_dict() if run.cache is not None else None,
-        recipe={"head": run.head_choice.to_dict() if run.head_choice else None, "candidates": run.candidates,
-                "views_computed": run.views_computed,
-                "chosen_by": "the best validation accuracy (then loss) among heads trained on the same cached features",
-                "finetune_epochs": run.cfg.finetune_epochs, "learning_curve": run.learning_curve or None,
-                "feature_pass": run.feature_pass},
-        val=summary_of(val, split.classes) if val else None, suspects=folder.write_suspects(run.suspects, run.suspects_note),
-    )
-    result.report = folder.write_report(training_content(run, result, [m for m in (val, test and test.measured) if m]),
-                                        run.cfg.max_pixels)
-    folder.finish(result)
-    return result
-
-
-def measure_test(run: Run, model_path, device: torch.device):
-    """The saved model on the test split, read back from its file: the very figures
-    `finetune evaluate` gives. Test images never choose anything."""
-    from .checkpoint import read_model_file
-    from .config import PredictConfig
-    from .evaluation import measure
-
-    cfg = PredictConfig(device=str(device), batch_size=max(64, run.cfg.batch_size), workers=run.cfg.workers,
-                        max_pixels=run.cfg.max_pixels)
-    report = measure(read_model_file(model_path), run.split.test, cfg, run.reporter, "test")
-    if report.skipped:
-        run.split.skipped.extend(report.skipped)
-        run.folder.write_skipped(run.split.skipped)
-    return report
 
 
 def sigint_ignored():

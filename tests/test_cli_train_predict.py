@@ -76,8 +76,8 @@ def test_predict_folder_jsonl_uses_newest_run(trained):
     assert len(lines) == 9
     assert [Path(r["path"]).name for r in lines] == sorted(Path(r["path"]).name for r in lines)  # sorted walk
     for r in lines:
-        assert set(r) == {"path", "label", "score", "top_k"}
-        assert r["label"] == r["top_k"][0]["label"] and len(r["top_k"]) == 3
+        assert set(r) == {"path", "label", "score", "top_k", "unknown", "distance"}
+        assert r["label"] == r["top_k"][0]["label"] and len(r["top_k"]) == 3 and r["unknown"] is False
         assert abs(sum(t["score"] for t in r["top_k"]) - 1.0) < 1e-3
     correct = sum(Path(r["path"]).parent.name == r["label"] for r in lines)
     assert correct / len(lines) == pytest.approx(trained["summary"]["best_val_acc"], abs=1e-4)

@@ -82,7 +82,7 @@ def test_resume_state_round_trip(tmp_path):
         stage=Stage.HEAD, epoch=2, history=[record(1, 0.5, 1.0), record(2, 0.75, 0.5)],
         trainable={f"head.1.{k}": v for k, v in head.state_dict().items()}, optimizer=optimizer.state_dict(),
         schedule={"last_epoch": 7}, best_acc=0.75, best_loss=0.5, best_epoch=2,
-        best_trainable={"head.1.weight": torch.zeros(2, 3)}, best_val_probs=torch.tensor([[0.2, 0.8], [0.9, 0.1]]),
+        best_trainable={"head.1.weight": torch.zeros(2, 3)}, best_val_logits=torch.tensor([[-1.0, 2.0], [3.0, 0.5]]),
         rng={"torch": torch.get_rng_state()}, skipped=[{"path": "a.jpg", "reason": "bad"}], num_train=4, num_val=2,
         classes=["a", "b"], stopped_stage=None, files_digest="abc",
     )
@@ -90,7 +90,7 @@ def test_resume_state_round_trip(tmp_path):
     back = ResumeState.load(tmp_path / "s.safetensors")
     assert back.history == state.history and back.stage is Stage.HEAD and back.epoch == 2
     assert back.trainable.keys() == state.trainable.keys() and back.best_trainable.keys() == {"head.1.weight"}
-    assert torch.equal(back.best_val_probs, state.best_val_probs) and torch.equal(back.rng["torch"], state.rng["torch"])
+    assert torch.equal(back.best_val_logits, state.best_val_logits) and torch.equal(back.rng["torch"], state.rng["torch"])
     fresh = torch.optim.AdamW(head.parameters(), lr=1e-3)
     fresh.load_state_dict(back.optimizer)
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
@@ -136,7 +136,7 @@ def test_a_run_resumed_in_the_head_stage_keeps_its_own_copy_of_the_best_model(tm
     state = ResumeState(
         stage=Stage.HEAD, epoch=1, history=[record(1, 0.5, 1.0)], trainable={f"head.{k}": v for k, v in model.head.state_dict().items()},
         optimizer={}, schedule={}, best_acc=0.5, best_loss=1.0, best_epoch=1,
-        best_trainable={f"head.{k}": v for k, v in best_head.items()}, best_val_probs=None, rng={}, skipped=[],
+        best_trainable={f"head.{k}": v for k, v in best_head.items()}, best_val_logits=None, rng={}, skipped=[],
         num_train=2, num_val=2, classes=["a", "b"], stopped_stage=None, files_digest="")
     run = Run(TrainConfig(), model, DatasetSplit(["a", "b"], [], [], "test"), spec.preprocessing(), RunFolder(tmp_path),
               Reporter(), "")

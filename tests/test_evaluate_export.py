@@ -210,8 +210,13 @@ def test_max_images_per_class_and_label_smoothing(run, tmp_path):
     assert config["label_smoothing"] == 0 and config["max_images_per_class"] == 2
 
 
-def test_tta_changes_scores_but_stays_a_distribution(run):
-    args = ["predict", str(run["data"] / "val"), "--model", run["summary"]["model"], "--format", "json", "--workers", "0"]
+def test_tta_changes_scores_but_stays_a_distribution(run, tmp_path):
+    from finetune.files import read_safetensors, write_safetensors
+
+    # A high temperature, so that no score is 1.0 to six places and the flipped view's effect shows.
+    tensors, meta = read_safetensors(Path(run["summary"]["model"]))
+    write_safetensors(tmp_path / "warm.safetensors", tensors, {**meta, "calibration": {**meta["calibration"], "temperature": 50.0}})
+    args = ["predict", str(run["data"] / "val"), "--model", str(tmp_path / "warm.safetensors"), "--format", "json", "--workers", "0"]
     plain = json.loads(runner.invoke(app, args).stdout)
     tta = json.loads(runner.invoke(app, [*args, "--tta"]).stdout)
     assert [p["path"] for p in plain] == [p["path"] for p in tta]

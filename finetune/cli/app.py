@@ -30,6 +30,10 @@ FORMATS = ("table", "json", "jsonl", "csv")
 LabelsCsv = Annotated[Optional[Path], typer.Option(help="A CSV naming each image (relative to DATA) and its label, and optionally its split, instead of class folders.", show_default=False)]
 LabelColumns = Annotated[Optional[str], typer.Option(help="The CSV's PATH,LABEL[,SPLIT] column names (default: found among path/filename/image_id, label/class/category, split/set).", show_default=False)]
 ValSplit = Annotated[float, typer.Option(help="Fraction of each class held out for validation when DATA has no val/ folder.")]
+# The unknown rule, shared by predict and evaluate.
+NoUnknown = Annotated[bool, typer.Option("--no-unknown", help="Always answer a class, never unknown.")]
+MaxDistance = Annotated[Optional[float], typer.Option(help="Unknown beyond this distance from the training images' features (default: the threshold stored in the model).", show_default=False)]
+MinScore = Annotated[Optional[float], typer.Option(help="Also unknown when the top (calibrated) probability is below this.", show_default=False)]
 
 
 def load_model_or_newest(model: Path | None, runs_dir: Path, reporter: Reporter | None = None):

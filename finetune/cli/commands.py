@@ -12,7 +12,8 @@ import typer
 
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
-from .app import FORMATS, PREDICT, TRAIN, LabelColumns, LabelsCsv, ValSplit, app, load_model_or_newest
+from .app import (FORMATS, PREDICT, TRAIN, LabelColumns, LabelsCsv, MaxDistance, MinScore, NoUnknown, ValSplit, app,
+                  load_model_or_newest)
 from .output import (RichReporter, echo_json, fail, render_evaluation, render_predictions, show_archs, show_cache,
                      show_check, show_export_result, show_fields, stderr)
 
@@ -29,6 +30,9 @@ def predict(
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are refused as possible decompression bombs.")] = PREDICT.max_pixels,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average with the horizontally flipped image.")] = PREDICT.tta,
     output_format: Annotated[Optional[str], typer.Option("--format", help="table | json | jsonl | csv (default: table on a terminal, jsonl when piped).", show_default=False)] = None,
+    no_unknown: NoUnknown = False,
+    max_distance: MaxDistance = PREDICT.max_distance,
+    min_score: MinScore = PREDICT.min_score,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
 ):
     """Predict the class of images with a trained model.
@@ -44,7 +48,8 @@ def predict(
     for item in inputs:
         raw_inputs.extend(read_path_list(sys.stdin) if item == "-" else [item])
     cfg = replace(PREDICT, model=model, runs_dir=runs_dir, top_k=top_k, batch_size=batch_size,
-                  device=device, workers=workers, max_pixels=max_pixels, tta=tta)
+                  device=device, workers=workers, max_pixels=max_pixels, tta=tta, unknown=not no_unknown,
+                  max_distance=max_distance, min_score=min_score)
     reporter = RichReporter(stderr, quiet)
     try:
         loaded = load_model_or_newest(model, runs_dir, reporter)
@@ -71,6 +76,9 @@ def evaluate(
     layout: Annotated[str, typer.Option(help=f"How DATA is read: {LAYOUT_HELP}.")] = PREDICT.layout,
     labels: LabelsCsv = None,
     label_columns: LabelColumns = None,
+    no_unknown: NoUnknown = False,
+    max_distance: MaxDistance = PREDICT.max_distance,
+    min_score: MinScore = PREDICT.min_score,
     report_file: Annotated[Optional[Path], typer.Option("--report", help="Also write a self-contained HTML report there (confusion matrix linked to the images, top losses, calibration).", show_default=False, dir_okay=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
@@ -83,7 +91,8 @@ def evaluate(
     from ..run_report import write_evaluation_report
 
     cfg = replace(PREDICT, model=model, runs_dir=runs_dir, batch_size=batch_size, device=device, workers=workers, tta=tta,
-                  layout=layout, labels=labels, label_columns=label_columns)
+                  layout=layout, labels=labels, label_columns=label_columns, unknown=not no_unknown,
+                  max_distance=max_distance, min_score=min_score)
     reporter = RichReporter(stderr, quiet)
     try:
         loaded = load_model_or_newest(model, runs_dir, reporter)

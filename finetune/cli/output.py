@@ -100,7 +100,7 @@ def _render_predictions(predictions, fmt: str) -> tuple[int, int]:
     if fmt in ("jsonl", "csv"):
         writer = csv.writer(sys.stdout, lineterminator="\n")
         if fmt == "csv":
-            writer.writerow(["path", "label", "score", "error"])
+            writer.writerow(["path", "label", "score", "unknown", "distance", "error"])
         failures = total = 0
         for p in predictions:
             failures, total = failures + (p.error is not None), total + 1
@@ -108,7 +108,8 @@ def _render_predictions(predictions, fmt: str) -> tuple[int, int]:
                 sys.stdout.write(json.dumps(p.to_json_dict()) + "\n")
                 sys.stdout.flush()
             else:
-                writer.writerow([p.path, p.label or "", "" if p.score is None else p.score, p.error or ""])
+                writer.writerow([p.path, p.label or "", "" if p.score is None else p.score, "" if p.error else int(p.unknown),
+                                 "" if p.distance is None else p.distance, p.error or ""])
         return failures, total
     rows = list(predictions)
     failures = sum(p.error is not None for p in rows)
@@ -120,8 +121,12 @@ def _render_predictions(predictions, fmt: str) -> tuple[int, int]:
         if p.error is not None:
             table.add_row(Text(p.path), Text("error", style="red"), "", Text(p.error))
         else:
-            others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.top_k[1:])
-            table.add_row(Text(p.path), Text(p.label), f"{p.score:.3f}", Text(others))
+            if p.unknown:  # the classes it was nearest to, for a person to judge
+                table.add_row(Text(p.path), Text("unknown", style="yellow"), "",
+                              Text(", ".join(f"{t['label']} {t['score']:.3f}" for t in p.top_k)))
+            else:
+                others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.top_k[1:])
+                table.add_row(Text(p.path), Text(p.label), f"{p.score:.3f}", Text(others))
     stdout.print(table)
     return failures, len(rows)
 
@@ -136,6 +141,12 @@ def render_evaluation(report) -> None:
     for name, row in zip(report.classes, report.confusion_matrix):
         cm.add_row(Text(name), *[str(v) for v in row])
     stdout.print(cm)
+    u = report.unknown
+    if u and u["rule"] != "off" and u["coverage"] is not None:
+        stdout.print(Text(f"unknown rule: {u['flagged']} of {report.num_images} images flagged unknown; accuracy on the "
+                          f"{u['coverage']:.1%} accepted: " + (f"{u['accuracy_on_accepted']:.4f}" if u["accuracy_on_accepted"] is not None else "n/a")))
+    if report.calibration.get("ece") is not None:
+        stdout.print(Text(f"calibration: ECE {report.calibration['ece']:.4f} (temperature {report.temperature:.3f})"))
     if report.most_confused:
         stdout.print(Text("most confused: " + "; ".join(f"{d['true']} -> {d['predicted']} ({d['count']})" for d in report.most_confused)))
     wrong = [d for d in report.top_losses if d["true"] != d["predicted"]]

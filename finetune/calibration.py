@@ -1,0 +1,122 @@
+"""Honest confidence: a temperature that calibrates the softmax, and the rule that answers
+"unknown" for an image unlike every class.
+
+Temperature scaling (Guo et al., 2017) divides the logits by one number T fitted on the val
+set: the predicted class never changes, only how sure the model says it is. The unknown rule
+reads the backbone's features, not the softmax (a network is often confidently wrong on
+images of no known class): an image's distance to the training images is the Mahalanobis
+distance of its pooled features of every backbone stage (Lee et al., 2018: the earlier
+stages see style, colour and texture, the last one content) from the training images'
+Gaussian, with a shrunk covariance kept as its leading components (probabilistic PCA). Images
+farther than a threshold set on val are unknown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+T_RANGE = (0.05, 20.0)
+KEEP_CORRECT = 0.99  # the threshold keeps this share of the val images the model gets right
+MARGIN = 0.02  # and sits this much farther: predict's features differ a little from the cached fp16 ones
+COMPONENTS = 128  # of the covariance kept in the model file; the others count as their average
+SHRINK = 0.1  # ridge added to every variance, as a share of the average one: few images, many dimensions
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T > 0 that minimises the val set's negative log-likelihood of softmax(logits / T)."""
+    logits, labels = logits.float(), labels.long()
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return float(log_t.detach().exp().clamp(*T_RANGE))
+
+
+@dataclass
+class FeatureDistance:
+    """How far an image is from the training images: the Mahalanobis distance of its features
+    (every stage, pooled) from their mean, with a shrunk covariance, as a root mean square per
+    dimension (about 1 for a typical training image)."""
+
+    mean: torch.Tensor  # [dim]
+    components: torch.Tensor  # [dim, k] leading eigenvectors of the covariance (fp16 in the file)
+    scales: torch.Tensor  # [k] their variances, shrunk
+    rest: torch.Tensor  # [1] the variance of every other direction, shrunk
+
+    @classmethod
+    def of(cls, train_features: torch.Tensor) -> "FeatureDistance":
+        x = train_features.double()
+        mean = x.mean(0)
+        centred = x - mean
+        eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / len(x))
+        eigenvalues, vectors = eigenvalues.flip(0).clamp_min(0), vectors.flip(1)
+        ridge = SHRINK * float(eigenvalues.mean()) + 1e-12
+        k = min(COMPONENTS, len(eigenvalues))
+        rest = float(eigenvalues[k:].mean()) + ridge if k < len(eigenvalues) else ridge
+        return cls(mean.float(), vectors[:, :k].half(), (eigenvalues[:k] + ridge).float(), torch.tensor([rest], dtype=torch.float32))
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """[images]: the distance of each row of `features` [images, dim]."""
+        device = features.device
+        z = features.float() - self.mean.to(device)
+        p = z @ self.components.to(device).float()
+        d2 = (p.square() / self.scales.to(device)).sum(1)
+        d2 = d2 + (z.square().sum(1) - p.square().sum(1)).clamp_min(0) / self.rest.to(device)
+        return (d2 / z.shape[1]).sqrt()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"distance.mean": self.mean, "distance.components": self.components, "distance.scales": self.scales,
+                "distance.rest": self.rest}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "FeatureDistance | None":
+        """From a model file's tensors; None when it has none (files from before the unknown rule).
+        ValueError when they do not fit together."""
+        if not tensors:
+            return None
+        try:
+            mean, comps, scales, rest = (tensors[f"distance.{k}"] for k in ("mean", "components", "scales", "rest"))
+        except KeyError as e:
+            raise ValueError(f"{e.args[0]} missing") from None
+        if (mean.dim() != 1 or comps.dim() != 2 or comps.shape[0] != len(mean) or scales.shape != (comps.shape[1],)
+                or rest.shape != (1,) or not bool((scales > 0).all()) or not float(rest) > 0):
+            raise ValueError("tensors of mismatched shapes or non-positive variances")
+        return cls(mean.float(), comps, scales.float(), rest.float())
+
+
+def distance_threshold(val_distance: torch.Tensor, val_correct: torch.Tensor) -> float:
+    """The distance beyond which an image is unknown: it keeps KEEP_CORRECT of the val images the
+    model got right (all val images when it got none right), and MARGIN more."""
+    basis = val_distance[val_correct] if val_correct.any() else val_distance
+    return float(torch.quantile(basis.float(), KEEP_CORRECT, interpolation="higher")) * (1 + MARGIN)
+
+
+def calibrate(val_logits: torch.Tensor, val_labels: torch.Tensor, train_features: torch.Tensor,
+              val_features: torch.Tensor) -> tuple[dict, dict, FeatureDistance]:
+    """A model's temperature and unknown rule from its val answers and the backbone's features
+    (every stage, pooled) of training and val images: (the model file's `calibration` and
+    `unknown` metadata, the FeatureDistance)."""
+    from .metrics import calibration as ece_of
+
+    labels = val_labels.tolist()
+    t = fit_temperature(val_logits, val_labels)
+    calibration = {"temperature": t, "fitted_on": "val", "val_ece_before": ece_of(val_logits.softmax(1), labels)["ece"],
+                   "val_ece_after": ece_of((val_logits / t).softmax(1), labels)["ece"]}
+    distance = FeatureDistance.of(train_features)
+    val_distance = distance(val_features)
+    threshold = distance_threshold(val_distance, val_logits.argmax(1) == val_labels)
+    unknown = {"score": "distance", "threshold": threshold, "keep_correct_val": KEEP_CORRECT,
+               "components": int(distance.components.shape[1]), "train_images": len(train_features),
+               "val_flagged": float((val_distance > threshold).float().mean()),
+               "how": "Mahalanobis distance of the backbone's pooled features of every stage from the training images' (shrunk covariance), RMS per dimension"}
+    return calibration, unknown, distance

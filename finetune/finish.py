@@ -1,0 +1,126 @@
+"""The end of a training run: the model's calibration and unknown rule, the model file, plots,
+the test split measured once, the report and results.json."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .calibration import calibrate
+from .data import ImageFileDataset, Sample, make_loader
+from .device import to_model_input
+from .fit import Run
+from .records import Stage, TrainResult
+from .run_report import measured_val, summary_of, training_content
+from .scan import count_per_class, is_imbalanced
+
+MAX_FEATURE_IMAGES = 5_000  # training images the unknown rule is fitted on (a seeded sample beyond that)
+
+
+def finish(run: Run, started: float, device: torch.device, weights_source: str) -> TrainResult:
+    """Calibrate, then write the model, metrics, plots and results.json; the training state goes
+    (nothing left to resume)."""
+    split, folder = run.split, run.folder
+    calibrate_run(run, device)
+    model_path = run.save_best(force=True)
+    folder.write_metrics(run.history)
+    val = measured_val(run)
+    plots = folder.write_plots(run.history, val, split.classes)
+    test = measure_test(run, model_path, device) if split.test else None
+    counts = count_per_class(split.train, len(split.classes))
+    result = TrainResult(
+        run_dir=folder.path, model=model_path, best_val_acc=run.best.acc, best_epoch=run.best.epoch,
+        epochs=len(run.history), classes=split.classes, num_train=len(split.train), num_val=len(split.val),
+        skipped=split.skipped, device=str(device), seconds=round(time.perf_counter() - started, 2), arch=run.cfg.arch,
+        img_size=run.pp.img_size, weights=weights_source, layout=split.layout,
+        class_counts=dict(zip(split.classes, counts)), imbalanced=is_imbalanced(counts),
+        stopped_early=run.early.stopped_early, plots=[str(p) for p in plots], history=run.history,
+        read_as=split.read_as, num_test=test.num_images if test else 0, test_acc=test.accuracy if test else None,
+        test=test.summary() if test else None, leakage=split.leakage,
+        feature_cache=run.cache.use.to_dict() if run.cache is not None else None,
+        recipe={"head": run.head_choice.to_dict() if run.head_choice else None, "candidates": run.candidates,
+                "views_computed": run.views_computed,
+                "chosen_by": "the best validation accuracy (then loss) among heads trained on the same cached features",
+                "finetune_epochs": run.cfg.finetune_epochs, "learning_curve": run.learning_curve or None,
+                "feature_pass": run.feature_pass},
+        val=summary_of(val, split.classes) if val else None, suspects=folder.write_suspects(run.suspects, run.suspects_note),
+        calibration=calibration_summary(run, test), unknown=run.unknown,
+    )
+    result.report = folder.write_report(training_content(run, result, [m for m in (val, test and test.measured) if m]),
+                                        run.cfg.max_pixels)
+    folder.finish(result)
+    return result
+
+
+def calibrate_run(run: Run, device: torch.device) -> None:
+    """Fit the temperature and the unknown rule of the best model on val (calibration.calibrate)."""
+    if run.best.val_logits is None or not len(run.split.val):
+        return
+    best_stage = run.history[run.best.epoch - 1].stage if run.best.epoch else Stage.HEAD
+    if run.frozen_features is not None and best_stage is Stage.HEAD:
+        train_features, val_features, kept = run.frozen_features  # the features the head was trained on: no pass needed
+        val_logits = run.best.val_logits[kept]
+        val_labels = torch.tensor([run.split.val[i].label for i in kept.tolist()])
+    else:  # a fine-tuned backbone: its own features, of a sample of train
+        g = torch.Generator().manual_seed(run.cfg.seed)
+        sample = [run.split.train[i] for i in torch.randperm(len(run.split.train), generator=g)[:MAX_FEATURE_IMAGES].tolist()]
+        run.model.load_state_dict(run.best.state)
+        train_features, _ = stage_features(run, sample, device)
+        val_features, kept = stage_features(run, run.split.val, device)
+        val_logits = run.best.val_logits[kept]
+        val_labels = torch.tensor([run.split.val[i].label for i in kept.tolist()])
+    run.calibration, run.unknown, run.distance = calibrate(val_logits, val_labels, train_features, val_features)
+    if len(val_features) == len(run.split.val):
+        run.val_distance = run.distance(val_features)
+    c = run.calibration
+    run.reporter.info(f"calibration: temperature {c['temperature']:.3f}, val ECE {c['val_ece_before']:.4f} -> "
+                      f"{c['val_ece_after']:.4f}; unknown beyond distance {run.unknown['threshold']:.2f} "
+                      f"({run.unknown['val_flagged']:.1%} of val)")
+
+
+def stage_features(run: Run, samples: list[Sample], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's backbone features (every stage, pooled) of `samples` (plain view), and the indices
+    of those that decoded."""
+    n_classes = len(run.split.classes)
+    dataset = ImageFileDataset([s.path for s in samples], run.pp, run.cfg.max_pixels)
+    loader = make_loader(dataset, run.cfg.batch_size, run.cfg.workers, pin_memory=device.type == "cuda")
+    feats, kept = [], []
+    run.model.eval()
+    with torch.inference_mode():
+        for indices, batch, _failed in loader:
+            if batch is not None:
+                feats.append(run.model.logits_and_stages(to_model_input(batch[:, 0], device))[:, n_classes:].float().cpu())
+                kept.extend(indices)
+    return (torch.cat(feats) if feats else torch.empty(0, run.model.all_dim)), torch.tensor(kept, dtype=torch.long)
+
+
+def calibration_summary(run: Run, test) -> dict | None:
+    """results.json `calibration`: the temperature and ECE before/after on val (fitted there) and test."""
+    if run.calibration is None:
+        return None
+    out = dict(run.calibration)
+    if test is not None and test.measured is not None and test.num_images:
+        from .metrics import calibration as ece_of
+
+        calibrated = test.measured.probs
+        raw = (calibrated.clamp_min(1e-30).log() * run.calibration["temperature"]).softmax(1)
+        out["test_ece_before"] = ece_of(raw, test.measured.labels)["ece"]
+        out["test_ece_after"] = ece_of(calibrated, test.measured.labels)["ece"]
+    return out
+
+
+def measure_test(run: Run, model_path, device: torch.device):
+    """The saved model on the test split, read back from its file: the very figures
+    `finetune evaluate` gives. Test images never choose anything."""
+    from .checkpoint import read_model_file
+    from .config import PredictConfig
+    from .evaluation import measure
+
+    cfg = PredictConfig(device=str(device), batch_size=max(64, run.cfg.batch_size), workers=run.cfg.workers,
+                        max_pixels=run.cfg.max_pixels)
+    report = measure(read_model_file(model_path), run.split.test, cfg, run.reporter, "test")
+    if report.skipped:
+        run.split.skipped.extend(report.skipped)
+        run.folder.write_skipped(run.split.skipped)
+    return report
