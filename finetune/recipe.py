@@ -121,7 +121,7 @@ def choose_head(features: FeatureSet, model: Classifier, split: DatasetSplit, pp
     Each candidate starts from `torch.manual_seed(cfg.seed)`, so the head trained after the
     choice, started the same way, is the winning candidate again."""
     scores = [{**choice.to_dict(), **try_head(features, choice, model, split, pp, loss, cfg, device)}
-              for choice in candidates(views, cfg.head_features)]
+              for choice in candidates(views, cfg.head_features if model.stage_features is not None else "final")]
     return best_candidate(scores), scores
 
 

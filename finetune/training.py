@@ -23,7 +23,7 @@ from .config import TrainConfig
 from .data import DatasetSplit
 from .device import autocast_dtype, pick_device
 from .distributed import Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, sigint_handler
-from .errors import GpuOutOfMemory, PeerStopped, TrainingInterrupted
+from .errors import GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError
 from .features import FeatureExtractor, FeatureSet
 from .fit import Run, fit_stage
 from .models import build_classifier, get_arch
@@ -76,6 +76,10 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     torch.manual_seed(cfg.seed)
     device = pick_device(device_name)
     spec = get_arch(cfg.arch)
+    spec.check_size(cfg.img_size)
+    if cfg.head_features == "multi" and spec.stage_features is None:
+        raise UsageError(f"--head-features multi: {spec.name} has no stage features here (only the ResNets and "
+                         "efficientnet_lite0 do); use --head-features final or auto.")
     split = share_outcome(d, lambda: scan_for_training(cfg))  # the folder is scanned once, not once per rank
     tell_reading(split, reporter)
     state, weights_source = resolve_pretrained(spec, cfg.weights) if cfg.pretrained else (None, "none (random init)")

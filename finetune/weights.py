@@ -35,6 +35,8 @@ def resolve_pretrained(spec: ArchSpec, weights_file: Path | None) -> tuple[dict,
     """
     if weights_file is not None:
         return read_weights_file(weights_file), str(weights_file)
+    if spec.pretrained_loader is not None:  # timm: its own cache (the Hugging Face hub's)
+        return spec.pretrained_loader(), f"timm pretrained weights ({spec.name})"
     local = local_weights_path(spec)
     if local is not None:
         return read_weights_file(local), str(local)
@@ -83,6 +85,10 @@ def local_weights_path(spec: ArchSpec) -> Path | None:
     not installed), else torchvision's hub cache; None when only a download would do."""
     if spec.packaged_weights is not None:
         return spec.packaged_weights()
+    if spec.pretrained_loader is not None:
+        from .timm_zoo import cached_weights_dir, model_name, pretrained_cfg
+
+        return cached_weights_dir(pretrained_cfg(model_name(spec.name)))
     for url in spec.weight_urls:
         cached = hub_checkpoint_dir() / url_filename(url)
         if cached.is_file():

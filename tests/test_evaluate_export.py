@@ -135,7 +135,8 @@ def test_info_and_models(run):
     assert info["arch"] == "efficientnet_lite0" and info["classes"] == ["cat", "dog", "fox"]
     assert info["file_size"] == Path(run["summary"]["model"]).stat().st_size and "torch" in info["versions"]
     rows = {r["arch"]: r for r in json.loads(runner.invoke(app, ["models", "--json"]).stdout)}
-    assert rows["resnet18"]["params"] == 11_176_512 and rows["efficientnet_lite0"]["offline_weights"]
+    assert rows["resnet18"]["params"] == 11_689_512 and rows["efficientnet_lite0"]["offline_weights"]  # as published, 1000-class head included
+    assert rows["efficientnet_lite0"]["params"] == 4_652_008 and rows["vit_b_16"]["imagenet_top1"] == 81.072
 
 
 def test_every_command_has_help_with_an_example():

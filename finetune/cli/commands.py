@@ -190,15 +190,16 @@ def info(
 
 @app.command()
 def models(
+    name: Annotated[str, typer.Argument(help="Only the names containing this (e.g. convnext, vit).", show_default=False)] = "",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON array on stdout.")] = False,
 ):
-    """List the --arch names, their parameter counts, and whether pretrained weights are available offline.
+    """List the --arch names by family: parameters, default image size, ImageNet top-1, and whether weights are on this machine.
 
-    Example: finetune models --json
+    Example: finetune models convnext --json
     """
     from ..models import list_archs
 
-    rows = list_archs()
+    rows = list_archs(name)
     if json_out:
         echo_json(rows)
     else:

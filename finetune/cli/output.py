@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from ..errors import FinetuneError
@@ -232,9 +232,15 @@ def _reason_kind(reason: str) -> str:
 
 
 def show_archs(rows: list[dict]) -> None:
-    table = Table("arch", "params", "default img size", "offline weights")
+    table = Table("family", Column("arch", no_wrap=True), Column("params", no_wrap=True), "img size", "ImageNet top-1",
+                  "weights here", caption="weights here: else a download, or --weights FILE")
+    previous = None
     for r in rows:
-        table.add_row(r["arch"], f"{r['params'] / 1e6:.1f} M", str(r["img_size"]), Text(r["offline_weights"] or "no (download or --weights)"))
+        family = r["family"] if r["family"] != previous else ""
+        previous = r["family"]
+        top1 = f"{r['imagenet_top1']:.1f}" if r["imagenet_top1"] is not None else ""
+        table.add_row(Text(family), Text(r["arch"]), f"{r['params'] / 1e6:.1f} M" if r["params"] else "", str(r["img_size"]), top1,
+                      Text(r["offline_weights"] or "no"))
     stdout.print(table)
 
 
