@@ -55,15 +55,22 @@ class FeatureDistance:
 
     @classmethod
     def of(cls, train_features: torch.Tensor) -> "FeatureDistance":
-        x = train_features.double()
+        """Fitted on training features [images, dim]: the leading components by a randomised SVD
+        (a full eigendecomposition costs O(dim^3): a second at 2,064 dims on two cores), the
+        variance of the other directions from the trace."""
+        x = train_features.float()
         mean = x.mean(0)
         centred = x - mean
-        eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / len(x))
-        eigenvalues, vectors = eigenvalues.flip(0).clamp_min(0), vectors.flip(1)
-        ridge = SHRINK * float(eigenvalues.mean()) + 1e-12
-        k = min(COMPONENTS, len(eigenvalues))
-        rest = float(eigenvalues[k:].mean()) + ridge if k < len(eigenvalues) else ridge
-        return cls(mean.float(), vectors[:, :k].half(), (eigenvalues[:k] + ridge).float(), torch.tensor([rest], dtype=torch.float32))
+        dim = x.shape[1]
+        k = min(COMPONENTS, dim, max(1, len(x) - 1))
+        with torch.random.fork_rng(devices=[]):  # its random projections leave the run's random streams alone
+            torch.manual_seed(0)
+            _, s, v = torch.svd_lowrank(centred, q=min(k + 10, dim, len(x)), niter=4)
+        variances = (s[:k].square() / len(x)).double()
+        total = float(centred.double().square().sum() / len(x))  # the trace: every direction's variance
+        ridge = SHRINK * total / dim + 1e-12
+        rest = max(total - float(variances.sum()), 0.0) / max(1, dim - k) + ridge
+        return cls(mean, v[:, :k].half(), (variances + ridge).float(), torch.tensor([rest], dtype=torch.float32))
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """[images]: the distance of each row of `features` [images, dim]."""

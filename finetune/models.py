@@ -14,7 +14,6 @@ from torch import nn
 
 from .data import Preprocessing
 from .errors import ModelFileError, UsageError, WeightsError
-from .weights import hub_checkpoint_dir, offline_weights, url_filename
 from .zoo import family_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -281,8 +280,7 @@ def load_backbone_state(backbone: nn.Module, state: dict, arch: str) -> None:
 
 
 def with_versions(state: dict, module: nn.Module) -> dict:
-    """`state` carrying the module's own per-layer version numbers: safetensors and plain dicts drop
-    them, and a few layers (torchvision's MNASNet) refuse to load without."""
+    """`state` with the module's per-layer versions (dropped by safetensors; MNASNet's layers need them)."""
     versioned = collections.OrderedDict(state)
     versioned._metadata = getattr(module.state_dict(), "_metadata", None)
     return versioned
@@ -300,38 +298,3 @@ def model_from_state(arch: str, num_classes: int, state: dict, source: Path, mul
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise ModelFileError(f"{source}: tensors do not match its metadata (arch {arch}, {num_classes} classes): {first}. The file is damaged or was edited; retrain or use another file.") from None
     return model
-
-
-def backbone_parameter_count(spec: ArchSpec) -> int:
-    from .zoo import on_meta
-
-    backbone = on_meta(spec.build_backbone)  # shapes only: no memory, no initialisation cost
-    return sum(p.numel() for p in backbone.parameters())
-
-
-def list_archs(contains: str = "") -> list[dict]:
-    """Every --arch name (containing `contains`), by family: parameters, default image size, ImageNet
-    top-1 of its weights (their own metadata), and where its weights are on this machine."""
-    from . import zoo
-    from .timm_zoo import is_timm_name, list_timm
-
-    if is_timm_name(contains):
-        return list_timm(contains)
-    rows = []
-    for name in sorted(set(ARCHS) | set(zoo.zoo_names())):
-        if is_timm_name(name):
-            continue
-        if contains.lower() not in name.lower():
-            continue
-        if name in ARCHS and ARCHS[name].packaged_weights is not None:
-            spec = ARCHS[name]
-            imagenet_head = spec.feature_dim * 1000 + 1000  # counted as torchvision counts its models: with the 1000-class head
-            rows.append({"arch": name, "family": spec.family, "params": backbone_parameter_count(spec) + imagenet_head,
-                         "img_size": spec.img_size, "imagenet_top1": spec.top1, "offline_weights": offline_weights(spec)})
-            continue
-        facts = zoo.weights_facts(name)
-        local = next((str(p) for p in (hub_checkpoint_dir() / url_filename(u) for u in facts["urls"]) if p.is_file()), None)
-        rows.append({"arch": name, "family": zoo.family_of(name), "params": facts["params"],
-                     "img_size": ARCHS[name].img_size if name in ARCHS else facts["crop"], "imagenet_top1": facts["top1"],
-                     "offline_weights": local})
-    return sorted(rows, key=lambda r: (r["family"], r["params"] or 0, r["arch"]))

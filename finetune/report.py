@@ -21,7 +21,7 @@ import torch
 from .files import atomic_write_text
 from .images import load_rgb
 from .metrics import ECE_BINS, calibration, classification_report, top_losses
-from .plots import confusion_figure, coverage_figure, curves_figure, png_bytes, reliability_figure
+from .plots import coverage_figure, curves_figure, png_bytes, reliability_figure
 from .records import EpochRecord
 
 THUMB_SIDE = 128  # px, the longer side of a thumbnail
@@ -58,6 +58,7 @@ class ReportContent:
     settings: dict = field(default_factory=dict)
     temperature: float = 1.0  # the model's calibration: the sets' probabilities are softmax(logits / temperature)
     distance_threshold: float | None = None  # the model's unknown rule
+    curves_png: bytes | None = None  # the learning curves already drawn (the run's curves.png)
 
 
 def thumbnail_uri(path: str, max_pixels: int) -> str | None:
@@ -110,8 +111,7 @@ def set_view(m: Measured, content: ReportContent, thumbs: Thumbnails) -> dict:
     cal = metrics["calibration"]
     before = calibration((m.probs.clamp_min(1e-30).log() * content.temperature).softmax(1), m.labels)["ece"] if m.paths else None
     return {"ece_before": before, "coverage": coverage_view(m, pred, content.distance_threshold),"name": m.name, "slug": slug, "metrics": metrics, "cells": cells, "cell_ids": {(c["true"], c["predicted"]): c["id"] for c in cells},
-            "top_losses": losses, "reliability": png_uri(reliability_figure(cal, m.name)) if cal["bins"] else None,
-            "confusion_png": png_uri(confusion_figure(metrics["confusion_matrix"], classes, m.name))}
+            "top_losses": losses, "reliability": png_uri(reliability_figure(cal, m.name)) if cal["bins"] else None}
 
 
 def coverage_view(m: Measured, pred: list[int], threshold: float | None) -> dict | None:
@@ -145,9 +145,16 @@ def render(content: ReportContent, max_pixels: int) -> str:
     template = env.from_string(resources.files("finetune").joinpath("templates/report.html.j2").read_text("utf-8"))
     return template.render(
         c=content, sets=sets, ece_bins=ECE_BINS, suspects=suspects, num_suspects=len(content.suspects or []),
-        curves=png_uri(curves_figure(content.history)) if content.history else None,
+        curves=curves_uri(content),
         written=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     )
+
+
+def curves_uri(content: ReportContent) -> str | None:
+    """The learning curves: the run's curves.png when it is there (drawn once), else drawn now."""
+    if content.curves_png is not None:
+        return "data:image/png;base64," + base64.b64encode(content.curves_png).decode("ascii")
+    return png_uri(curves_figure(content.history)) if content.history else None
 
 
 def write_report(path: Path, content: ReportContent, max_pixels: int) -> dict:

@@ -81,7 +81,7 @@ def training_content(run, result: TrainResult, sets: list[Measured]) -> ReportCo
     settings = {k: v for k, v in run.cfg.to_json_dict().items() if k != "resume"}
     return ReportContent(title=f"finetune run {run.folder.path.name}", classes=split.classes, summary=summary, sets=sets,
                          class_counts=counts, history=run.history, suspects=run.suspects, suspects_note=run.suspects_note,
-                         skipped=split.skipped, settings=settings,
+                         skipped=split.skipped, settings=settings, curves_png=_read(run.folder.path / "curves.png"),
                          temperature=run.calibration["temperature"] if run.calibration else 1.0,
                          distance_threshold=run.unknown["threshold"] if run.unknown else None)
 
@@ -114,6 +114,10 @@ def write_evaluation_report(path: Path, report: EvaluationReport, model: LoadedM
         return write_report(path, evaluation_content(report, model), max_pixels)
     except OSError as e:
         raise UsageError(f"--report {path}: cannot write it ({e.strerror or e}). Pass a writable location.") from None
+
+
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
 
 
 def count_per_class_labels(labels: list[int], num_classes: int) -> list[int]:

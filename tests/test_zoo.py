@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from finetune.checkpoint import model_metadata, read_model_file, save_model
 from finetune.cli import app
-from finetune.models import build_classifier, get_arch, list_archs
+from finetune.models import build_classifier, get_arch
+from finetune.zoo import list_archs
 from finetune.prediction import predict
 
 from conftest import make_image, make_train_val

@@ -197,7 +197,7 @@ def models(
 
     Example: finetune models convnext --json
     """
-    from ..models import list_archs
+    from ..zoo import list_archs
 
     rows = list_archs(name)
     if json_out:
