@@ -99,7 +99,8 @@ def measure(model: LoadedModel, samples: list[Sample], cfg: PredictConfig, repor
     distance = torch.tensor([a.distance for a in answers]) if answers and answers[0].distance is not None else None
     return EvaluationReport(model=str(model.path), data=source, **metrics, skipped=skipped, tta=cfg.tta,
                             temperature=model.temperature, unknown=unknown_figures(answers, kept_labels, model, cfg),
-                            measured=Measured(source, kept_paths, kept_labels, stacked, distance))
+                            measured=Measured(source, kept_paths, kept_labels, stacked, distance,
+                                              torch.tensor([is_unknown(a, model, cfg) for a in answers], dtype=torch.bool)))
 
 
 def unknown_figures(answers: list[Answer], labels: list[int], model: LoadedModel, cfg: PredictConfig) -> dict:

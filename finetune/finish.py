@@ -55,8 +55,8 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
 
 def calibrate_run(run: Run, device: torch.device) -> None:
     """Fit the temperature and the unknown rule of the best model on val (calibration.calibrate)."""
-    if run.best.val_logits is None or not len(run.split.val):
-        return
+    if run.best.val_logits is None or not len(run.split.val) or len(run.best.val_logits) != len(run.split.val):
+        return  # (a val image that stopped decoding since: the logits no longer line up with the images)
     best_stage = run.history[run.best.epoch - 1].stage if run.best.epoch else Stage.HEAD
     if run.frozen_features is not None and best_stage is Stage.HEAD:
         train_features, val_features, kept = run.frozen_features  # the features the head was trained on: no pass needed

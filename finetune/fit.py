@@ -102,6 +102,7 @@ class Run:
             from .files import read_safetensors
 
             best, _ = read_safetensors(self.folder.model_path)
+            best = {k: v for k, v in best.items() if not k.startswith("distance.")}  # a finish that failed had added them
             self.folder.saved_epoch = state.best_epoch
         else:  # the frozen backbone as it is, with the best head (copies: the live weights train on)
             best = {**{k: v.clone() for k, v in self.model.state_dict().items()}, **state.best_trainable}

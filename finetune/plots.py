@@ -42,11 +42,11 @@ def confusion_figure(cm: list[list[int]], classes: list[str], title: str = "conf
     fig = Figure(figsize=(size, size), dpi=100)
     ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
+    ax.set_xticks(range(n), [plain(c) for c in classes], rotation=45, ha="right")
+    ax.set_yticks(range(n), [plain(c) for c in classes])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(plain(title))
     top = max((max(row) for row in cm), default=0)
     if n <= 30:
         for t in range(n):
@@ -73,7 +73,7 @@ def reliability_figure(calibration: dict, title: str = "reliability"):
     ax.set_xlabel("confidence (top score)")
     ax.set_ylabel("accuracy")
     ece = calibration["ece"]
-    ax.set_title(f"{title}: ECE {ece:.3f}" if ece is not None else title)
+    ax.set_title(plain(f"{title}: ECE {ece:.3f}" if ece is not None else title))
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     return fig
@@ -97,11 +97,16 @@ def coverage_figure(distance, correct, threshold: float | None, title: str = "co
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("share of images kept (coverage)")
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
+    ax.set_title(plain(title))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def plain(text: str) -> str:
+    """Text shown as it is: matplotlib reads what stands between two $ as mathematics (a folder name may hold them)."""
+    return text.replace("$", r"\$")
 
 
 def png_bytes(fig) -> bytes:

@@ -150,8 +150,7 @@ def predict(model: LoadedModel, inputs: Iterable[str | Path], cfg: PredictConfig
         scores, labels = answer.probs.topk(k)
         top = [{"label": classes[c], "score": round(s, 6)} for s, c in zip(scores.tolist(), labels.tolist())]
         unknown = is_unknown(answer, model, cfg)
-        distance = round(answer.distance, 6) if answer.distance is not None else None
         yield Prediction(item.path, None if unknown else top[0]["label"], top[0]["score"], top, unknown=unknown,
-                         distance=distance)
+                         distance=answer.distance)  # unrounded: what the rule compared
     for _ in results:  # let the loader finish (and the progress bar close)
         pass

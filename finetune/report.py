@@ -40,6 +40,7 @@ class Measured:
     labels: list[int]
     probs: torch.Tensor  # [images, classes]
     distance: torch.Tensor | None = None  # [images], from the training images (calibration.FeatureDistance), when known
+    flagged: torch.Tensor | None = None  # [images] bool: answered unknown (None: by the model's threshold on `distance`)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class ReportContent:
     temperature: float = 1.0  # the model's calibration: the sets' probabilities are softmax(logits / temperature)
     distance_threshold: float | None = None  # the model's unknown rule
     curves_png: bytes | None = None  # the learning curves already drawn (the run's curves.png)
+    tta: bool = False  # the sets' probabilities average the image's and its mirror's
 
 
 def thumbnail_uri(path: str, max_pixels: int) -> str | None:
@@ -96,21 +98,23 @@ def set_view(m: Measured, content: ReportContent, thumbs: Thumbnails) -> dict:
     metrics = classification_report(m.paths, m.labels, m.probs, classes)
     pred = m.probs.argmax(1).tolist() if m.paths else []
     slug = "".join(ch if ch.isalnum() else "-" for ch in m.name.lower()) or "set"
+    mistakes: dict[tuple[int, int], list[int]] = {}  # (true, predicted) -> images: one pass, whatever the class count
+    for i, (t, p) in enumerate(zip(m.labels, pred)):
+        if t != p:
+            mistakes.setdefault((t, p), []).append(i)
     cells = []
-    for t in range(len(classes)):
-        for p in range(len(classes)):
-            members = [i for i in range(len(m.paths)) if m.labels[i] == t and pred[i] == p]
-            if t == p or not members:
-                continue
-            members.sort(key=lambda i: -float(m.probs[i, p]))
-            images = [image_view(m.paths[i], classes[t], classes[p], float(m.probs[i, p]), thumbs)
-                      for i in members[:THUMBS_PER_CELL]]
-            cells.append({"id": f"{slug}-true{t}-pred{p}", "true": classes[t], "predicted": classes[p], "images": images,
-                          "more": [m.paths[i] for i in members[THUMBS_PER_CELL:]]})
+    for (t, p), members in sorted(mistakes.items()):
+        members.sort(key=lambda i: -float(m.probs[i, p]))
+        images = [image_view(m.paths[i], classes[t], classes[p], float(m.probs[i, p]), thumbs) for i in members[:THUMBS_PER_CELL]]
+        cells.append({"id": f"{slug}-true{t}-pred{p}", "true": classes[t], "predicted": classes[p], "images": images,
+                      "more": [m.paths[i] for i in members[THUMBS_PER_CELL:]]})
     losses = metrics["top_losses"] = _top_losses(m, classes, thumbs)
     cal = metrics["calibration"]
-    before = calibration((m.probs.clamp_min(1e-30).log() * content.temperature).softmax(1), m.labels)["ece"] if m.paths else None
-    return {"ece_before": before, "coverage": coverage_view(m, pred, content.distance_threshold),"name": m.name, "slug": slug, "metrics": metrics, "cells": cells, "cell_ids": {(c["true"], c["predicted"]): c["id"] for c in cells},
+    # Undoing the temperature assumes one scaled softmax: not so for an average of two (test-time augmentation).
+    before = (calibration((m.probs.clamp_min(1e-30).log() * content.temperature).softmax(1), m.labels)["ece"]
+              if m.paths and content.temperature != 1.0 and not content.tta else None)
+    return {"ece_before": before, "coverage": coverage_view(m, pred, content.distance_threshold), "name": m.name,
+            "slug": slug, "metrics": metrics, "cells": cells, "cell_ids": {(c["true"], c["predicted"]): c["id"] for c in cells},
             "top_losses": losses, "reliability": png_uri(reliability_figure(cal, m.name)) if cal["bins"] else None}
 
 
@@ -119,7 +123,10 @@ def coverage_view(m: Measured, pred: list[int], threshold: float | None) -> dict
     if m.distance is None or not m.paths:
         return None
     correct = torch.tensor(pred) == torch.tensor(m.labels)
-    kept = m.distance <= threshold if threshold is not None else torch.ones(len(correct), dtype=torch.bool)
+    if m.flagged is not None:  # what the rule said image by image (evaluate's options included)
+        kept = ~m.flagged
+    else:
+        kept = m.distance <= threshold if threshold is not None else torch.ones(len(correct), dtype=torch.bool)
     return {"flagged": int((~kept).sum()), "accuracy_kept": float(correct[kept].float().mean()) if kept.any() else None,
             "coverage": float(kept.float().mean()), "plot": png_uri(coverage_figure(m.distance, correct, threshold, m.name))}
 

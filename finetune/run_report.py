@@ -20,6 +20,7 @@ SUSPECTS_HOW = (f"Two kinds, found on the cached backbone features. Another clas
                 "which a head may still file confidently under some class. The figure is the out-of-fold probability of "
                 "the given label. Full list: suspects.csv.")
 SUSPECT_COLUMNS = ["path", "given", "suggested", "probability", "why"]
+MAX_SUSPECT_IMAGES = 50_000
 
 
 def training_suspects(features, final_dim: int, choice, paths: list[str], classes: list[str],
@@ -27,8 +28,9 @@ def training_suspects(features, final_dim: int, choice, paths: list[str], classe
     """Suspected label errors among the training images whose features are `features` (the
     FeatureSet of the run, train rows [images, views, dim]; the plain view is used): another
     class on the columns the chosen head reads, no class on the final features."""
-    if features.on_disk:
-        return None, "Not computed: the training set's features are too many to hold in memory."
+    if features.on_disk or len(features.train_labels) > MAX_SUSPECT_IMAGES:
+        return None, (f"Not computed: more than {MAX_SUSPECT_IMAGES:,} training images (the cross-validated heads "
+                      "would cost minutes).")
     plain = features.train[:, 0]
     read = plain if choice.multi_layer else plain[:, -final_dim:]
     found = find_suspects(read, features.train_labels, len(classes), seed, final=plain[:, -final_dim:])
@@ -98,7 +100,7 @@ def evaluation_content(report: EvaluationReport, model: LoadedModel) -> ReportCo
             "(see report.html and suspects.csv in the run folder).")
     return ReportContent(title=f"finetune evaluate: {report.data}", classes=report.classes, summary=summary,
                          sets=[m] if m is not None else [], class_counts=counts, suspects=None, suspects_note=note,
-                         skipped=report.skipped, settings=_flat(model.meta), temperature=model.temperature,
+                         skipped=report.skipped, settings=_flat(model.meta), temperature=model.temperature, tta=report.tta,
                          distance_threshold=model.distance_threshold)
 
 

@@ -39,7 +39,10 @@ def pretrained_cfg(name: str):
     timm = require_timm()
     from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(name) if timm.is_model(name) else None
+    try:
+        cfg = get_pretrained_cfg(name) if timm.is_model(name) else None
+    except RuntimeError:  # a tag timm does not know: resnet50.bogus
+        cfg = None
     if cfg is None:
         known = sorted({n.split(".")[0] for n in timm.list_models(pretrained=True)})
         close = difflib.get_close_matches(name, known, n=1)
@@ -83,8 +86,12 @@ def load_pretrained(name: str) -> dict:
                    f"timm.create_model('{name}', pretrained=True)\" on a machine that is online and copy the cache), "
                    f"or pass --weights FILE with a state dict for it")
     if cached_weights_dir(cfg) is not None:
-        with hub_offline():
-            return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
+        try:
+            with hub_offline():
+                return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
+        except Exception as e:  # a cache folder without the weights file, or a damaged one
+            raise WeightsError(f"cannot read timm weights for {name} from {cached_weights_dir(cfg)} ({type(e).__name__}). "
+                               f"Fix: {offline_fix}.") from None
     try:
         socket.getaddrinfo(HUB_HOST, 443)
     except OSError:

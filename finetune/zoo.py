@@ -68,8 +68,8 @@ def replace_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
 def builder_options(name: str, crop: int) -> dict:
     """What torchvision's builder needs besides weights=None to take the default weights: no side
     heads; a ViT built for the size its weights were trained at (vit_h_14's are at 518)."""
-    if name in AUX_FAMILIES:
-        return {"aux_logits": False, "init_weights": False}
+    if name in AUX_FAMILIES:  # (transform_input: as torchvision sets it when it loads their ImageNet weights)
+        return {"aux_logits": False, "init_weights": False, "transform_input": True}
     return {"image_size": crop} if family_of(name) == "vit" else {}
 
 

@@ -132,14 +132,17 @@ def test_off_diagonal_cells_link_to_their_images(tmp_path):
     paths = [str(make_image(tmp_path / f"im{i}.png", (i * 40, 0, 0))) for i in range(4)]
     probs = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.4, 0.6], [0.2, 0.8]])  # true 0,0,1,1: image 1 is a mistake
     (tmp_path / "im3.png").unlink()  # gone since: the report says so instead of failing
-    content = ReportContent("t", ["a", "b"], [("data", "x")], [Measured("test set", paths, [0, 0, 1, 1], probs)])
+    # A name with $ signs (matplotlib would read them as mathematics) and a distance for the unknown rule's plot.
+    content = ReportContent("t", ["a", "b"], [("data", "x")], [Measured("test set $x$", paths, [0, 0, 1, 1], probs, torch.tensor([0.5, 0.9, 2.0, 0.7]))],
+                            distance_threshold=1.0, temperature=2.0)
     out = write_report(tmp_path / "sub" / "r.html", content, 10**8)
     html = (tmp_path / "sub" / "r.html").read_text()
     page = check_self_contained(html)
-    assert "#test-set-true0-pred1" in page.links and "test-set-true0-pred1" in page.ids
-    cell = html.split('id="test-set-true0-pred1"')[1].split("</div>\n</div>")[0]
+    assert "#test-set--x--true0-pred1" in page.links and "test-set--x--true0-pred1" in page.ids
+    cell = html.split('id="test-set--x--true0-pred1"')[1].split("</div>\n</div>")[0]
     assert "im1.png" in cell and "im0.png" not in cell
     assert "cannot read" in html and out["bytes"] == len(html.encode())
+    assert "1 of 4 images flagged unknown" in html and "before calibration" in html
 
 
 def test_the_report_leaves_the_plotting_backend_alone(tmp_path):
@@ -162,6 +165,10 @@ def test_evaluate_writes_a_report(trained_run, tmp_path):
     assert report["report"]["path"] == str(target) and f"report: {target}" in result.stderr
     page = check_self_contained(target.read_text())
     assert set(SECTIONS) - {"curves"} <= page.ids
+    strict = tmp_path / "strict.html"  # the report follows the call's unknown options, as the JSON does
+    runner.invoke(app, ["evaluate", str(trained_run["data"]), "--model", trained_run["summary"]["run_dir"], "--report", str(strict),
+                        "--max-distance", "1e-9", "--workers", "0"])
+    assert f"{report['num_images']} of {report['num_images']} images flagged unknown" in strict.read_text()
     bad = runner.invoke(app, ["evaluate", str(trained_run["data"]), "--model", trained_run["summary"]["run_dir"],
                               "--report", str(tmp_path / "val.txt")])
     assert bad.exit_code != 0 and "name it .html" in bad.stderr and bad.stdout == ""

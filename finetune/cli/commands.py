@@ -199,7 +199,10 @@ def models(
     """
     from ..zoo import list_archs
 
-    rows = list_archs(name)
+    try:
+        rows = list_archs(name)
+    except FinetuneError as e:
+        raise fail(e)
     if json_out:
         echo_json(rows)
     else:
