@@ -14,7 +14,7 @@ from .config import DEFAULT_RUNS_DIR, MODEL_FILENAME
 from .data import Preprocessing
 from .errors import ModelFileError, UsageError
 from .files import FORMAT, read_safetensors, write_safetensors
-from .models import model_from_state
+from .models import build_classifier, get_arch, with_versions
 
 FORMAT_VERSION = 1
 
@@ -117,4 +117,18 @@ def resolve_model_path(model: Path | None, runs_dir: Path) -> Path:
         if not candidate.is_file():
             raise ModelFileError(f"{model}: run folder has no {MODEL_FILENAME}. Pass a run folder of a finished training, or the model file.")
         return candidate
+    return model
+
+
+def model_from_state(arch: str, num_classes: int, state: dict, source: Path, multi_layer: bool = False) -> torch.nn.Module:
+    """Rebuild a trained classifier from a model file's tensors (no pretrained download)."""
+    spec = get_arch(arch)
+    model = build_classifier(spec, num_classes, multi_layer=multi_layer)
+    # Files written before the feature norm existed have none: theirs is the identity.
+    state = {**{f"feature_norm.{k}": v for k, v in model.feature_norm.state_dict().items()}, **state}
+    try:
+        model.load_state_dict(with_versions(state, model), strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ModelFileError(f"{source}: tensors do not match its metadata (arch {arch}, {num_classes} classes): {first}. The file is damaged or was edited; retrain or use another file.") from None
     return model

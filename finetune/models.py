@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .data import Preprocessing
-from .errors import ModelFileError, UsageError, WeightsError
+from .errors import UsageError, WeightsError
 from .zoo import family_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -143,7 +143,7 @@ def get_arch(name: str) -> ArchSpec:
     torchvision's classification zoo (zoo.py)."""
     if name in ARCHS:
         return ARCHS[name]
-    from .timm_zoo import is_timm_name, timm_spec
+    from .timm_zoo import is_timm_name
     from .zoo import zoo_names
 
     if is_timm_name(name):
@@ -156,6 +156,16 @@ def get_arch(name: str) -> ArchSpec:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise UsageError(f"unknown --arch '{name}'.{hint} 'finetune models' lists the {len(known)} available.") from None
+
+
+def timm_spec(arch: str) -> ArchSpec:
+    """A timm model (timm_zoo.py), its feature width found on shapes only."""
+    from .timm_zoo import timm_facts
+    from .zoo import feature_dim
+
+    f = timm_facts(arch)
+    return ArchSpec(arch, f["build"], feature_dim(f["build"], f["size"]), f["size"], f["mean"], f["std"],
+                    resize_ratio=f["resize_ratio"], head_keys=f["head_keys"], family=f["family"], pretrained_loader=f["loader"])
 
 
 def torchvision_spec(name: str) -> ArchSpec:
@@ -284,17 +294,3 @@ def with_versions(state: dict, module: nn.Module) -> dict:
     versioned = collections.OrderedDict(state)
     versioned._metadata = getattr(module.state_dict(), "_metadata", None)
     return versioned
-
-
-def model_from_state(arch: str, num_classes: int, state: dict, source: Path, multi_layer: bool = False) -> Classifier:
-    """Rebuild a trained classifier from a model file's tensors (no pretrained download)."""
-    spec = get_arch(arch)
-    model = build_classifier(spec, num_classes, multi_layer=multi_layer)
-    # Files written before the feature norm existed have none: theirs is the identity.
-    state = {**{f"feature_norm.{k}": v for k, v in model.feature_norm.state_dict().items()}, **state}
-    try:
-        model.load_state_dict(with_versions(state, model), strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise ModelFileError(f"{source}: tensors do not match its metadata (arch {arch}, {num_classes} classes): {first}. The file is damaged or was edited; retrain or use another file.") from None
-    return model

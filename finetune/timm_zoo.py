@@ -102,21 +102,17 @@ def load_pretrained(name: str) -> dict:
         raise WeightsError(f"cannot get timm weights for {name} ({type(e).__name__}). Fix: {offline_fix}.") from None
 
 
-def timm_spec(arch: str):
-    """An ArchSpec for `timm/<name>`, from timm's pretrained config and a shapes-only build."""
-    from .models import ArchSpec
-    from .zoo import feature_dim
-
+def timm_facts(arch: str) -> dict:
+    """What models.py needs to describe `timm/<name>`: a builder (no classifier), its default size,
+    preprocessing and classifier name from timm's pretrained config, and its weights' loader."""
     timm = require_timm()
     name = model_name(arch)
     cfg = pretrained_cfg(name)
-    build = functools.partial(timm.create_model, name, pretrained=False, num_classes=0)
-    size = int(cfg.input_size[-1])
     classifier = cfg.classifier if isinstance(cfg.classifier, str) else "head"
-    return ArchSpec(arch, build, feature_dim(build, size), size, tuple(cfg.mean), tuple(cfg.std),
-                    resize_ratio=1 / float(cfg.crop_pct or 0.875), head_keys=(classifier + ".",),
-                    family="timm/" + name.split("_")[0].rstrip("0123456789"),
-                    pretrained_loader=functools.partial(load_pretrained, name))
+    return {"build": functools.partial(timm.create_model, name, pretrained=False, num_classes=0),
+            "size": int(cfg.input_size[-1]), "mean": tuple(cfg.mean), "std": tuple(cfg.std),
+            "resize_ratio": 1 / float(cfg.crop_pct or 0.875), "head_keys": (classifier + ".",),
+            "family": "timm/" + name.split("_")[0].rstrip("0123456789"), "loader": functools.partial(load_pretrained, name)}
 
 
 def list_timm(contains: str) -> list[dict]:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from finetune.checkpoint import model_metadata, read_model_file, save_model
 from finetune.cli import app
 from finetune.models import build_classifier, get_arch
-from finetune.zoo import list_archs
+from finetune.catalogue import list_archs
 from finetune.prediction import predict
 
 from conftest import make_image, make_train_val

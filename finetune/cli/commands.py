@@ -197,7 +197,7 @@ def models(
 
     Example: finetune models convnext --json
     """
-    from ..zoo import list_archs
+    from ..catalogue import list_archs
 
     try:
         rows = list_archs(name)
