@@ -42,6 +42,12 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp().clamp(*T_RANGE))
 
 
+def uncalibrated(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The probabilities before the temperature: softmax(logits / T) back to softmax(logits)
+    (log p is logits / T less a constant per image)."""
+    return (probs.clamp_min(1e-30).log() * temperature).softmax(1)
+
+
 @dataclass
 class FeatureDistance:
     """How far an image is from the training images: the Mahalanobis distance of its features

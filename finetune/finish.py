@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .calibration import calibrate
+from .calibration import calibrate, uncalibrated
 from .data import ImageFileDataset, Sample, make_loader
 from .device import to_model_input
 from .fit import Run
@@ -104,7 +104,7 @@ def calibration_summary(run: Run, test) -> dict | None:
         from .metrics import calibration as ece_of
 
         calibrated = test.measured.probs
-        raw = (calibrated.clamp_min(1e-30).log() * run.calibration["temperature"]).softmax(1)
+        raw = uncalibrated(calibrated, run.calibration["temperature"])
         out["test_ece_before"] = ece_of(raw, test.measured.labels)["ece"]
         out["test_ece_after"] = ece_of(calibrated, test.measured.labels)["ece"]
     return out

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .calibration import uncalibrated
 from .files import atomic_write_text
 from .images import load_rgb
 from .metrics import ECE_BINS, calibration, classification_report, top_losses
@@ -111,7 +112,7 @@ def set_view(m: Measured, content: ReportContent, thumbs: Thumbnails) -> dict:
     losses = metrics["top_losses"] = _top_losses(m, classes, thumbs)
     cal = metrics["calibration"]
     # Undoing the temperature assumes one scaled softmax: not so for an average of two (test-time augmentation).
-    before = (calibration((m.probs.clamp_min(1e-30).log() * content.temperature).softmax(1), m.labels)["ece"]
+    before = (calibration(uncalibrated(m.probs, content.temperature), m.labels)["ece"]
               if m.paths and content.temperature != 1.0 and not content.tta else None)
     return {"ece_before": before, "coverage": coverage_view(m, pred, content.distance_threshold), "name": m.name,
             "slug": slug, "metrics": metrics, "cells": cells, "cell_ids": {(c["true"], c["predicted"]): c["id"] for c in cells},
