@@ -97,16 +97,17 @@ def measure(model: LoadedModel, samples: list[Sample], cfg: PredictConfig, repor
     stacked = torch.stack([a.probs for a in answers]) if answers else torch.empty(0, len(model.classes))
     metrics = classification_report(kept_paths, kept_labels, stacked, model.classes)
     distance = torch.tensor([a.distance for a in answers]) if answers and answers[0].distance is not None else None
-    return EvaluationReport(model=str(model.path), data=source, **metrics, skipped=skipped, tta=cfg.tta,
-                            temperature=model.temperature, unknown=unknown_figures(answers, kept_labels, model, cfg),
-                            measured=Measured(source, kept_paths, kept_labels, stacked, distance,
-                                              torch.tensor([is_unknown(a, model, cfg) for a in answers], dtype=torch.bool)))
-
-
-def unknown_figures(answers: list[Answer], labels: list[int], model: LoadedModel, cfg: PredictConfig) -> dict:
-    """What the unknown rule would do on these labelled images: how many it flags, and the
-    accuracy on the ones it accepts (coverage = accepted / all)."""
     flagged = [is_unknown(a, model, cfg) for a in answers]
+    return EvaluationReport(model=str(model.path), data=source, **metrics, skipped=skipped, tta=cfg.tta,
+                            temperature=model.temperature, unknown=unknown_figures(answers, kept_labels, flagged, model, cfg),
+                            measured=Measured(source, kept_paths, kept_labels, stacked, distance,
+                                              torch.tensor(flagged, dtype=torch.bool)))
+
+
+def unknown_figures(answers: list[Answer], labels: list[int], flagged: list[bool], model: LoadedModel,
+                    cfg: PredictConfig) -> dict:
+    """What the unknown rule did on these labelled images (`flagged`, image by image): how many it
+    flags, and the accuracy on the ones it accepts (coverage = accepted / all)."""
     accepted = [int(a.probs.argmax()) == y for a, y, f in zip(answers, labels, flagged) if not f]
     threshold = cfg.max_distance if cfg.max_distance is not None else model.distance_threshold
     return {"rule": "off" if not cfg.unknown else {"max_distance": threshold, "min_score": cfg.min_score},

@@ -35,7 +35,7 @@ from .progress import Reporter
 from .records import HeadChoice
 from .runs import RunFolder
 from .stages import LossFn, head_stage
-from .store import DiskRows, Rows, column_statistics, narrow
+from .store import narrow, norm_statistics
 
 MAX_EXTRA_VIEWS = 3
 IMAGES_FOR_NO_VIEWS = 3_000  # from this many training images on, the plain view alone
@@ -92,18 +92,6 @@ def head_features(features: FeatureSet, choice: HeadChoice, final_dim: int) -> F
     cols = slice(0, dim) if choice.multi_layer else slice(dim - final_dim, dim)
     return FeatureSet(narrow(features.train, choice.views, cols), features.train_labels,
                       narrow(features.val, 1 if features.on_disk else None, cols), features.val_labels)
-
-
-def norm_statistics(train: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of each feature over all training rows (views included). The variance has
-    a floor of 1% of the average one: a feature (nearly) constant on few training images must
-    not blow up on others."""
-    if isinstance(train, DiskRows):
-        mean, var = column_statistics(train)
-    else:
-        flat = train.reshape(-1, train.shape[-1]).float()
-        mean, var = flat.mean(0), flat.var(0)
-    return mean, (var + 0.01 * var.mean()).sqrt()
 
 
 class _HeadOnly(nn.Module):

@@ -73,11 +73,15 @@ def thumbnail_uri(path: str, max_pixels: int) -> str | None:
     image.thumbnail((THUMB_SIDE, THUMB_SIDE))
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=THUMB_QUALITY)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return data_uri(buf.getvalue(), "image/jpeg")
 
 
 def png_uri(fig) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(fig)).decode("ascii")
+    return data_uri(png_bytes(fig), "image/png")
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
 class Thumbnails:
@@ -161,7 +165,7 @@ def render(content: ReportContent, max_pixels: int) -> str:
 def curves_uri(content: ReportContent) -> str | None:
     """The learning curves: the run's curves.png when it is there (drawn once), else drawn now."""
     if content.curves_png is not None:
-        return "data:image/png;base64," + base64.b64encode(content.curves_png).decode("ascii")
+        return data_uri(content.curves_png, "image/png")
     return png_uri(curves_figure(content.history)) if content.history else None
 
 

@@ -140,3 +140,15 @@ def plain_sample(rows: Rows, limit: int, seed: int) -> tuple[torch.Tensor, torch
         return torch.stack([rows.block(i, i + 1)[0, 0] for i in positions.tolist()]) if n else torch.empty(0, rows.shape[-1]), positions
     picked = rows[positions]
     return (picked[:, 0] if picked.dim() == 3 else picked), positions
+
+
+def norm_statistics(train: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of each feature over all training rows (views included). The variance has
+    a floor of 1% of the average one: a feature (nearly) constant on few training images must
+    not blow up on others."""
+    if isinstance(train, DiskRows):
+        mean, var = column_statistics(train)
+    else:
+        flat = train.reshape(-1, train.shape[-1]).float()
+        mean, var = flat.mean(0), flat.var(0)
+    return mean, (var + 0.01 * var.mean() + 1e-12).sqrt()  # (the 1e-12: features all constant)

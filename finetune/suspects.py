@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .store import norm_statistics
+
 FOLDS = 5
 MIN_PER_CLASS = 2  # fewer images in a class, and a fold's head may never see it: no suspects then
 OUTLIER_SHARE = 0.01  # the share of training images listed as unlike the others (rounded up)
@@ -42,13 +44,6 @@ def fold_of_each(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
         members = members[torch.randperm(len(members), generator=g)]
         out[members] = torch.arange(len(members)) % folds
     return out
-
-
-def standardising(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std per feature, the variance floored at 1% of the average one (as recipe.norm_statistics):
-    a feature nearly constant on these images must not blow up on others."""
-    mean, var = x.mean(0), x.var(0)
-    return mean, (var + 0.01 * var.mean() + 1e-12).sqrt()
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +74,7 @@ def out_of_fold_probabilities(features: torch.Tensor, labels: torch.Tensor, num_
         if not held.any():
             continue
         fit_x = x[~held]
-        mean, std = standardising(fit_x)
+        mean, std = norm_statistics(fit_x)
         with torch.enable_grad():
             weight, bias = fit_linear((fit_x - mean) / std, labels[~held], num_classes)
         probs[held] = F.linear((x[held] - mean) / std, weight, bias).softmax(1)
@@ -105,7 +100,7 @@ def typicality(features: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Each image's mean cosine similarity (standardised features) to its NEIGHBOURS nearest
     other images, among at most MAX_REFERENCES of them."""
     f = features.float()
-    mean, std = standardising(f)
+    mean, std = norm_statistics(f)
     f = F.normalize((f - mean) / std, dim=1)
     refs = torch.randperm(len(f), generator=torch.Generator().manual_seed(seed))[:MAX_REFERENCES].sort().values
     k = min(NEIGHBOURS, len(refs) - 1)
