@@ -60,16 +60,14 @@ def calibrate_run(run: Run, device: torch.device) -> None:
     best_stage = run.history[run.best.epoch - 1].stage if run.best.epoch else Stage.HEAD
     if run.frozen_features is not None and best_stage is Stage.HEAD:
         train_features, val_features, kept = run.frozen_features  # the features the head was trained on: no pass needed
-        val_logits = run.best.val_logits[kept]
-        val_labels = torch.tensor([run.split.val[i].label for i in kept.tolist()])
     else:  # a fine-tuned backbone: its own features, of a sample of train
         g = torch.Generator().manual_seed(run.cfg.seed)
         sample = [run.split.train[i] for i in torch.randperm(len(run.split.train), generator=g)[:MAX_FEATURE_IMAGES].tolist()]
         run.model.load_state_dict(run.best.state)
         train_features, _ = stage_features(run, sample, device)
         val_features, kept = stage_features(run, run.split.val, device)
-        val_logits = run.best.val_logits[kept]
-        val_labels = torch.tensor([run.split.val[i].label for i in kept.tolist()])
+    val_logits = run.best.val_logits[kept]
+    val_labels = torch.tensor([run.split.val[i].label for i in kept.tolist()])
     run.calibration, run.unknown, run.distance = calibrate(val_logits, val_labels, train_features, val_features)
     if len(val_features) == len(run.split.val):
         run.val_distance = run.distance(val_features)
@@ -82,7 +80,6 @@ def calibrate_run(run: Run, device: torch.device) -> None:
 def stage_features(run: Run, samples: list[Sample], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's backbone features (every stage, pooled) of `samples` (plain view), and the indices
     of those that decoded."""
-    n_classes = len(run.split.classes)
     dataset = ImageFileDataset([s.path for s in samples], run.pp, run.cfg.max_pixels)
     loader = make_loader(dataset, run.cfg.batch_size, run.cfg.workers, pin_memory=device.type == "cuda")
     feats, kept = [], []
@@ -90,7 +87,7 @@ def stage_features(run: Run, samples: list[Sample], device: torch.device) -> tup
     with torch.inference_mode():
         for indices, batch, _failed in loader:
             if batch is not None:
-                feats.append(run.model.logits_and_stages(to_model_input(batch[:, 0], device))[:, n_classes:].float().cpu())
+                feats.append(run.model.all_stage_features(to_model_input(batch[:, 0], device)).float().cpu())
                 kept.extend(indices)
     return (torch.cat(feats) if feats else torch.empty(0, run.model.all_dim)), torch.tensor(kept, dtype=torch.long)
 
