@@ -2,10 +2,13 @@
 
     python benchmarks/bench_recipes.py DATA [DATA ...] [--arch efficientnet_lite0] [--recipes NAME ...] [--finetune]
 
+Recipes: the default (auto), each head kind forced, the tail stage forced off (auto+tail0) and
+on (auto+tail4), and with --finetune the default plus two whole-network epochs.
+
 Each recipe is a `finetune train` run (a fresh process, defaults plus the recipe's options),
 so the figures are what a user gets on a first run (--no-cache: no features from earlier
 runs): best val accuracy, test accuracy (when DATA has a test split), wall time including
-start-up, peak RSS, and the head's and each fine-tune epoch's val accuracy. Rows go to
+start-up, peak RSS, the tail stage's plan, and the head's and each later epoch's val accuracy. Rows go to
 stdout as JSON lines, as each run ends; nothing is written into DATA.
 """
 
@@ -28,6 +31,7 @@ RECIPES = {
     "multi-plain": ["--head-features", "multi", "--views", "1"],
     "multi-4views": ["--head-features", "multi", "--views", "4"],
 }
+TAIL = {"auto+tail0": ["--tail-epochs", "0"], "auto+tail4": ["--tail-epochs", "4"]}  # the head alone; the tail whatever the head's fit
 FINETUNE = {"auto+finetune2": ["--finetune-epochs", "2"]}
 
 
@@ -47,11 +51,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path, nargs="+")
     ap.add_argument("--arch", default="efficientnet_lite0")
-    ap.add_argument("--recipes", nargs="+", choices=[*RECIPES, *FINETUNE], help="default: all but fine-tuning")
+    ap.add_argument("--recipes", nargs="+", choices=[*RECIPES, *TAIL, *FINETUNE], help="default: all but fine-tuning")
     ap.add_argument("--finetune", action="store_true", help="also the default plus 2 whole-network epochs (slow on a CPU)")
     args = ap.parse_args()
-    recipes = {**RECIPES, **FINETUNE}
-    names = args.recipes or [*RECIPES, *(FINETUNE if args.finetune else [])]
+    recipes = {**RECIPES, **TAIL, **FINETUNE}
+    names = args.recipes or [*RECIPES, *TAIL, *(FINETUNE if args.finetune else [])]
     for data in args.data:
         for name in names:
             with tempfile.TemporaryDirectory() as runs:
@@ -64,8 +68,10 @@ def main() -> None:
                    "options": " ".join(recipes[name]), "best_val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"],
                    "num_train": summary["num_train"], "num_test": summary["num_test"], "head": summary["recipe"]["head"],
                    "wall_s": round(wall, 1), "peak_rss_mb": round(rss),
-                   # the head's best val accuracy, then each fine-tune epoch's: fine-tuning must start from it, not below
+                   "tail": summary["recipe"]["tail"], "best_stage": history[summary["best_epoch"] - 1]["stage"],
+                   # the head's best val accuracy, then each later epoch's: a later stage must start from it, not below
                    "head_best_val_acc": max((float(r["val_acc"]) for r in history if r["stage"] == "head"), default=None),
+                   "tail_val_accs": [float(r["val_acc"]) for r in history if r["stage"] == "tail"],
                    "finetune_val_accs": [float(r["val_acc"]) for r in history if r["stage"] == "finetune"]}
             print(json.dumps(row), flush=True)
 

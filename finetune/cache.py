@@ -53,11 +53,12 @@ def default_cache_dir() -> Path:
 
 
 def cache_for(cfg: TrainConfig, pp: Preprocessing, weights_source: str, device: torch.device,
-              precision: torch.dtype | None) -> "FeatureCache | None":
-    """The run's feature cache; None with --no-cache, and for random weights (not worth keeping)."""
+              precision: torch.dtype | None, tail_input: tuple[int, ...] | None = None) -> "FeatureCache | None":
+    """The run's feature cache; None with --no-cache, and for random weights (not worth keeping).
+    `tail_input`: the shape of the activation the rows start with (Classifier.rows), if any."""
     if not cfg.cache or not cfg.pretrained:
         return None
-    key = feature_key(cfg.arch, weights_source, pp, cfg.max_pixels, device, precision)
+    key = feature_key(cfg.arch, weights_source, pp, cfg.max_pixels, device, precision, tail_input)
     return FeatureCache(cfg.cache_dir or default_cache_dir(), key, int(cfg.cache_limit_gb * 1e9))
 
 
@@ -72,9 +73,12 @@ def weights_identity(source: str) -> str:
 
 
 def feature_key(arch: str, weights_source: str, pp: Preprocessing, max_pixels: int, device: torch.device,
-                precision: torch.dtype | None) -> dict:
-    return {"format": CACHE_FORMAT, "arch": arch, "weights": weights_identity(weights_source), **pp.to_dict(),
-            "max_pixels": max_pixels, "device": device.type, "precision": str(precision or torch.float32).removeprefix("torch.")}
+                precision: torch.dtype | None, tail_input: tuple[int, ...] | None = None) -> dict:
+    key = {"format": CACHE_FORMAT, "arch": arch, "weights": weights_identity(weights_source), **pp.to_dict(),
+           "max_pixels": max_pixels, "device": device.type, "precision": str(precision or torch.float32).removeprefix("torch.")}
+    if tail_input is not None:  # rows that start with the activation entering the tail: another table
+        key["tail_input"] = list(tail_input)
+    return key
 
 
 def row_id(sample: Sample, view: int, seed: int) -> str | None:

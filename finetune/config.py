@@ -42,11 +42,14 @@ class TrainConfig:
     patience: int = 0  # stop a stage after this many epochs without a better val accuracy (0: never)
     class_weights: bool = False  # weight the loss by inverse class frequency (imbalanced folders)
     max_images_per_class: int | None = None  # quick trials: use at most this many per class (train and val)
-    # Stage 2: unfreeze and fine-tune the whole network end to end. None: off, unless
+    # Then the tail: the backbone's last blocks and the head, trained on activations cached by
+    # the feature pass (stages.TailStage). None: planned from the head's fit (recipe.plan_tail).
+    tail_epochs: int | None = None
+    # Last: unfreeze and fine-tune the whole network end to end. None: off, unless
     # freeze_backbone is False (then UNFROZEN_FINETUNE_EPOCHS).
     finetune_epochs: int | None = None
     freeze_backbone: bool | None = None  # None: follow finetune_epochs
-    backbone_lr_ratio: float = 0.1  # backbone lr = lr * ratio in stage 2
+    backbone_lr_ratio: float = 0.1  # the tail stage and fine-tuning go at lr * ratio (they start from the trained head)
     workers: int | None = None  # None: chosen from the machine's cores
     runs_dir: Path = DEFAULT_RUNS_DIR
     name: str | None = None
@@ -68,6 +71,7 @@ class TrainConfig:
              f"--finetune-epochs must be 0 or more (got {self.finetune_epochs})."),
             (not (self.freeze_backbone and self.finetune_epochs),
              "--freeze-backbone and --finetune-epochs > 0 contradict each other; pass one of them."),
+            (self.tail_epochs is None or self.tail_epochs >= 0, f"--tail-epochs must be 0 or more (got {self.tail_epochs})."),
             (self.views is None or self.views >= 1, f"--views must be at least 1 (got {self.views})."),
             (self.head_features in HEAD_FEATURES, f"--head-features must be one of {', '.join(HEAD_FEATURES)} (got '{self.head_features}')."),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})."),

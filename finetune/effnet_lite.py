@@ -112,16 +112,13 @@ class EfficientNetLite0(nn.Module):
         x = self.act(self._bn1(self._conv_head(x)))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
-    def stage_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The pooled output of each of the 7 stages, then the pooled 1280-d features."""
-        x = self.act(self._bn0(self._conv_stem(x)))
-        pooled = []
-        for i, block in enumerate(self._blocks):
-            x = block(x)
-            if i in STAGE_ENDS:
-                pooled.append(x.mean((2, 3)))
-        x = self.act(self._bn1(self._conv_head(x)))
-        return [*pooled, x.mean((2, 3))]
+    def chain(self) -> list[tuple[nn.Module, bool]]:
+        """The trunk as steps in order (stem, the 16 blocks, the 1280-d head conv), each with
+        whether a stage's pooled output follows it: what the multi-layer head reads, and
+        where the tail stage (tail.py) can split the network."""
+        return [(nn.Sequential(self._conv_stem, self._bn0, self.act), False),
+                *((block, i in STAGE_ENDS) for i, block in enumerate(self._blocks)),
+                (nn.Sequential(self._conv_head, self._bn1, self.act), True)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self._dropout(self.forward_features(x)))

@@ -56,9 +56,10 @@ class FeatureExtractor:
         return {"image_views": self.computed, "seconds": round(self.compute_seconds, 2), "image_views_per_s": rate}
 
     def features_of(self, split: DatasetSplit, views: int) -> tuple[FeatureSet, DatasetSplit]:
-        """The features of every stage (Classifier.all_stage_features), and the split without
+        """The rows of every image view (Classifier.rows: every stage's features, after the activation
+        entering the tail when the model keeps it), and the split without
         the images that failed to decode (they are added to its `skipped` list and reported)."""
-        size = (len(split.train) * views + len(split.val)) * self.model.all_dim * 2
+        size = (len(split.train) * views + len(split.val)) * self.model.row_dim * 2
         self.on_disk = not self.d.active and size > self.cfg.feature_memory_gb * 1e9  # (ranks exchange tensors)
         train, train_feats, train_failed = self.sharded(split.train, views, "Features (train)")
         val, val_feats, val_failed = self.sharded(split.val, 1, "Features (val)")
@@ -82,7 +83,7 @@ class FeatureExtractor:
         cache where it has them, computed for the rest; (index, reason) of the others."""
         ids = [[row_id(s, v, self.cfg.seed) for v in range(views)] for s in samples]
         folder = (self.cfg.cache_dir or default_cache_dir()) / "tmp"
-        out = new_rows(len(samples), views, self.model.all_dim, self.on_disk, folder)
+        out = new_rows(len(samples), views, self.model.row_dim, self.on_disk, folder)
         cached = self.cache.lookup(ids, out) if self.cache is not None else set()
         todo = [i for i in range(len(samples)) if i not in cached]
         self.reporter.start(description, len(samples))
@@ -116,7 +117,7 @@ class FeatureExtractor:
                 b, v = batch.shape[:2]
                 x = to_model_input(batch.flatten(0, 1), self.device)
                 with autocast(self.device, amp):
-                    f = forward_in_chunks(self.model.all_stage_features, x, self.device)
+                    f = forward_in_chunks(self.model.rows, x, self.device)
                 f = f.view(b, v, -1).to("cpu", torch.float16)
                 for k, row in zip(indices, f):
                     put(out, places[k], row)

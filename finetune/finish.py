@@ -42,7 +42,7 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
         recipe={"head": run.head_choice.to_dict() if run.head_choice else None, "candidates": run.candidates,
                 "views_computed": run.views_computed,
                 "chosen_by": "the best validation accuracy (then loss) among heads trained on the same cached features",
-                "finetune_epochs": run.cfg.finetune_epochs, "learning_curve": run.learning_curve or None,
+                "tail": run.tail_plan, "finetune_epochs": run.cfg.finetune_epochs, "learning_curve": run.learning_curve or None,
                 "feature_pass": run.feature_pass},
         val=summary_of(val, split.classes) if val else None, suspects=folder.write_suspects(run.suspects, run.suspects_note),
         calibration=calibration_summary(run, test), unknown=run.unknown,
@@ -58,12 +58,16 @@ def calibrate_run(run: Run, device: torch.device) -> None:
     if run.best.val_logits is None or not len(run.split.val) or len(run.best.val_logits) != len(run.split.val):
         return  # (a val image that stopped decoding since: the logits no longer line up with the images)
     best_stage = run.history[run.best.epoch - 1].stage if run.best.epoch else Stage.HEAD
-    if run.frozen_features is not None and best_stage is Stage.HEAD:
-        train_features, val_features, kept = run.frozen_features  # the features the head was trained on: no pass needed
+    run.model.load_state_dict(run.best.state)
+    if run.frozen_features is not None and best_stage in (Stage.HEAD, Stage.TAIL):
+        train_rows, val_rows, kept = run.frozen_features  # the rows the stage was trained on: no pass needed
+        if best_stage is Stage.HEAD:  # the backbone as the rows were cached: their pooled part
+            train_features, val_features = (rows[:, -run.model.all_dim:].float() for rows in (train_rows, val_rows))
+        else:
+            train_features, val_features = tail_stages(run, train_rows, device), tail_stages(run, val_rows, device)
     else:  # a fine-tuned backbone: its own features, of a sample of train
         g = torch.Generator().manual_seed(run.cfg.seed)
         sample = [run.split.train[i] for i in torch.randperm(len(run.split.train), generator=g)[:MAX_FEATURE_IMAGES].tolist()]
-        run.model.load_state_dict(run.best.state)
         train_features, _ = stage_features(run, sample, device)
         val_features, kept = stage_features(run, run.split.val, device)
     val_logits = run.best.val_logits[kept]
@@ -75,6 +79,14 @@ def calibrate_run(run: Run, device: torch.device) -> None:
     run.reporter.info(f"calibration: temperature {c['temperature']:.3f}, val ECE {c['val_ece_before']:.4f} -> "
                       f"{c['val_ece_after']:.4f}; unknown beyond distance {run.unknown['threshold']:.2f} "
                       f"({run.unknown['val_flagged']:.1%} of val)")
+
+
+def tail_stages(run: Run, rows: torch.Tensor, device: torch.device, chunk: int = 256) -> torch.Tensor:
+    """Every stage's pooled features of cached rows, the model's trained tail run on their activations."""
+    run.model.eval()
+    with torch.inference_mode():
+        return torch.cat([run.model.stages_from_rows(rows[i:i + chunk].to(device)).cpu() for i in range(0, len(rows), chunk)]
+                         or [torch.empty(0, run.model.all_dim)])
 
 
 def stage_features(run: Run, samples: list[Sample], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,8 +50,10 @@ class Run:
     cache: FeatureCache | None = None  # where the features are kept between runs (None: --no-cache)
     learning_curve: list[dict] = field(default_factory=list)  # {images, val_acc} per growth step (recipe.py)
     feature_pass: dict | None = None  # what computing the features took: image views, seconds (this process)
+    no_tail: str | None = None  # why the feature pass keeps no activations for the tail stage; None: it keeps them
+    tail_plan: dict | None = None  # the tail stage's epochs and why (recipe.plan_tail), once planned
     suspects: list[dict] | None = None  # suspected label errors in train (run_report.training_suspects); None: not computed
-    suspects_note: str = "Not computed: the run was resumed after its head stage, whose features it no longer holds."
+    suspects_note: str = "Not computed: the run was resumed in its fine-tuning stage, after the features were let go."
     frozen_features: tuple | None = None  # the frozen backbone's features (every stage): train, val, val positions (training.frozen_sample)
     calibration: dict | None = None  # the model file's temperature and ECE (calibration.calibrate), once fitted
     unknown: dict | None = None  # the model file's unknown rule
@@ -74,7 +76,7 @@ class Run:
         return self.folder.save_model(self.best, meta, extra, force)
 
     def resume_state(self, stage, epoch: int, optimizer, schedule) -> ResumeState:
-        """The state after `epoch` epochs of `stage` (a stages.HeadStage or FinetuneStage)."""
+        """The state after `epoch` epochs of `stage` (a stages.HeadStage, TailStage or FinetuneStage)."""
         trained = {k: v for k, v in self.model.state_dict().items() if k.startswith(stage.prefixes)}
         best = {k: v for k, v in self.best.state.items() if k.startswith(stage.prefixes)} if stage.best_in_state else {}
         return ResumeState(
@@ -84,6 +86,7 @@ class Run:
             skipped=self.split.skipped, num_train=len(self.split.train), num_val=len(self.split.val),
             classes=self.split.classes, stopped_stage=self.early.stopped_stage, files_digest=self.files_digest,
             head_choice=self.head_choice, candidates=self.candidates, learning_curve=self.learning_curve,
+            tail_plan=self.tail_plan,
         )
 
     def restore(self, state: ResumeState, device: torch.device) -> None:
@@ -96,6 +99,7 @@ class Run:
         self.head_choice = state.head_choice or HeadChoice(self.cfg.views or 4, False)
         self.candidates = state.candidates
         self.learning_curve = state.learning_curve
+        self.tail_plan = state.tail_plan
         self.model.use_features(self.head_choice.multi_layer)  # shaped before its weights load
         self.model.load_state_dict(state.trainable, strict=state.stage is Stage.FINETUNE)
         if state.stage is Stage.FINETUNE:  # the best model is the one in the model file
@@ -130,7 +134,7 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 
 def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None) -> None:
-    """Train `stage` (stages.HeadStage or FinetuneStage) from epoch `done` + 1 to its last epoch,
+    """Train `stage` (stages.HeadStage, TailStage or FinetuneStage) from epoch `done` + 1 to its last epoch,
     or until early stopping ends it. `resumed`: the state to continue from when `done` > 0."""
     optimizer = torch.optim.AdamW(stage.param_groups(), weight_decay=run.cfg.weight_decay)
     total = stage.steps_per_epoch * stage.epochs

