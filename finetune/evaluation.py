@@ -4,6 +4,7 @@ it), or samples a caller already has (training's test split)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 from .checkpoint import LoadedModel
 from .config import PredictConfig
@@ -79,15 +80,16 @@ def evaluate_labelled(model: LoadedModel, data: Path, cfg: PredictConfig, report
 
 
 def measure(model: LoadedModel, samples: list[Sample], cfg: PredictConfig, reporter: Reporter | None,
-            source: str, skipped: list[dict] | None = None) -> EvaluationReport:
+            source: str, skipped: list[dict] | None = None, given: Iterable | None = None) -> EvaluationReport:
     """Accuracy, per-class figures, confusion matrix and worst mistakes of `model` on `samples`;
-    images that cannot be read are added to `skipped`."""
+    images that cannot be read are added to `skipped`. `given`: each sample's (Answer, None) or
+    (None, reason) when the caller has them (training's test split, from cached features)."""
     import torch
 
     skipped = list(skipped or [])
     paths = [s.path for s in samples]
     kept_paths, kept_labels, answers = [], [], []
-    for sample, (answer, reason) in zip(samples, iter_answers(paths, model, cfg, reporter)):
+    for sample, (answer, reason) in zip(samples, given if given is not None else iter_answers(paths, model, cfg, reporter)):
         if reason is not None:
             skipped.append({"path": str(sample.path), "reason": reason})
             continue

@@ -20,6 +20,7 @@ from .config import TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, make_loader, view_seed
 from .device import autocast, autocast_dtype, forward_in_chunks, to_model_input
 from .distributed import Dist
+from .fold import folded
 from .models import Classifier
 from .progress import Reporter
 from .store import DiskRows, Rows, keep, new_rows, put
@@ -49,11 +50,21 @@ class FeatureExtractor:
     on_disk: bool = field(default=False, init=False)  # the table is too big for memory: in a file (store.py)
     computed: int = field(default=0, init=False)  # image views through the backbone (decoding overlapped), and their time
     compute_seconds: float = field(default=0.0, init=False)
+    _net: Classifier | None = field(default=None, init=False, repr=False)  # frozen_net, once made
 
     def pass_summary(self) -> dict:
         """What computing features took in this run (results.json `recipe.feature_pass`)."""
         rate = round(self.computed / self.compute_seconds, 1) if self.computed else None
         return {"image_views": self.computed, "seconds": round(self.compute_seconds, 2), "image_views_per_s": rate}
+
+    def frozen_net(self):
+        """The model for the pass, its BatchNorms folded into their convolutions (fold.py): nothing
+        in it trains while the features are computed."""
+        if self._net is None:
+            s = self.pp.img_size
+            probe = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0)).to(self.device)
+            self._net = folded(self.model, probe.contiguous(memory_format=torch.channels_last), lambda net, x: net.rows(x))
+        return self._net.eval()
 
     def features_of(self, split: DatasetSplit, views: int) -> tuple[FeatureSet, DatasetSplit]:
         """The rows of every image view (Classifier.rows: every stage's features, after the activation
@@ -108,7 +119,7 @@ class FeatureExtractor:
         loader = make_loader(dataset, max(1, self.cfg.batch_size // views), self.cfg.workers,
                              pin_memory=self.device.type == "cuda", seed=self.cfg.seed)
         amp = autocast_dtype(self.device)
-        self.model.eval()
+        net = self.frozen_net()
         kept, failures = [], []
         t0, done = time.perf_counter(), 0
         for indices, batch, failed in loader:
@@ -117,7 +128,7 @@ class FeatureExtractor:
                 b, v = batch.shape[:2]
                 x = to_model_input(batch.flatten(0, 1), self.device)
                 with autocast(self.device, amp):
-                    f = forward_in_chunks(self.model.rows, x, self.device)
+                    f = forward_in_chunks(net.rows, x, self.device)
                 f = f.view(b, v, -1).to("cpu", torch.float16)
                 for k, row in zip(indices, f):
                     put(out, places[k], row)

@@ -11,6 +11,7 @@ from .calibration import calibrate, uncalibrated
 from .data import ImageFileDataset, Sample, make_loader
 from .device import to_model_input
 from .fit import Run
+from .prediction import answers_from_rows
 from .records import Stage, TrainResult
 from .run_report import measured_val, summary_of, training_content
 from .scan import count_per_class, is_imbalanced
@@ -120,15 +121,27 @@ def calibration_summary(run: Run, test) -> dict | None:
 
 
 def measure_test(run: Run, model_path, device: torch.device):
-    """The saved model on the test split, read back from its file: the very figures
-    `finetune evaluate` gives. Test images never choose anything."""
+    """The saved model on the test split, read back from its file: the figures `finetune evaluate`
+    gives (from the cached features of the test images when the backbone under the tail is
+    the frozen one, which may differ from evaluate's by the rounding of those features to 16
+    bits, as val's do). Test images never choose anything."""
     from .checkpoint import read_model_file
     from .config import PredictConfig
     from .evaluation import measure
 
     cfg = PredictConfig(device=str(device), batch_size=max(64, run.cfg.batch_size), workers=run.cfg.workers,
                         max_pixels=run.cfg.max_pixels)
-    report = measure(read_model_file(model_path), run.split.test, cfg, run.reporter, "test")
+    loaded = read_model_file(model_path)
+    best_stage = run.history[run.best.epoch - 1].stage if run.best.epoch else Stage.HEAD
+    if run.test_rows is not None and best_stage in (Stage.HEAD, Stage.TAIL):
+        # The backbone the rows came from is the model's, but for the tail it trained: the model
+        # file's weights run on the cached rows, as val was measured (a rerun reads them from the cache).
+        samples, rows, failed = run.test_rows
+        loaded.model.tail_input = run.model.tail_input
+        given = [(answer, None) for answer in answers_from_rows(loaded, rows[:, 0])]
+        report = measure(loaded, samples, cfg, run.reporter, "test", failed, given)
+    else:
+        report = measure(loaded, run.split.test, cfg, run.reporter, "test")
     if report.skipped:
         run.split.skipped.extend(report.skipped)
         run.folder.write_skipped(run.split.skipped)

@@ -52,6 +52,7 @@ class Run:
     feature_pass: dict | None = None  # what computing the features took: image views, seconds (this process)
     no_tail: str | None = None  # why the feature pass keeps no activations for the tail stage; None: it keeps them
     tail_plan: dict | None = None  # the tail stage's epochs and why (recipe.plan_tail), once planned
+    test_rows: tuple | None = None  # the test split's (decoded samples, cached rows [n, 1, dim], failures), when in memory
     suspects: list[dict] | None = None  # suspected label errors in train (run_report.training_suspects); None: not computed
     suspects_note: str = "Not computed: the run was resumed in its fine-tuning stage, after the features were let go."
     frozen_features: tuple | None = None  # the frozen backbone's features (every stage): train, val, val positions (training.frozen_sample)

@@ -14,6 +14,7 @@ from .config import PredictConfig
 from .data import ImageFileDataset, make_loader
 from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
 from .errors import UsageError
+from .fold import folded
 from .progress import Reporter
 from .scan import list_images
 
@@ -101,8 +102,8 @@ def iter_answers(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig,
     cfg = cfg.checked()
     device = pick_device(cfg.device)
     amp = autocast_dtype(device)
-    model = loaded.model.to(device).to(memory_format=torch.channels_last).eval()
-    n, temperature, distance = len(loaded.classes), loaded.temperature, loaded.distance
+    model = inference_net(loaded, device)
+    n = len(loaded.classes)
     dataset = ImageFileDataset(paths, loaded.preprocessing, cfg.max_pixels)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
     reporter.start("Predicting", len(paths))
@@ -113,15 +114,43 @@ def iter_answers(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig,
                 x = to_model_input(batch[:, 0], device)
                 with autocast(device, amp):
                     out = forward_in_chunks(model.logits_and_stages, x, device).float()
-                    probs = (out[:, :n] / temperature).softmax(1)
-                    if cfg.tta:
-                        probs = (probs + (forward_in_chunks(model, x.flip(-1), device).float() / temperature).softmax(1)) / 2
-                far = distance(out[:, n:]).tolist() if distance is not None else [None] * len(probs)
-                by_index.update({i: (Answer(p, f), None) for i, p, f in zip(indices, probs.cpu(), far)})
+                    flipped = forward_in_chunks(model, x.flip(-1), device).float() if cfg.tta else None
+                by_index.update({i: (a, None) for i, a in zip(indices, answers_of(out[:, :n], out[:, n:], loaded, flipped))})
             for i in sorted(by_index):  # the loader keeps order; failures sit among their batch
                 yield by_index[i]
             reporter.advance(len(by_index))
     reporter.finish()
+
+
+def inference_net(loaded: LoadedModel, device: torch.device) -> torch.nn.Module:
+    """The loaded model on the device for inference, its BatchNorms folded into their convolutions
+    (fold.py); the model file's own module is left as it is."""
+    model = loaded.model.to(device).to(memory_format=torch.channels_last).eval()
+    s = loaded.preprocessing.img_size
+    probe = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0)).to(device)
+    return folded(model, probe.contiguous(memory_format=torch.channels_last), lambda net, x: net.logits_and_stages(x))
+
+
+def answers_of(logits: torch.Tensor, stages: torch.Tensor, loaded: LoadedModel,
+               flipped_logits: torch.Tensor | None = None) -> list[Answer]:
+    """Answers from the model's logits and every stage's features: the softmax of the logits over
+    the model's temperature (averaged with the flipped image's, given those), and the distance."""
+    probs = (logits / loaded.temperature).softmax(1)
+    if flipped_logits is not None:
+        probs = (probs + (flipped_logits / loaded.temperature).softmax(1)) / 2
+    far = loaded.distance(stages).tolist() if loaded.distance is not None else [None] * len(probs)
+    return [Answer(p, f) for p, f in zip(probs.cpu(), far)]
+
+
+def answers_from_rows(loaded: LoadedModel, rows: torch.Tensor, chunk: int = 256) -> list[Answer]:
+    """Answers from rows a feature pass cached (Classifier.rows) instead of from images: the
+    model's tail, if it keeps one, runs on their activations, the head on every stage's features."""
+    model, answers = loaded.model.eval(), []
+    with torch.inference_mode():
+        for start in range(0, len(rows), chunk):
+            stages = model.stages_from_rows(rows[start:start + chunk])
+            answers.extend(answers_of(model.logits_of_stages(stages), stages, loaded))
+    return answers
 
 
 def predict(model: LoadedModel, inputs: Iterable[str | Path], cfg: PredictConfig | None = None,

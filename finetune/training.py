@@ -89,7 +89,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     reporter.info(f"{spec.name} at {pp.img_size}px on {device}, weights: {weights_source}")
     if d.active:
         reporter.info(f"distributed: {d.world} process{'es' if d.world > 1 else ''} ({'nccl' if device.type == 'cuda' else 'gloo'})")
-    no_tail = tail_unavailable(cfg, spec, model, split, d)
+    no_tail = tail_unavailable(cfg, spec, model, split)
     if no_tail is None:
         model.keep_tail_input(pp.img_size)
     elif cfg.tail_epochs:
@@ -110,12 +110,11 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
         return finish(run, started, device, weights_source)
 
 
-def tail_unavailable(cfg: TrainConfig, spec, model, split: DatasetSplit, d: Dist) -> str | None:
-    """Why the feature pass cannot keep the activations the tail stage trains on; None when it can."""
+def tail_unavailable(cfg: TrainConfig, spec, model, split: DatasetSplit) -> str | None:
+    """Why the feature pass cannot keep the activations the tail stage trains on; None when it can.
+    (Under torchrun too: like the heads, rank 0 trains the tail, on the rows every rank shares.)"""
     if not spec.tail_steps:
         return f"{spec.name} has no tail stage here (the ResNets and efficientnet_lite0 do)"
-    if d.active:
-        return "not under --devices (one process trains the heads, on features every rank shares)"
     model.keep_tail_input(spec.preprocessing(cfg.img_size).img_size)
     views = cfg.views if cfg.views is not None else views_for(len(split.train), None)
     size = (len(split.train) * views + len(split.val)) * model.row_dim * 2
@@ -158,6 +157,8 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
             rows, clean = grow_training_set(run, extractor, views, device)
         else:
             rows, clean = extractor.features_of(run.split, views)
+        if run.split.test and not extractor.on_disk and not cfg.finetune_epochs:  # (fine-tuning: test goes through its network)
+            run.test_rows = extractor.sharded(run.split.test, 1, "Features (test)")
         tell_cache_use(run)
         run.feature_pass = extractor.pass_summary()
         loss = settle_split(run, clean, device)
@@ -200,9 +201,10 @@ def fit_tail(run: Run, rows: FeatureSet, features: FeatureSet, loss: LossFn, dev
         stage = TailStage(run.model, tail_rows, loss, run.cfg, device, 0)
     if run.tail_plan is None:
         acc = head_train_accuracy(run.model, features) if stage else None
-        measure = stage is not None and run.cfg.tail_epochs is None and acc < TAIL_FIT
+        multi = run.head_choice.multi_layer
+        measure = stage is not None and run.cfg.tail_epochs is None and (acc < TAIL_FIT or multi)
         seconds = stage.measure_seconds_per_epoch() if measure else None
-        epochs, why = plan_tail(run.cfg.tail_epochs, run.no_tail, acc, seconds)
+        epochs, why = plan_tail(run.cfg.tail_epochs, run.no_tail, acc, multi, seconds)
         run.tail_plan = {"epochs": epochs, "why": why, "head_train_acc": acc, "epoch_seconds": seconds}
         run.reporter.info(f"tail stage: {epochs} epochs ({why})" if epochs else f"no tail stage: {why}")
     if stage is not None and run.tail_plan["epochs"] > done:

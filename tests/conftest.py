@@ -85,5 +85,6 @@ def tree_hashes(root: Path) -> dict[str, str]:
 
 
 # Small, fast settings for training in tests: offline Lite0 weights, tiny crops.
-FAST_TRAIN_ARGS = ["--arch", "efficientnet_lite0", "--img-size", "64", "--epochs", "3", "--views", "2",
+# (No tail stage unless a test asks for one: the tiny colour folders' multi-layer head often wins, which plans one.)
+FAST_TRAIN_ARGS = ["--arch", "efficientnet_lite0", "--img-size", "64", "--epochs", "3", "--views", "2", "--tail-epochs", "0",
                    "--workers", "0", "--batch-size", "8", "--quiet"]

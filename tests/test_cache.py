@@ -43,6 +43,20 @@ def same_model(a, b) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_a_rerun_reads_the_test_splits_features_from_the_cache_and_measures_the_same(cfg, tmp_path):
+    from conftest import make_class_tree
+
+    make_class_tree(cfg.data / "test", 3, seed=2000)
+    first = train(cfg)
+    second = train(replace(cfg, lr=2e-3))
+    images = first.num_train + first.num_val + first.num_test
+    assert first.num_test == 9 and first.feature_cache["computed"] == images
+    assert second.feature_cache == {**first.feature_cache, "hits": images, "computed": 0}
+    again = train(cfg)  # the first run's settings: the same model, measured the same on test
+    assert again.feature_cache["hits"] == images and same_model(first, again)
+    assert again.test_acc == first.test_acc and again.test == first.test
+
+
 def test_a_second_run_reads_every_feature_and_trains_the_same_model(cfg):
     first = train(cfg)
     second = train(cfg)

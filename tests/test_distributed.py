@@ -20,7 +20,7 @@ from finetune.launcher import RankRecord, decide_outcome, read_records, strip_de
 from conftest import CLASS_COLOURS, make_image, make_train_val, tree_hashes
 
 runner = CliRunner()
-ARGS = ["--device", "cpu", "--arch", "efficientnet_lite0", "--img-size", "64", "--epochs", "3", "--views", "2", "--finetune-epochs", "2",
+ARGS = ["--device", "cpu", "--arch", "efficientnet_lite0", "--img-size", "64", "--epochs", "3", "--views", "2", "--tail-epochs", "2", "--finetune-epochs", "2",
         "--workers", "0", "--batch-size", "8", "--json", "--quiet"]
 
 
@@ -50,7 +50,7 @@ def test_one_json_object_one_run_folder(ddp_run):
     assert len(lines) == 1  # only rank 0 reports
     summary = json.loads(lines[0])
     assert [p.name for p in (ddp_run["root"] / "runs").iterdir()] == ["train"]
-    assert summary["epochs"] == 5 and summary["num_train"] == 21 and summary["num_val"] == 17
+    assert summary["epochs"] == 7 and summary["num_train"] == 21 and summary["num_val"] == 17  # head 3, tail 2, fine-tune 2
     assert "distributed: 2 processes (gloo)" not in ddp_run["stderr"]  # --quiet on rank 0, silence elsewhere
 
 
@@ -63,7 +63,7 @@ def test_bad_file_is_checked_and_reported_once(ddp_run):
 
 def test_val_accuracy_is_over_the_whole_val_set(ddp_run):
     summary = json.loads(ddp_run["stdout"])
-    assert len((Path(summary["run_dir"]) / "metrics.csv").read_text().splitlines()) == 1 + 5
+    assert len((Path(summary["run_dir"]) / "metrics.csv").read_text().splitlines()) == 1 + 7
     report = runner.invoke(app, ["evaluate", str(ddp_run["data"]), "--model", summary["model"], "--json", "--workers", "0"])
     evaluated = json.loads(report.stdout)
     assert evaluated["num_images"] == 17
@@ -161,14 +161,14 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_then_resume_finishes(tmp_path)
     steps = [int((report / f"steps.rank{r}").read_text()) for r in (0, 1)]
     assert steps[0] == steps[1] >= 3  # both ranks stopped at the same step (2 steps per epoch here)
     finished_epochs = len((run_dir / "metrics.csv").read_text().splitlines()) - 1
-    assert 3 + 1 <= finished_epochs < 3 + 3
+    assert 3 + 2 + 1 <= finished_epochs < 3 + 2 + 3  # head 3, tail 2, then within fine-tuning
 
     resumed = subprocess.run([sys.executable, "-m", "finetune", "train", "--resume", str(run_dir), "--devices", "2", "--json"],
                              capture_output=True, text=True, env=clean_env(), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout)
-    assert summary["epochs"] == 6 and [row.split(",")[1] for row in (run_dir / "metrics.csv").read_text().splitlines()[1:]] \
-        == ["head"] * 3 + ["finetune"] * 3
+    assert summary["epochs"] == 8 and [row.split(",")[1] for row in (run_dir / "metrics.csv").read_text().splitlines()[1:]] \
+        == ["head"] * 3 + ["tail"] * 2 + ["finetune"] * 3
 
 
 @pytest.mark.parametrize("fault, code, message", [
@@ -191,7 +191,7 @@ def test_a_batch_that_fails_on_one_rank_is_skipped_by_every_rank(tmp_path):
     report.mkdir()
     out = run_with_fault(tmp_path, "first-batch-fails-rank1", report=report)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout)["epochs"] == 5
+    assert json.loads(out.stdout)["epochs"] == 7
     # 18 training images, 9 per rank: batches of 8 and 1 per epoch, the first one skipped; 2 epochs
     assert [(report / f"steps.rank{r}").read_text() for r in (0, 1)] == ["2", "2"]
 

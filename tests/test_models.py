@@ -136,3 +136,42 @@ def test_every_arch_builds_and_gives_features():
             assert model(torch.rand(2, 3, 64, 64)).shape == (2, 3)
             assert model.features(torch.rand(1, 3, 64, 64)).shape == (1, spec.feature_dim)
     assert {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet_lite0"} <= set(models.ARCHS)
+
+
+class _ReluBetween(torch.nn.Module):
+    """A convolution and a BatchNorm registered one after the other, with a ReLU between them
+    in the forward pass: folding them would change the function."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
+def test_folded_batchnorm_computes_the_same_features_and_leaves_the_model_alone(arch):
+    from finetune.fold import folded
+    from finetune.models import build_classifier, get_arch
+
+    model = build_classifier(get_arch(arch), 3).eval()
+    for m in model.modules():  # statistics that are not the identity, so that folding them matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+    x = torch.rand(2, 3, 64, 64)
+    net = folded(model, x, lambda n, t: n.all_stage_features(t))
+    assert net is not model and not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original keeps its own
+    with torch.no_grad():
+        expected, got = model.all_stage_features(x), net.all_stage_features(x)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_batchnorm_not_right_after_its_convolution_is_not_folded():
+    from finetune.fold import folded
+
+    module = _ReluBetween().eval()
+    module.bn.running_mean.fill_(0.5)
+    assert folded(module, torch.rand(1, 3, 8, 8) - 0.5) is module

@@ -213,18 +213,19 @@ def test_a_grown_training_set_is_the_same_after_a_resume(growing, tmp_path, stag
 
 # The tail stage: the backbone's last blocks trained with the head on activations the feature pass kept.
 
-@pytest.mark.parametrize("requested, unavailable, acc, seconds, epochs, why", [
-    (3, None, 1.0, None, 3, "as asked"),  # asked for: whatever the signals
-    (0, None, 0.5, 1.0, 0, "as asked"),
-    (None, "resnet9 has no tail stage here", 0.5, None, 0, "no tail stage here"),
-    (None, None, 0.995, None, 0, "fits 99.5%"),  # the head fits: nothing to gain
-    (None, None, 0.92, 10.0, 4, "fits only 92.0%"),  # it underfits, and 4 epochs take 40 s
-    (None, None, 0.92, 100.0, 0, "--tail-epochs 4 runs them"),  # 400 s: over the budget, and the run says how to ask
+@pytest.mark.parametrize("requested, unavailable, acc, multi, seconds, epochs, why", [
+    (3, None, 1.0, False, None, 3, "as asked"),  # asked for: whatever the signals
+    (0, None, 0.5, True, 1.0, 0, "as asked"),
+    (None, "resnet9 has no tail stage here", 0.5, True, None, 0, "no tail stage here"),
+    (None, None, 0.995, False, None, 0, "fits 99.5%"),  # the head fits on the final features: nothing to gain
+    (None, None, 0.92, False, 10.0, 4, "fits only 92.0%"),  # it underfits, and 4 epochs take 40 s
+    (None, None, 0.999, True, 10.0, 4, "unlike ImageNet's"),  # every stage's features won: the images are unlike ImageNet's
+    (None, None, 0.92, False, 100.0, 0, "--tail-epochs 4 runs them"),  # 400 s: over the budget, and the run says how to ask
 ])
-def test_the_tail_is_planned_from_the_heads_fit_and_its_cost(requested, unavailable, acc, seconds, epochs, why):
+def test_the_tail_is_planned_from_the_heads_fit_and_its_cost(requested, unavailable, acc, multi, seconds, epochs, why):
     from finetune.recipe import plan_tail
 
-    planned, reason = plan_tail(requested, unavailable, acc, seconds)
+    planned, reason = plan_tail(requested, unavailable, acc, multi, seconds)
     assert planned == epochs and why in reason
 
 
@@ -280,7 +281,7 @@ def test_a_tail_epoch_trains_the_last_blocks_and_the_head_and_nothing_else():
 
 def test_the_tail_stage_trains_the_last_blocks_and_the_model_file_predicts_as_it_measured(data, tmp_path):
     before = tree_hashes(data)
-    args = ["train", str(data), "--runs-dir", str(tmp_path), "--json", "--tail-epochs", "2", *FAST_TRAIN_ARGS]
+    args = ["train", str(data), "--runs-dir", str(tmp_path), "--json", *FAST_TRAIN_ARGS, "--tail-epochs", "2"]  # (the last one given counts)
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
