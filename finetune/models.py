@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import difflib
 import functools
 import math
@@ -254,15 +255,16 @@ class Classifier(nn.Module):
             return self.backbone(self.normalize(x))
         return torch.cat(run_steps(self.chain(self.backbone), self.normalize(x))[1], 1)
 
+    def tail_input_shape(self, img_size: int) -> tuple[int, ...]:
+        """The shape of the activation entering the tail, for images of this size (on shapes only)."""
+        with torch.device("meta"):
+            act, _ = run_steps(self.chain(copy.deepcopy(self.backbone).to("meta"))[:-self.tail_steps],
+                               torch.empty(1, 3, img_size, img_size))
+        return tuple(act.shape[1:])
+
     def keep_tail_input(self, img_size: int) -> None:
         """From now on `rows` also keep the activation entering the tail: what the tail stage trains on."""
-        trunk = self.chain(self.backbone)[:-self.tail_steps]
-        training = self.training
-        self.eval()  # (in training mode BatchNorm would learn statistics from this probe)
-        with torch.inference_mode():
-            act, _ = run_steps(trunk, torch.zeros(1, 3, img_size, img_size, device=self.mean.device))
-        self.train(training)
-        self.tail_input = tuple(act.shape[1:])
+        self.tail_input = self.tail_input_shape(img_size)
 
     def tail_parameters(self) -> list[nn.Parameter]:
         return [p for step, _ in self.chain(self.backbone)[-self.tail_steps:] for p in step.parameters()]

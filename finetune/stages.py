@@ -180,10 +180,13 @@ class TailStage(HeadStage):
         self.train_mode()
         x, y = self.x[:self.batch_size].float(), self.y[:self.batch_size]
         times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            self.loss(self.net(x), y).backward()
-            times.append(time.perf_counter() - t0)
+        # (Dropout draws random numbers: measuring leaves the run's streams as they were, so a
+        # planned tail trains as one asked for with --tail-epochs does.)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for _ in range(3):
+                t0 = time.perf_counter()
+                self.loss(self.net(x), y).backward()
+                times.append(time.perf_counter() - t0)
         self.net.zero_grad(set_to_none=True)
         return min(times[1:]) * len(self.x) / len(x)
 

@@ -12,6 +12,7 @@ writes and reports.
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import time
@@ -30,7 +31,7 @@ from .fit import Run, fit_stage
 from .models import build_classifier, get_arch
 from .weights import resolve_pretrained
 from .progress import Reporter
-from .recipe import (TAIL_FIT, choose_head, growth_steps, head_features, learning_order, more_images_pay, norm_statistics,
+from .recipe import (choose_head, growth_steps, head_features, learning_order, more_images_pay, norm_statistics,
                      plan_tail, pooled_features, try_head, views_for)
 from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
@@ -115,10 +116,9 @@ def tail_unavailable(cfg: TrainConfig, spec, model, split: DatasetSplit) -> str 
     (Under torchrun too: like the heads, rank 0 trains the tail, on the rows every rank shares.)"""
     if not spec.tail_steps:
         return f"{spec.name} has no tail stage here (the ResNets and efficientnet_lite0 do)"
-    model.keep_tail_input(spec.preprocessing(cfg.img_size).img_size)
+    kept = math.prod(model.tail_input_shape(spec.preprocessing(cfg.img_size).img_size))
     views = cfg.views if cfg.views is not None else views_for(len(split.train), None)
-    size = (len(split.train) * views + len(split.val)) * model.row_dim * 2
-    model.tail_input = None
+    size = (len(split.train) * views + len(split.val)) * (model.all_dim + kept) * 2
     if size > cfg.feature_memory_gb * 1e9:
         return (f"its cached activations would take {size / 1e9:.1f} GB, over --feature-memory-gb "
                 f"{cfg.feature_memory_gb:g}")
@@ -201,10 +201,8 @@ def fit_tail(run: Run, rows: FeatureSet, features: FeatureSet, loss: LossFn, dev
         stage = TailStage(run.model, tail_rows, loss, run.cfg, device, 0)
     if run.tail_plan is None:
         acc = head_train_accuracy(run.model, features) if stage else None
-        multi = run.head_choice.multi_layer
-        measure = stage is not None and run.cfg.tail_epochs is None and (acc < TAIL_FIT or multi)
-        seconds = stage.measure_seconds_per_epoch() if measure else None
-        epochs, why = plan_tail(run.cfg.tail_epochs, run.no_tail, acc, multi, seconds)
+        seconds = stage.measure_seconds_per_epoch() if stage is not None and run.cfg.tail_epochs is None else None
+        epochs, why = plan_tail(run.cfg.tail_epochs, run.no_tail, acc, run.head_choice.multi_layer, seconds)
         run.tail_plan = {"epochs": epochs, "why": why, "head_train_acc": acc, "epoch_seconds": seconds}
         run.reporter.info(f"tail stage: {epochs} epochs ({why})" if epochs else f"no tail stage: {why}")
     if stage is not None and run.tail_plan["epochs"] > done:

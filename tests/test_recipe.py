@@ -303,6 +303,20 @@ def test_the_tail_stage_trains_the_last_blocks_and_the_model_file_predicts_as_it
     assert tree_hashes(data) == before
 
 
+def test_a_planned_tail_trains_as_one_asked_for(data, tmp_path, monkeypatch):
+    from finetune import recipe
+    from test_resume import compared
+
+    monkeypatch.setattr(recipe, "TAIL_FIT", 1.01)  # every head "underfits": the plan is TAIL_EPOCHS epochs
+    cfg = TrainConfig(data=data, runs_dir=tmp_path / "a", arch="efficientnet_lite0", img_size=64, epochs=3, views=2,
+                      workers=0, batch_size=8)
+    planned = train(cfg)
+    assert planned.recipe["tail"]["epochs"] == recipe.TAIL_EPOCHS and planned.recipe["tail"]["epoch_seconds"] > 0
+    asked = train(replace(cfg, runs_dir=tmp_path / "b", tail_epochs=recipe.TAIL_EPOCHS))
+    assert asked.recipe["tail"]["why"] == "as asked (--tail-epochs)"
+    assert compared(planned.history) == compared(asked.history)  # measuring the throughput changed nothing
+
+
 def test_tail_epochs_for_a_backbone_without_a_tail_is_a_one_line_error(data, tmp_path):
     result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path), "--tail-epochs", "2", "--arch", "mobilenet_v3_small",
                                  "--no-pretrained", "--img-size", "64", "--workers", "0", "--quiet"])
