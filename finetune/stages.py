@@ -4,7 +4,7 @@ learning rates and how it is validated; `fit.fit_stage` runs any of them the sam
 - HeadStage: a new head on the cached features of the frozen backbone (seconds);
   StreamedHeadStage the same over features kept in a file (store.py), block by block.
 - TailStage: the backbone's last blocks and the head, on the activations entering those blocks
-  that the feature pass kept (a second or so per hundred images on a CPU, no decoding).
+  that the feature pass kept (no decoding: about 200 image views a second on a 2-core CPU).
 - FinetuneStage: the whole network on freshly augmented images, the backbone at a lower
   learning rate (minutes per epoch on a CPU), on every rank under torchrun.
 """
@@ -146,8 +146,9 @@ class _TailNet(nn.Module):
 
 class TailStage(HeadStage):
     """It starts from the trained head, with BatchNorm's statistics frozen and the whole stage at
-    the backbone's learning rate (lr x backbone_lr_ratio): its first steps start from the head's
-    model instead of undoing it. Like the head, one process trains it."""
+    the backbone's learning rate (lr x backbone_lr_ratio), so that it starts from the head's
+    model; as after every stage, the model kept is the best on val, the head's if the tail
+    never beats it. Like the head, one process trains it."""
 
     kind = Stage.TAIL
     title = "Tail (last blocks)"
@@ -160,7 +161,7 @@ class TailStage(HeadStage):
         self.net = _TailNet(model)
         self.prefixes = (*model.tail_prefixes(), "feature_norm.", "head.")
         self.epochs, self.lr = epochs, cfg.lr * cfg.backbone_lr_ratio
-        self.warmup_steps = self.steps_per_epoch  # a whole epoch: a shorter warm-up first cost textures 7 val images of 240
+        self.warmup_steps = self.steps_per_epoch  # (the textures' first-epoch dip on val was the same with half an epoch)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [*self.model.tail_parameters(), *self.model.head.parameters()], "lr": self.lr}]
