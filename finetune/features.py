@@ -20,7 +20,7 @@ from .config import TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, make_loader, view_seed
 from .device import autocast, autocast_dtype, forward_in_chunks, to_model_input
 from .distributed import Dist
-from .fold import folded
+from .fold import folded, probe_images
 from .models import Classifier
 from .progress import Reporter
 from .store import DiskRows, Rows, keep, new_rows, put
@@ -61,9 +61,7 @@ class FeatureExtractor:
         """The model for the pass, its BatchNorms folded into their convolutions (fold.py): nothing
         in it trains while the features are computed."""
         if self._net is None:
-            s = self.pp.img_size
-            probe = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0)).to(self.device)
-            self._net = folded(self.model, probe.contiguous(memory_format=torch.channels_last), lambda net, x: net.rows(x))
+            self._net = folded(self.model, probe_images(self.pp.img_size, self.device), lambda net, x: net.rows(x))
         return self._net.eval()
 
     def features_of(self, split: DatasetSplit, views: int) -> tuple[FeatureSet, DatasetSplit]:

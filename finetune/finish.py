@@ -58,7 +58,7 @@ def calibrate_run(run: Run, device: torch.device) -> None:
     """Fit the temperature and the unknown rule of the best model on val (calibration.calibrate)."""
     if run.best.val_logits is None or not len(run.split.val) or len(run.best.val_logits) != len(run.split.val):
         return  # (a val image that stopped decoding since: the logits no longer line up with the images)
-    best_stage = run.history[run.best.epoch - 1].stage if run.best.epoch else Stage.HEAD
+    best_stage = stage_of_best(run)
     run.model.load_state_dict(run.best.state)
     if run.frozen_features is not None and best_stage in (Stage.HEAD, Stage.TAIL):
         train_rows, val_rows, kept = run.frozen_features  # the rows the stage was trained on: no pass needed
@@ -80,6 +80,11 @@ def calibrate_run(run: Run, device: torch.device) -> None:
     run.reporter.info(f"calibration: temperature {c['temperature']:.3f}, val ECE {c['val_ece_before']:.4f} -> "
                       f"{c['val_ece_after']:.4f}; unknown beyond distance {run.unknown['threshold']:.2f} "
                       f"({run.unknown['val_flagged']:.1%} of val)")
+
+
+def stage_of_best(run: Run) -> Stage:
+    """The stage the saved model's epoch came from."""
+    return run.history[run.best.epoch - 1].stage if run.best.epoch else Stage.HEAD
 
 
 def tail_stages(run: Run, rows: torch.Tensor, device: torch.device, chunk: int = 256) -> torch.Tensor:
@@ -132,7 +137,7 @@ def measure_test(run: Run, model_path, device: torch.device):
     cfg = PredictConfig(device=str(device), batch_size=max(64, run.cfg.batch_size), workers=run.cfg.workers,
                         max_pixels=run.cfg.max_pixels)
     loaded = read_model_file(model_path)
-    best_stage = run.history[run.best.epoch - 1].stage if run.best.epoch else Stage.HEAD
+    best_stage = stage_of_best(run)
     if run.test_rows is not None and best_stage in (Stage.HEAD, Stage.TAIL):
         # The backbone the rows came from is the model's, but for the tail it trained: the model
         # file's weights run on the cached rows, as val was measured (a rerun reads them from the cache).

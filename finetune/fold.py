@@ -16,6 +16,12 @@ from torch import nn
 TOLERANCE = 1e-3  # relative to the output's scale: beyond this, the folded copy is not used
 
 
+def probe_images(size: int, device: torch.device) -> torch.Tensor:
+    """Two seeded random images of this size on the device, channels-last: what `folded` checks the copy on."""
+    probe = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    return probe.contiguous(memory_format=torch.channels_last)
+
+
 def folded(model: nn.Module, probe: torch.Tensor, forward=None) -> nn.Module:
     """A copy of `model` in eval mode where each BatchNorm that directly follows a convolution
     (among its parent's children, in the order they were registered) is folded into it; `model`

@@ -14,7 +14,7 @@ from .config import PredictConfig
 from .data import ImageFileDataset, make_loader
 from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
 from .errors import UsageError
-from .fold import folded
+from .fold import folded, probe_images
 from .progress import Reporter
 from .scan import list_images
 
@@ -126,9 +126,7 @@ def inference_net(loaded: LoadedModel, device: torch.device) -> torch.nn.Module:
     """The loaded model on the device for inference, its BatchNorms folded into their convolutions
     (fold.py); the model file's own module is left as it is."""
     model = loaded.model.to(device).to(memory_format=torch.channels_last).eval()
-    s = loaded.preprocessing.img_size
-    probe = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0)).to(device)
-    return folded(model, probe.contiguous(memory_format=torch.channels_last), lambda net, x: net.logits_and_stages(x))
+    return folded(model, probe_images(loaded.preprocessing.img_size, device), lambda net, x: net.logits_and_stages(x))
 
 
 def answers_of(logits: torch.Tensor, stages: torch.Tensor, loaded: LoadedModel,
