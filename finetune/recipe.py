@@ -161,15 +161,18 @@ def best_candidate(scores: list[dict]) -> HeadChoice:
 
 
 def plan_tail(requested: int | None, unavailable: str | None, head_train_acc: float | None, multi_layer: bool,
-              epoch_seconds: float | None) -> tuple[int, str]:
+              epoch_seconds: float | None, head_val_acc: float = 0.0) -> tuple[int, str]:
     """Epochs of the tail stage, and why. `unavailable`: why the run kept no activations for it
     (None: it did); `head_train_acc`: the trained head's accuracy on its training images (plain
     view); `multi_layer`: whether every stage's features won the head's choice; `epoch_seconds`:
-    a tail epoch's time, from the throughput measured on this device."""
+    a tail epoch's time, from the throughput measured on this device; `head_val_acc`: the head's
+    best val accuracy (at 1.0 no tail epoch could be kept for a better one)."""
     if requested is not None:
         return requested, "as asked (--tail-epochs)"
     if unavailable:
         return 0, unavailable
+    if head_val_acc >= 1.0:
+        return 0, "the head is right on every val image: nothing a tail could show better"
     if head_train_acc < TAIL_FIT:
         why = f"the head fits only {head_train_acc:.1%} of its training images"
     elif multi_layer:

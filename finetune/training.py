@@ -202,7 +202,7 @@ def fit_tail(run: Run, rows: FeatureSet, features: FeatureSet, loss: LossFn, dev
     if run.tail_plan is None:
         acc = head_train_accuracy(run.model, features) if stage else None
         seconds = stage.measure_seconds_per_epoch() if stage is not None and run.cfg.tail_epochs is None else None
-        epochs, why = plan_tail(run.cfg.tail_epochs, run.no_tail, acc, run.head_choice.multi_layer, seconds)
+        epochs, why = plan_tail(run.cfg.tail_epochs, run.no_tail, acc, run.head_choice.multi_layer, seconds, run.best.acc)
         run.tail_plan = {"epochs": epochs, "why": why, "head_train_acc": acc, "epoch_seconds": seconds}
         run.reporter.info(f"tail stage: {epochs} epochs ({why})" if epochs else f"no tail stage: {why}")
     if stage is not None and run.tail_plan["epochs"] > done:

@@ -225,8 +225,10 @@ def test_a_grown_training_set_is_the_same_after_a_resume(growing, tmp_path, stag
 def test_the_tail_is_planned_from_the_heads_fit_and_its_cost(requested, unavailable, acc, multi, seconds, epochs, why):
     from finetune.recipe import plan_tail
 
-    planned, reason = plan_tail(requested, unavailable, acc, multi, seconds)
+    planned, reason = plan_tail(requested, unavailable, acc, multi, seconds, head_val_acc=0.97)
     assert planned == epochs and why in reason
+    if requested is None and unavailable is None:  # a head right on every val image: no tail epoch could be kept
+        assert plan_tail(requested, unavailable, acc, multi, seconds, head_val_acc=1.0)[0] == 0
 
 
 @pytest.mark.parametrize("arch, size", [("efficientnet_lite0", 64), ("resnet18", 64)])
@@ -303,12 +305,16 @@ def test_the_tail_stage_trains_the_last_blocks_and_the_model_file_predicts_as_it
     assert tree_hashes(data) == before
 
 
-def test_a_planned_tail_trains_as_one_asked_for(data, tmp_path, monkeypatch):
+def test_a_planned_tail_trains_as_one_asked_for(tmp_path, monkeypatch):
     from finetune import recipe
     from test_resume import compared
 
+    from conftest import CLASS_COLOURS, make_image
+
     monkeypatch.setattr(recipe, "TAIL_FIT", 1.01)  # every head "underfits": the plan is TAIL_EPOCHS epochs
-    cfg = TrainConfig(data=data, runs_dir=tmp_path / "a", arch="efficientnet_lite0", img_size=64, epochs=3, views=2,
+    odd = make_train_val(tmp_path / "data")
+    make_image(odd / "val" / "cat" / "odd.jpg", CLASS_COLOURS["dog"], seed=77)  # a dog filed as a cat: val below 1.0
+    cfg = TrainConfig(data=odd, runs_dir=tmp_path / "a", arch="efficientnet_lite0", img_size=64, epochs=3, views=2,
                       workers=0, batch_size=8)
     planned = train(cfg)
     assert planned.recipe["tail"]["epochs"] == recipe.TAIL_EPOCHS and planned.recipe["tail"]["epoch_seconds"] > 0
