@@ -87,11 +87,10 @@ def stage_of_best(run: Run) -> Stage:
     return run.history[run.best.epoch - 1].stage if run.best.epoch else Stage.HEAD
 
 
-def tail_stages(run: Run, rows: torch.Tensor, device: torch.device, chunk: int = 256) -> torch.Tensor:
+def tail_stages(run: Run, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Every stage's pooled features of cached rows, the model's trained tail run on their activations."""
-    run.model.eval()
     with torch.inference_mode():
-        return torch.cat([run.model.stages_from_rows(rows[i:i + chunk].to(device)).cpu() for i in range(0, len(rows), chunk)]
+        return torch.cat([stages.cpu() for stages in run.model.eval().stage_chunks(rows, device)]
                          or [torch.empty(0, run.model.all_dim)])
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import collections
-import copy
 import difflib
 import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -45,10 +44,14 @@ class ArchSpec:
     top1: float | None = None  # ImageNet-1K top-1 of the default weights, from their metadata
     pretrained_loader: Callable[[], dict] | None = None  # weights from a library's own cache (timm's: the HF hub)
 
-    @property
+    @functools.cached_property  # (every Classifier built reads it; finding it builds a backbone)
     def multi_layer_dim(self) -> int:
         """Width of the concatenated stage features, found by running the backbone on shapes only."""
         return _multi_layer_dim(self)
+
+    def tail_input_shape(self, img_size: int) -> tuple[int, ...] | None:
+        """The shape of the activation entering the tail for images of this size (None: no tail)."""
+        return _tail_input_shape(self, img_size) if self.tail_steps else None
 
     def preprocessing(self, img_size: int | None = None) -> Preprocessing:
         size = img_size or self.img_size
@@ -71,6 +74,13 @@ def _multi_layer_dim(spec: ArchSpec) -> int:
         backbone = spec.build_backbone()
         _, pooled = run_steps(spec.chain(backbone), torch.empty(1, 3, 64, 64))
         return sum(f.shape[1] for f in pooled)
+
+
+@functools.lru_cache(maxsize=16)  # (found by running the backbone on shapes only: most of a second on a CPU)
+def _tail_input_shape(spec: ArchSpec, img_size: int) -> tuple[int, ...]:
+    with torch.device("meta"):
+        act, _ = run_steps(spec.chain(spec.build_backbone())[:-spec.tail_steps], torch.empty(1, 3, img_size, img_size))
+    return tuple(act.shape[1:])
 
 
 def run_steps(steps: list[Step], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -255,16 +265,10 @@ class Classifier(nn.Module):
             return self.backbone(self.normalize(x))
         return torch.cat(run_steps(self.chain(self.backbone), self.normalize(x))[1], 1)
 
-    def tail_input_shape(self, img_size: int) -> tuple[int, ...]:
-        """The shape of the activation entering the tail, for images of this size (on shapes only)."""
-        with torch.device("meta"):
-            act, _ = run_steps(self.chain(copy.deepcopy(self.backbone).to("meta"))[:-self.tail_steps],
-                               torch.empty(1, 3, img_size, img_size))
-        return tuple(act.shape[1:])
-
-    def keep_tail_input(self, img_size: int) -> None:
-        """From now on `rows` also keep the activation entering the tail: what the tail stage trains on."""
-        self.tail_input = self.tail_input_shape(img_size)
+    def keep_tail_input(self, shape: tuple[int, ...]) -> None:
+        """From now on `rows` also keep the activation entering the tail (of this shape,
+        ArchSpec.tail_input_shape): what the tail stage trains on."""
+        self.tail_input = shape
 
     def tail_parameters(self) -> list[nn.Parameter]:
         return [p for step, _ in self.chain(self.backbone)[-self.tail_steps:] for p in step.parameters()]
@@ -297,6 +301,12 @@ class Classifier(nn.Module):
         act = rows[:, :kept].float().view(-1, *self.tail_input).contiguous(memory_format=torch.channels_last)
         _, tail = run_steps(self.chain(self.backbone)[-self.tail_steps:], act)
         return torch.cat([rows[:, kept:rows.shape[1] - sum(t.shape[1] for t in tail)].float(), *tail], 1)
+
+    def stage_chunks(self, rows: torch.Tensor, device: torch.device | None = None, chunk: int = 256) -> Iterator[torch.Tensor]:
+        """stages_from_rows over `rows` a chunk at a time (on `device`), so that the tail's
+        activations never exist for all rows at once."""
+        for start in range(0, len(rows), chunk):
+            yield self.stages_from_rows(rows[start:start + chunk].to(device or rows.device))
 
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:
         """What the head reads, before the feature norm."""

@@ -140,13 +140,12 @@ def answers_of(logits: torch.Tensor, stages: torch.Tensor, loaded: LoadedModel,
     return [Answer(p, f) for p, f in zip(probs.cpu(), far)]
 
 
-def answers_from_rows(loaded: LoadedModel, rows: torch.Tensor, chunk: int = 256) -> list[Answer]:
+def answers_from_rows(loaded: LoadedModel, rows: torch.Tensor) -> list[Answer]:
     """Answers from rows a feature pass cached (Classifier.rows) instead of from images: the
     model's tail, if it keeps one, runs on their activations, the head on every stage's features."""
     model, answers = loaded.model.eval(), []
     with torch.inference_mode():
-        for start in range(0, len(rows), chunk):
-            stages = model.stages_from_rows(rows[start:start + chunk])
+        for stages in model.stage_chunks(rows):
             answers.extend(answers_of(model.logits_of_stages(stages), stages, loaded))
     return answers
 

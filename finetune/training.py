@@ -90,9 +90,10 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     reporter.info(f"{spec.name} at {pp.img_size}px on {device}, weights: {weights_source}")
     if d.active:
         reporter.info(f"distributed: {d.world} process{'es' if d.world > 1 else ''} ({'nccl' if device.type == 'cuda' else 'gloo'})")
-    no_tail = tail_unavailable(cfg, spec, model, split)
+    tail_shape = spec.tail_input_shape(pp.img_size)
+    no_tail = tail_unavailable(cfg, spec, model.all_dim, tail_shape, split)
     if no_tail is None:
-        model.keep_tail_input(pp.img_size)
+        model.keep_tail_input(tail_shape)
     elif cfg.tail_epochs:
         raise UsageError(f"--tail-epochs {cfg.tail_epochs}: {no_tail}.")
     run_dir = resume_dir if resume_dir is not None else share_outcome(d, lambda: new_run_dir(cfg))
@@ -111,14 +112,16 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
         return finish(run, started, device, weights_source)
 
 
-def tail_unavailable(cfg: TrainConfig, spec, model, split: DatasetSplit) -> str | None:
-    """Why the feature pass cannot keep the activations the tail stage trains on; None when it can.
-    (Under torchrun too: like the heads, rank 0 trains the tail, on the rows every rank shares.)"""
-    if not spec.tail_steps:
+def tail_unavailable(cfg: TrainConfig, spec, all_dim: int, tail_shape: tuple[int, ...] | None,
+                     split: DatasetSplit) -> str | None:
+    """Why the feature pass cannot keep the activations (of `tail_shape`) the tail stage trains on;
+    None when it can. (Under torchrun too: like the heads, rank 0 trains the tail, on the rows every
+    rank shares.)"""
+    if tail_shape is None:
         return f"{spec.name} has no tail stage here (the ResNets and efficientnet_lite0 do)"
-    kept = math.prod(model.tail_input_shape(spec.preprocessing(cfg.img_size).img_size))
+    kept = math.prod(tail_shape)
     views = cfg.views if cfg.views is not None else views_for(len(split.train), None)
-    size = (len(split.train) * views + len(split.val)) * (model.all_dim + kept) * 2
+    size = (len(split.train) * views + len(split.val)) * (all_dim + kept) * 2
     if size > cfg.feature_memory_gb * 1e9:
         return (f"its cached activations would take {size / 1e9:.1f} GB, over --feature-memory-gb "
                 f"{cfg.feature_memory_gb:g}")

@@ -240,7 +240,7 @@ def test_rows_hold_the_tail_input_and_give_back_every_stages_features(arch, size
     with torch.no_grad():
         stages = model.all_stage_features(x)
         assert torch.equal(model.rows(x), stages)  # nothing kept until asked
-        model.keep_tail_input(size)
+        model.keep_tail_input(get_arch(arch).tail_input_shape(size))
         rows = model.rows(x)
         assert rows.shape[1] == model.row_dim > model.all_dim and torch.equal(rows[:, -model.all_dim:], stages)
         assert torch.allclose(model.stages_from_rows(rows), stages, atol=1e-5)
@@ -264,7 +264,7 @@ def test_a_tail_epoch_trains_the_last_blocks_and_the_head_and_nothing_else():
 
     spec = get_arch("efficientnet_lite0")
     model = build_classifier(spec, 3)
-    model.keep_tail_input(64)
+    model.keep_tail_input(spec.tail_input_shape(64))
     torch.manual_seed(0)
     labels = torch.arange(12) % 3
     with torch.no_grad():
