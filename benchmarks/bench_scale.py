@@ -61,7 +61,7 @@ def make_photos(root: Path, n: int) -> None:
     yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
     for label in range(2):
         folder = root / f"class{label}"
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         for i in range(n // 2):
             angle = rng.uniform(-0.6, 0.6) + (0.0 if label == 0 else np.pi / 2)
             freq = rng.uniform(0.01, 0.05)
@@ -71,10 +71,11 @@ def make_photos(root: Path, n: int) -> None:
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=85)
 
 
-def photo_runs(tmp: Path, n: int) -> dict:
-    data = tmp / f"photos{n}"
+def photo_runs(tmp: Path, n: int, folder: Path | None = None) -> dict:
+    data = folder or tmp / f"photos{n}"
     started = time.perf_counter()
-    make_photos(data, n)
+    if not (data / "class1" / f"{n // 2 - 1:06d}.jpg").exists():  # (a folder given again is reused as it is)
+        make_photos(data, n)
     made = time.perf_counter() - started
     env = {**os.environ, "FINETUNE_CACHE_DIR": str(tmp / "cache")}
     out = {"images": n, "image_size": "500x375", "make_s": round(made, 1)}
@@ -149,6 +150,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[1000, 25000])
     ap.add_argument("--photos", type=int, help="also: a folder of this many 500x375 JPEGs, first and second run")
+    ap.add_argument("--photos-dir", type=Path, help="where to make the --photos folder (kept; reused when it is there)")
     ap.add_argument("--store-rows", type=int, help="also: head training over a simulated feature table of this many rows")
     ap.add_argument("--store-epochs", type=int, default=3)
     args = ap.parse_args()
@@ -158,7 +160,7 @@ def main() -> None:
             extra["store"] = store_run(Path(tmp), args.store_rows, args.store_epochs)
             print(json.dumps(extra["store"]), file=sys.stderr)
         if args.photos:
-            extra["photos"] = photo_runs(Path(tmp), args.photos)
+            extra["photos"] = photo_runs(Path(tmp), args.photos, args.photos_dir)
         for n in args.sizes:
             data = Path(tmp) / f"n{n}"
             started = time.perf_counter()

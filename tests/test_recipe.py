@@ -145,9 +145,9 @@ def test_fine_tuning_starts_from_the_heads_model(data, tmp_path):
 
 def test_growth_steps_double_from_the_first_step_up_to_all():
     assert growth_steps(8_000) == [8_000]
-    assert growth_steps(8_001) == [4_000, 8_000, 8_001]
-    assert growth_steps(25_000) == [4_000, 8_000, 16_000, 25_000]
-    assert growth_steps(16_000) == [4_000, 8_000, 16_000]
+    assert growth_steps(8_001) == [2_000, 4_000, 8_000, 8_001]
+    assert growth_steps(25_000) == [2_000, 4_000, 8_000, 16_000, 25_000]
+    assert growth_steps(16_000) == [2_000, 4_000, 8_000, 16_000]
 
 
 @pytest.mark.parametrize("prev, acc, n_val, pays", [
