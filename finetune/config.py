@@ -14,6 +14,12 @@ MODEL_FILENAME = "model.safetensors"
 UNFROZEN_FINETUNE_EPOCHS = 5  # what `freeze_backbone=False` means when finetune_epochs is not given
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold, but as a hard error
 HEAD_FEATURES = ("auto", "final", "multi")
+# Without a val folder, val is split off train: this fraction of each class, but (unless
+# --val-split is given) at most its share of VAL_CAP images and never under MIN_CAPPED_VAL of a
+# class (scan.val_count).
+DEFAULT_VAL_FRACTION = 0.2
+VAL_CAP = 2_500
+MIN_CAPPED_VAL = 25
 
 
 @dataclass
@@ -26,7 +32,7 @@ class TrainConfig:
     layout: str = "auto"  # how DATA is read: auto, classes, or train=DIR[,val=DIR][,test=DIR] (layout.py)
     labels: Path | None = None  # a CSV of image paths (in DATA) and labels, instead of class folders (labels.py)
     label_columns: str | None = None  # "PATH,LABEL[,SPLIT]" column names; None: found among the usual names
-    val_split: float = 0.2  # only used when DATA has no val/ folder
+    val_split: float | None = None  # only used when DATA has no val/ folder; None: 20% up to 2,500 images (scan.val_count)
     seed: int = 0
     device: str = "auto"
     batch_size: int = 32
@@ -65,7 +71,7 @@ class TrainConfig:
         """This config with every option checked (UsageError naming the option otherwise) and the
         options that depend on each other settled: finetune_epochs and freeze_backbone agree."""
         _require([
-            (0.0 < self.val_split < 1.0, f"--val-split must be between 0 and 1 (got {self.val_split})."),
+            (self.val_split is None or 0.0 < self.val_split < 1.0, f"--val-split must be between 0 and 1 (got {self.val_split})."),
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})."),
             (self.finetune_epochs is None or self.finetune_epochs >= 0,
              f"--finetune-epochs must be 0 or more (got {self.finetune_epochs})."),

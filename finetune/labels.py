@@ -18,7 +18,7 @@ from .data import DatasetSplit, Sample
 from .errors import DataError, UsageError
 from .images import is_candidate_image
 from .layout import split_role
-from .scan import drop_duplicates, list_images, stratified_split
+from .scan import drop_duplicates, held_out, list_images, stratified_split
 
 PATH_COLUMNS = ("path", "filepath", "file_path", "filename", "file_name", "file", "image", "image_path", "image_name",
                 "img", "image_id", "id", "name")
@@ -127,7 +127,7 @@ class FileFinder:
         return None
 
 
-def scan_labelled(data: Path, csv_path: Path, columns: str | None, val_split: float, seed: int) -> DatasetSplit:
+def scan_labelled(data: Path, csv_path: Path, columns: str | None, val_split: float | None, seed: int) -> DatasetSplit:
     """The labelled images a CSV names, split as its split column says (val split off train when it has none)."""
     if not data.is_dir():
         raise DataError(f"{data}: no such folder. With --labels, DATA is the folder the CSV's paths are in.")
@@ -158,5 +158,5 @@ def scan_labelled(data: Path, csv_path: Path, columns: str | None, val_split: fl
     parts += [f"{role} = {len(samples[role]):,} rows" for role in ("val", "test") if role in samples]
     cols = ", ".join(c for c in found.columns if c)
     split.read_as = f"{csv_path.name} (columns {cols}): " + ", ".join(parts) + (
-        "" if "val" in samples else f"; val = {val_split:.0%} of train (seed {seed})")
+        "" if "val" in samples else f"; val = {held_out(val_split, len(val), len(train) + len(val))} (seed {seed})")
     return split

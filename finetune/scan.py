@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from .config import DEFAULT_VAL_FRACTION, MIN_CAPPED_VAL, VAL_CAP
 from .data import DatasetSplit, Sample
 from .errors import DataError
 from .images import is_candidate_image
@@ -87,7 +88,7 @@ def list_images(folder: Path) -> list[Path]:
     return TreeReader([], []).images(folder)
 
 
-def scan_dataset(data: Path, val_split: float, seed: int, layout: str = "auto", labels: Path | None = None,
+def scan_dataset(data: Path, val_split: float | None, seed: int, layout: str = "auto", labels: Path | None = None,
                  label_columns: str | None = None) -> DatasetSplit:
     """Read an image folder laid out in any of the ways layout.py knows, or labelled by a CSV (labels.py)."""
     try:
@@ -101,7 +102,7 @@ def scan_dataset(data: Path, val_split: float, seed: int, layout: str = "auto", 
         raise DataError(f"{e.filename or data}: permission denied; make it readable or pass another folder.") from None
 
 
-def read_split(data: Path, found: Layout, val_split: float, seed: int) -> DatasetSplit:
+def read_split(data: Path, found: Layout, val_split: float | None, seed: int) -> DatasetSplit:
     train_root = found.splits["train"]
     classes = [p.name for p in sub_folders(train_root)]
     if len(classes) < 2:
@@ -139,7 +140,7 @@ def require_known_classes(root: Path, classes: list[str], train_root: Path, exac
                         f"Make them hold the same class folders.")
 
 
-def describe_reading(data: Path, found: Layout, split: DatasetSplit, val_split: float, seed: int) -> str:
+def describe_reading(data: Path, found: Layout, split: DatasetSplit, val_split: float | None, seed: int) -> str:
     """One line that says how the folder was read, e.g. `train = Training (4 classes, 5,712
     images), test = Testing (1,311); val = 20% of train (seed 0)`."""
     def where(folder: Path) -> str:
@@ -154,8 +155,15 @@ def describe_reading(data: Path, found: Layout, split: DatasetSplit, val_split: 
         parts.append(f"test = {where(found.splits['test'])} ({len(split.test):,})")
     line = ", ".join(parts)
     if "val" not in found.splits:
-        line += f"; val = {val_split:.0%} of train (seed {seed})"
+        line += f"; val = {held_out(val_split, len(split.val), train_total)} (seed {seed})"
     return line
+
+
+def held_out(val_split: float | None, n_val: int, total: int) -> str:
+    """How val was split off train, for the reading line: "20% of train", or the capped default's count."""
+    if val_split is None and n_val < round(total * DEFAULT_VAL_FRACTION):
+        return f"{n_val:,} of train ({DEFAULT_VAL_FRACTION:.0%} up to {VAL_CAP:,} images)"
+    return f"{DEFAULT_VAL_FRACTION if val_split is None else val_split:.0%} of train"
 
 
 def file_digests(paths: list[Path]) -> dict[Path, str]:
@@ -233,14 +241,25 @@ def is_imbalanced(counts: list[int]) -> bool:
     return min(counts) > 0 and max(counts) / min(counts) >= IMBALANCE_RATIO
 
 
-def stratified_split(samples: list[Sample], num_classes: int, val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out `val_fraction` of each class, the same files for the same seed on every machine."""
+def val_count(members: int, total: int, val_fraction: float | None) -> int:
+    """How many of a class's `members` (of `total` images) go to val: `val_fraction` of them; by
+    default (None) DEFAULT_VAL_FRACTION, but at most the class's share of VAL_CAP images (never
+    under MIN_CAPPED_VAL of a class): val accuracy on 2,500 images is known to a few tenths of a
+    point, and every image past that costs a backbone pass without telling more (issue 16)."""
+    if val_fraction is not None:
+        return round(members * val_fraction)
+    return min(round(members * DEFAULT_VAL_FRACTION), max(MIN_CAPPED_VAL, round(VAL_CAP * members / max(1, total))))
+
+
+def stratified_split(samples: list[Sample], num_classes: int, val_fraction: float | None, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out `val_fraction` of each class (None: val_count's default), the same files for the
+    same seed on every machine."""
     rng = random.Random(seed)
     train, val = [], []
     for label in range(num_classes):
         members = sorted((s for s in samples if s.label == label), key=lambda s: str(s.path))
         rng.shuffle(members)
-        n_val = round(len(members) * val_fraction)
+        n_val = val_count(len(members), len(samples), val_fraction)
         if len(members) >= 2:
             n_val = min(max(n_val, 1), len(members) - 1)  # keep at least one image on each side
         else:

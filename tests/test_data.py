@@ -53,6 +53,30 @@ def test_split_keeps_an_image_on_each_side():
     assert [s.path for s in train if s.label == 1] == [Path("b1")]  # one image: train only
 
 
+def test_the_default_val_split_holds_out_a_fifth_up_to_2500_images_and_a_given_fraction_is_kept():
+    from pathlib import Path
+
+    from finetune.data import Sample
+    from finetune.scan import held_out
+
+    def split(counts, fraction):
+        samples = [Sample(Path(f"c{label}/{i:05d}.jpg"), label) for label, n in enumerate(counts) for i in range(n)]
+        return stratified_split(samples, len(counts), fraction, seed=0)
+
+    per_class = lambda samples, k: sum(s.label == k for s in samples)  # noqa: E731
+    _, val = split([500, 300], None)  # small: a fifth of each class, as before
+    assert (per_class(val, 0), per_class(val, 1)) == (100, 60)
+    train, val = split([12_500, 12_500], None)  # issue 16's 25,000 photos: 2,500 in val, not 5,000
+    assert (per_class(val, 0), per_class(val, 1)) == (1_250, 1_250) and len(train) == 22_500
+    assert held_out(None, len(val), 25_000) == "2,500 of train (20% up to 2,500 images)"
+    _, val = split([20_000, 150], None)  # a small class keeps at least 25 (its share would be 19)
+    assert per_class(val, 1) == 25 and per_class(val, 0) == round(2_500 * 20_000 / 20_150)
+    _, val = split([20_000, 100], None)  # ... or its fifth, when that is smaller
+    assert per_class(val, 1) == 20
+    _, val = split([12_500, 12_500], 0.2)  # --val-split 0.2 asked: a fifth, whatever the size
+    assert len(val) == 5_000 and held_out(0.2, len(val), 25_000) == "20% of train"
+
+
 def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
     data = make_class_tree(tmp_path / "d", 3, classes=("cat", "dog"))
     make_image(data / ".ipynb_checkpoints" / "x.jpg", (0, 0, 0))

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from ..config import PredictConfig, TrainConfig
+from ..config import DEFAULT_VAL_FRACTION, VAL_CAP, PredictConfig, TrainConfig
 from ..progress import Reporter
 from .output import stdout
 
@@ -29,7 +29,7 @@ FORMATS = ("table", "json", "jsonl", "csv")
 # Options that train, evaluate and check share, spelt once.
 LabelsCsv = Annotated[Optional[Path], typer.Option(help="A CSV naming each image (relative to DATA) and its label, and optionally its split, instead of class folders.", show_default=False)]
 LabelColumns = Annotated[Optional[str], typer.Option(help="The CSV's PATH,LABEL[,SPLIT] column names (default: found among path/filename/image_id, label/class/category, split/set).", show_default=False)]
-ValSplit = Annotated[float, typer.Option(help="Fraction of each class held out for validation when DATA has no val/ folder.")]
+ValSplit = Annotated[Optional[float], typer.Option(help=f"Fraction of each class held out for validation when DATA has no val/ folder (default: {DEFAULT_VAL_FRACTION:g}, at most {VAL_CAP:,} images in all).", show_default=False)]
 # The unknown rule, shared by predict and evaluate.
 NoUnknown = Annotated[bool, typer.Option("--no-unknown", help="Always answer a class, never unknown.")]
 MaxDistance = Annotated[Optional[float], typer.Option(help="Unknown beyond this distance from the training images' features (default: the threshold stored in the model).", show_default=False)]
