@@ -126,12 +126,15 @@ class _HeadOnly(nn.Module):
 
 
 def choose_head(features: FeatureSet, model: Classifier, split: DatasetSplit, pp: Preprocessing, loss: LossFn,
-                cfg: TrainConfig, device: torch.device, views: int) -> tuple[HeadChoice, list[dict]]:
+                cfg: TrainConfig, device: torch.device, views: int,
+                known: dict[HeadChoice, dict] | None = None) -> tuple[HeadChoice, list[dict]]:
     """Train each candidate head on the cached features; the best on val wins. Returns it and
     every candidate's validation figures. The caller's random streams are left as they were.
     Each candidate starts from `torch.manual_seed(cfg.seed)`, so the head trained after the
-    choice, started the same way, is the winning candidate again."""
-    scores = [{**choice.to_dict(), **try_head(features, choice, model, split, pp, loss, cfg, device)}
+    choice, started the same way, is the winning candidate again. `known`: try_head's figures
+    of candidates already trained on these very features (the last growth step's), not trained again."""
+    known = known or {}
+    scores = [{**choice.to_dict(), **(known.get(choice) or try_head(features, choice, model, split, pp, loss, cfg, device))}
               for choice in candidates(views, cfg.head_features if model.chain is not None else "final")]
     return best_candidate(scores), scores
 

@@ -156,8 +156,9 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
     if stage in (Stage.HEAD, Stage.TAIL):
         views = run.views_computed = run.head_choice.views if run.head_choice else views_for(len(run.split.train), cfg.views)
         extractor = FeatureExtractor(run.model, run.pp, cfg, device, d, run.reporter, run.cache)
+        known = {}  # candidate heads already trained on the final features (recipe.choose_head)
         if grows(run, d, device):
-            rows, clean = grow_training_set(run, extractor, views, device)
+            rows, clean, known = grow_training_set(run, extractor, views, device)
         else:
             rows, clean = extractor.features_of(run.split, views)
         if run.split.test and not extractor.on_disk and not cfg.finetune_epochs:  # (fine-tuning: test goes through its network)
@@ -169,7 +170,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         if d.is_main:  # the heads train in seconds: one process does it, the others wait
             features = pooled_features(rows, run.model.all_dim)
             if run.head_choice is None:  # (a resumed run goes on with the head it had chosen)
-                choose(run, features, loss, device, views)
+                choose(run, features, loss, device, views, known)
             run.frozen_features = frozen_sample(rows, cfg.seed)
             run.suspects, run.suspects_note = training_suspects(features, run.model.final_dim, run.head_choice,
                                                                 [str(s.path) for s in run.split.train], run.split.classes, cfg.seed)
@@ -233,16 +234,19 @@ def grows(run: Run, d: Dist, device: torch.device) -> bool:
             and len(growth_steps(len(run.split.train))) > 1)
 
 
-def grow_training_set(run: Run, extractor: FeatureExtractor, views: int, device: torch.device) -> tuple[FeatureSet, DatasetSplit]:
+def grow_training_set(run: Run, extractor: FeatureExtractor, views: int,
+                      device: torch.device) -> tuple[FeatureSet, DatasetSplit, dict[HeadChoice, dict]]:
     """Features of ever more training images (recipe.growth_steps) until a doubling no longer
-    pays on val (measured with a quick head on the final features of the plain view)."""
+    pays on val (measured with a quick head on the final features of the plain view: the last
+    step's is one of the candidate heads, returned so that it is not trained again)."""
     cfg, available = run.cfg, len(run.split.train)
     ordered = learning_order(run.split.train, cfg.seed)
     run.learning_curve = []  # (a resumed head stage measures it again, from the cache, to the same end)
     for size in growth_steps(available):
         features, clean = extractor.features_of(replace(run.split, train=ordered[:size]), views)
         loss = make_loss(cfg, count_per_class(clean.train, len(clean.classes)), device)
-        acc = try_head(features, HeadChoice(1, False), run.model, clean, run.pp, loss, cfg, device)["val_acc"]
+        quick = try_head(features, HeadChoice(1, False), run.model, clean, run.pp, loss, cfg, device)
+        acc = quick["val_acc"]
         run.learning_curve.append({"images": len(clean.train), "val_acc": acc})
         run.reporter.info(f"learning curve: {len(clean.train):,} training images, val acc {acc:.4f}")
         if len(run.learning_curve) > 1 and not more_images_pay(run.learning_curve[-2]["val_acc"], acc, len(clean.val)):
@@ -250,7 +254,7 @@ def grow_training_set(run: Run, extractor: FeatureExtractor, views: int, device:
     if size < available:
         run.reporter.info(f"using {len(clean.train):,} of {available:,} training images: the last doubling cut the val "
                           "error by less than a tenth (--all-images uses every one)")
-    return features, clean
+    return features, clean, {HeadChoice(1, False): quick}
 
 
 def frozen_sample(features: FeatureSet, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -269,9 +273,10 @@ def tell_cache_use(run: Run) -> None:
         run.reporter.info(f"features of {use.hits:,} of {use.hits + use.computed:,} images from the cache ({use.dir}){dropped}")
 
 
-def choose(run: Run, features: FeatureSet, loss: LossFn, device: torch.device, views: int) -> None:
+def choose(run: Run, features: FeatureSet, loss: LossFn, device: torch.device, views: int,
+           known: dict[HeadChoice, dict]) -> None:
     """Pick the head on the cached features (recipe.py), set the model up for it and say why."""
-    choice, run.candidates = choose_head(features, run.model, run.split, run.pp, loss, run.cfg, device, views)
+    choice, run.candidates = choose_head(features, run.model, run.split, run.pp, loss, run.cfg, device, views, known)
     norm = norm_statistics(head_features(features, choice, run.model.final_dim).train) if choice.multi_layer else None
     torch.manual_seed(run.cfg.seed)  # as the candidates started: the head trained next is the winner again
     run.model.use_features(choice.multi_layer, norm, new_head=True)

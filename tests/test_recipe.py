@@ -197,6 +197,18 @@ def test_a_large_training_set_grows_while_more_images_pay(growing):
     assert every.num_train == 30 and every.recipe["learning_curve"] is None
 
 
+def test_the_last_growth_steps_head_is_the_candidate_trained_again(growing, tmp_path, monkeypatch):
+    from finetune import training
+    from test_resume import compared
+
+    reused = train(growing)  # its (plain view, final features) candidate is the last growth step's head
+    grow = training.grow_training_set
+    monkeypatch.setattr(training, "grow_training_set", lambda *a: (*grow(*a)[:2], {}))  # every candidate trained
+    fresh = train(replace(growing, runs_dir=tmp_path / "fresh"))
+    assert reused.recipe["candidates"] == fresh.recipe["candidates"]  # val acc, val loss and best epoch alike
+    assert compared(reused.history) == compared(fresh.history)
+
+
 @pytest.mark.parametrize("stage, n", [("Fine-tune epoch 2", 1), ("Head", 2)])
 def test_a_grown_training_set_is_the_same_after_a_resume(growing, tmp_path, stage, n):
     from test_resume import CtrlCAt, compared
