@@ -121,7 +121,7 @@ def tail_unavailable(cfg: TrainConfig, spec, all_dim: int, tail_shape: tuple[int
         return f"{spec.name} has no tail stage here (the ResNets and efficientnet_lite0 do)"
     kept = math.prod(tail_shape)
     views = cfg.views if cfg.views is not None else views_for(len(split.train), None)
-    size = (len(split.train) * views + len(split.val)) * (all_dim + kept) * 2
+    size = (len(split.train) * views + len(split.val) + len(split.test)) * (all_dim + kept) * 2  # test: measured on its rows
     if size > cfg.feature_memory_gb * 1e9:
         return (f"its cached activations would take {size / 1e9:.1f} GB, over --feature-memory-gb "
                 f"{cfg.feature_memory_gb:g}")
