@@ -2,8 +2,9 @@
 
     python benchmarks/bench_predict.py ../shared/datasets/hymenoptera_data --model runs/train/model.safetensors [--min-images 500]
 
-The folder is made of symbolic links to DATA's images (repeated until there are at least
---min-images), in a temporary folder; DATA is only read. Pure forward: the same model,
+The folder is made of copies of DATA's images (repeated until there are at least
+--min-images), in a temporary folder; DATA is only read. (Copies, not links: predict reads
+each real file once, so links to one file would count once.) Pure forward: the same model,
 batch size, precision, memory format and CPU chunking on random input already in memory, the
 model's BatchNorms folded as predict folds them (and, for comparison, the model file's module as it is).
 Prints JSON.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,12 +30,12 @@ from finetune.scan import list_images
 from finetune.device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
 
 
-def link_folder(data: Path, target: Path, min_images: int) -> int:
+def copy_folder(data: Path, target: Path, min_images: int) -> int:
     images = list_images(data)
     n = 0
     while n < min_images:
         for src in images:
-            os.symlink(src.resolve(), target / f"{n:06d}{src.suffix.lower()}")
+            shutil.copyfile(src, target / f"{n:06d}{src.suffix.lower()}")
             n += 1
     return n
 
@@ -68,7 +70,7 @@ def main() -> None:
     unfolded = pure_forward(loaded.model, loaded.preprocessing.img_size, args.batch_size, device)
     forward = pure_forward(inference_net(loaded, device), loaded.preprocessing.img_size, args.batch_size, device)
     with tempfile.TemporaryDirectory() as tmp:
-        n = link_folder(args.data, Path(tmp), args.min_images)
+        n = copy_folder(args.data, Path(tmp), args.min_images)
         cfg = PredictConfig(model=args.model, batch_size=args.batch_size)
         started = time.perf_counter()
         count = sum(1 for p in predict(loaded, [tmp], cfg) if p.error is None)
