@@ -12,7 +12,6 @@ from typing import Callable
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from .images import ImageDecodeError, load_rgb
 
@@ -60,7 +59,12 @@ class Preprocessing:
 # Images leave the loaders as uint8 CHW tensors; scaling and mean/std happen inside the
 # model (models.Classifier), so predict, training and exported graphs share one definition.
 
+# torchvision is imported where a transform is built: importing it costs ~1.7 s of a CPU (it
+# pulls in torch._dynamo), which a run that reads every feature from the cache never needs.
+
 def eval_transform(pp: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
+    from torchvision.transforms import v2
+
     return v2.Compose([
         v2.PILToTensor(),
         v2.Resize(pp.resize, antialias=True),
@@ -71,6 +75,8 @@ def eval_transform(pp: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
 def train_transform(pp: Preprocessing, light: bool = False) -> Callable[[Image.Image], torch.Tensor]:
     """Augmentation. `light`: for data whose plain view trains the better head (X-rays, scans),
     where strong crops and colour changes make an image something it is not."""
+    from torchvision.transforms import v2
+
     if light:
         return v2.Compose([
             v2.PILToTensor(),

