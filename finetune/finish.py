@@ -141,7 +141,7 @@ def measure_test(run: Run, model_path, device: torch.device):
         # The backbone the rows came from is the model's, but for the tail it trained: the model
         # file's weights run on the cached rows, as val was measured (a rerun reads them from the cache).
         samples, rows, failed = run.test_rows
-        loaded.model.tail_input = run.model.tail_input
+        loaded.model.keep_tail_input(run.model.tail_input)
         given = [(answer, None) for answer in answers_from_rows(loaded, rows[:, 0])]
         report = measure(loaded, samples, cfg, run.reporter, "test", failed, given)
     else:
