@@ -29,7 +29,7 @@ class DatasetSplit:
 
     classes: list[str]
     train: list[Sample]
-    val: list[Sample]  # chooses the best epoch
+    val: list[Sample]  # chooses the head, the stage kept
     layout: str  # "split folders" or "class folders" (layout.py)
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
     test: list[Sample] = field(default_factory=list)  # measured once, on the saved model; never used to choose

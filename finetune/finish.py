@@ -55,7 +55,7 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
 
 
 def calibrate_run(run: Run, device: torch.device) -> None:
-    """Fit the temperature and the unknown rule of the best model on val (calibration.calibrate)."""
+    """Fit the temperature and the unknown rule of the kept model on val (calibration.calibrate)."""
     if run.best.val_logits is None or not len(run.split.val) or len(run.best.val_logits) != len(run.split.val):
         return  # (a val image that stopped decoding since: the logits no longer line up with the images)
     best_stage = stage_of_best(run)

@@ -1,6 +1,6 @@
 """The one fit loop every stage goes through, and what the stages of a run share.
 
-Per epoch: train the stage's batches, validate, record the epoch, keep the best model,
+Per epoch: train the stage's batches, validate, record the epoch, keep its model or not (tracking.py),
 decide on early stopping, save the resume state. A resumed stage restores its optimizer,
 schedule and RNG first and goes on from the next epoch.
 """
@@ -26,13 +26,13 @@ from .progress import Reporter
 from .records import EpochRecord, HeadChoice, Stage
 from .resume import ResumeState, restore_rng, rng_state
 from .runs import RunFolder
-from .tracking import BestEpoch, EarlyStopping
+from .tracking import BestEpoch, EarlyStopping, best_val_epoch
 
 
 @dataclass
 class Run:
     """What the stages of one training run share: the model, the data it is trained on, what
-    has been learnt so far (history, best epoch, early stopping) and the folder it goes to."""
+    has been learnt so far (history, kept epoch, early stopping) and the folder it goes to."""
 
     cfg: TrainConfig
     model: Classifier
@@ -65,7 +65,7 @@ class Run:
         self.early = EarlyStopping(self.cfg.patience)
 
     def save_best(self, force: bool = False) -> Path | None:
-        """The model file of the best epoch (with its calibration once fitted); `force`: written even
+        """The model file of the kept epoch (with its calibration once fitted); `force`: written even
         when that epoch's file is already there."""
         meta = model_metadata(self.cfg.arch, self.split.classes, self.pp,
                               {k: v for k, v in self.cfg.to_json_dict().items() if k != "resume"},
@@ -95,6 +95,7 @@ class Run:
         self.history = list(state.history)
         self.best.acc, self.best.loss, self.best.epoch = state.best_acc, state.best_loss, state.best_epoch
         self.best.val_logits = state.best_val_logits
+        self.best.follow(state.history)
         self.early.stopped_stage = state.stopped_stage
         # States written before heads were chosen had the final features of `views` views.
         self.head_choice = state.head_choice or HeadChoice(self.cfg.views or 4, False)
@@ -103,7 +104,7 @@ class Run:
         self.tail_plan = state.tail_plan
         self.model.use_features(self.head_choice.multi_layer)  # shaped before its weights load
         self.model.load_state_dict(state.trainable, strict=state.stage is Stage.FINETUNE)
-        if state.stage is Stage.FINETUNE:  # the best model is the one in the model file
+        if state.stage is Stage.FINETUNE:  # the kept model is the one in the model file
             from .files import read_safetensors
 
             best, _ = read_safetensors(self.folder.model_path)
@@ -121,6 +122,7 @@ class Run:
                 self.head_choice, {k: v.cpu() for k, v in self.best.state.items()}) if d.is_main else None
         (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_logits, self.early.stopped_stage,
          self.head_choice, state) = d.broadcast(mine)
+        self.best.follow(self.history)
         self.model.use_features(self.head_choice.multi_layer)
         device = next(self.model.parameters()).device
         self.best.state = {k: v.to(device) for k, v in state.items()}
@@ -216,7 +218,7 @@ def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Rep
 
 def end_epoch(stage, run: Run, epoch: int, first_epoch_of_stage: int, optimizer, schedule,
               totals: tuple[float, float, float, float], val_logits: torch.Tensor, val_y: torch.Tensor) -> tuple[EpochRecord, bool]:
-    """Record the epoch, keep the best model, decide on early stopping (returned), save the resume state."""
+    """Record the epoch, keep its model or not, decide on early stopping (returned), save the resume state."""
     loss_sum, correct, seen, seconds = totals
     record = EpochRecord(
         epoch=len(run.history) + 1, stage=stage.kind, train_loss=loss_sum / max(1, seen), train_acc=correct / max(1, seen),
@@ -228,7 +230,7 @@ def end_epoch(stage, run: Run, epoch: int, first_epoch_of_stage: int, optimizer,
     run.reporter.epoch(record)
     if run.best.offer(record, run.model, val_logits) and not stage.best_in_state:
         run.save_best()  # the state file below may point at it, so it goes first
-    stop = run.early.should_stop(stage.kind, len(run.history), run.best.epoch, first_epoch_of_stage)
+    stop = run.early.should_stop(stage.kind, len(run.history), best_val_epoch(run.history), first_epoch_of_stage)
     if stop:
         run.reporter.info(f"early stop: no better val accuracy for {run.early.patience} epochs")
     run.folder.save_state(run.resume_state(stage, epoch, optimizer, schedule), run.history)

@@ -141,7 +141,7 @@ def choose_head(features: FeatureSet, model: Classifier, split: DatasetSplit, pp
 
 def try_head(features: FeatureSet, choice: HeadChoice, model: Classifier, split: DatasetSplit, pp: Preprocessing,
              loss: LossFn, cfg: TrainConfig, device: torch.device) -> dict:
-    """Train a scratch head of this choice on the cached features: its best val figures."""
+    """Train a scratch head of this choice on the cached features: its kept (last) epoch's val figures."""
     chosen = head_features(features, choice, model.final_dim)
     dim = chosen.train.shape[-1]
     norm = FeatureNorm(dim).to(device)

@@ -93,7 +93,7 @@ class TrainResult:
     leakage: list[dict] = field(default_factory=list)  # val/test files with the same bytes as another split's
     recipe: dict = field(default_factory=dict)  # the head chosen and the candidates' val figures (recipe.py)
     feature_cache: dict | None = None  # cache.CacheUse.to_dict(): where the features were kept, how many were reused
-    val: dict | None = None  # the best epoch on val: accuracy, per-class figures, confusion matrix, calibration
+    val: dict | None = None  # the kept epoch on val: accuracy, per-class figures, confusion matrix, calibration
     suspects: dict | None = None  # suspected label errors in train: how many, the CSV listing them (or why none)
     report: dict | None = None  # report.html: path, bytes, seconds to write
     calibration: dict | None = None  # the temperature and ECE before/after on val (and test)

@@ -37,10 +37,10 @@ class ResumeState:
     best_acc: float
     best_loss: float
     best_epoch: int
-    # The best epoch's weights of the stage when they are not in the model file (the head
+    # The kept epoch's weights of the stage when they are not in the model file (the head
     # stage keeps its tiny best head here instead of rewriting the model file every epoch).
     best_trainable: dict[str, torch.Tensor]
-    best_val_logits: torch.Tensor | None  # val logits of the best epoch [images, classes]
+    best_val_logits: torch.Tensor | None  # val logits of the kept epoch [images, classes]
     rng: dict[str, torch.Tensor]  # "torch", "generator" (the stage's own, if any), "cuda.<i>"
     skipped: list[dict]
     num_train: int
@@ -117,7 +117,7 @@ class ResumeState:
 
 
 def _val_logits(tensors: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor | None:
-    """The best epoch's val logits; states written before they were kept had its predictions only
+    """The kept epoch's val logits; states written before they were kept had its predictions only
     (read back as logits that put nearly all the probability on the predicted class)."""
     if "best.val_logits" in tensors:
         return tensors["best.val_logits"]

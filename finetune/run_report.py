@@ -44,7 +44,7 @@ def training_suspects(features, final_dim: int, choice, paths: list[str], classe
 
 
 def measured_val(run) -> Measured | None:
-    """The best epoch's answers on the val images (a fit.Run), calibrated as predict gives them."""
+    """The kept epoch's answers on the val images (a fit.Run), calibrated as predict gives them."""
     logits = run.best.val_logits
     if logits is None or len(logits) != len(run.split.val):
         return None
@@ -78,7 +78,7 @@ def training_content(run, result: TrainResult, sets: list[Measured]) -> ReportCo
                      + (f", then {tail} epochs of the backbone's last blocks with it" if tail else "")
                      + (f", then {run.cfg.finetune_epochs} epochs fine-tuning the whole network" if finetuned else "")),
         ("device", result.device), ("time", f"{result.seconds:.1f} s"),
-        ("best epoch", f"{result.best_epoch} of {result.epochs}"), ("val accuracy", f"{result.best_val_acc:.4f}"),
+        ("kept epoch", f"{result.best_epoch} of {result.epochs}"), ("val accuracy", f"{result.best_val_acc:.4f}"),
         ("test accuracy", f"{result.test_acc:.4f} ({result.num_test:,} images)" if result.test_acc is not None else "no test split"),
         ("model", str(result.model)),
     ]

@@ -72,7 +72,7 @@ class RunFolder:
 
     @_writes
     def save_model(self, best: BestEpoch, metadata: dict, extra: dict | None = None, force: bool = False) -> Path | None:
-        """The model file of the best epoch (plus `extra` tensors), written only when that epoch changed
+        """The model file of the kept epoch (plus `extra` tensors), written only when that epoch changed
         or when `force`d."""
         if best.state is None:
             return None
@@ -96,7 +96,7 @@ class RunFolder:
 
     @_writes
     def write_plots(self, history: list[EpochRecord], val, classes: list[str]) -> list[Path]:
-        """curves.png (loss/accuracy per epoch), and of the best epoch on val (`val`: a report.Measured):
+        """curves.png (loss/accuracy per epoch), and of the kept epoch on val (`val`: a report.Measured):
         confusion_matrix.png and reliability.png."""
         from .metrics import calibration, confusion_matrix
         from .plots import confusion_figure, curves_figure, reliability_figure, save_png
@@ -104,7 +104,7 @@ class RunFolder:
         paths = [save_png(curves_figure(history), self.path / "curves.png")]
         if val is not None and val.labels:
             cm = confusion_matrix(val.labels, val.probs.argmax(1).tolist(), len(classes))
-            paths.append(save_png(confusion_figure(cm, classes, "validation, best epoch"), self.path / "confusion_matrix.png"))
+            paths.append(save_png(confusion_figure(cm, classes, "validation, kept epoch"), self.path / "confusion_matrix.png"))
             paths.append(save_png(reliability_figure(calibration(val.probs, val.labels), "validation"), self.path / "reliability.png"))
         return paths
 

@@ -207,7 +207,7 @@ class FinetuneStage:
     title = "Fine-tune"
     bar_per_epoch = True
     prefixes = ("",)  # the whole model
-    best_in_state = False  # the best model is in the model file, written when it changes
+    best_in_state = False  # the kept model is in the model file, written when it changes
     generator = None
 
     def __init__(self, model: Classifier, split: DatasetSplit, pp: Preprocessing, loss: LossFn, cfg: TrainConfig,

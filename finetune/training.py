@@ -4,8 +4,9 @@
     -> train a new head on them -> train the last blocks too, on cached activations (where the
     head underfits, recipe.plan_tail) -> fine-tune the whole network (when asked) -> write the run
 
-The best epoch by validation accuracy is what gets saved. After every epoch the run folder
-gets a resume state (resume.py), so Ctrl-C keeps the best model so far and `--resume`
+The model saved is the kept epoch's (tracking.BestEpoch: a stage's last epoch, unless the
+stages before it ended better on val). After every epoch the run folder gets a resume state
+(resume.py), so Ctrl-C keeps the model kept so far and `--resume`
 continues from the last completed epoch. Under torchrun every rank runs this; only rank 0
 writes and reports.
 """
@@ -308,11 +309,11 @@ def settle_split(run: Run, split: DatasetSplit, device: torch.device) -> LossFn:
 
 
 def interrupted(run: Run, d: Dist) -> TrainingInterrupted:
-    """Ctrl-C: the best model so far is saved, and the message says how to go on."""
+    """Ctrl-C: the model kept so far is saved, and the message says how to go on."""
     with sigint_ignored():
         saved = run.save_best()
         run.folder.write_metrics(run.history)
-    where = f"; the best model so far is in {saved}" if saved else ""
+    where = f"; the model kept so far is in {saved}" if saved else ""
     same_processes = f" --devices {d.world}" if d.active and d.one_machine else ""
     again = (f" Continue with: finetune train --resume {run.folder.path}{same_processes}" if run.folder.state_path.is_file()
              else " It stopped before its first epoch finished; start it again to continue.")

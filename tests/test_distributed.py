@@ -155,7 +155,7 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_then_resume_finishes(tmp_path)
     out = run_with_fault(tmp_path, "ctrl-c", "--finetune-epochs", "3", report=report)
     assert out.returncode == 130, out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "train"
-    assert error_lines(out.stderr) == [f"error: training interrupted; the best model so far is in {run_dir / 'model.safetensors'}. "
+    assert error_lines(out.stderr) == [f"error: training interrupted; the model kept so far is in {run_dir / 'model.safetensors'}. "
                                        f"Continue with: finetune train --resume {run_dir} --devices 2"]
     assert "Traceback" not in out.stderr and out.stdout == ""
     steps = [int((report / f"steps.rank{r}").read_text()) for r in (0, 1)]

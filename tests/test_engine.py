@@ -16,7 +16,7 @@ from finetune import TrainConfig
 from finetune.errors import UsageError
 from finetune.records import EpochRecord, Stage
 from finetune.resume import ResumeState
-from finetune.tracking import BestEpoch, EarlyStopping
+from finetune.tracking import BestEpoch, EarlyStopping, best_val_epoch
 
 
 def record(epoch, val_acc, val_loss, stage=Stage.HEAD):
@@ -40,17 +40,43 @@ def test_checked_config_survives_config_json():
     assert again == cfg
 
 
-def test_best_epoch_prefers_accuracy_then_lower_loss():
+def test_the_kept_epoch_is_the_stages_last_unless_an_earlier_stage_was_better_on_val():
     model = torch.nn.Linear(2, 2)
     best = BestEpoch()
-    assert best.offer(record(1, 0.8, 0.5), model, torch.tensor([[0.9, 0.1], [0.2, 0.8]]))
-    assert not best.offer(record(2, 0.7, 0.1), model, torch.tensor([[0.9, 0.1], [0.2, 0.8]]))
-    assert best.offer(record(3, 0.8, 0.4), model, torch.tensor([[0.4, 0.6], [0.3, 0.7]]))  # same accuracy, lower loss
-    assert not best.offer(record(4, 0.8, 0.4), model, torch.tensor([[0.6, 0.4], [0.7, 0.3]]))
-    assert best.epoch == 3 and best.val_pred.tolist() == [1, 1]
+    logits = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    assert best.offer(record(1, 0.8, 0.5), model, logits)
+    assert best.offer(record(2, 0.7, 0.6), model, torch.tensor([[0.4, 0.6], [0.3, 0.7]]))  # the first stage: its latest epoch
+    assert best.epoch == 2 and best.val_pred.tolist() == [1, 1]
+    # A later stage takes over only where it beats what the head stage ended on (0.7, then loss 0.6) ...
+    assert not best.offer(record(3, 0.6, 0.2, Stage.TAIL), model, logits)
+    assert best.offer(record(4, 0.7, 0.6, Stage.TAIL), model, logits)  # as good: the later model
+    assert not best.offer(record(5, 0.7, 0.7, Stage.TAIL), model, logits)
+    assert best.offer(record(6, 0.75, 0.9, Stage.TAIL), model, logits)
+    # ... and is measured against the head's end, not against its own earlier epochs.
+    assert best.offer(record(7, 0.72, 0.5, Stage.TAIL), model, logits)
+    assert best.epoch == 7 and best.val_pred.tolist() == [0, 1]
+    # Fine-tuning after it must beat the tail's kept epoch 7.
+    assert not best.offer(record(8, 0.71, 0.1, Stage.FINETUNE), model, logits)
+    assert best.epoch == 7 and best.to_beat == (0.72, 0.5)
     with torch.no_grad():
         model.weight.zero_()
     assert best.state["weight"].abs().sum() > 0  # a copy, not the live weights
+
+
+def test_a_resumed_run_follows_the_rule_from_its_history():
+    history = [record(1, 0.8, 0.5), record(2, 0.7, 0.6), record(3, 0.75, 0.4, Stage.TAIL), record(4, 0.6, 0.4, Stage.TAIL)]
+    live, resumed = BestEpoch(), BestEpoch()
+    for r in history:
+        live.offer(r, torch.nn.Linear(1, 1), torch.zeros(1, 2))
+    resumed.follow(history)
+    assert (resumed.stage, resumed.to_beat) == (live.stage, live.to_beat) == (Stage.TAIL, (0.7, 0.6))
+    for r in (record(5, 0.65, 0.1, Stage.TAIL), record(6, 0.9, 0.1, Stage.FINETUNE)):
+        assert resumed.takes(r) == live.takes(r)
+
+
+def test_early_stopping_waits_on_the_best_val_epoch():
+    assert best_val_epoch([]) == 0
+    assert best_val_epoch([record(1, 0.8, 0.5), record(2, 0.9, 0.6), record(3, 0.9, 0.4), record(4, 0.7, 0.1)]) == 3
 
 
 def test_early_stopping_counts_from_the_stage_start():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -185,7 +186,11 @@ def test_patience_stops_early(run, tmp_path):
                                  "--epochs", "40", "--patience", "2"])
     summary = json.loads(result.stdout)
     assert summary["stopped_early"] and summary["epochs"] < 40
-    assert summary["epochs"] - summary["best_epoch"] == 2
+    with open(Path(summary["run_dir"]) / "metrics.csv", newline="") as f:
+        history = [(float(r["val_acc"]), float(r["val_loss"])) for r in csv.DictReader(f)]
+    best_val = max(range(len(history)), key=lambda i: (history[i][0], -history[i][1], -i)) + 1
+    assert summary["epochs"] - best_val == 2  # two epochs without a better val accuracy
+    assert summary["best_epoch"] == summary["epochs"]  # and the stage's last model is kept, as for any stage
 
 
 def test_imbalance_is_reported_and_class_weights_apply(tmp_path):

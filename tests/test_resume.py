@@ -91,7 +91,7 @@ def test_cli_ctrl_c_exits_130_with_a_message(reference, tmp_path, monkeypatch):
     monkeypatch.setattr(FinetuneStage, "batches", interrupted)
     result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path), "--finetune-epochs", "1", *FAST_TRAIN_ARGS])
     assert result.exit_code == 130
-    assert "training interrupted; the best model so far is in" in result.stderr
+    assert "training interrupted; the model kept so far is in" in result.stderr
     assert f"finetune train --resume {tmp_path / 'train'}" in result.stderr
     assert load_model(tmp_path / "train" / "model.safetensors").classes == ["cat", "dog", "fox"]
 

@@ -159,7 +159,7 @@ def render_evaluation(report) -> None:
 
 def show_train_result(result, class_weights: bool) -> None:
     test = f"test acc {result.test_acc:.4f} ({result.num_test} images), " if result.test_acc is not None else ""
-    stdout.print(Text(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch} of {result.epochs}), {test}"
+    stdout.print(Text(f"val acc {result.best_val_acc:.4f} (kept epoch {result.best_epoch} of {result.epochs}), {test}"
                       f"{result.num_train} train / {result.num_val} val images, {len(result.classes)} classes, {result.seconds:.1f}s on {result.device}"))
     if result.leakage:
         stdout.print(Text(f"leakage: {len(result.leakage)} val/test images have the same bytes as images of another split "
