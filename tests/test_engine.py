@@ -1,4 +1,4 @@
-"""The training engine's parts on their own: config rules, records, best epoch, early stopping,
+"""The training engine's parts on their own: config rules, records, the kept epoch, early stopping,
 the resume file format, and the library face `import finetune`."""
 
 from __future__ import annotations
