@@ -228,7 +228,7 @@ def end_epoch(stage, run: Run, epoch: int, first_epoch_of_stage: int, optimizer,
     )
     run.history.append(record)
     run.reporter.epoch(record)
-    if run.best.offer(record, run.model, val_logits) and not stage.best_in_state:
+    if run.best.offer(record, run.model, val_logits, stage.prefixes) and not stage.best_in_state:
         run.save_best()  # the state file below may point at it, so it goes first
     stop = run.early.should_stop(stage.kind, len(run.history), best_val_epoch(run.history), first_epoch_of_stage)
     if stop:

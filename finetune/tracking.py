@@ -45,14 +45,24 @@ class BestEpoch:
         acc, loss = self.to_beat
         return record.val_acc > acc or (record.val_acc == acc and record.val_loss <= loss)
 
-    def offer(self, record: EpochRecord, model: torch.nn.Module, val_logits: torch.Tensor) -> bool:
-        """Keep this epoch if the rule above takes it; returns whether it did."""
+    def offer(self, record: EpochRecord, model: torch.nn.Module, val_logits: torch.Tensor,
+              trained: tuple[str, ...] = ("",)) -> bool:
+        """Keep this epoch if the rule above takes it; returns whether it did. `trained`: the
+        prefixes of what the stage trains (stages.*.prefixes)."""
         if self.takes(record):
             self.acc, self.loss, self.epoch = record.val_acc, record.val_loss, record.epoch
-            self.state = copy.deepcopy(model.state_dict())
+            self.state = self.copy_of(model.state_dict(), trained)
             self.val_logits = val_logits.float().cpu()
             return True
         return False
+
+    def copy_of(self, live: dict[str, torch.Tensor], trained: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """A copy of the model's weights. Every epoch of the head stage is kept now, and what it
+        does not train (the backbone: 13 MB for efficientnet_lite0, 100 MB for a ResNet-50) is still
+        as the kept copy has it: those tensors are shared with it, the stage's own are copied."""
+        if self.state is None or self.state.keys() != live.keys():
+            return copy.deepcopy(live)
+        return {k: copy.deepcopy(v) if k.startswith(trained) else self.state[k] for k, v in live.items()}
 
     def follow(self, history: list[EpochRecord]) -> None:
         """Where the rule stands after `history` (a resumed run): the stage, and what it must beat."""
