@@ -56,6 +56,10 @@ class TrainConfig:
     finetune_epochs: int | None = None
     freeze_backbone: bool | None = None  # None: follow finetune_epochs
     backbone_lr_ratio: float = 0.1  # the tail stage and fine-tuning go at lr * ratio (they start from the trained head)
+    early_lr_ratio: float = 0.1  # fine-tuning: the blocks before the tail's go at this part of the tail's rate
+    # The tail stage and fine-tuning validate and keep an exponential average of their weights over
+    # about this many epochs' steps (averaging.py); 0: the weights as trained.
+    average_epochs: float = 0.5
     workers: int | None = None  # None: chosen from the machine's cores
     runs_dir: Path = DEFAULT_RUNS_DIR
     name: str | None = None
@@ -87,6 +91,8 @@ class TrainConfig:
             (self.max_pixels >= 1, f"--max-pixels must be positive (got {self.max_pixels})."),
             (self.feature_memory_gb >= 0, f"--feature-memory-gb must be 0 or more (got {self.feature_memory_gb})."),
             (self.cache_limit_gb > 0, f"--cache-limit-gb must be positive (got {self.cache_limit_gb})."),
+            (self.early_lr_ratio >= 0, f"early_lr_ratio must be 0 or more (got {self.early_lr_ratio})."),
+            (self.average_epochs >= 0, f"average_epochs must be 0 or more (got {self.average_epochs})."),
             (self.patience >= 0, f"--patience must be 0 (off) or more (got {self.patience})."),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})."),
             (self.max_images_per_class is None or self.max_images_per_class >= 1,

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .averaging import WeightAverage, named_in
 from .checkpoint import model_metadata
 from .cache import FeatureCache
 from .config import TrainConfig
 from .data import DatasetSplit, Preprocessing
 from .device import autocast
 from .distributed import Dist, interrupts_deferred
+from .errors import UsageError
 from .models import Classifier
 from .progress import Reporter
 from .records import EpochRecord, HeadChoice, Stage
@@ -76,8 +79,9 @@ class Run:
         extra = self.distance.tensors() if self.distance is not None else {}
         return self.folder.save_model(self.best, meta, extra, force)
 
-    def resume_state(self, stage, epoch: int, optimizer, schedule) -> ResumeState:
-        """The state after `epoch` epochs of `stage` (a stages.HeadStage, TailStage or FinetuneStage)."""
+    def resume_state(self, stage, epoch: int, optimizer, schedule, average: WeightAverage | None = None) -> ResumeState:
+        """The state after `epoch` epochs of `stage` (a stages.HeadStage, TailStage or FinetuneStage)
+        and its weights' average, if it keeps one."""
         trained = {k: v for k, v in self.model.state_dict().items() if k.startswith(stage.prefixes)}
         best = {k: v for k, v in self.best.state.items() if k.startswith(stage.prefixes)} if stage.best_in_state else {}
         return ResumeState(
@@ -87,7 +91,7 @@ class Run:
             skipped=self.split.skipped, num_train=len(self.split.train), num_val=len(self.split.val),
             classes=self.split.classes, stopped_stage=self.early.stopped_stage, files_digest=self.files_digest,
             head_choice=self.head_choice, candidates=self.candidates, learning_curve=self.learning_curve,
-            tail_plan=self.tail_plan,
+            tail_plan=self.tail_plan, average=average.state_dict() if average is not None else {},
         )
 
     def restore(self, state: ResumeState, device: torch.device) -> None:
@@ -149,10 +153,15 @@ def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None
                                   fused=(plain and stage.device.type in ("cpu", "cuda")) or None)
     total = stage.steps_per_epoch * stage.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, stage.warmup_steps))
+    # Stages that start from a trained model validate and keep their weights' average (averaging.py).
+    average = WeightAverage(named_in(run.model, [p for g in groups for p in g["params"]]), stage.average_steps) \
+        if stage.average_steps else None
     if done:
-        optimizer.load_state_dict(resumed.optimizer)
+        load_optimizer_state(optimizer, resumed.optimizer, run.folder.path)
         schedule.load_state_dict(resumed.schedule)
         restore_rng(resumed.rng, stage.generator)
+        if average is not None:
+            average.load_state_dict(resumed.average)
     # fp16 needs loss scaling to keep small gradients; bf16 has fp32's range and does not.
     scaler = torch.amp.GradScaler(stage.device.type, enabled=stage.amp == torch.float16)
     first_epoch_of_stage = len(run.history) - done + 1
@@ -166,12 +175,14 @@ def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None
             t0 = time.perf_counter()
             if stage.bar_per_epoch:
                 reporter.start(f"{stage.title} epoch {epoch}/{stage.epochs}", stage.epoch_size)
-            totals = train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter if stage.bar_per_epoch else None)
+            totals = train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter if stage.bar_per_epoch else None,
+                                     average)
             if stage.bar_per_epoch:
                 reporter.finish()
-            val_logits, val_y = stage.validate()
-            record, stop = end_epoch(stage, run, epoch, first_epoch_of_stage, optimizer, schedule,
-                                     (*totals, time.perf_counter() - t0), val_logits, val_y)
+            with average.in_model() if average is not None else nullcontext():
+                val_logits, val_y = stage.validate()
+                record = keep_epoch(stage, run, optimizer, (*totals, time.perf_counter() - t0), val_logits, val_y)
+            stop = end_epoch(stage, run, epoch, first_epoch_of_stage, optimizer, schedule, average)
             if not stage.bar_per_epoch:
                 reporter.advance(1, loss=round(record.train_loss, 4), acc=round(record.train_acc, 4),
                                  val_acc=round(record.val_acc, 4))
@@ -183,9 +194,20 @@ def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None
         reporter.finish()
 
 
-def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Reporter | None) -> tuple[float, float, float]:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, run_dir: Path) -> None:
+    """The resumed stage's optimizer state; one saved with other parameter groups (by another
+    version of this tool) is refused in one line."""
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError:
+        raise UsageError(f"--resume {run_dir}: its training state was saved by another version of finetune "
+                         "(its optimizer does not fit this stage); start a new run.") from None
+
+
+def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Reporter | None,
+                    average: WeightAverage | None = None) -> tuple[float, float, float]:
     """One pass over the stage's batches: (loss sum, correct, images) over all ranks. `reporter`:
-    where each step's running figures go, if anywhere."""
+    where each step's running figures go, if anywhere; `average`: updated after each step."""
     stage.train_mode()
     loss_sum = correct = seen = 0.0
     t0 = time.perf_counter()
@@ -207,6 +229,8 @@ def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Rep
         scaler.step(optimizer)
         scaler.update()
         schedule.step()
+        if average is not None:
+            average.update()
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -216,9 +240,9 @@ def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Rep
     return tuple(stage.dist.sum(loss_sum, correct, seen))
 
 
-def end_epoch(stage, run: Run, epoch: int, first_epoch_of_stage: int, optimizer, schedule,
-              totals: tuple[float, float, float, float], val_logits: torch.Tensor, val_y: torch.Tensor) -> tuple[EpochRecord, bool]:
-    """Record the epoch, keep its model or not, decide on early stopping (returned), save the resume state."""
+def keep_epoch(stage, run: Run, optimizer, totals: tuple[float, float, float, float], val_logits: torch.Tensor,
+               val_y: torch.Tensor) -> EpochRecord:
+    """Record the epoch of the model as validated and keep that model or not (tracking.py)."""
     loss_sum, correct, seen, seconds = totals
     record = EpochRecord(
         epoch=len(run.history) + 1, stage=stage.kind, train_loss=loss_sum / max(1, seen), train_acc=correct / max(1, seen),
@@ -230,8 +254,14 @@ def end_epoch(stage, run: Run, epoch: int, first_epoch_of_stage: int, optimizer,
     run.reporter.epoch(record)
     if run.best.offer(record, run.model, val_logits, stage.prefixes) and not stage.best_in_state:
         run.save_best()  # the state file below may point at it, so it goes first
+    return record
+
+
+def end_epoch(stage, run: Run, epoch: int, first_epoch_of_stage: int, optimizer, schedule,
+              average: WeightAverage | None) -> bool:
+    """Decide on early stopping (returned) and save the resume state (the weights as trained)."""
     stop = run.early.should_stop(stage.kind, len(run.history), best_val_epoch(run.history), first_epoch_of_stage)
     if stop:
         run.reporter.info(f"early stop: no better val accuracy for {run.early.patience} epochs")
-    run.folder.save_state(run.resume_state(stage, epoch, optimizer, schedule), run.history)
-    return record, stop
+    run.folder.save_state(run.resume_state(stage, epoch, optimizer, schedule, average), run.history)
+    return stop

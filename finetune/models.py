@@ -286,6 +286,9 @@ class Classifier(nn.Module):
         self.tail_input = shape
 
     def tail_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the backbone's last blocks, which the tail stage trains (none without a tail)."""
+        if self.chain is None or not self.tail_steps:
+            return []
         return [p for step, _ in self.chain(self.backbone)[-self.tail_steps:] for p in step.parameters()]
 
     def tail_prefixes(self) -> tuple[str, ...]:

@@ -52,6 +52,7 @@ class ResumeState:
     candidates: list[dict] = field(default_factory=list)  # the candidate heads' val figures
     learning_curve: list[dict] = field(default_factory=list)  # {images, val_acc} per growth step of the training set
     tail_plan: dict | None = None  # the tail stage's epochs and why, once planned
+    average: dict[str, torch.Tensor] = field(default_factory=dict)  # the stage's weights' average (averaging.py), by name
 
     @property
     def stopped_early(self) -> bool:
@@ -63,6 +64,7 @@ class ResumeState:
         if self.best_val_logits is not None:
             tensors["best.val_logits"] = self.best_val_logits
         tensors.update({f"rng.{k}": v for k, v in self.rng.items()})
+        tensors.update({f"average.{k}": v for k, v in self.average.items()})
         for param_id, param_state in self.optimizer["state"].items():  # per-parameter tensors by name
             for name, value in param_state.items():
                 tensors[f"optim.{param_id}.{name}"] = torch.as_tensor(value)
@@ -101,7 +103,7 @@ class ResumeState:
                 files_digest=info.get("files_digest", ""),
                 head_choice=HeadChoice(**info["head_choice"]) if info.get("head_choice") else None,
                 candidates=info.get("candidates", []), learning_curve=info.get("learning_curve", []),
-                tail_plan=info.get("tail_plan"),
+                tail_plan=info.get("tail_plan"), average=_with_prefix(tensors, "average."),
             )
         except (ModelFileError, KeyError, TypeError, ValueError):
             raise damaged from None

@@ -1,5 +1,5 @@
 """The training engine's parts on their own: config rules, records, the kept epoch, early stopping,
-the resume file format, and the library face `import finetune`."""
+the weights' average, the resume file format, and the library face `import finetune`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 import finetune
 from finetune import TrainConfig
+from finetune.averaging import WeightAverage, named_in
 from finetune.errors import UsageError
 from finetune.records import EpochRecord, Stage
 from finetune.resume import ResumeState
@@ -99,6 +100,59 @@ def test_epoch_records_read_rows_of_older_states():
     assert r.to_csv_row()["lr"] == "0.000988"
 
 
+def test_the_weights_average_follows_the_steps_and_is_in_the_model_only_while_asked():
+    layer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+        layer.bias.fill_(0.0)
+    average = WeightAverage(named_in(layer, [layer.weight, layer.bias]), steps=4)
+    assert [n for n, _ in named_in(layer, [layer.bias, layer.weight])] == ["bias", "weight"]
+    for _ in range(2):  # two steps that each set the weights to 1: the average goes a quarter of the way each time
+        with torch.no_grad():
+            layer.weight.fill_(1.0)
+        average.update()
+    expected = 1 - 0.75 ** 2
+    assert torch.allclose(average.state_dict()["weight"], torch.full((1, 2), expected))
+    with average.in_model():
+        assert torch.allclose(layer.weight, torch.full((1, 2), expected))  # validated and kept: the average
+    assert torch.equal(layer.weight, torch.ones(1, 2))  # trained on: the weights as they were
+    resumed = WeightAverage(named_in(layer, [layer.weight, layer.bias]), steps=4)
+    resumed.load_state_dict({"weight": average.state_dict()["weight"]})  # (a state without "bias")
+    assert torch.equal(resumed.state_dict()["weight"], average.state_dict()["weight"])
+    assert torch.equal(resumed.state_dict()["bias"], layer.bias.detach())
+
+
+def test_the_average_is_off_at_zero_epochs_and_refused_below():
+    assert TrainConfig(average_epochs=0).checked().average_epochs == 0
+    with pytest.raises(UsageError, match="average_epochs"):
+        TrainConfig(average_epochs=-1).checked()
+
+
+def test_fine_tuning_moves_the_blocks_before_the_tail_at_a_tenth_of_its_rate():
+    from finetune.models import build_classifier, get_arch
+    from finetune.stages import finetune_param_groups
+
+    model = build_classifier(get_arch("efficientnet_lite0"), 2)
+    groups = finetune_param_groups(model, 1e-4, 0.1)
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-5), 1e-4, 1e-4]
+    assert groups[1]["params"] and ids(groups[1]["params"]) == ids(model.tail_parameters())
+    assert not ids(groups[0]["params"]) & ids(groups[1]["params"])
+    assert ids(groups[0]["params"]) | ids(groups[1]["params"]) == ids(model.backbone.parameters())
+    assert ids(groups[2]["params"]) == ids(model.head.parameters())
+    model.tail_steps = 0  # an arch without tail blocks: one rate for the whole backbone
+    assert [g["lr"] for g in finetune_param_groups(model, 1e-4, 0.1)] == [1e-4, 1e-4]
+
+
+def test_a_state_whose_optimizer_does_not_fit_the_stage_is_refused_in_one_line(tmp_path):
+    from finetune.fit import load_optimizer_state
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    older = torch.optim.AdamW([{"params": [a, b]}]).state_dict()  # one group where the stage now has two
+    with pytest.raises(UsageError, match="saved by another version of finetune.*start a new run"):
+        load_optimizer_state(torch.optim.AdamW([{"params": [a]}, {"params": [b]}]), older, tmp_path)
+
+
 def test_resume_state_round_trip(tmp_path):
     head = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
@@ -110,13 +164,14 @@ def test_resume_state_round_trip(tmp_path):
         schedule={"last_epoch": 7}, best_acc=0.75, best_loss=0.5, best_epoch=2,
         best_trainable={"head.1.weight": torch.zeros(2, 3)}, best_val_logits=torch.tensor([[-1.0, 2.0], [3.0, 0.5]]),
         rng={"torch": torch.get_rng_state()}, skipped=[{"path": "a.jpg", "reason": "bad"}], num_train=4, num_val=2,
-        classes=["a", "b"], stopped_stage=None, files_digest="abc",
+        classes=["a", "b"], stopped_stage=None, files_digest="abc", average={"head.1.weight": torch.full((2, 3), 0.25)},
     )
     state.save(tmp_path / "s.safetensors")
     back = ResumeState.load(tmp_path / "s.safetensors")
     assert back.history == state.history and back.stage is Stage.HEAD and back.epoch == 2
     assert back.trainable.keys() == state.trainable.keys() and back.best_trainable.keys() == {"head.1.weight"}
     assert torch.equal(back.best_val_logits, state.best_val_logits) and torch.equal(back.rng["torch"], state.rng["torch"])
+    assert back.average.keys() == {"head.1.weight"} and torch.equal(back.average["head.1.weight"], torch.full((2, 3), 0.25))
     fresh = torch.optim.AdamW(head.parameters(), lr=1e-3)
     fresh.load_state_dict(back.optimizer)
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])

@@ -140,6 +140,17 @@ def test_same_seed_same_run_on_cpu(reference, tmp_path):
     assert compared(other.history) != compared(ref.history)
 
 
+def test_later_stages_validate_and_keep_their_weights_average(reference, tmp_path):
+    data, ref = reference
+    plain = train(config(data, tmp_path, average_epochs=0, finetune_epochs=0))  # the weights as trained
+    ref_rows, plain_rows = compared(ref.history), compared(plain.history)
+    head, tail = slice(0, 3), slice(3, 5)
+    assert [r["stage"] for r in ref_rows[tail]] == ["tail", "tail"] and plain_rows[head] == ref_rows[head]
+    trained = lambda rows: [(r["train_loss"], r["train_acc"]) for r in rows]  # noqa: E731
+    assert trained(plain_rows[tail]) == trained(ref_rows[tail])  # the same steps: the average does not train
+    assert [r["val_loss"] for r in plain_rows[tail]] != [r["val_loss"] for r in ref_rows[tail]]  # what is validated
+
+
 def test_ctrl_c_before_the_first_epoch_does_not_promise_a_resume(reference, tmp_path):
     data, _ = reference
     with pytest.raises(TrainingInterrupted, match="stopped before its first epoch finished") as info:
