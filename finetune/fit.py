@@ -154,8 +154,10 @@ def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None
     total = stage.steps_per_epoch * stage.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, stage.warmup_steps))
     # Stages that start from a trained model validate and keep their weights' average (averaging.py).
-    average = WeightAverage(named_in(run.model, [p for g in groups for p in g["params"]]), stage.average_steps) \
-        if stage.average_steps else None
+    average = None
+    if stage.averaged and run.cfg.average_epochs:
+        average = WeightAverage(named_in(run.model, [p for g in groups for p in g["params"]]),
+                                run.cfg.average_epochs * stage.steps_per_epoch)
     if done:
         load_optimizer_state(optimizer, resumed.optimizer, run.folder.path)
         schedule.load_state_dict(resumed.schedule)

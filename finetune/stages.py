@@ -56,7 +56,7 @@ class HeadStage:
     amp = None  # the head always runs in fp32
     prefixes = ("feature_norm.", "head.")  # what it sets and trains, by name in the model
     best_in_state = True  # the best head is tiny: kept in the state file, not rewritten to the model file each epoch
-    average_steps = 0.0  # the head validates and keeps its weights as trained (a later stage: averaging.py)
+    averaged = False  # the head validates and keeps its weights as trained (the later stages: averaging.py)
 
     def __init__(self, model: Classifier, features: FeatureSet, loss: LossFn, cfg: TrainConfig, device: torch.device):
         n, views, dim = features.train.shape
@@ -155,6 +155,7 @@ class TailStage(HeadStage):
     title = "Tail (last blocks)"
     bar_per_epoch = True
     best_in_state = True  # the tail's weights are a small part of the backbone: kept in the state file
+    averaged = True  # it starts from a trained model: validates and keeps its weights' average (averaging.py)
     VAL_CHUNK = 256
 
     def __init__(self, model: Classifier, rows: FeatureSet, loss: LossFn, cfg: TrainConfig, device: torch.device, epochs: int):
@@ -163,7 +164,6 @@ class TailStage(HeadStage):
         self.prefixes = (*model.tail_prefixes(), "feature_norm.", "head.")
         self.epochs, self.lr = epochs, cfg.lr * cfg.backbone_lr_ratio
         self.warmup_steps = self.steps_per_epoch  # (the textures' first-epoch dip on val was the same with half an epoch)
-        self.average_steps = cfg.average_epochs * self.steps_per_epoch
 
     def param_groups(self) -> list[dict]:
         return [{"params": [*self.model.tail_parameters(), *self.model.head.parameters()], "lr": self.lr}]
@@ -226,6 +226,7 @@ class FinetuneStage:
     bar_per_epoch = True
     prefixes = ("",)  # the whole model
     best_in_state = False  # the kept model is in the model file, written when it changes
+    averaged = True  # as the tail stage
     generator = None
 
     def __init__(self, model: Classifier, split: DatasetSplit, pp: Preprocessing, loss: LossFn, cfg: TrainConfig,
@@ -250,7 +251,6 @@ class FinetuneStage:
         self.val_loader = make_loader(val_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed)
         self.steps_per_epoch = max(1, len(self.train_loader))
         self.warmup_steps = self.steps_per_epoch  # a whole epoch of warm-up, as the tail stage
-        self.average_steps = cfg.average_epochs * self.steps_per_epoch
         self.epoch_size = len(self.sampler)
 
     def param_groups(self) -> list[dict]:
