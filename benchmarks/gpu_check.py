@@ -7,8 +7,9 @@
 2. devices: sample_data/shapes with --arch efficientnet_lite0 --finetune-epochs 2, run plainly
    twice (the GPU's own run-to-run noise) and once with --devices 1 (torchrun, NCCL, DDP);
    their metrics.csv are compared. On a one-GPU machine --devices 2 must stop with one line.
-3. speed: `finetune train DATA` with defaults, and with --finetune-epochs N: wall time and
-   best_val_acc, against the pure compute time of the same passes (synthetic batches already
+3. speed: `finetune train DATA` with defaults (which plan whole-network fine-tuning from the
+   pace they measure: recipe.plan_finetune), and with --finetune-epochs N: wall time,
+   best_val_acc, each epoch's val accuracy, the plan, against the pure compute time of the same passes (synthetic batches already
    on the device, same batch size, precision and memory format).
 4. predict: benchmarks/bench_predict.py on DATA (at least 1,000 images) with the model of 3.
 
@@ -168,6 +169,8 @@ def check_speed(data: Path, tmp: Path, finetune_epochs: int) -> dict:
             "finetune_epoch_seconds": round(ft_seconds, 2) if ft_rows else None,
             "finetune_ratio_to_pure": round(ft_seconds / pure_finetune, 2) if ft_rows else None,
             "finetune_images_per_s": [float(r["images_per_s"]) for r in ft_rows],
+            "val_acc_per_epoch": [(r["stage"], float(r["val_acc"])) for r in rows],
+            "test_acc": summary["test_acc"], "finetune_plan": summary["recipe"].get("finetune"),
         }
     return result
 

@@ -51,8 +51,9 @@ class TrainConfig:
     # Then the tail: the backbone's last blocks and the head, trained on activations cached by
     # the feature pass (stages.TailStage). None: planned from the head's fit (recipe.plan_tail).
     tail_epochs: int | None = None
-    # Last: unfreeze and fine-tune the whole network end to end. None: off, unless
-    # freeze_backbone is False (then UNFROZEN_FINETUNE_EPOCHS).
+    # Last: unfreeze and fine-tune the whole network end to end. None: planned from the device's
+    # measured pace (recipe.plan_finetune: on a GPU, not on a CPU), unless freeze_backbone says
+    # (True: 0; False: UNFROZEN_FINETUNE_EPOCHS).
     finetune_epochs: int | None = None
     freeze_backbone: bool | None = None  # None: follow finetune_epochs
     backbone_lr_ratio: float = 0.1  # the tail stage and fine-tuning go at lr * ratio (they start from the trained head)
@@ -73,7 +74,8 @@ class TrainConfig:
 
     def checked(self) -> "TrainConfig":
         """This config with every option checked (UsageError naming the option otherwise) and the
-        options that depend on each other settled: finetune_epochs and freeze_backbone agree."""
+        options that depend on each other settled: finetune_epochs and freeze_backbone agree (both
+        None: planned during the run)."""
         _require([
             (self.val_split is None or 0.0 < self.val_split < 1.0, f"--val-split must be between 0 and 1 (got {self.val_split})."),
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})."),
@@ -99,9 +101,10 @@ class TrainConfig:
              f"--max-images-per-class must be at least 1 (got {self.max_images_per_class})."),
         ])
         finetune_epochs = self.finetune_epochs
-        if finetune_epochs is None:
-            finetune_epochs = UNFROZEN_FINETUNE_EPOCHS if self.freeze_backbone is False else 0
-        return replace(self, finetune_epochs=finetune_epochs, freeze_backbone=finetune_epochs == 0)
+        if finetune_epochs is None and self.freeze_backbone is not None:
+            finetune_epochs = 0 if self.freeze_backbone else UNFROZEN_FINETUNE_EPOCHS
+        return replace(self, finetune_epochs=finetune_epochs,
+                       freeze_backbone=None if finetune_epochs is None else finetune_epochs == 0)
 
     def to_json_dict(self) -> dict:
         d = asdict(self)

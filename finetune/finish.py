@@ -43,7 +43,7 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
         recipe={"head": run.head_choice.to_dict() if run.head_choice else None, "candidates": run.candidates,
                 "views_computed": run.views_computed,
                 "chosen_by": "the best validation accuracy (then loss) among heads trained on the same cached features",
-                "tail": run.tail_plan, "finetune_epochs": run.cfg.finetune_epochs, "learning_curve": run.learning_curve or None,
+                "tail": run.tail_plan, "finetune": run.finetune_plan, "learning_curve": run.learning_curve or None,
                 "feature_pass": run.feature_pass},
         val=summary_of(val, split.classes) if val else None, suspects=folder.write_suspects(run.suspects, run.suspects_note),
         calibration=calibration_summary(run, test), unknown=run.unknown,

@@ -55,6 +55,7 @@ class Run:
     feature_pass: dict | None = None  # what computing the features took: image views, seconds (this process)
     no_tail: str | None = None  # why the feature pass keeps no activations for the tail stage; None: it keeps them
     tail_plan: dict | None = None  # the tail stage's epochs and why (recipe.plan_tail), once planned
+    finetune_plan: dict | None = None  # fine-tuning's epochs and why (recipe.plan_finetune), once planned
     test_rows: tuple | None = None  # the test split's (decoded samples, cached rows [n, 1, dim], failures), when in memory
     suspects: list[dict] | None = None  # suspected label errors in train (run_report.training_suspects); None: not computed
     suspects_note: str = "Not computed: the run was resumed in its fine-tuning stage, after the features were let go."
@@ -91,7 +92,7 @@ class Run:
             skipped=self.split.skipped, num_train=len(self.split.train), num_val=len(self.split.val),
             classes=self.split.classes, stopped_stage=self.early.stopped_stage, files_digest=self.files_digest,
             head_choice=self.head_choice, candidates=self.candidates, learning_curve=self.learning_curve,
-            tail_plan=self.tail_plan, average=average.state_dict() if average is not None else {},
+            tail_plan=self.tail_plan, finetune_plan=self.finetune_plan, average=average.state_dict() if average is not None else {},
         )
 
     def restore(self, state: ResumeState, device: torch.device) -> None:
@@ -106,6 +107,7 @@ class Run:
         self.candidates = state.candidates
         self.learning_curve = state.learning_curve
         self.tail_plan = state.tail_plan
+        self.finetune_plan = state.finetune_plan
         self.model.use_features(self.head_choice.multi_layer)  # shaped before its weights load
         self.model.load_state_dict(state.trainable, strict=state.stage is Stage.FINETUNE)
         if state.stage is Stage.FINETUNE:  # the kept model is the one in the model file
@@ -123,9 +125,9 @@ class Run:
         if not d.active:
             return
         mine = (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_logits, self.early.stopped_stage,
-                self.head_choice, {k: v.cpu() for k, v in self.best.state.items()}) if d.is_main else None
+                self.head_choice, self.finetune_plan, {k: v.cpu() for k, v in self.best.state.items()}) if d.is_main else None
         (self.history, self.best.acc, self.best.loss, self.best.epoch, self.best.val_logits, self.early.stopped_stage,
-         self.head_choice, state) = d.broadcast(mine)
+         self.head_choice, self.finetune_plan, state) = d.broadcast(mine)
         self.best.follow(self.history)
         self.model.use_features(self.head_choice.multi_layer)
         device = next(self.model.parameters()).device

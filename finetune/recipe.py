@@ -22,6 +22,13 @@ training image on the final features, it found nothing better on val and would o
 so that a run is repeatable; the throughput measured before it only decides whether it fits
 TAIL_BUDGET_S.
 
+Then whole-network fine-tuning (stages.FinetuneStage), planned where the device trains the
+whole network fast (recipe.plan_finetune): on a GPU, where an epoch of 5,000 images takes
+seconds, FINETUNE_EPOCHS epochs are the natural next step when they fit FINETUNE_BUDGET_S; a
+CPU trains it at some images a second (a 2-core one about 11, Lite0 at 224 px: an epoch of
+chest_xray's 4,400 training images took 426 s with its val) and is not planned to
+(--finetune-epochs N asks; measuring it would itself cost seconds there). The kept model is still the best on val, so an epoch that is no better changes nothing.
+
 Beyond GROW_FROM training images, more images often buy nothing (issue 16's measurement: a
 25,000-photo cats/dogs folder gave 0.990 val against 0.992 from 1,200 of them, at 24 times the cost). So the training
 set grows in steps instead (2,000 images, then doubling, a stratified seeded order): after
@@ -51,6 +58,9 @@ from .store import narrow, norm_statistics
 TAIL_FIT = 0.995  # a head fitting fewer of its training images than this underfits: the tail stage follows
 TAIL_EPOCHS = 4
 TAIL_BUDGET_S = 300.0  # a planned tail stage longer than this (measured throughput) is left out, and the run says so
+FINETUNE_EPOCHS = 5
+FINETUNE_BUDGET_S = 300.0  # as the tail's: planned fine-tuning longer than this (measured) is left out
+FAST_TRAINING_RATE = 200.0  # training images a second of the whole network from which fine-tuning is planned: a GPU's pace
 MAX_EXTRA_VIEWS = 3
 IMAGES_FOR_NO_VIEWS = 3_000  # from this many training images on, the plain view alone
 GROW_FROM = 8_000  # training sets larger than this grow in steps while more images pay
@@ -188,3 +198,21 @@ def plan_tail(requested: int | None, unavailable: str | None, head_train_acc: fl
         return 0, (f"{why}, but {TAIL_EPOCHS} epochs of the last blocks would take about {cost:.0f} s here (over "
                    f"{TAIL_BUDGET_S:.0f} s): --tail-epochs {TAIL_EPOCHS} runs them")
     return TAIL_EPOCHS, f"{why}: the last blocks train with it (about {epoch_seconds:.0f} s an epoch here)"
+
+
+def plan_finetune(requested: int | None, val_acc: float, images_per_s: float | None, num_train: int) -> tuple[int, str]:
+    """Epochs of whole-network fine-tuning, and why. `val_acc`: the kept model's so far;
+    `images_per_s`: training images a second of the whole network on this device (decoding
+    included where it is the slower), None where it was not measured (a CPU); `num_train`: the
+    training images an epoch goes through."""
+    if requested is not None:
+        return requested, "as asked (--finetune-epochs)"
+    if val_acc >= 1.0:
+        return 0, "the model is right on every val image: nothing fine-tuning could show better"
+    if images_per_s is None:
+        return 0, f"the whole network trains at a CPU's pace (minutes an epoch): --finetune-epochs {FINETUNE_EPOCHS} runs it"
+    cost = FINETUNE_EPOCHS * num_train / images_per_s
+    if images_per_s < FAST_TRAINING_RATE or cost > FINETUNE_BUDGET_S:
+        return 0, (f"the whole network trains at about {images_per_s:.0f} images/s here: {FINETUNE_EPOCHS} epochs would "
+                   f"take about {cost:.0f} s (--finetune-epochs {FINETUNE_EPOCHS} runs them)")
+    return FINETUNE_EPOCHS, f"the whole network trains at about {images_per_s:.0f} images/s here ({cost:.0f} s for {FINETUNE_EPOCHS} epochs)"

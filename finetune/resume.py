@@ -52,6 +52,7 @@ class ResumeState:
     candidates: list[dict] = field(default_factory=list)  # the candidate heads' val figures
     learning_curve: list[dict] = field(default_factory=list)  # {images, val_acc} per growth step of the training set
     tail_plan: dict | None = None  # the tail stage's epochs and why, once planned
+    finetune_plan: dict | None = None  # fine-tuning's epochs and why, once planned (None in older states: the config's)
     average: dict[str, torch.Tensor] = field(default_factory=dict)  # the stage's weights' average (averaging.py), by name
 
     @property
@@ -76,6 +77,7 @@ class ResumeState:
             "files_digest": self.files_digest, "optimizer_param_groups": self.optimizer["param_groups"],
             "head_choice": self.head_choice.to_dict() if self.head_choice else None, "candidates": self.candidates,
             "learning_curve": self.learning_curve, "tail_plan": self.tail_plan,
+            "finetune_plan": self.finetune_plan,
         }
         write_safetensors(path, tensors, info, STATE_KEY)
 
@@ -103,7 +105,7 @@ class ResumeState:
                 files_digest=info.get("files_digest", ""),
                 head_choice=HeadChoice(**info["head_choice"]) if info.get("head_choice") else None,
                 candidates=info.get("candidates", []), learning_curve=info.get("learning_curve", []),
-                tail_plan=info.get("tail_plan"), average=_with_prefix(tensors, "average."),
+                tail_plan=info.get("tail_plan"), finetune_plan=info.get("finetune_plan"), average=_with_prefix(tensors, "average."),
             )
         except (ModelFileError, KeyError, TypeError, ValueError):
             raise damaged from None

@@ -69,14 +69,14 @@ def training_content(run, result: TrainResult, sets: list[Measured]) -> ReportCo
     if split.test:
         counts["test"] = count_per_class(split.test, n)
     head = run.head_choice.describe() if run.head_choice else "n/a"
-    finetuned = any(r.stage is Stage.FINETUNE for r in run.history)
+    finetuned = sum(r.stage is Stage.FINETUNE for r in run.history)
     tail = sum(r.stage is Stage.TAIL for r in run.history)
     summary = [
         ("data", str(run.cfg.data)), ("read as", split.read_as), ("classes", f"{n}: {', '.join(split.classes)}"),
         ("arch", f"{result.arch}, weights: {result.weights}"), ("image size", f"{result.img_size} px"),
         ("strategy", f"a new head on the frozen backbone's features ({head})"
                      + (f", then {tail} epochs of the backbone's last blocks with it" if tail else "")
-                     + (f", then {run.cfg.finetune_epochs} epochs fine-tuning the whole network" if finetuned else "")),
+                     + (f", then {finetuned} epochs fine-tuning the whole network" if finetuned else "")),
         ("device", result.device), ("time", f"{result.seconds:.1f} s"),
         ("kept epoch", f"{result.best_epoch} of {result.epochs}"), ("val accuracy", f"{result.best_val_acc:.4f}"),
         ("test accuracy", f"{result.test_acc:.4f} ({result.num_test:,} images)" if result.test_acc is not None else "no test split"),

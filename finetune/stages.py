@@ -201,6 +201,36 @@ def freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
+def measure_training_rate(model: Classifier, img_size: int, batch_size: int, device: torch.device) -> float:
+    """Training images a second of the whole network on this device, as fine-tuning runs it
+    (precision, memory format, BatchNorm frozen): forward and backward passes of a batch of random
+    images, timed after one that warms up (cuDNN chooses its algorithms then). The weights are left
+    as they were (no optimizer step), and the run's random streams too."""
+    amp = autocast_dtype(device)
+    model.train()
+    freeze_batchnorm(model)
+    times = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        x = torch.rand(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=torch.channels_last)
+        for _ in range(3):
+            synchronize(device)
+            t0 = time.perf_counter()
+            with autocast(device, amp):
+                logits = model(x)
+            logits.float().logsumexp(1).mean().backward()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return batch_size / min(times[1:])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU's kernels run after the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def finetune_param_groups(model: Classifier, lr: float, early_ratio: float) -> list[dict]:
     """Whole-network fine-tuning's learning rates. The head is trained already: at the head
     stage's rate it would first move away from what it learnt while the features under it
@@ -230,10 +260,10 @@ class FinetuneStage:
     generator = None
 
     def __init__(self, model: Classifier, split: DatasetSplit, pp: Preprocessing, loss: LossFn, cfg: TrainConfig,
-                 device: torch.device, d: Dist, light_augmentation: bool = False):
+                 device: torch.device, d: Dist, epochs: int, light_augmentation: bool = False):
         self.model, self.loss, self.cfg, self.device, self.dist = model, loss, cfg, device, d
         self.amp = autocast_dtype(device)
-        self.epochs = cfg.finetune_epochs
+        self.epochs = epochs
         train_ds = ImageFileDataset([s.path for s in split.train], pp, cfg.max_pixels, views=1, augment_all=True,
                                     light=light_augmentation)
         self.val_mine = d.shard(list(range(len(split.val))))  # each rank validates its share

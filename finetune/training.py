@@ -2,7 +2,8 @@
 
     scan the folder -> build the model -> compute the frozen backbone's features once
     -> train a new head on them -> train the last blocks too, on cached activations (where the
-    head underfits, recipe.plan_tail) -> fine-tune the whole network (when asked) -> write the run
+    head underfits, recipe.plan_tail) -> fine-tune the whole network (when asked, or on a device
+    that trains it fast: recipe.plan_finetune) -> write the run
 
 The model saved is the kept epoch's (tracking.BestEpoch: a stage's last epoch, unless the
 stages before it ended better on val). After every epoch the run folder gets a resume state
@@ -33,7 +34,7 @@ from .models import build_classifier, get_arch
 from .weights import resolve_pretrained
 from .progress import Reporter
 from .recipe import (choose_head, growth_steps, head_features, learning_order, more_images_pay, norm_statistics,
-                     plan_tail, pooled_features, try_head, views_for)
+                     plan_finetune, plan_tail, pooled_features, try_head, views_for)
 from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
 from .finish import MAX_FEATURE_IMAGES, finish
@@ -41,7 +42,10 @@ from .run_report import training_suspects
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input
 from .store import plain_sample
 from .scan import count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class, scan_dataset
-from .stages import FinetuneStage, LossFn, TailStage, head_stage, make_loss
+from .stages import FinetuneStage, LossFn, TailStage, head_stage, make_loss, measure_training_rate
+
+
+SLOW_DEVICES = ("cpu",)  # where fine-tuning's pace is not measured: far below recipe.FAST_TRAINING_RATE
 
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | None:
@@ -182,6 +186,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
                 run.model.load_state_dict(run.best.state)  # the tail starts from the best head
                 done, resumed = 0, None
             fit_tail(run, rows, features, loss, device, done, resumed)
+            plan_finetuning(run, device, d)
         run.share_from_main(d)
         run.model.load_state_dict(run.best.state)
         done, resumed = 0, None
@@ -192,9 +197,28 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         if resumed.num_train < len(train):  # the head stage had stopped growing the training set: its images
             train = usable(learning_order(run.split.train, cfg.seed))[:resumed.num_train]
         loss = settle_split(run, replace(run.split, train=train, val=usable(run.split.val), skipped=resumed.skipped), device)
-    if cfg.finetune_epochs > done:
+        if run.finetune_plan is None:  # (a state from before plans were saved: its config had the epochs)
+            run.finetune_plan = {"epochs": cfg.finetune_epochs or 0, "why": "as asked (--finetune-epochs)", "images_per_s": None}
+    epochs = run.finetune_plan["epochs"]
+    if epochs > done:
         light = run.head_choice is not None and run.head_choice.views == 1  # the plain view won: augment lightly
-        fit_stage(FinetuneStage(run.model, run.split, run.pp, loss, cfg, device, d, light), run, done, resumed)
+        fit_stage(FinetuneStage(run.model, run.split, run.pp, loss, cfg, device, d, epochs, light), run, done, resumed)
+
+
+def plan_finetuning(run: Run, device: torch.device, d: Dist) -> None:
+    """Plan whole-network fine-tuning (recipe.plan_finetune; a resumed run keeps its plan) and say
+    why. Its pace is measured where it could be fast (off the CPU): the training steps' own, or the
+    feature pass's decoding where that was the slower, times the processes sharing the epoch."""
+    if run.finetune_plan is not None:
+        return
+    rate = None
+    if run.cfg.finetune_epochs is None and device.type not in SLOW_DEVICES and run.best.acc < 1.0:
+        rate = measure_training_rate(run.model, run.pp.img_size, run.cfg.batch_size, device)
+        decoding = (run.feature_pass or {}).get("image_views_per_s")
+        rate = min(rate, decoding or rate) * d.world
+    epochs, why = plan_finetune(run.cfg.finetune_epochs, run.best.acc, rate, len(run.split.train))
+    run.finetune_plan = {"epochs": epochs, "why": why, "images_per_s": rate and round(rate, 1)}
+    run.reporter.info(f"fine-tuning: {epochs} epochs ({why})" if epochs else f"no fine-tuning: {why}")
 
 
 def fit_tail(run: Run, rows: FeatureSet, features: FeatureSet, loss: LossFn, device: torch.device, done: int,
@@ -292,7 +316,8 @@ def choose(run: Run, features: FeatureSet, loss: LossFn, device: torch.device, v
 def epochs_completed(resumed: ResumeState, cfg: TrainConfig) -> int:
     """Epochs done in the resumed stage; all of them when early stopping had ended it."""
     if resumed.stopped_stage is resumed.stage:
-        return {Stage.HEAD: cfg.epochs, Stage.TAIL: (resumed.tail_plan or {}).get("epochs", 0)}.get(resumed.stage, cfg.finetune_epochs)
+        planned = (resumed.finetune_plan or {}).get("epochs", cfg.finetune_epochs or 0)
+        return {Stage.HEAD: cfg.epochs, Stage.TAIL: (resumed.tail_plan or {}).get("epochs", 0)}.get(resumed.stage, planned)
     return resumed.epoch
 
 

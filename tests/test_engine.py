@@ -27,8 +27,11 @@ def record(epoch, val_acc, val_loss, stage=Stage.HEAD):
 def test_unfreezing_means_five_finetune_epochs_for_library_users_too():
     assert TrainConfig(freeze_backbone=False).checked().finetune_epochs == 5
     assert TrainConfig(freeze_backbone=False, finetune_epochs=2).checked().finetune_epochs == 2
-    default = TrainConfig().checked()
-    assert default.finetune_epochs == 0 and default.freeze_backbone is True
+    default = TrainConfig().checked()  # planned during the run (recipe.plan_finetune)
+    assert default.finetune_epochs is None and default.freeze_backbone is None
+    frozen = TrainConfig(freeze_backbone=True).checked()
+    assert frozen.finetune_epochs == 0 and frozen.freeze_backbone is True
+    assert TrainConfig(finetune_epochs=0).checked().freeze_backbone is True
     with pytest.raises(UsageError, match="contradict"):
         TrainConfig(freeze_backbone=True, finetune_epochs=3).checked()
     with pytest.raises(UsageError, match="--views must be at least 1"):

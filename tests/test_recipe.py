@@ -300,6 +300,7 @@ def test_the_tail_stage_trains_the_last_blocks_and_the_model_file_predicts_as_it
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["recipe"]["tail"]["epochs"] == 2 and "as asked" in summary["recipe"]["tail"]["why"]
+    assert summary["recipe"]["finetune"]["epochs"] == 0 and summary["recipe"]["finetune"]["images_per_s"] is None  # not measured on a CPU
     rows = list(csv.DictReader(open(Path(summary["run_dir"]) / "metrics.csv")))
     assert [r["stage"] for r in rows] == ["head"] * 3 + ["tail"] * 2
     loaded = load_model(Path(summary["run_dir"]))
@@ -333,6 +334,45 @@ def test_a_planned_tail_trains_as_one_asked_for(tmp_path, monkeypatch):
     asked = train(replace(cfg, runs_dir=tmp_path / "b", tail_epochs=recipe.TAIL_EPOCHS))
     assert asked.recipe["tail"]["why"] == "as asked (--tail-epochs)"
     assert compared(planned.history) == compared(asked.history)  # measuring the throughput changed nothing
+
+
+@pytest.mark.parametrize("requested, val_acc, rate, epochs, why", [
+    (2, 1.0, None, 2, "as asked"),  # asked for: whatever the signals
+    (0, 0.9, 5000.0, 0, "as asked"),
+    (None, 0.9, None, 0, "CPU"),  # not measured: a CPU trains the whole network at some images a second
+    (None, 1.0, 5000.0, 0, "every val image"),  # nothing an epoch could show better
+    (None, 0.9, 5000.0, 5, "5000 images/s"),  # 5 epochs of 5,000 images: 5 s
+    (None, 0.9, 150.0, 0, "--finetune-epochs 5 runs them"),  # under the fast pace, though 5 epochs would take 167 s
+    (None, 0.9, 300.0, 0, "about 417 s"),  # fast, but 5 epochs of 25,000 images: over the budget
+])
+def test_finetuning_is_planned_from_the_devices_pace(requested, val_acc, rate, epochs, why):
+    from finetune.recipe import plan_finetune
+
+    num_train = 25_000 if rate == 300.0 else 5_000
+    planned, reason = plan_finetune(requested, val_acc, rate, num_train)
+    assert planned == epochs and why in reason
+
+
+def test_planned_finetuning_trains_as_one_asked_for_and_resumes_with_its_plan(tmp_path, monkeypatch):
+    from finetune import recipe, training
+    from test_resume import CtrlCAt, compared, config
+
+    from conftest import CLASS_COLOURS, make_image
+
+    monkeypatch.setattr(training, "SLOW_DEVICES", ())  # the pace is measured on this CPU too
+    monkeypatch.setattr(recipe, "FAST_TRAINING_RATE", 0.0)  # and counts as fast
+    monkeypatch.setattr(recipe, "FINETUNE_EPOCHS", 2)
+    odd = make_train_val(tmp_path / "data")
+    make_image(odd / "val" / "cat" / "odd.jpg", CLASS_COLOURS["dog"], seed=77)  # a dog filed as a cat: val below 1.0
+    cfg = config(odd, tmp_path / "a", finetune_epochs=None)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, CtrlCAt("Fine-tune epoch 2", 1))
+    monkeypatch.setattr(recipe, "FINETUNE_EPOCHS", 7)  # a resumed run goes on with the plan it had made
+    planned = train(TrainConfig(resume=tmp_path / "a" / "train"))
+    assert planned.recipe["finetune"]["epochs"] == 2 and planned.recipe["finetune"]["images_per_s"] > 0
+    asked = train(replace(cfg, runs_dir=tmp_path / "b", finetune_epochs=2))
+    assert asked.recipe["finetune"] == {"epochs": 2, "why": "as asked (--finetune-epochs)", "images_per_s": None}
+    assert compared(planned.history) == compared(asked.history)  # measuring the pace changed nothing
 
 
 def test_tail_epochs_for_a_backbone_without_a_tail_is_a_one_line_error(data, tmp_path):
