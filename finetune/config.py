@@ -3,6 +3,7 @@ these dataclasses, and library users get the same checks through `checked()`."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -56,6 +57,10 @@ class TrainConfig:
     # (True: 0; False: UNFROZEN_FINETUNE_EPOCHS).
     finetune_epochs: int | None = None
     freeze_backbone: bool | None = None  # None: follow finetune_epochs
+    # Seconds the whole run may take (None: no limit): the tail's and fine-tuning's epochs are
+    # planned into what the run has left of it, measured on this device (recipe.plan_tail,
+    # recipe.plan_finetune); the feature pass and the head are always done.
+    time_budget: float | None = None
     backbone_lr_ratio: float = 0.1  # the tail stage and fine-tuning go at lr * ratio (they start from the trained head)
     early_lr_ratio: float = 0.1  # fine-tuning: the blocks before the tail's go at this part of the tail's rate
     # The tail stage and fine-tuning validate and keep an exponential average of their weights over
@@ -95,6 +100,7 @@ class TrainConfig:
             (self.cache_limit_gb > 0, f"--cache-limit-gb must be positive (got {self.cache_limit_gb})."),
             (self.early_lr_ratio >= 0, f"early_lr_ratio must be 0 or more (got {self.early_lr_ratio})."),
             (self.average_epochs >= 0, f"average_epochs must be 0 or more (got {self.average_epochs})."),
+            (self.time_budget is None or self.time_budget > 0, f"--time-budget must be positive (got {self.time_budget})."),
             (self.patience >= 0, f"--patience must be 0 (off) or more (got {self.patience})."),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})."),
             (self.max_images_per_class is None or self.max_images_per_class >= 1,
@@ -149,6 +155,24 @@ class PredictConfig:
             (self.max_distance is None or self.max_distance > 0, f"--max-distance must be positive (got {self.max_distance})."),
         ])
         return self
+
+
+DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str, option: str = "--time-budget") -> float:
+    """Seconds in "90s", "10m", "1h30m", "1.5h" or a plain number of seconds."""
+    spec = text.strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", spec)
+    if re.fullmatch(r"\d+(?:\.\d+)?", spec):
+        seconds = float(spec)
+    elif parts and re.fullmatch(r"(?:\d+(?:\.\d+)?\s*[hms]\s*)+", spec):
+        seconds = sum(float(n) * DURATION_UNITS[unit] for n, unit in parts)
+    else:
+        raise UsageError(f"{option} {text!r} is not a duration: write e.g. 90s, 10m or 1h30m.")
+    if seconds <= 0:
+        raise UsageError(f"{option} must be positive (got {text!r}).")
+    return seconds
 
 
 def _require(checks: list[tuple[bool, str]]) -> None:

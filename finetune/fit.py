@@ -56,6 +56,7 @@ class Run:
     no_tail: str | None = None  # why the feature pass keeps no activations for the tail stage; None: it keeps them
     tail_plan: dict | None = None  # the tail stage's epochs and why (recipe.plan_tail), once planned
     finetune_plan: dict | None = None  # fine-tuning's epochs and why (recipe.plan_finetune), once planned
+    deadline: float | None = None  # time.perf_counter() at which --time-budget runs out (None: no budget)
     test_rows: tuple | None = None  # the test split's (decoded samples, cached rows [n, 1, dim], failures), when in memory
     suspects: list[dict] | None = None  # suspected label errors in train (run_report.training_suspects); None: not computed
     suspects_note: str = "Not computed: the run was resumed in its fine-tuning stage, after the features were let go."
@@ -119,6 +120,10 @@ class Run:
         else:  # the frozen backbone as it is, with the best head (copies: the live weights train on)
             best = {**{k: v.clone() for k, v in self.model.state_dict().items()}, **state.best_trainable}
         self.best.state = {k: v.to(device) for k, v in best.items()}
+
+    def seconds_left(self) -> float | None:
+        """What the run has left of --time-budget (None: no budget)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.perf_counter())
 
     def share_from_main(self, d: Dist) -> None:
         """Give every rank rank 0's progress (after a stage that only rank 0 ran)."""

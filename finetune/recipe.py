@@ -60,6 +60,7 @@ TAIL_EPOCHS = 4
 TAIL_BUDGET_S = 300.0  # a planned tail stage longer than this (measured throughput) is left out, and the run says so
 FINETUNE_EPOCHS = 5
 FINETUNE_BUDGET_S = 300.0  # as the tail's: planned fine-tuning longer than this (measured) is left out
+MAX_BUDGETED_FINETUNE_EPOCHS = 10  # what a --time-budget plans at most: twice the planned default (none measured beyond 2 on a CPU)
 FAST_TRAINING_RATE = 200.0  # training images a second of the whole network from which fine-tuning is planned: a GPU's pace
 MAX_EXTRA_VIEWS = 3
 IMAGES_FOR_NO_VIEWS = 3_000  # from this many training images on, the plain view alone
@@ -175,12 +176,13 @@ def best_candidate(scores: list[dict]) -> HeadChoice:
 
 
 def plan_tail(requested: int | None, unavailable: str | None, head_train_acc: float | None, multi_layer: bool,
-              epoch_seconds: float | None, head_val_acc: float = 0.0) -> tuple[int, str]:
+              epoch_seconds: float | None, head_val_acc: float = 0.0, budget_s: float | None = None) -> tuple[int, str]:
     """Epochs of the tail stage, and why. `unavailable`: why the run kept no activations for it
     (None: it did); `head_train_acc`: the trained head's accuracy on its training images (plain
     view); `multi_layer`: whether every stage's features won the head's choice; `epoch_seconds`:
     a tail epoch's time, from the throughput measured on this device; `head_val_acc`: the head's
-    best val accuracy (at 1.0 no tail epoch could be kept for a better one)."""
+    best val accuracy (at 1.0 no tail epoch could be kept for a better one); `budget_s`: what the
+    run has left of --time-budget (None: no budget, TAIL_BUDGET_S caps the stage)."""
     if requested is not None:
         return requested, "as asked (--tail-epochs)"
     if unavailable:
@@ -193,26 +195,39 @@ def plan_tail(requested: int | None, unavailable: str | None, head_train_acc: fl
         why = "every stage's features beat the final ones on val: the images are unlike ImageNet's"
     else:
         return 0, f"the head fits {head_train_acc:.1%} of its training images on the final features: nothing to gain"
+    if budget_s is not None:
+        epochs = min(TAIL_EPOCHS, int(budget_s // epoch_seconds))
+        if not epochs:
+            return 0, f"{why}, but an epoch of the last blocks would take about {epoch_seconds:.0f} s: the time budget has {budget_s:.0f} s left"
+        return epochs, f"{why}: the last blocks train with it, {epochs} epochs of about {epoch_seconds:.0f} s in the time budget's {budget_s:.0f} s left"
     cost = TAIL_EPOCHS * epoch_seconds
     if cost > TAIL_BUDGET_S:
         return 0, (f"{why}, but {TAIL_EPOCHS} epochs of the last blocks would take about {cost:.0f} s here (over "
-                   f"{TAIL_BUDGET_S:.0f} s): --tail-epochs {TAIL_EPOCHS} runs them")
+                   f"{TAIL_BUDGET_S:.0f} s): --tail-epochs {TAIL_EPOCHS} or --time-budget runs them")
     return TAIL_EPOCHS, f"{why}: the last blocks train with it (about {epoch_seconds:.0f} s an epoch here)"
 
 
-def plan_finetune(requested: int | None, val_acc: float, images_per_s: float | None, num_train: int) -> tuple[int, str]:
+def plan_finetune(requested: int | None, val_acc: float, images_per_s: float | None, epoch_seconds: float | None,
+                  budget_s: float | None = None) -> tuple[int, str]:
     """Epochs of whole-network fine-tuning, and why. `val_acc`: the kept model's so far;
     `images_per_s`: training images a second of the whole network on this device (decoding
-    included where it is the slower), None where it was not measured (a CPU); `num_train`: the
-    training images an epoch goes through."""
+    included where it is the slower), None where it was not measured (a CPU without a time
+    budget); `epoch_seconds`: an epoch's time at that pace, its val pass included; `budget_s`:
+    what the run has left of --time-budget once the test split is measured (None: no budget)."""
     if requested is not None:
         return requested, "as asked (--finetune-epochs)"
     if val_acc >= 1.0:
         return 0, "the model is right on every val image: nothing fine-tuning could show better"
     if images_per_s is None:
-        return 0, f"the whole network trains at a CPU's pace (minutes an epoch): --finetune-epochs {FINETUNE_EPOCHS} runs it"
-    cost = FINETUNE_EPOCHS * num_train / images_per_s
+        return 0, (f"the whole network trains at a CPU's pace (minutes an epoch): --finetune-epochs {FINETUNE_EPOCHS} "
+                   "or --time-budget runs it")
+    pace = f"the whole network trains at about {images_per_s:.0f} images/s here"
+    if budget_s is not None:
+        epochs = min(MAX_BUDGETED_FINETUNE_EPOCHS, int(budget_s // epoch_seconds))
+        if not epochs:
+            return 0, f"{pace}: an epoch would take about {epoch_seconds:.0f} s, the time budget has {budget_s:.0f} s left"
+        return epochs, f"{pace}: {epochs} epochs of about {epoch_seconds:.0f} s in the time budget's {budget_s:.0f} s left"
+    cost = FINETUNE_EPOCHS * epoch_seconds
     if images_per_s < FAST_TRAINING_RATE or cost > FINETUNE_BUDGET_S:
-        return 0, (f"the whole network trains at about {images_per_s:.0f} images/s here: {FINETUNE_EPOCHS} epochs would "
-                   f"take about {cost:.0f} s (--finetune-epochs {FINETUNE_EPOCHS} runs them)")
-    return FINETUNE_EPOCHS, f"the whole network trains at about {images_per_s:.0f} images/s here ({cost:.0f} s for {FINETUNE_EPOCHS} epochs)"
+        return 0, f"{pace}: {FINETUNE_EPOCHS} epochs would take about {cost:.0f} s (--finetune-epochs {FINETUNE_EPOCHS} runs them)"
+    return FINETUNE_EPOCHS, f"{pace} ({cost:.0f} s for {FINETUNE_EPOCHS} epochs)"

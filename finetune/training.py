@@ -103,7 +103,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
         raise UsageError(f"--tail-epochs {cfg.tail_epochs}: {no_tail}.")
     run_dir = resume_dir if resume_dir is not None else share_outcome(d, lambda: new_run_dir(cfg))
     run = Run(cfg, model, split, pp, RunFolder(run_dir, writes=d.is_main), reporter, files_digest(split, cfg.data),
-              cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input), no_tail=no_tail)
+              cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input), no_tail=no_tail,
+              deadline=started + cfg.time_budget if cfg.time_budget else None)
     try:
         run_stages(run, device, d, ResumeState.load(run.folder.state_path) if resume_dir is not None else None)
     except KeyboardInterrupt:
@@ -207,16 +208,21 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
 
 def plan_finetuning(run: Run, device: torch.device, d: Dist) -> None:
     """Plan whole-network fine-tuning (recipe.plan_finetune; a resumed run keeps its plan) and say
-    why. Its pace is measured where it could be fast (off the CPU): the training steps' own, or the
-    feature pass's decoding where that was the slower, times the processes sharing the epoch."""
+    why. Its pace is measured where it could be fast (off the CPU) or where a time budget asks
+    what fits: the training steps' own, or the feature pass's decoding where that was the slower,
+    times the processes sharing the epoch. An epoch adds its val pass (forward only: about a
+    third of a training step's time), and the budget keeps back the test split's pass."""
     if run.finetune_plan is not None:
         return
-    rate = None
-    if run.cfg.finetune_epochs is None and device.type not in SLOW_DEVICES and run.best.acc < 1.0:
+    rate = epoch_seconds = budget = None
+    if run.cfg.finetune_epochs is None and run.best.acc < 1.0 and (device.type not in SLOW_DEVICES or run.deadline):
         rate = measure_training_rate(run.model, run.pp.img_size, run.cfg.batch_size, device)
         decoding = (run.feature_pass or {}).get("image_views_per_s")
         rate = min(rate, decoding or rate) * d.world
-    epochs, why = plan_finetune(run.cfg.finetune_epochs, run.best.acc, rate, len(run.split.train))
+        epoch_seconds = (len(run.split.train) + len(run.split.val) / 3) / rate
+        left = run.seconds_left()
+        budget = None if left is None else max(0.0, left - len(run.split.test) / 3 / rate)
+    epochs, why = plan_finetune(run.cfg.finetune_epochs, run.best.acc, rate, epoch_seconds, budget)
     run.finetune_plan = {"epochs": epochs, "why": why, "images_per_s": rate and round(rate, 1)}
     run.reporter.info(f"fine-tuning: {epochs} epochs ({why})" if epochs else f"no fine-tuning: {why}")
 
@@ -231,7 +237,8 @@ def fit_tail(run: Run, rows: FeatureSet, features: FeatureSet, loss: LossFn, dev
     if run.tail_plan is None:
         acc = head_train_accuracy(run.model, features) if stage else None
         seconds = stage.measure_seconds_per_epoch() if stage is not None and run.cfg.tail_epochs is None else None
-        epochs, why = plan_tail(run.cfg.tail_epochs, run.no_tail, acc, run.head_choice.multi_layer, seconds, run.best.acc)
+        epochs, why = plan_tail(run.cfg.tail_epochs, run.no_tail, acc, run.head_choice.multi_layer, seconds, run.best.acc,
+                                run.seconds_left())
         run.tail_plan = {"epochs": epochs, "why": why, "head_train_acc": acc, "epoch_seconds": seconds}
         run.reporter.info(f"tail stage: {epochs} epochs ({why})" if epochs else f"no tail stage: {why}")
     if stage is not None and run.tail_plan["epochs"] > done:

@@ -24,6 +24,15 @@ def record(epoch, val_acc, val_loss, stage=Stage.HEAD):
     return EpochRecord(epoch, stage, 0.5, 0.9, val_loss, val_acc, 1e-3, 0.1, 1000.0)
 
 
+def test_a_time_budget_reads_as_people_write_durations():
+    from finetune.config import parse_duration
+
+    assert [parse_duration(t) for t in ("90s", "10m", "1h30m", "1.5h", "2m 30s", "45")] == [90, 600, 5400, 5400, 150, 45]
+    for bad in ("10x", "", "m", "-5", "0s"):
+        with pytest.raises(UsageError, match="--time-budget"):
+            parse_duration(bad)
+
+
 def test_unfreezing_means_five_finetune_epochs_for_library_users_too():
     assert TrainConfig(freeze_backbone=False).checked().finetune_epochs == 5
     assert TrainConfig(freeze_backbone=False, finetune_epochs=2).checked().finetune_epochs == 2

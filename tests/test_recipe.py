@@ -232,13 +232,17 @@ def test_a_grown_training_set_is_the_same_after_a_resume(growing, tmp_path, stag
     (None, None, 0.995, False, None, 0, "fits 99.5%"),  # the head fits on the final features: nothing to gain
     (None, None, 0.92, False, 10.0, 4, "fits only 92.0%"),  # it underfits, and 4 epochs take 40 s
     (None, None, 0.999, True, 10.0, 4, "unlike ImageNet's"),  # every stage's features won: the images are unlike ImageNet's
-    (None, None, 0.92, False, 100.0, 0, "--tail-epochs 4 runs them"),  # 400 s: over the budget, and the run says how to ask
+    (None, None, 0.92, False, 100.0, 0, "--tail-epochs 4 or --time-budget runs them"),  # 400 s: over the budget, and the run says how to ask
 ])
 def test_the_tail_is_planned_from_the_heads_fit_and_its_cost(requested, unavailable, acc, multi, seconds, epochs, why):
     from finetune.recipe import plan_tail
 
     planned, reason = plan_tail(requested, unavailable, acc, multi, seconds, head_val_acc=0.97)
     assert planned == epochs and why in reason
+    if epochs and requested is None:  # a --time-budget fits what it can: here 4 epochs of 10 s, then 2, then none
+        assert plan_tail(requested, unavailable, acc, multi, seconds, 0.97, budget_s=1000.0)[0] == 4
+        assert plan_tail(requested, unavailable, acc, multi, seconds, 0.97, budget_s=25.0)[0] == 2
+        assert "the time budget has 5 s left" in plan_tail(requested, unavailable, acc, multi, seconds, 0.97, budget_s=5.0)[1]
     if requested is None and unavailable is None:  # a head right on every val image: no tail epoch could be kept
         assert plan_tail(requested, unavailable, acc, multi, seconds, head_val_acc=1.0)[0] == 0
 
@@ -336,20 +340,22 @@ def test_a_planned_tail_trains_as_one_asked_for(tmp_path, monkeypatch):
     assert compared(planned.history) == compared(asked.history)  # measuring the throughput changed nothing
 
 
-@pytest.mark.parametrize("requested, val_acc, rate, epochs, why", [
-    (2, 1.0, None, 2, "as asked"),  # asked for: whatever the signals
-    (0, 0.9, 5000.0, 0, "as asked"),
-    (None, 0.9, None, 0, "CPU"),  # not measured: a CPU trains the whole network at some images a second
-    (None, 1.0, 5000.0, 0, "every val image"),  # nothing an epoch could show better
-    (None, 0.9, 5000.0, 5, "5000 images/s"),  # 5 epochs of 5,000 images: 5 s
-    (None, 0.9, 150.0, 0, "--finetune-epochs 5 runs them"),  # under the fast pace, though 5 epochs would take 167 s
-    (None, 0.9, 300.0, 0, "about 417 s"),  # fast, but 5 epochs of 25,000 images: over the budget
+@pytest.mark.parametrize("requested, val_acc, rate, num_train, budget, epochs, why", [
+    (2, 1.0, None, 5_000, None, 2, "as asked"),  # asked for: whatever the signals
+    (0, 0.9, 5000.0, 5_000, 1e6, 0, "as asked"),
+    (None, 0.9, None, 5_000, None, 0, "CPU"),  # not measured: a CPU trains the whole network at some images a second
+    (None, 1.0, 5000.0, 5_000, 1e6, 0, "every val image"),  # nothing an epoch could show better
+    (None, 0.9, 5000.0, 5_000, None, 5, "5000 images/s"),  # 5 epochs of 5,000 images: 5 s
+    (None, 0.9, 150.0, 5_000, None, 0, "--finetune-epochs 5 runs them"),  # under the fast pace, though 5 epochs would take 167 s
+    (None, 0.9, 300.0, 25_000, None, 0, "about 417 s"),  # fast, but 5 epochs of 25,000 images: over 5 minutes
+    (None, 0.9, 10.0, 1_000, 250.0, 2, "2 epochs of about 100 s"),  # a CPU with a time budget: what fits
+    (None, 0.9, 10.0, 1_000, 50.0, 0, "the time budget has 50 s left"),
+    (None, 0.9, 5000.0, 5_000, 1e6, 10, "10 epochs"),  # a budget plans at most 10
 ])
-def test_finetuning_is_planned_from_the_devices_pace(requested, val_acc, rate, epochs, why):
+def test_finetuning_is_planned_from_the_devices_pace(requested, val_acc, rate, num_train, budget, epochs, why):
     from finetune.recipe import plan_finetune
 
-    num_train = 25_000 if rate == 300.0 else 5_000
-    planned, reason = plan_finetune(requested, val_acc, rate, num_train)
+    planned, reason = plan_finetune(requested, val_acc, rate, rate and num_train / rate, budget)
     assert planned == epochs and why in reason
 
 
@@ -373,6 +379,35 @@ def test_planned_finetuning_trains_as_one_asked_for_and_resumes_with_its_plan(tm
     asked = train(replace(cfg, runs_dir=tmp_path / "b", finetune_epochs=2))
     assert asked.recipe["finetune"] == {"epochs": 2, "why": "as asked (--finetune-epochs)", "images_per_s": None}
     assert compared(planned.history) == compared(asked.history)  # measuring the pace changed nothing
+
+
+@pytest.mark.parametrize("budget", ["1h", "1s"])
+def test_a_time_budget_plans_the_later_stages_into_what_is_left(tmp_path, monkeypatch, budget):
+    from finetune import recipe
+
+    from conftest import CLASS_COLOURS, make_image
+
+    monkeypatch.setattr(recipe, "TAIL_FIT", 1.01)  # every head "underfits": a tail is planned where it fits
+    monkeypatch.setattr(recipe, "MAX_BUDGETED_FINETUNE_EPOCHS", 2)  # (an hour would fit 10: kept short)
+    odd = make_train_val(tmp_path / "data")
+    make_image(odd / "val" / "cat" / "odd.jpg", CLASS_COLOURS["dog"], seed=77)  # a dog filed as a cat: val below 1.0
+    fast = list(FAST_TRAIN_ARGS)
+    del fast[fast.index("--tail-epochs"):fast.index("--tail-epochs") + 2]  # planned, not asked for
+    fast.remove("--quiet")  # what the run says of its plans is asserted
+    result = runner.invoke(app, ["train", str(odd), "--runs-dir", str(tmp_path / "runs"), "--json", *fast, "--time-budget", budget])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    tail, finetune = summary["recipe"]["tail"], summary["recipe"]["finetune"]
+    stages = [r["stage"] for r in csv.DictReader(open(Path(summary["run_dir"]) / "metrics.csv"))]
+    if budget == "1h":  # the CPU's pace is measured, and what fits is planned
+        assert tail["epochs"] == recipe.TAIL_EPOCHS and "time budget" in tail["why"]
+        assert finetune["epochs"] == 2 and finetune["images_per_s"] > 0 and "time budget" in finetune["why"]
+        assert stages == ["head"] * 3 + ["tail"] * 4 + ["finetune"] * 2
+        assert "fine-tuning: 2 epochs (" in result.stderr
+    else:  # spent by the feature pass: the head's model, and the run says why
+        assert tail["epochs"] == finetune["epochs"] == 0 and "the time budget has 0 s left" in tail["why"]
+        assert stages == ["head"] * 3
+        assert "no tail stage:" in result.stderr and "time budget" in result.stderr
 
 
 def test_tail_epochs_for_a_backbone_without_a_tail_is_a_one_line_error(data, tmp_path):

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import UNFROZEN_FINETUNE_EPOCHS
+from ..config import UNFROZEN_FINETUNE_EPOCHS, parse_duration
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
 from .app import TRAIN, LabelColumns, LabelsCsv, ValSplit, app
@@ -25,9 +25,10 @@ def train(
     weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict (.pth/.safetensors) or finetune model file instead of ImageNet weights from the cache/download.")] = TRAIN.weights,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights (--no-pretrained: random init).")] = TRAIN.pretrained,
     epochs: Annotated[int, typer.Option(help="Epochs of the head on the frozen backbone (fast: features are computed once).")] = TRAIN.epochs,
-    tail_epochs: Annotated[Optional[int], typer.Option(help="Then train the backbone's last blocks with the head, on activations cached by the feature pass, for this many epochs (0: never). Default: 4 when the head fits under 99.5% of its training images or every stage's features won (images unlike ImageNet's), unless the head is right on every val image or they would take over 5 minutes.", show_default=False)] = TRAIN.tail_epochs,
+    tail_epochs: Annotated[Optional[int], typer.Option(help="Then train the backbone's last blocks with the head, on activations cached by the feature pass, for this many epochs (0: never). Default: 4 when the head fits under 99.5% of its training images or every stage's features won (images unlike ImageNet's), unless the head is right on every val image or they would take over 5 minutes (with --time-budget: as many as fit, up to 4).", show_default=False)] = TRAIN.tail_epochs,
     finetune_epochs: Annotated[Optional[int], typer.Option(help="Then fine-tune the whole network for this many epochs (0: keep the backbone frozen). Default: 5 where the device trains the whole network at 200 images/s or more (a GPU) and they take under 5 minutes, unless the model is right on every val image; none on a CPU.", show_default=False)] = TRAIN.finetune_epochs,
     freeze_backbone: Annotated[Optional[bool], typer.Option("--freeze-backbone/--no-freeze-backbone", help=f"Fixed feature extractor (--freeze-backbone: no fine-tuning) vs whole-network fine-tuning (--no-freeze-backbone: {UNFROZEN_FINETUNE_EPOCHS} fine-tune epochs unless --finetune-epochs says). Default: as planned (--finetune-epochs).", show_default=False)] = TRAIN.freeze_backbone,
+    time_budget: Annotated[Optional[str], typer.Option(help="Time the whole run may take, e.g. 10m, 90s or 1h30m: the tail's and fine-tuning's epochs (up to 10) are planned into what is left after the features and the head, at the pace measured on this device, on a CPU too. Default: no budget.", show_default=False)] = None,
     views: Annotated[Optional[int], typer.Option(help="Views per training image for the frozen-backbone features: the plain one plus augmented ones (default: 4 for up to 1,000 training images, fewer for more, 1 from 3,000; 1: the plain view only).", show_default=False)] = TRAIN.views,
     head_features: Annotated[str, typer.Option(help="What the head reads: auto (the better on val of the final features and every stage's features, standardised), final, or multi.")] = TRAIN.head_features,
     all_images: Annotated[bool, typer.Option("--all-images", help="Train on every training image. Default: beyond 8,000, the training set grows from 4,000 in doublings while they still cut the val error by a tenth (on a CPU).")] = TRAIN.all_images,
@@ -65,8 +66,12 @@ def train(
         raise train_with_torchrun(devices)
     if data is None and resume is None:
         raise fail(UsageError("missing DATA: give an image folder (finetune train ./photos), or --resume RUN_FOLDER."))
+    try:
+        budget = parse_duration(time_budget) if time_budget is not None else None
+    except UsageError as e:
+        raise fail(e)
     cfg = replace(TRAIN, data=data or Path("."), arch=arch, weights=weights, pretrained=pretrained, epochs=epochs,
-                  tail_epochs=tail_epochs, finetune_epochs=finetune_epochs, freeze_backbone=freeze_backbone, views=views, head_features=head_features, all_images=all_images, batch_size=batch_size,
+                  tail_epochs=tail_epochs, finetune_epochs=finetune_epochs, freeze_backbone=freeze_backbone, time_budget=budget, views=views, head_features=head_features, all_images=all_images, batch_size=batch_size,
                   lr=lr, img_size=img_size, layout=layout, labels=labels, label_columns=label_columns, val_split=val_split, seed=seed, device=device, workers=workers,
                   runs_dir=runs_dir, name=name, max_pixels=max_pixels, resume=resume, patience=patience,
                   class_weights=class_weights, label_smoothing=label_smoothing, max_images_per_class=max_images_per_class,
