@@ -175,6 +175,10 @@ def best_candidate(scores: list[dict]) -> HeadChoice:
 
 
 
+def epochs_text(n: int) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
 def plan_tail(requested: int | None, unavailable: str | None, head_train_acc: float | None, multi_layer: bool,
               epoch_seconds: float | None, head_val_acc: float = 0.0, budget_s: float | None = None) -> tuple[int, str]:
     """Epochs of the tail stage, and why. `unavailable`: why the run kept no activations for it
@@ -199,7 +203,7 @@ def plan_tail(requested: int | None, unavailable: str | None, head_train_acc: fl
         epochs = min(TAIL_EPOCHS, int(budget_s // epoch_seconds))
         if not epochs:
             return 0, f"{why}, but an epoch of the last blocks would take about {epoch_seconds:.0f} s: the time budget has {budget_s:.0f} s left"
-        return epochs, f"{why}: the last blocks train with it, {epochs} epochs of about {epoch_seconds:.0f} s in the time budget's {budget_s:.0f} s left"
+        return epochs, f"{why}: the last blocks train with it, about {epoch_seconds:.0f} s an epoch, in the time budget's {budget_s:.0f} s left"
     cost = TAIL_EPOCHS * epoch_seconds
     if cost > TAIL_BUDGET_S:
         return 0, (f"{why}, but {TAIL_EPOCHS} epochs of the last blocks would take about {cost:.0f} s here (over "
@@ -226,7 +230,7 @@ def plan_finetune(requested: int | None, val_acc: float, images_per_s: float | N
         epochs = min(MAX_BUDGETED_FINETUNE_EPOCHS, int(budget_s // epoch_seconds))
         if not epochs:
             return 0, f"{pace}: an epoch would take about {epoch_seconds:.0f} s, the time budget has {budget_s:.0f} s left"
-        return epochs, f"{pace}: {epochs} epochs of about {epoch_seconds:.0f} s in the time budget's {budget_s:.0f} s left"
+        return epochs, f"{pace}: about {epoch_seconds:.0f} s an epoch, in the time budget's {budget_s:.0f} s left"
     cost = FINETUNE_EPOCHS * epoch_seconds
     if images_per_s < FAST_TRAINING_RATE or cost > FINETUNE_BUDGET_S:
         return 0, f"{pace}: {FINETUNE_EPOCHS} epochs would take about {cost:.0f} s (--finetune-epochs {FINETUNE_EPOCHS} runs them)"

@@ -33,7 +33,7 @@ from .fit import Run, fit_stage
 from .models import build_classifier, get_arch
 from .weights import resolve_pretrained
 from .progress import Reporter
-from .recipe import (choose_head, growth_steps, head_features, learning_order, more_images_pay, norm_statistics,
+from .recipe import (choose_head, epochs_text, growth_steps, head_features, learning_order, more_images_pay, norm_statistics,
                      plan_finetune, plan_tail, pooled_features, try_head, views_for)
 from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
@@ -224,7 +224,7 @@ def plan_finetuning(run: Run, device: torch.device, d: Dist) -> None:
         budget = None if left is None else max(0.0, left - len(run.split.test) / 3 / rate)
     epochs, why = plan_finetune(run.cfg.finetune_epochs, run.best.acc, rate, epoch_seconds, budget)
     run.finetune_plan = {"epochs": epochs, "why": why, "images_per_s": rate and round(rate, 1)}
-    run.reporter.info(f"fine-tuning: {epochs} epochs ({why})" if epochs else f"no fine-tuning: {why}")
+    run.reporter.info(f"fine-tuning: {epochs_text(epochs)} ({why})" if epochs else f"no fine-tuning: {why}")
 
 
 def fit_tail(run: Run, rows: FeatureSet, features: FeatureSet, loss: LossFn, device: torch.device, done: int,
@@ -240,7 +240,7 @@ def fit_tail(run: Run, rows: FeatureSet, features: FeatureSet, loss: LossFn, dev
         epochs, why = plan_tail(run.cfg.tail_epochs, run.no_tail, acc, run.head_choice.multi_layer, seconds, run.best.acc,
                                 run.seconds_left())
         run.tail_plan = {"epochs": epochs, "why": why, "head_train_acc": acc, "epoch_seconds": seconds}
-        run.reporter.info(f"tail stage: {epochs} epochs ({why})" if epochs else f"no tail stage: {why}")
+        run.reporter.info(f"tail stage: {epochs_text(epochs)} ({why})" if epochs else f"no tail stage: {why}")
     if stage is not None and run.tail_plan["epochs"] > done:
         stage.epochs = run.tail_plan["epochs"]
         fit_stage(stage, run, done, resumed)
