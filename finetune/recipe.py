@@ -179,6 +179,15 @@ def epochs_text(n: int) -> str:
     return f"{n} epoch{'' if n == 1 else 's'}"
 
 
+def fit_in_budget(most: int, epoch_seconds: float, budget_s: float, why: str) -> tuple[int, str]:
+    """As many epochs as fit in what the run has left of --time-budget, at most `most`, and why
+    (`why`: the reason for the stage so far)."""
+    epochs = min(most, int(budget_s // epoch_seconds))
+    if not epochs:
+        return 0, f"{why}, but an epoch would take about {epoch_seconds:.0f} s: the time budget has {budget_s:.0f} s left"
+    return epochs, f"{why}: about {epoch_seconds:.0f} s an epoch, in the time budget's {budget_s:.0f} s left"
+
+
 def plan_tail(requested: int | None, unavailable: str | None, head_train_acc: float | None, multi_layer: bool,
               epoch_seconds: float | None, head_val_acc: float = 0.0, budget_s: float | None = None) -> tuple[int, str]:
     """Epochs of the tail stage, and why. `unavailable`: why the run kept no activations for it
@@ -200,10 +209,7 @@ def plan_tail(requested: int | None, unavailable: str | None, head_train_acc: fl
     else:
         return 0, f"the head fits {head_train_acc:.1%} of its training images on the final features: nothing to gain"
     if budget_s is not None:
-        epochs = min(TAIL_EPOCHS, int(budget_s // epoch_seconds))
-        if not epochs:
-            return 0, f"{why}, but an epoch of the last blocks would take about {epoch_seconds:.0f} s: the time budget has {budget_s:.0f} s left"
-        return epochs, f"{why}: the last blocks train with it, about {epoch_seconds:.0f} s an epoch, in the time budget's {budget_s:.0f} s left"
+        return fit_in_budget(TAIL_EPOCHS, epoch_seconds, budget_s, why)
     cost = TAIL_EPOCHS * epoch_seconds
     if cost > TAIL_BUDGET_S:
         return 0, (f"{why}, but {TAIL_EPOCHS} epochs of the last blocks would take about {cost:.0f} s here (over "
@@ -227,10 +233,7 @@ def plan_finetune(requested: int | None, val_acc: float, images_per_s: float | N
                    "or --time-budget runs it")
     pace = f"the whole network trains at about {images_per_s:.0f} images/s here"
     if budget_s is not None:
-        epochs = min(MAX_BUDGETED_FINETUNE_EPOCHS, int(budget_s // epoch_seconds))
-        if not epochs:
-            return 0, f"{pace}: an epoch would take about {epoch_seconds:.0f} s, the time budget has {budget_s:.0f} s left"
-        return epochs, f"{pace}: about {epoch_seconds:.0f} s an epoch, in the time budget's {budget_s:.0f} s left"
+        return fit_in_budget(MAX_BUDGETED_FINETUNE_EPOCHS, epoch_seconds, budget_s, pace)
     cost = FINETUNE_EPOCHS * epoch_seconds
     if images_per_s < FAST_TRAINING_RATE or cost > FINETUNE_BUDGET_S:
         return 0, f"{pace}: {FINETUNE_EPOCHS} epochs would take about {cost:.0f} s (--finetune-epochs {FINETUNE_EPOCHS} runs them)"
