@@ -23,11 +23,15 @@ so that a run is repeatable; the throughput measured before it only decides whet
 TAIL_BUDGET_S.
 
 Then whole-network fine-tuning (stages.FinetuneStage), planned where the device trains the
-whole network fast (recipe.plan_finetune): on a GPU, where an epoch of 5,000 images takes
-seconds, FINETUNE_EPOCHS epochs are the natural next step when they fit FINETUNE_BUDGET_S; a
-CPU trains it at some images a second (a 2-core one about 11, Lite0 at 224 px: an epoch of
-chest_xray's 4,400 training images took 426 s with its val) and is not planned to
-(--finetune-epochs N asks; measuring it would itself cost seconds there). The kept model is still the best on val, so an epoch that is no better changes nothing.
+whole network fast (plan_finetune): on a GPU, where an epoch of 5,000 images takes seconds,
+FINETUNE_EPOCHS epochs are the natural next step when they fit FINETUNE_BUDGET_S. A CPU trains
+it at some images a second (a 2-core one about 11, Lite0 at 224 px: an epoch of chest_xray's
+4,400 training images took 426 s with its val) and is not planned to: measuring it would
+itself take seconds there, and --finetune-epochs N asks. An epoch no better on val than the
+model before it does not replace that model (tracking.py).
+
+With --time-budget, the tail's and fine-tuning's epochs are what fits in what the run has left
+(fit_in_budget), at the pace measured on the device, a CPU's too.
 
 Beyond GROW_FROM training images, more images often buy nothing (issue 16's measurement: a
 25,000-photo cats/dogs folder gave 0.990 val against 0.992 from 1,200 of them, at 24 times the cost). So the training
@@ -229,7 +233,7 @@ def plan_finetune(requested: int | None, val_acc: float, images_per_s: float | N
     if val_acc >= 1.0:
         return 0, "the model is right on every val image: nothing fine-tuning could show better"
     if images_per_s is None:
-        return 0, (f"the whole network trains at a CPU's pace (minutes an epoch): --finetune-epochs {FINETUNE_EPOCHS} "
+        return 0, (f"a CPU trains the whole network at some images a second: --finetune-epochs {FINETUNE_EPOCHS} "
                    "or --time-budget runs it")
     pace = f"the whole network trains at about {images_per_s:.0f} images/s here"
     if budget_s is not None:
