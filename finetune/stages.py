@@ -182,16 +182,9 @@ class TailStage(HeadStage):
         (after one that warms up); the weights are left as they were (no optimizer step)."""
         self.train_mode()
         x, y = self.x[:self.batch_size].float(), self.y[:self.batch_size]
-        times = []
-        # (Dropout draws random numbers: measuring leaves the run's streams as they were, so a
-        # planned tail trains as one asked for with --tail-epochs does.)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for _ in range(3):
-                t0 = time.perf_counter()
-                self.loss(self.net(x), y).backward()
-                times.append(time.perf_counter() - t0)
+        seconds = fastest_pass(lambda: self.loss(self.net(x), y).backward(), self.device)
         self.net.zero_grad(set_to_none=True)
-        return min(times[1:]) * len(self.x) / len(x)
+        return seconds * len(self.x) / len(x)
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -209,20 +202,33 @@ def measure_training_rate(model: Classifier, img_size: int, batch_size: int, dev
     amp = autocast_dtype(device)
     model.train()
     freeze_batchnorm(model)
+    x = torch.full((batch_size, 3, img_size, img_size), 0.5, device=device).contiguous(memory_format=torch.channels_last)
+
+    def step() -> None:
+        with autocast(device, amp):
+            logits = model(x)
+        logits.float().logsumexp(1).mean().backward()
+
+    seconds = fastest_pass(step, device)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return batch_size / seconds
+
+
+def fastest_pass(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds of the faster of two timed calls of `step` (a training pass), after one that warms
+    up (cuDNN chooses its algorithms then), the device's queued work waited for. Dropout draws
+    random numbers: the run's streams are left as they were, so a planned stage trains as one
+    asked for does."""
     times = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        x = torch.rand(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=torch.channels_last)
         for _ in range(3):
             synchronize(device)
             t0 = time.perf_counter()
-            with autocast(device, amp):
-                logits = model(x)
-            logits.float().logsumexp(1).mean().backward()
+            step()
             synchronize(device)
             times.append(time.perf_counter() - t0)
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    return batch_size / min(times[1:])
+    return min(times[1:])
 
 
 def synchronize(device: torch.device) -> None:
