@@ -196,9 +196,9 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 def measure_training_rate(model: Classifier, img_size: int, batch_size: int, device: torch.device) -> float:
     """Training images a second of the whole network on this device, as fine-tuning runs it
-    (precision, memory format, BatchNorm frozen): forward and backward passes of a batch of random
-    images, timed after one that warms up (cuDNN chooses its algorithms then). The weights are left
-    as they were (no optimizer step), and the run's random streams too."""
+    (precision, memory format, BatchNorm frozen): forward and backward passes of a batch (a constant
+    image: a convolution's cost does not depend on the pixels), timed by fastest_pass. The weights
+    are left as they were (no optimizer step)."""
     amp = autocast_dtype(device)
     model.train()
     freeze_batchnorm(model)
