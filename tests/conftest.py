@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Under pytest-xdist (pyproject's addopts: one process per core) each process gets its share of
+# the cores, before torch is imported: 2 processes of 2 threads each on 2 cores ran slower than one.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 import hashlib
 import json
 from pathlib import Path
