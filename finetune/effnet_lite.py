@@ -43,9 +43,11 @@ class SameConv2d(nn.Conv2d):
         self._needs_dynamic_pad = not symmetric
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._needs_dynamic_pad:
-            x = F.pad(x, self._tf_same_pad(x.shape[-2], x.shape[-1]))
-        return super().forward(x)
+        return super().forward(self.pad(x))
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x with TensorFlow's SAME padding where the convolution's own (symmetric) cannot express it."""
+        return F.pad(x, self._tf_same_pad(x.shape[-2], x.shape[-1])) if self._needs_dynamic_pad else x
 
     def _tf_same_pad(self, h: int, w: int) -> list[int]:
         kh, kw = self.kernel_size

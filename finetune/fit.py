@@ -178,7 +178,7 @@ def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None
     if not stage.bar_per_epoch:
         reporter.start(stage.title, stage.epochs)
         reporter.advance(done)
-    with interrupts_deferred(d) as interrupt:
+    with stage.batchnorm_folded(), interrupts_deferred(d) as interrupt:
         for epoch in range(done + 1, stage.epochs + 1):
             stage.start_epoch(epoch)
             t0 = time.perf_counter()

@@ -11,9 +11,10 @@ learning rates and how it is validated; `fit.fit_stage` runs any of them the sam
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from .data import DatasetSplit, ImageFileDataset, Preprocessing, make_loader
 from .device import autocast, autocast_dtype, forward_in_chunks, to_model_input
 from .distributed import SINGLE, Dist
 from .features import FeatureSet
+from .fold import folded_while_frozen, probe_images
 from .models import Classifier
 from .records import Stage
 
@@ -78,6 +80,10 @@ class HeadStage:
 
     def train_mode(self) -> None:
         self.net.train()
+
+    def batchnorm_folded(self) -> ContextManager:
+        """What the stage trains within: the head has no BatchNorm (the later stages: fold.py)."""
+        return contextlib.nullcontext()
 
     def batches(self) -> Iterator[Batch]:
         order = torch.randperm(len(self.x), generator=self.generator).to(self.x.device)
@@ -172,6 +178,10 @@ class TailStage(HeadStage):
         self.net.train()
         freeze_batchnorm(self.model)
 
+    def batchnorm_folded(self) -> ContextManager:
+        """BatchNorm's frozen statistics computed inside the convolutions (fold.py), checked on two rows."""
+        return folded_while_frozen(self.model, lambda: self.net(self.x[:2].float()))
+
     @torch.no_grad()
     def validate(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.net.eval()
@@ -180,9 +190,10 @@ class TailStage(HeadStage):
     def measure_seconds_per_epoch(self) -> float:
         """A training epoch's time on this device, from two forward and backward passes of a batch
         (after one that warms up); the weights are left as they were (no optimizer step)."""
-        self.train_mode()
         x, y = self.x[:self.batch_size].float(), self.y[:self.batch_size]
-        seconds = fastest_pass(lambda: self.loss(self.net(x), y).backward(), self.device)
+        with self.batchnorm_folded():  # (as the stage trains)
+            self.train_mode()
+            seconds = fastest_pass(lambda: self.loss(self.net(x), y).backward(), self.device)
         self.net.zero_grad(set_to_none=True)
         return seconds * len(self.x) / len(x)
 
@@ -196,12 +207,10 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 def measure_training_rate(model: Classifier, img_size: int, batch_size: int, device: torch.device) -> float:
     """Training images a second of the whole network on this device, as fine-tuning runs it
-    (precision, memory format, BatchNorm frozen): forward and backward passes of a batch (a constant
+    (precision, memory format, BatchNorm frozen and folded): forward and backward passes of a batch (a constant
     image: a convolution's cost does not depend on the pixels), timed by fastest_pass. The weights
     are left as they were (no optimizer step)."""
     amp = autocast_dtype(device)
-    model.train()
-    freeze_batchnorm(model)
     x = torch.full((batch_size, 3, img_size, img_size), 0.5, device=device).contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
@@ -209,7 +218,10 @@ def measure_training_rate(model: Classifier, img_size: int, batch_size: int, dev
             logits = model(x)
         logits.float().logsumexp(1).mean().backward()
 
-    seconds = fastest_pass(step, device)
+    with folded_while_frozen(model, lambda: model(probe_images(img_size, device))):  # (as fine-tuning trains)
+        model.train()
+        freeze_batchnorm(model)
+        seconds = fastest_pass(step, device)
     model.zero_grad(set_to_none=True)
     model.eval()
     return batch_size / seconds
@@ -268,7 +280,7 @@ class FinetuneStage:
     def __init__(self, model: Classifier, split: DatasetSplit, pp: Preprocessing, loss: LossFn, cfg: TrainConfig,
                  device: torch.device, d: Dist, epochs: int, light_augmentation: bool = False):
         self.model, self.loss, self.cfg, self.device, self.dist = model, loss, cfg, device, d
-        self.amp = autocast_dtype(device)
+        self.amp, self.img_size = autocast_dtype(device), pp.img_size
         self.epochs = epochs
         train_ds = ImageFileDataset([s.path for s in split.train], pp, cfg.max_pixels, views=1, augment_all=True,
                                     light=light_augmentation)
@@ -298,6 +310,10 @@ class FinetuneStage:
         make it worse), and the weights, BatchNorm's affine ones included, still learn."""
         self.net.train()
         freeze_batchnorm(self.model)
+
+    def batchnorm_folded(self) -> ContextManager:
+        """BatchNorm's frozen statistics computed inside the convolutions (fold.py), checked on two images."""
+        return folded_while_frozen(self.model, lambda: self.model(probe_images(self.img_size, self.device)))
 
     def start_epoch(self, epoch: int) -> None:
         # Shuffling, augmentation and worker seeds depend only on (seed, epoch, rank): a resumed

@@ -175,3 +175,59 @@ def test_a_batchnorm_not_right_after_its_convolution_is_not_folded():
     module = _ReluBetween().eval()
     module.bn.running_mean.fill_(0.5)
     assert folded(module, torch.rand(1, 3, 8, 8) - 0.5) is module
+
+
+def _unit_batchnorms_made_otherwise(model: torch.nn.Module) -> None:
+    for m in model.modules():  # statistics and affine weights that are not the identity, so that folding them matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-1, 1)
+
+
+def _loss_and_grads(model, x):
+    model.zero_grad()
+    loss = model(x).logsumexp(1).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
+def test_batchnorm_folded_while_frozen_trains_as_unfolded_and_leaves_no_trace(arch):
+    from finetune.fold import folded_while_frozen
+    from finetune.models import build_classifier, get_arch
+    from finetune.stages import freeze_batchnorm
+
+    torch.manual_seed(0)
+    model = build_classifier(get_arch(arch), 3)
+    _unit_batchnorms_made_otherwise(model)
+    model.head[0].p = 0.0  # (no dropout: both passes draw the same nothing)
+    x, keys = torch.rand(2, 3, 64, 64), list(model.state_dict())
+    model.train()
+    freeze_batchnorm(model)
+    loss, grads = _loss_and_grads(model, x)
+    with folded_while_frozen(model, lambda: model(x)) as used:
+        assert used
+        assert model.training and not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        folded_loss, folded_grads = _loss_and_grads(model, x)
+        batchnorm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        batchnorm.train()  # a BatchNorm in training mode still normalises with its batch and updates its statistics
+        before = batchnorm.running_mean.clone()
+        model(x)
+        assert not torch.equal(batchnorm.running_mean, before)
+    assert folded_loss == pytest.approx(loss, rel=1e-5)
+    assert grads.keys() == folded_grads.keys() and any("bn" in n or "_bn" in n for n in grads)  # BatchNorm's weights learn too
+    for name, grad in grads.items():
+        assert torch.allclose(folded_grads[name], grad, rtol=1e-3, atol=1e-5 * grad.abs().max().item()), name
+    assert list(model.state_dict()) == keys
+    assert not any("forward" in vars(m) for m in model.modules())  # the patches are gone
+
+
+def test_batchnorm_is_not_folded_while_frozen_where_that_changes_the_function():
+    from finetune.fold import folded_while_frozen
+
+    module = _ReluBetween()
+    module.bn.running_mean.fill_(0.5)
+    x = torch.rand(1, 3, 8, 8) - 0.5
+    expected = module.eval()(x)
+    with folded_while_frozen(module, lambda: module(x)) as used:
+        assert not used
+        assert torch.equal(module(x), expected)
