@@ -11,6 +11,7 @@ from .calibration import calibrate, uncalibrated
 from .data import ImageFileDataset, Sample, make_loader
 from .device import to_model_input
 from .fit import Run
+from .fold import folded_while_frozen
 from .prediction import answers_from_rows
 from .records import Stage, TrainResult
 from .run_report import measured_val, summary_of, training_content
@@ -64,8 +65,9 @@ def calibrate_run(run: Run, device: torch.device) -> None:
         train_rows, val_rows, kept = run.frozen_features  # the rows the stage was trained on: no pass needed
         if best_stage is Stage.HEAD:  # the backbone as the rows were cached: their pooled part
             train_features, val_features = (rows[:, -run.model.all_dim:].float() for rows in (train_rows, val_rows))
-        else:
-            train_features, val_features = tail_stages(run, train_rows, device), tail_stages(run, val_rows, device)
+        else:  # (BatchNorm computed inside the tail's convolutions, as it trained: fold.py)
+            with folded_while_frozen(run.model, lambda: run.model.eval().stages_from_rows(val_rows[:2].to(device))):
+                train_features, val_features = tail_stages(run, train_rows, device), tail_stages(run, val_rows, device)
     else:  # a fine-tuned backbone: its own features, of a sample of train
         g = torch.Generator().manual_seed(run.cfg.seed)
         sample = [run.split.train[i] for i in torch.randperm(len(run.split.train), generator=g)[:MAX_FEATURE_IMAGES].tolist()]
