@@ -66,7 +66,7 @@ def calibrate_run(run: Run, device: torch.device) -> None:
         if best_stage is Stage.HEAD:  # the backbone as the rows were cached: their pooled part
             train_features, val_features = (rows[:, -run.model.all_dim:].float() for rows in (train_rows, val_rows))
         else:  # (BatchNorm computed inside the tail's convolutions, as it trained: fold.py)
-            with folded_while_frozen(run.model, lambda: run.model.eval().stages_from_rows(val_rows[:2].to(device))):
+            with folded_while_frozen(run.model, lambda: run.model.stages_from_rows(val_rows[:2].to(device))):
                 train_features, val_features = tail_stages(run, train_rows, device), tail_stages(run, val_rows, device)
     else:  # a fine-tuned backbone: its own features, of a sample of train
         g = torch.Generator().manual_seed(run.cfg.seed)

@@ -89,22 +89,29 @@ def folded_while_frozen(model: nn.Module, check: Callable[[], torch.Tensor]) -> 
     it is in use: not where `check()` (the model's output on a probe, run here in eval mode) differs
     with it, as registration order is usually, not always, the order of the forward pass."""
     pairs = [(getattr(model.get_submodule(p), c), getattr(model.get_submodule(p), b)) for p, c, b in foldable(model)]
-    if pairs:
-        modes = {m: m.training for m in model.modules()}
+    try:
+        yield bool(pairs) and _patched_if_unchanged(model, pairs, check)
+    finally:
+        _unpatch(pairs)
+
+
+def _patched_if_unchanged(model: nn.Module, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]], check: Callable[[], torch.Tensor]) -> bool:
+    """Patch the pairs (_patch) and keep them where `check()` gives the same in eval mode; each
+    module's mode as it was."""
+    modes = {m: m.training for m in model.modules()}
+    try:
         model.eval()
         with torch.no_grad():
             expected = check().float()
             _patch(pairs)
             got = check().float()
+    finally:
         for m, training in modes.items():
             m.training = training
-        if ((expected - got).abs().max() / expected.abs().max().clamp_min(1e-6)) > TOLERANCE:
-            _unpatch(pairs)
-            pairs = []
-    try:
-        yield bool(pairs)
-    finally:
+    if ((expected - got).abs().max() / expected.abs().max().clamp_min(1e-6)) > TOLERANCE:
         _unpatch(pairs)
+        return False
+    return True
 
 
 def _patch(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> None:

@@ -231,3 +231,19 @@ def test_batchnorm_is_not_folded_while_frozen_where_that_changes_the_function():
     with folded_while_frozen(module, lambda: module(x)) as used:
         assert not used
         assert torch.equal(module(x), expected)
+
+
+def test_a_failing_check_leaves_the_model_as_it_was():
+    from finetune.fold import folded_while_frozen
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+
+    def check():
+        if "forward" in vars(module[0]):  # fails once the pair is patched
+            raise RuntimeError("out of memory")
+        return module(torch.rand(1, 3, 8, 8))
+
+    with pytest.raises(RuntimeError), folded_while_frozen(module, check):
+        pass
+    assert module.training and module[1].training
+    assert not any("forward" in vars(m) for m in module.modules())
