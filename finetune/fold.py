@@ -68,13 +68,20 @@ def foldable(model: nn.Module) -> list[tuple[str, str, str]]:
 def fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """conv then bn (eval) == the conv with scaled weights and a shifted bias."""
     with torch.no_grad():
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.affine:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0)
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.dim() - 1))))
-        conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+        weight, bias = folded_weights(conv, bn)
+        conv.weight.copy_(weight)
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+
+
+def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of the one convolution that computes conv then bn in eval mode
+    (differentiable in both modules' parameters)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight
+    shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1))), bias
 
 
 @contextlib.contextmanager
@@ -131,13 +138,8 @@ def _unchanged(x: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_and_frozen_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """conv then bn; computed as one convolution when bn is in eval mode (see fold_into)."""
+    """conv then bn; computed as one convolution when bn is in eval mode (folded_weights)."""
     if bn.training:
         return type(bn).forward(bn, type(conv).forward(conv, x))
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.affine:
-        scale = scale * bn.weight
-    shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
-    bias = shift if conv.bias is None else conv.bias * scale + shift
     pad = getattr(conv, "pad", None)  # (effnet_lite's SameConv2d pads before its convolution)
-    return conv._conv_forward(pad(x) if pad else x, conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1))), bias)
+    return conv._conv_forward(pad(x) if pad else x, *folded_weights(conv, bn))
