@@ -34,6 +34,7 @@ from .config import TrainConfig
 from .data import Preprocessing, Sample
 from .files import atomic_write_text, write_safetensors
 from .store import Rows, put
+from .weights import weights_identity
 
 CACHE_FORMAT = 1  # bump when what a feature row means changes (transforms, the stages pooled)
 ENV_DIR = "FINETUNE_CACHE_DIR"
@@ -60,16 +61,6 @@ def cache_for(cfg: TrainConfig, pp: Preprocessing, weights_source: str, device: 
         return None
     key = feature_key(cfg.arch, weights_source, pp, cfg.max_pixels, device, precision, tail_input)
     return FeatureCache(cfg.cache_dir or default_cache_dir(), key, int(cfg.cache_limit_gb * 1e9))
-
-
-def weights_identity(source: str) -> str:
-    """A weights file by path, size and modification time (a replaced file is another
-    identity); a URL as itself (torchvision checks the download's hash)."""
-    path = Path(source)
-    if path.is_file():
-        st = path.stat()
-        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return source
 
 
 def feature_key(arch: str, weights_source: str, pp: Preprocessing, max_pixels: int, device: torch.device,

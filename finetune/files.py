@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -18,6 +19,15 @@ from .errors import ModelFileError
 
 FORMAT = "finetune-model"
 METADATA_KEY = "finetune"
+
+
+def file_digest(path: Path) -> str:
+    """The hash of a file's bytes (blake2b, 16 bytes, hex), read a megabyte at a time."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

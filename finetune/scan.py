@@ -4,7 +4,6 @@ a circle or into another class), files with identical bytes, and the train/val s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +13,7 @@ from pathlib import Path
 from .config import DEFAULT_VAL_FRACTION, MIN_CAPPED_VAL, VAL_CAP
 from .data import DatasetSplit, Sample
 from .errors import DataError
+from .files import file_digest
 from .images import is_candidate_image
 from .layout import Layout, find_layout, is_hidden, sub_folders
 
@@ -170,16 +170,12 @@ def held_out(val_split: float | None, n_val: int, total: int) -> str:
 def file_digests(paths: list[Path]) -> dict[Path, str]:
     """Content hash of each file. Threads: reading and hashing release the GIL."""
     def digest(path: Path) -> str:
-        h = hashlib.blake2b(digest_size=16)
         try:
             if path.stat().st_size == 0:
                 return f"unreadable:{path}"  # empty files are all alike, and none is an image
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
+            return file_digest(path)
         except OSError:
             return f"unreadable:{path}"  # the decode will say what is wrong with it
-        return h.hexdigest()
 
     # Files a batch per task: a task per file costs more in the pool than a small file's hashing
     # (25,000 photos: 4.9 s -> about 2 s on 2 cores).

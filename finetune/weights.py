@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import WeightsError
-from .files import FORMAT, read_safetensors
+from .files import FORMAT, file_digest, read_safetensors
 
 if TYPE_CHECKING:
     from .models import ArchSpec
@@ -51,6 +51,18 @@ def resolve_pretrained(spec: ArchSpec, weights_file: Path | None) -> tuple[dict,
             f"(3) use --arch efficientnet_lite0, whose weights install with pip and work offline."
         ) from None
     return state, url
+
+
+def weights_identity(source: str) -> str:
+    """What names these weights in the feature cache's key (cache.py): a file by its name and the
+    hash of its bytes, so that the same weights installed again (a new virtual environment) or
+    read from another folder keep their cached features and changed bytes never do; a download
+    by the file it left in torchvision's hub cache, where the next run finds it; anything else
+    (timm's weights, by model name) as itself."""
+    path = Path(source)
+    if urlparse(source).scheme in ("http", "https"):
+        path = hub_checkpoint_dir() / url_filename(source)
+    return f"{path.name} blake2b:{file_digest(path)}" if path.is_file() else source
 
 
 def download_state_dict(url: str) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,6 +86,29 @@ def test_what_shapes_the_features_is_part_of_their_key(cfg):
     ]:
         use = train(replace(cfg, **change)).feature_cache
         assert (use["hits"] if use else None) == hits, change
+
+
+def test_weights_are_known_by_their_bytes_not_by_where_or_when_they_were_installed(tmp_path, monkeypatch):
+    from finetune.weights import weights_identity
+
+    weights = bytes(range(256)) * 100
+    first, again = tmp_path / "env1" / "w.pth", tmp_path / "env2" / "w.pth"  # (a new virtual environment, later)
+    for path in (first, again):
+        path.parent.mkdir()
+        path.write_bytes(weights)
+    os.utime(again, ns=(1, 1))
+    assert weights_identity(str(first)) == weights_identity(str(again))
+    again.write_bytes(weights[:-1] + b"\x00")  # one byte changed, same size
+    os.utime(again, ns=(os.stat(first).st_atime_ns, os.stat(first).st_mtime_ns))  # and the same time
+    assert weights_identity(str(first)) != weights_identity(str(again))
+    # A download is known by the file it leaves in torchvision's hub cache, as the next run finds it.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = "https://download.example/models/w.pth"
+    assert weights_identity(url) == url  # (not downloaded: nothing to hash)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    shutil.copy(first, hub / "w.pth")
+    assert weights_identity(url) == weights_identity(str(first)) == weights_identity(str(hub / "w.pth"))
 
 
 def test_no_cache_writes_nothing(cfg, feature_cache):
