@@ -163,11 +163,10 @@ DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 def parse_duration(text: str, option: str = "--time-budget") -> float:
     """Seconds in "90s", "10m", "1h30m", "1.5h" or a plain number of seconds."""
     spec = text.strip().lower()
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", spec)
     if re.fullmatch(r"\d+(?:\.\d+)?", spec):
         seconds = float(spec)
-    elif parts and re.fullmatch(r"(?:\d+(?:\.\d+)?\s*[hms]\s*)+", spec):
-        seconds = sum(float(n) * DURATION_UNITS[unit] for n, unit in parts)
+    elif re.fullmatch(r"(?:\d+(?:\.\d+)?\s*[hms]\s*)+", spec):
+        seconds = sum(float(n) * DURATION_UNITS[unit] for n, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", spec))
     else:
         raise UsageError(f"{option} {text!r} is not a duration: write e.g. 90s, 10m or 1h30m.")
     if seconds <= 0:

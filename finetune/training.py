@@ -157,7 +157,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
     if resumed is not None:
         resumed.check_same_data(run.split, run.files_digest, cfg.data, run.folder.path)
         run.restore(resumed, device)
-        stage, done = resumed.stage, epochs_completed(resumed, cfg)
+        stage, done = resumed.stage, epochs_completed(resumed, run)
         run.reporter.info(f"resuming {run.folder.path} after epoch {len(run.history)} ({stage} stage)")
     if stage in (Stage.HEAD, Stage.TAIL):
         views = run.views_computed = run.head_choice.views if run.head_choice else views_for(len(run.split.train), cfg.views)
@@ -198,8 +198,6 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         if resumed.num_train < len(train):  # the head stage had stopped growing the training set: its images
             train = usable(learning_order(run.split.train, cfg.seed))[:resumed.num_train]
         loss = settle_split(run, replace(run.split, train=train, val=usable(run.split.val), skipped=resumed.skipped), device)
-        if run.finetune_plan is None:  # (a state from before plans were saved: its config had the epochs)
-            run.finetune_plan = {"epochs": cfg.finetune_epochs or 0, "why": "as asked (--finetune-epochs)", "images_per_s": None}
     epochs = run.finetune_plan["epochs"]
     if epochs > done:
         light = run.head_choice is not None and run.head_choice.views == 1  # the plain view won: augment lightly
@@ -320,11 +318,11 @@ def choose(run: Run, features: FeatureSet, loss: LossFn, device: torch.device, v
                       f"{'; others: ' + others if others else ''})")
 
 
-def epochs_completed(resumed: ResumeState, cfg: TrainConfig) -> int:
-    """Epochs done in the resumed stage; all of them when early stopping had ended it."""
+def epochs_completed(resumed: ResumeState, run: Run) -> int:
+    """Epochs done in the resumed stage (the run restored from it); all of them when early stopping had ended it."""
     if resumed.stopped_stage is resumed.stage:
-        planned = (resumed.finetune_plan or {}).get("epochs", cfg.finetune_epochs or 0)
-        return {Stage.HEAD: cfg.epochs, Stage.TAIL: (resumed.tail_plan or {}).get("epochs", 0)}.get(resumed.stage, planned)
+        return {Stage.HEAD: run.cfg.epochs, Stage.TAIL: (run.tail_plan or {}).get("epochs", 0),
+                Stage.FINETUNE: (run.finetune_plan or {}).get("epochs", 0)}[resumed.stage]
     return resumed.epoch
 
 
