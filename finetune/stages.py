@@ -155,7 +155,9 @@ class TailStage(HeadStage):
     """It starts from the trained head, with BatchNorm's statistics frozen and the whole stage at
     the backbone's learning rate (lr x backbone_lr_ratio), so that it starts from the head's
     model; it validates the average of its weights (averaging.py), and that is kept where it
-    is no worse on val than the head (tracking.py). Like the head, one process trains it."""
+    is no worse on val than the head (tracking.py). Like the head, one process trains it.
+    Its blocks train and validate in the precision the device runs natively (bf16 on AMX CPUs
+    and recent GPUs), as fine-tuning and prediction run them; the head stays in fp32."""
 
     kind = Stage.TAIL
     title = "Tail (last blocks)"
@@ -170,6 +172,7 @@ class TailStage(HeadStage):
         self.prefixes = (*model.tail_prefixes(), "feature_norm.", "head.")
         self.epochs, self.lr = epochs, cfg.lr * cfg.backbone_lr_ratio
         self.warmup_steps = self.steps_per_epoch  # (the textures' first-epoch dip on val was the same with half an epoch)
+        self.amp = autocast_dtype(device)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [*self.model.tail_parameters(), *self.model.head.parameters()], "lr": self.lr}]
@@ -185,15 +188,23 @@ class TailStage(HeadStage):
     @torch.no_grad()
     def validate(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.net.eval()
-        return torch.cat([self.net(self.x_val[i:i + self.VAL_CHUNK].float()) for i in range(0, len(self.x_val), self.VAL_CHUNK)]), self.y_val
+        with autocast(self.device, self.amp):
+            logits = [self.net(self.x_val[i:i + self.VAL_CHUNK].float()) for i in range(0, len(self.x_val), self.VAL_CHUNK)]
+        return torch.cat(logits), self.y_val
 
     def measure_seconds_per_epoch(self) -> float:
         """A training epoch's time on this device, from two forward and backward passes of a batch
         (after one that warms up); the weights are left as they were (no optimizer step)."""
         x, y = self.x[:self.batch_size].float(), self.y[:self.batch_size]
+
+        def step() -> None:
+            with autocast(self.device, self.amp):
+                loss = self.loss(self.net(x), y)
+            loss.backward()
+
         with self.batchnorm_folded():  # (as the stage trains)
             self.train_mode()
-            seconds = fastest_pass(lambda: self.loss(self.net(x), y).backward(), self.device)
+            seconds = fastest_pass(step, self.device)
         self.net.zero_grad(set_to_none=True)
         return seconds * len(self.x) / len(x)
 

@@ -271,10 +271,11 @@ def test_rows_hold_the_tail_input_and_give_back_every_stages_features(arch, size
     assert all(name.startswith("backbone.") for name in model.tail_prefixes())
 
 
-def test_a_tail_epoch_trains_the_last_blocks_and_the_head_and_nothing_else():
+def tail_stage_on_rows():
+    """A one-epoch tail stage of a random Lite0 on 12 rows of 3 classes, and the Run to fit it in."""
     from finetune.data import DatasetSplit, Sample
     from finetune.features import FeatureSet
-    from finetune.fit import Run, fit_stage
+    from finetune.fit import Run
     from finetune.models import build_classifier, get_arch
     from finetune.progress import Reporter
     from finetune.runs import RunFolder
@@ -287,16 +288,39 @@ def test_a_tail_epoch_trains_the_last_blocks_and_the_head_and_nothing_else():
     labels = torch.arange(12) % 3
     with torch.no_grad():
         rows = model.eval().rows(torch.rand(12, 3, 64, 64) * 0.2 + labels.view(-1, 1, 1, 1) * 0.3).half()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-2)
     split = DatasetSplit(["a", "b", "c"], [Sample(Path(f"{i}.png"), int(y)) for i, y in enumerate(labels)], [], "class folders")
     stage = TailStage(model, FeatureSet(rows[:, None], labels, rows, labels), make_loss(cfg, [4, 4, 4], torch.device("cpu")),
                       cfg, torch.device("cpu"), epochs=1)
-    fit_stage(stage, Run(cfg, model, split, spec.preprocessing(64), RunFolder(Path("."), writes=False), Reporter(), ""))
+    return model, stage, Run(cfg, model, split, spec.preprocessing(64), RunFolder(Path("."), writes=False), Reporter(), "")
+
+
+def test_a_tail_epoch_trains_the_last_blocks_and_the_head_and_nothing_else():
+    from finetune.fit import fit_stage
+
+    model, stage, run = tail_stage_on_rows()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit_stage(stage, run)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert {"head.1.weight", "backbone._conv_head.weight", "backbone._blocks.15._expand_conv.weight"} <= changed
     assert all(k.startswith(stage.prefixes) for k in changed), changed
     assert not any("running_" in k for k in changed)  # BatchNorm's statistics stay as they were
+
+
+def test_the_tail_trains_and_validates_in_the_devices_native_precision_and_the_head_in_fp32(monkeypatch):
+    from finetune import stages as stages_module
+    from finetune.fit import fit_stage
+
+    monkeypatch.setattr(stages_module, "autocast_dtype", lambda device: torch.bfloat16)  # (as on an AMX CPU)
+    model, stage, run = tail_stage_on_rows()
+    blocks, head = set(), set()  # (rows in the batch, dtype) of each call
+    model.backbone._conv_head.register_forward_hook(lambda m, i, out: blocks.add((len(out), out.dtype)))
+    model.head[1].register_forward_hook(lambda m, i, out: head.add((len(out), i[0].dtype)))
+    fit_stage(stage, run)
+    # Batches of 4 train, the 12 val rows validate; the fold's check compares on 2 rows in fp32 (fold.py).
+    assert blocks == {(4, torch.bfloat16), (12, torch.bfloat16), (2, torch.float32)}
+    assert {dtype for n, dtype in head} == {torch.float32} and {n for n, dtype in head} >= {4, 12}
+    assert run.best.val_logits.dtype == torch.float32
 
 
 def test_the_tail_stage_trains_the_last_blocks_and_the_model_file_predicts_as_it_measured(data, tmp_path):
