@@ -103,7 +103,7 @@ def stage_features(run: Run, samples: list[Sample], device: torch.device) -> tup
     loader = make_loader(dataset, run.cfg.batch_size, run.cfg.workers, pin_memory=device.type == "cuda")
     feats, kept = [], []
     run.model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, autocast_dtype(device)):  # (as prediction computes them)
         for indices, batch, _failed in loader:
             if batch is not None:
                 feats.append(run.model.all_stage_features(to_model_input(batch[:, 0], device)).float().cpu())
