@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from finetune.config import TrainConfig
-from finetune.scan import scan_dataset
+from finetune.reading import scan_dataset
 from finetune.images import load_rgb
 
 

@@ -17,7 +17,8 @@ from .errors import DataError
 from .images import ImageDecodeError, ImageFacts, inspect_image
 from .models import get_arch
 from .progress import Reporter
-from .scan import count_per_class, is_imbalanced, require_images_in_every_class, scan_dataset
+from .reading import scan_dataset
+from .scan import count_per_class, is_imbalanced, require_images_in_every_class
 
 
 @dataclass

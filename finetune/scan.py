@@ -15,7 +15,7 @@ from .data import DatasetSplit, Sample
 from .errors import DataError
 from .files import file_digest
 from .images import is_candidate_image
-from .layout import Layout, find_layout, is_hidden, sub_folders
+from .layout import Layout, is_hidden, sub_folders
 
 IMBALANCE_RATIO = 3.0  # largest class / smallest class at which training warns
 DIGEST_BATCH = 256
@@ -87,20 +87,6 @@ class TreeReader:
 def list_images(folder: Path) -> list[Path]:
     """Every image file below `folder`, sorted, each real file once (for predict)."""
     return TreeReader([], []).images(folder)
-
-
-def scan_dataset(data: Path, val_split: float | None, seed: int, layout: str = "auto", labels: Path | None = None,
-                 label_columns: str | None = None) -> DatasetSplit:
-    """Read an image folder laid out in any of the ways layout.py knows, or labelled by a CSV (labels.py)."""
-    try:
-        if labels is not None:
-            from .labels import scan_labelled
-
-            return scan_labelled(data, labels, label_columns, val_split, seed)
-        found = find_layout(data, layout)
-        return read_split(data, found, val_split, seed)
-    except PermissionError as e:
-        raise DataError(f"{e.filename or data}: permission denied; make it readable or pass another folder.") from None
 
 
 def read_split(data: Path, found: Layout, val_split: float | None, seed: int) -> DatasetSplit:

@@ -41,7 +41,8 @@ from .finish import MAX_FEATURE_IMAGES, finish
 from .run_report import training_suspects
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input
 from .store import plain_sample
-from .scan import count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class, scan_dataset
+from .reading import scan_dataset
+from .scan import count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class
 from .stages import FinetuneStage, LossFn, TailStage, head_stage, make_loss, measure_training_rate
 
 

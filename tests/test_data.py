@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.data import default_workers
-from finetune.scan import scan_dataset, stratified_split
+from finetune.reading import scan_dataset
+from finetune.scan import stratified_split
 from finetune.errors import DataError
 
 from conftest import FAST_TRAIN_ARGS, make_class_tree, make_image, tree_hashes

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import DataError
-from finetune.scan import scan_dataset
+from finetune.reading import scan_dataset
 
 from conftest import FAST_TRAIN_ARGS, make_class_tree, make_image, tree_hashes
 

@@ -1,0 +1,23 @@
+"""What DATA holds, as train and check read it: class folders in any of the layouts layout.py
+knows (scan.py), or one folder of images labelled by a CSV (labels.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data import DatasetSplit
+from .errors import DataError
+from .labels import scan_labelled
+from .layout import find_layout
+from .scan import read_split
+
+
+def scan_dataset(data: Path, val_split: float | None, seed: int, layout: str = "auto", labels: Path | None = None,
+                 label_columns: str | None = None) -> DatasetSplit:
+    """Read an image folder laid out in any of the ways layout.py knows, or labelled by a CSV (labels.py)."""
+    try:
+        if labels is not None:
+            return scan_labelled(data, labels, label_columns, val_split, seed)
+        return read_split(data, find_layout(data, layout), val_split, seed)
+    except PermissionError as e:
+        raise DataError(f"{e.filename or data}: permission denied; make it readable or pass another folder.") from None
