@@ -137,8 +137,14 @@ def tail_unavailable(cfg: TrainConfig, spec, all_dim: int, tail_shape: tuple[int
 
 def scan_for_training(cfg: TrainConfig) -> DatasetSplit:
     split = scan_dataset(cfg.data, cfg.val_split, cfg.seed, cfg.layout, cfg.labels, cfg.label_columns)
+    if cfg.max_images_per_class is None:
+        return split
     limit = lambda samples: limit_per_class(samples, cfg.max_images_per_class, cfg.seed)  # noqa: E731
-    return replace(split, train=limit(split.train), val=limit(split.val), test=limit(split.test))
+    limited = replace(split, train=limit(split.train), val=limit(split.val), test=limit(split.test))
+    test = f", {len(limited.test):,} test" if split.test else ""
+    limited.notes = [*split.notes, f"--max-images-per-class {cfg.max_images_per_class}: using {len(limited.train):,} "
+                                   f"training, {len(limited.val):,} val{test} images of them"]
+    return limited
 
 
 def tell_reading(split: DatasetSplit, reporter: Reporter) -> None:

@@ -208,10 +208,12 @@ def test_imbalance_is_reported_and_class_weights_apply(tmp_path):
 
 
 def test_max_images_per_class_and_label_smoothing(run, tmp_path):
-    result = runner.invoke(app, ["train", str(run["data"]), "--runs-dir", str(tmp_path), "--json", *FAST_TRAIN_ARGS,
+    talkative = [a for a in FAST_TRAIN_ARGS if a != "--quiet"]
+    result = runner.invoke(app, ["train", str(run["data"]), "--runs-dir", str(tmp_path), "--json", *talkative,
                                  "--max-images-per-class", "2", "--label-smoothing", "0"])
     summary = json.loads(result.stdout)
     assert (summary["num_train"], summary["num_val"]) == (6, 6)
+    assert "--max-images-per-class 2: using 6 training, 6 val images of them" in result.stderr  # (read as: the whole folder)
     config = json.loads((Path(summary["run_dir"]) / "config.json").read_text())
     assert config["label_smoothing"] == 0 and config["max_images_per_class"] == 2
 
