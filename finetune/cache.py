@@ -33,7 +33,7 @@ from safetensors import safe_open
 from .config import TrainConfig
 from .data import Preprocessing, Sample
 from .files import atomic_write_text, write_safetensors
-from .store import Rows, put
+from .store import Rows, put_view
 from .weights import weights_identity
 
 CACHE_FORMAT = 1  # bump when what a feature row means changes (transforms, the stages pooled)
@@ -133,30 +133,26 @@ class FeatureCache:
             self._drop(chunk)
             return None
 
-    def lookup(self, ids: list[list[str | None]], out: Rows) -> set[int]:
-        """Items (each a list of view row ids) whose every row is cached and intact: their rows
-        are written to out[item]. Items with any row missing are left to compute (and overwrite)."""
+    def lookup(self, ids: list[list[str | None]], out: Rows) -> dict[int, set[int]]:
+        """For each item (a list of view row ids) with any row cached and intact, the views found:
+        their rows are written to out[item, view]. The missing views are left to compute, so a
+        rerun with more views computes only the new ones."""
         index = self.index()
-        wanted = [i for i, rows in enumerate(ids) if rows and all(r is not None and r in index for r in rows)]
         by_chunk: dict[Path, list[tuple[int, int, int]]] = {}
-        for i in wanted:
-            for v, rid in enumerate(ids[i]):
-                chunk, row = index[rid]
-                by_chunk.setdefault(chunk, []).append((i, v, row))
-        views_found: dict[int, int] = {}
-        partial: dict[int, torch.Tensor] = {}  # items whose views lie in several chunks, until complete
+        for i, rows in enumerate(ids):
+            for v, rid in enumerate(rows):
+                if rid is not None and rid in index:
+                    chunk, row = index[rid]
+                    by_chunk.setdefault(chunk, []).append((i, v, row))
+        found: dict[int, set[int]] = {}
         for chunk, wants in by_chunk.items():  # one chunk in memory at a time
             table = self._read_chunk(chunk)
             if table is None:
                 continue
             for i, v, row in wants:
-                item = partial.setdefault(i, torch.empty(len(ids[i]), table.shape[-1], dtype=torch.float16))
-                item[v] = table[row]
-                views_found[i] = views_found.get(i, 0) + 1
-                if views_found[i] == len(ids[i]):
-                    put(out, i, partial.pop(i))
-        found = {i for i, n in views_found.items() if n == len(ids[i])}
-        self.use.hits += len(found)
+                put_view(out, i, v, table[row])
+                found.setdefault(i, set()).add(v)
+        self.use.hits += sum(len(views) == len(ids[i]) for i, views in found.items())
         return found
 
     def _read_chunk(self, chunk: Path) -> torch.Tensor | None:

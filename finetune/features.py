@@ -23,7 +23,7 @@ from .distributed import Dist
 from .fold import folded, probe_images
 from .models import Classifier
 from .progress import Reporter
-from .store import DiskRows, Rows, keep, new_rows, put
+from .store import DiskRows, Rows, keep, new_rows, put, put_view
 
 
 @dataclass
@@ -93,12 +93,14 @@ class FeatureExtractor:
         ids = [[row_id(s, v, self.cfg.seed) for v in range(views)] for s in samples]
         folder = (self.cfg.cache_dir or default_cache_dir()) / "tmp"
         out = new_rows(len(samples), views, self.model.row_dim, self.on_disk, folder)
-        cached = self.cache.lookup(ids, out) if self.cache is not None else set()
-        todo = [i for i in range(len(samples)) if i not in cached]
+        found = self.cache.lookup(ids, out) if self.cache is not None else {}
+        cached = [i for i, have in found.items() if len(have) == views]
+        todo = [i for i in range(len(samples)) if len(found.get(i, ())) < views]
         self.reporter.start(description, len(samples))
         self.reporter.advance(len(cached))
         try:
-            done, failed = self.compute([samples[i] for i in todo], views, [ids[i] for i in todo], out, todo)
+            done, failed = self.compute([samples[i] for i in todo], views, [ids[i] for i in todo], out, todo,
+                                        [found.get(i, set()) for i in todo])
         finally:
             if self.cache is not None:  # also when interrupted: the next run goes on from here
                 self.cache.flush()
@@ -108,10 +110,11 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def compute(self, samples: list[Sample], views: int, ids: list[list[str | None]], out: Rows,
-                places: list[int]) -> tuple[list[int], list[tuple[int, str]]]:
+                places: list[int], have: list[set[int]]) -> tuple[list[int], list[tuple[int, str]]]:
         """Decode each image once and run its `views` crops through the frozen backbone, the
         features of samples[k] going to out[places[k]]: the indices k of the decoded samples,
-        (k, reason) of the others."""
+        (k, reason) of the others. The views in have[k] are in out already (from the cache):
+        they are not run again."""
         if not samples:  # all from the cache: no loader, no folded network, no transforms (torchvision: 1.6 s)
             return [], []
         seeds = [view_seed(self.cfg.seed, s) for s in samples] if views > 1 else None
@@ -121,22 +124,33 @@ class FeatureExtractor:
         amp = autocast_dtype(self.device)
         net = self.frozen_net()
         kept, failures = [], []
-        t0, done = time.perf_counter(), 0
+        t0, done, computed = time.perf_counter(), 0, 0
         for indices, batch, failed in loader:
             failures.extend(failed)
             if batch is not None:
                 b, v = batch.shape[:2]
-                x = to_model_input(batch.flatten(0, 1), self.device)
+                need = torch.tensor([[view not in have[k] for view in range(v)] for k in indices])  # [b, v]
+                every = bool(need.all())
+                x = to_model_input(batch.flatten(0, 1) if every else batch[need], self.device)
                 with autocast(self.device, amp):
-                    f = forward_in_chunks(net.rows, x, self.device)
-                f = f.view(b, v, -1).to("cpu", torch.float16)
-                for k, row in zip(indices, f):
-                    put(out, places[k], row)
+                    f = forward_in_chunks(net.rows, x, self.device).to("cpu", torch.float16)
+                if every:
+                    f = f.view(b, v, -1)
+                else:  # (the cached views' places stay zero here: out has them, and the cache is not given them again)
+                    f = torch.zeros(b, v, f.shape[-1], dtype=f.dtype).index_put_((need,), f)
+                for k, row, wanted in zip(indices, f, need):
+                    if wanted.all():
+                        put(out, places[k], row)
+                    else:  # (its other views came from the cache)
+                        for view in wanted.nonzero().flatten().tolist():
+                            put_view(out, places[k], view, row[view])
                 kept.extend(indices)
+                computed += len(x)
                 if self.cache is not None:
-                    self.cache.add([ids[i] for i in indices], f)
+                    self.cache.add([[rid if new else None for rid, new in zip(ids[k], wanted.tolist())]
+                                    for k, wanted in zip(indices, need)], f)
             done += len(indices) + len(failed)
-            self.reporter.advance(len(indices) + len(failed), images_per_s=round(done * views / (time.perf_counter() - t0), 1))
-        self.computed += len(kept) * views
+            self.reporter.advance(len(indices) + len(failed), images_per_s=round(computed / (time.perf_counter() - t0), 1))
+        self.computed += computed
         self.compute_seconds += time.perf_counter() - t0
         return kept, failures

@@ -60,10 +60,10 @@ class DiskRows:
         stop = self.full_dim if cols.stop is None else cols.stop
         return DiskRows(self.file, self.n, self.full_views, self.full_dim, views, slice(start, stop))
 
-    def write(self, i: int, rows: torch.Tensor) -> None:
-        """Item i's full row [full_views, full_dim]."""
+    def write(self, i: int, rows: torch.Tensor, view: int = 0) -> None:
+        """Item i's rows [views, full_dim] from `view` on (all of them: its full row)."""
         data = rows.to(torch.float16).contiguous().numpy().tobytes()
-        os.pwrite(self.file.fileno(), data, i * self.row_bytes())
+        os.pwrite(self.file.fileno(), data, i * self.row_bytes() + view * self.full_dim * 2)
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Items start..stop, as selected, fp16 [stop - start, views, dim] in memory."""
@@ -102,6 +102,14 @@ def put(rows: Rows, i: int, value: torch.Tensor) -> None:
         rows.write(i, value)
     else:
         rows[i] = value
+
+
+def put_view(rows: Rows, i: int, view: int, value: torch.Tensor) -> None:
+    """Item i's row of one view [dim]."""
+    if isinstance(rows, DiskRows):
+        rows.write(i, value[None], view)
+    else:
+        rows[i, view] = value
 
 
 def keep(rows: Rows, positions: list[int]) -> Rows:

@@ -67,6 +67,23 @@ def test_a_second_run_reads_every_feature_and_trains_the_same_model(cfg):
     assert same_model(first, second)  # the cached features are the computed ones, bit for bit
 
 
+@pytest.mark.parametrize("memory_gb", [1.0, 0.0], ids=["in memory", "in a file"])
+def test_a_rerun_with_more_views_computes_only_the_new_views(cfg, memory_gb):
+    cfg = replace(cfg, feature_memory_gb=memory_gb)
+    first = train(replace(cfg, views=1))
+    more = train(replace(cfg, views=3))
+    everything = train(replace(cfg, views=3, cache=False))  # (every view computed in this run)
+    n_train, n_val = first.num_train, first.num_val
+    assert first.recipe["feature_pass"]["image_views"] == n_train + n_val
+    assert more.recipe["feature_pass"]["image_views"] == 2 * n_train  # views 1 and 2: the plain views came from the cache
+    assert more.feature_cache["hits"] == n_val and more.feature_cache["computed"] == n_train
+    assert everything.recipe["feature_pass"]["image_views"] == 3 * n_train + n_val
+    assert [r.val_acc for r in more.history] == [r.val_acc for r in everything.history]
+    assert [r.val_loss for r in more.history] == pytest.approx([r.val_loss for r in everything.history], abs=1e-4)
+    again = train(replace(cfg, views=3))
+    assert again.feature_cache["hits"] == n_train + n_val and same_model(more, again)
+
+
 def test_a_changed_file_is_computed_again(cfg):
     first = train(cfg)
     changed = next((cfg.data / "train" / "cat").glob("*.jpg"))
@@ -176,7 +193,7 @@ def test_concurrent_writers_leave_a_consistent_cache(tmp_path):
     reader = FeatureCache(tmp_path, {"k": 1}, 10**9)
     out = torch.zeros(48, 1, 4, dtype=torch.float16)
     found = reader.lookup([[f"img{i}:0"] for i in range(48)], out)
-    assert found == set(range(48)) and reader.use.dropped_chunks == 0
+    assert found == {i: {0} for i in range(48)} and reader.use.dropped_chunks == 0
     assert torch.equal(out, torch.arange(48, dtype=torch.float16).view(48, 1, 1).expand(48, 1, 4))
     assert not list(tmp_path.rglob(".*.tmp"))  # no half-written file left behind
 
