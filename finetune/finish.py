@@ -91,8 +91,8 @@ def stage_of_best(run: Run) -> Stage:
 
 def tail_stages(run: Run, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Every stage's pooled features of cached rows, the model's trained tail run on their activations."""
-    with torch.inference_mode(), autocast(device, autocast_dtype(device)):  # (the precision the tail trained in)
-        return torch.cat([stages.float().cpu() for stages in run.model.eval().stage_chunks(rows, device)]
+    with torch.inference_mode():
+        return torch.cat([stages.cpu() for stages in run.model.eval().stage_chunks(rows, device)]
                          or [torch.empty(0, run.model.all_dim)])
 
 

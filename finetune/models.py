@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .data import Preprocessing
+from .device import autocast, autocast_dtype
 from .errors import UsageError, WeightsError
 from .zoo import family_of
 
@@ -326,9 +327,13 @@ class Classifier(nn.Module):
 
     def stage_chunks(self, rows: torch.Tensor, device: torch.device | None = None, chunk: int = 256) -> Iterator[torch.Tensor]:
         """stages_from_rows over `rows` a chunk at a time (on `device`), so that the tail's
-        activations never exist for all rows at once."""
+        activations never exist for all rows at once: for inference, the tail in the device's
+        native precision (as the tail stage trains it and prediction runs it), the features in fp32."""
+        device = device or rows.device
         for start in range(0, len(rows), chunk):
-            yield self.stages_from_rows(rows[start:start + chunk].to(device or rows.device))
+            with autocast(device, autocast_dtype(device)):  # (left before the yield: the caller's code runs as it would)
+                stages = self.stages_from_rows(rows[start:start + chunk].to(device))
+            yield stages.float()
 
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:
         """What the head reads, before the feature norm."""

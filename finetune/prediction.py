@@ -144,9 +144,8 @@ def answers_from_rows(loaded: LoadedModel, rows: torch.Tensor) -> list[Answer]:
     """Answers from rows a feature pass cached (Classifier.rows) instead of from images: the
     model's tail, if it keeps one, runs on their activations, the head on every stage's features."""
     model, answers = loaded.model.eval(), []
-    with torch.inference_mode(), autocast(rows.device, autocast_dtype(rows.device)):  # (as iter_answers runs it)
+    with torch.inference_mode():
         for stages in model.stage_chunks(rows):
-            stages = stages.float()
             answers.extend(answers_of(model.logits_of_stages(stages), stages, loaded))
     return answers
 

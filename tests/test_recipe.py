@@ -295,6 +295,19 @@ def tail_stage_on_rows():
     return model, stage, Run(cfg, model, split, spec.preprocessing(64), RunFolder(Path("."), writes=False), Reporter(), "")
 
 
+def test_stage_chunks_run_the_tail_in_the_devices_precision_and_leave_the_callers_code_in_fp32(monkeypatch):
+    from finetune import models as models_module
+
+    monkeypatch.setattr(models_module, "autocast_dtype", lambda device: torch.bfloat16)  # (as on an AMX CPU)
+    model, stage, _ = tail_stage_on_rows()
+    seen = []
+    model.backbone._conv_head.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    with torch.inference_mode():
+        for stages in model.eval().stage_chunks(stage.x_val, chunk=5):
+            assert stages.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")  # (a distance computed here is fp32)
+    assert seen == [torch.bfloat16] * 3  # 12 rows in chunks of 5
+
+
 def test_a_tail_epoch_trains_the_last_blocks_and_the_head_and_nothing_else():
     from finetune.fit import fit_stage
 
