@@ -125,7 +125,7 @@ def store_run(tmp: Path, rows: int, epochs: int) -> dict:
     cfg = TrainConfig(epochs=epochs, batch_size=256, head_features="auto")
     split = DatasetSplit(classes=["a", "b"], train=[], val=[], layout="class folders")
     started = time.perf_counter()
-    choice, scores = choose_head(FeatureSet(train, train_y, val, val_y), model, split, spec.preprocessing(None),
+    choice, scores, _ = choose_head(FeatureSet(train, train_y, val, val_y), model, split, spec.preprocessing(None),
                                  make_loss(cfg, [rows // 2, rows // 2], torch.device("cpu")), cfg, torch.device("cpu"), 1)
     heads_s = time.perf_counter() - started
     return {"rows": rows, "val_rows": n_val, "dim": dim, "table_gb": round(rows * dim * 2 / 1e9, 2), "write_s": round(write_s, 1),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -122,6 +122,18 @@ class Run:
         else:  # the frozen backbone as it is, with the best head (copies: the live weights train on)
             best = {**{k: v.clone() for k, v in self.model.state_dict().items()}, **state.best_trainable}
         self.best.state = {k: v.to(device) for k, v in best.items()}
+
+    def adopt_head(self, head_state: ResumeState, device: torch.device) -> None:
+        """Take a candidate head's training (recipe.try_head: the head stage on the same features,
+        from the same seed) as this run's head stage, as if the stage had just ended: its epochs,
+        weights and random streams, and its resume state in the run folder."""
+        state = replace(head_state, files_digest=self.files_digest, head_choice=self.head_choice, candidates=self.candidates,
+                        learning_curve=self.learning_curve, tail_plan=self.tail_plan, finetune_plan=self.finetune_plan)
+        self.restore(state, device)
+        restore_rng(state.rng, None)  # (the candidate trained on forked streams: they go on from where it left them)
+        for record in self.history:
+            self.reporter.epoch(record)
+        self.folder.save_state(state, self.history)
 
     def seconds_left(self) -> float | None:
         """What the run has left of --time-budget (None: no budget)."""

@@ -5,8 +5,9 @@ everywhere. Photos like ImageNet's (ants/bees) do best with the final features o
 augmented views per image; X-rays do best with the pooled features of every stage of the
 backbone, standardised, on the plain (unaugmented) view, since cropping and colour jitter
 make an X-ray something it is not. Features are computed once, so trying each head costs
-seconds: every candidate is trained the same way and the one with the best validation
-accuracy (then the lower validation loss) is kept, and the run says which and why.
+seconds: every candidate is trained as the run's head stage would be and the one with the best
+validation accuracy (then the lower validation loss) is kept as that stage, not trained again,
+and the run says which and why.
 
 Augmented views cost a pass of the backbone each. They matter most when images are few,
 so their number follows the size of the training set (at most 3, none from 3,000 images on).
@@ -43,6 +44,7 @@ more data buys, not the file count; `--all-images` uses every one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,7 +56,8 @@ from .features import FeatureSet
 from .fit import Run, fit_stage
 from .models import Classifier, FeatureNorm, new_head_module
 from .progress import Reporter
-from .records import HeadChoice
+from .records import EpochRecord, HeadChoice
+from .resume import ResumeState
 from .runs import RunFolder
 from .stages import LossFn, head_stage
 from .store import narrow, norm_statistics
@@ -141,23 +144,67 @@ class _HeadOnly(nn.Module):
         self.feature_norm, self.head = feature_norm, head
 
 
+@dataclass
+class TrainedHead:
+    """A candidate head as its training ended: its val figures (of the kept epoch) and the resume
+    state its last epoch left, which the run adopts as its head stage when it wins (fit.Run.adopt_head)."""
+
+    figures: dict  # val_acc, val_loss, epoch
+    state: ResumeState
+
+
 def choose_head(features: FeatureSet, model: Classifier, split: DatasetSplit, pp: Preprocessing, loss: LossFn,
-                cfg: TrainConfig, device: torch.device, views: int,
-                known: dict[HeadChoice, dict] | None = None) -> tuple[HeadChoice, list[dict]]:
-    """Train each candidate head on the cached features; the best on val wins. Returns it and
-    every candidate's validation figures. The caller's random streams are left as they were.
-    Each candidate starts from `torch.manual_seed(cfg.seed)`, so the head trained after the
-    choice, started the same way, is the winning candidate again. `known`: try_head's figures
-    of candidates already trained on these very features (the last growth step's), not trained again."""
+                cfg: TrainConfig, device: torch.device, views: int, known: dict[HeadChoice, TrainedHead] | None = None,
+                reporter: Reporter | None = None) -> tuple[HeadChoice, list[dict], TrainedHead]:
+    """Train each candidate head on the cached features; the best on val wins. Returns it, every
+    candidate's validation figures and the winner as trained. The caller's random streams are left
+    as they were. Each candidate trains as the run's head stage would (from `torch.manual_seed(cfg.seed)`,
+    on the same features), so the winner is the head stage: the run adopts it rather than training it
+    again. `known`: candidates already trained on these very features (the last growth step's).
+    `reporter`: where each candidate's progress bar goes."""
     known = known or {}
-    scores = [{**choice.to_dict(), **(known.get(choice) or try_head(features, choice, model, split, pp, loss, cfg, device))}
-              for choice in candidates(views, cfg.head_features if model.chain is not None else "final")]
-    return best_candidate(scores), scores
+    kinds = candidates(views, cfg.head_features if model.chain is not None else "final")
+    trained = {choice: known.get(choice) or try_head(features, choice, model, split, pp, loss, cfg, device, reporter,
+                                                     f"Head {i} of {len(kinds)}")
+               for i, choice in enumerate(kinds, 1)}
+    scores = [{**choice.to_dict(), **head.figures} for choice, head in trained.items()]
+    winner = best_candidate(scores)
+    return winner, scores, trained[winner]
+
+
+class _LastState(RunFolder):
+    """A candidate head's run folder: writes nothing, keeps the resume state of its last epoch."""
+
+    def __init__(self) -> None:
+        super().__init__(Path("."), writes=False)
+        self.state: ResumeState | None = None
+
+    def save_state(self, state: ResumeState, history: list[EpochRecord]) -> None:
+        self.state = state
+
+
+class _BarsOnly(Reporter):
+    """Relays a candidate's progress bar to the run's reporter, and nothing else: its epochs are
+    not the run's (until it is adopted)."""
+
+    def __init__(self, to: Reporter):
+        self.to = to
+
+    def start(self, description: str, total: int | None) -> None:
+        self.to.start(description, total)
+
+    def advance(self, steps: int = 1, **fields: float | str) -> None:
+        self.to.advance(steps, **fields)
+
+    def finish(self) -> None:
+        self.to.finish()
 
 
 def try_head(features: FeatureSet, choice: HeadChoice, model: Classifier, split: DatasetSplit, pp: Preprocessing,
-             loss: LossFn, cfg: TrainConfig, device: torch.device) -> dict:
-    """Train a scratch head of this choice on the cached features: its kept (last) epoch's val figures."""
+             loss: LossFn, cfg: TrainConfig, device: torch.device, reporter: Reporter | None = None,
+             title: str | None = None) -> TrainedHead:
+    """Train a scratch head of this choice on the cached features, as the run's head stage would
+    (seed, epochs, features). `reporter` and `title`: its progress bar (None: none)."""
     chosen = head_features(features, choice, model.final_dim)
     dim = chosen.train.shape[-1]
     norm = FeatureNorm(dim).to(device)
@@ -167,9 +214,12 @@ def try_head(features: FeatureSet, choice: HeadChoice, model: Classifier, split:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         scratch = _HeadOnly(norm, new_head_module(dim, len(split.classes), model.head[0].p)).to(device)
-        run = Run(cfg, scratch, split, pp, RunFolder(Path("."), writes=False), Reporter(), "")
-        fit_stage(head_stage(scratch, chosen, loss, cfg, device), run)
-    return {"val_acc": run.best.acc, "val_loss": run.best.loss, "epoch": run.best.epoch}
+        folder = _LastState()
+        run = Run(cfg, scratch, split, pp, folder, _BarsOnly(reporter) if reporter is not None else Reporter(), "")
+        stage = head_stage(scratch, chosen, loss, cfg, device)
+        stage.title = title or stage.title
+        fit_stage(stage, run)
+    return TrainedHead({"val_acc": run.best.acc, "val_loss": run.best.loss, "epoch": run.best.epoch}, folder.state)
 
 
 def best_candidate(scores: list[dict]) -> HeadChoice:

@@ -33,7 +33,7 @@ from .fit import Run, fit_stage
 from .models import build_classifier, get_arch
 from .weights import resolve_pretrained
 from .progress import Reporter
-from .recipe import (choose_head, epochs_text, growth_steps, head_features, learning_order, more_images_pay, norm_statistics,
+from .recipe import (TrainedHead, choose_head, epochs_text, growth_steps, head_features, learning_order, more_images_pay,
                      plan_finetune, plan_tail, pooled_features, try_head, views_for)
 from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
@@ -170,6 +170,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         views = run.views_computed = run.head_choice.views if run.head_choice else views_for(len(run.split.train), cfg.views)
         extractor = FeatureExtractor(run.model, run.pp, cfg, device, d, run.reporter, run.cache)
         known = {}  # candidate heads already trained on the final features (recipe.choose_head)
+        winner = None  # the winning candidate head as trained: the head stage of a new run
         if grows(run, d, device):
             rows, clean, known = grow_training_set(run, extractor, views, device)
         else:
@@ -183,13 +184,16 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         if d.is_main:  # the heads train in seconds: one process does it, the others wait
             features = pooled_features(rows, run.model.all_dim)
             if run.head_choice is None:  # (a resumed run goes on with the head it had chosen)
-                choose(run, features, loss, device, views, known)
+                winner = choose(run, features, loss, device, views, known)
             run.frozen_features = frozen_sample(rows, cfg.seed)
             run.suspects, run.suspects_note = training_suspects(features, run.model.final_dim, run.head_choice,
                                                                 [str(s.path) for s in run.split.train], run.split.classes, cfg.seed)
             if stage is Stage.HEAD:
-                fit_stage(head_stage(run.model, head_features(features, run.head_choice, run.model.final_dim), loss, cfg, device),
-                          run, done, resumed)
+                if winner is not None:  # it trained as the head stage would: not trained again
+                    run.adopt_head(winner.state, device)
+                else:  # (a resumed head stage: its optimizer, schedule and random streams as they were)
+                    fit_stage(head_stage(run.model, head_features(features, run.head_choice, run.model.final_dim), loss, cfg,
+                                         device), run, done, resumed)
                 run.save_best()
                 run.model.load_state_dict(run.best.state)  # the tail starts from the best head
                 done, resumed = 0, None
@@ -272,7 +276,7 @@ def grows(run: Run, d: Dist, device: torch.device) -> bool:
 
 
 def grow_training_set(run: Run, extractor: FeatureExtractor, views: int,
-                      device: torch.device) -> tuple[FeatureSet, DatasetSplit, dict[HeadChoice, dict]]:
+                      device: torch.device) -> tuple[FeatureSet, DatasetSplit, dict[HeadChoice, TrainedHead]]:
     """Features of ever more training images (recipe.growth_steps) until a doubling no longer
     pays on val (measured with a quick head on the final features of the plain view: the last
     step's is one of the candidate heads, returned so that it is not trained again)."""
@@ -282,8 +286,9 @@ def grow_training_set(run: Run, extractor: FeatureExtractor, views: int,
     for size in growth_steps(available):
         features, clean = extractor.features_of(replace(run.split, train=ordered[:size]), views)
         loss = make_loss(cfg, count_per_class(clean.train, len(clean.classes)), device)
-        quick = try_head(features, HeadChoice(1, False), run.model, clean, run.pp, loss, cfg, device)
-        acc = quick["val_acc"]
+        quick = try_head(features, HeadChoice(1, False), run.model, clean, run.pp, loss, cfg, device, run.reporter,
+                         f"Head on {len(clean.train):,} images")
+        acc = quick.figures["val_acc"]
         run.learning_curve.append({"images": len(clean.train), "val_acc": acc})
         run.reporter.info(f"learning curve: {len(clean.train):,} training images, val acc {acc:.4f}")
         if len(run.learning_curve) > 1 and not more_images_pay(run.learning_curve[-2]["val_acc"], acc, len(clean.val)):
@@ -311,18 +316,19 @@ def tell_cache_use(run: Run) -> None:
 
 
 def choose(run: Run, features: FeatureSet, loss: LossFn, device: torch.device, views: int,
-           known: dict[HeadChoice, dict]) -> None:
-    """Pick the head on the cached features (recipe.py), set the model up for it and say why."""
-    choice, run.candidates = choose_head(features, run.model, run.split, run.pp, loss, run.cfg, device, views, known)
-    norm = norm_statistics(head_features(features, choice, run.model.final_dim).train) if choice.multi_layer else None
-    torch.manual_seed(run.cfg.seed)  # as the candidates started: the head trained next is the winner again
-    run.model.use_features(choice.multi_layer, norm, new_head=True)
+           known: dict[HeadChoice, TrainedHead]) -> TrainedHead:
+    """Pick the head on the cached features (recipe.py), shape the model for it and say why;
+    returns the winner as trained."""
+    choice, run.candidates, winner = choose_head(features, run.model, run.split, run.pp, loss, run.cfg, device, views, known,
+                                                 run.reporter)
+    run.model.use_features(choice.multi_layer, new_head=True)  # (its weights and statistics: the winner's)
     run.head_choice = choice
     others = "; ".join(f"{HeadChoice(c['views'], c['multi_layer']).describe()}: {c['val_acc']:.4f}"
                        for c in run.candidates if (c["views"], c["multi_layer"]) != (choice.views, choice.multi_layer))
     best = next(c for c in run.candidates if (c["views"], c["multi_layer"]) == (choice.views, choice.multi_layer))
     run.reporter.info(f"head: {choice.describe()} (best val acc of {len(run.candidates)} heads: {best['val_acc']:.4f}"
                       f"{'; others: ' + others if others else ''})")
+    return winner
 
 
 def epochs_completed(resumed: ResumeState, run: Run) -> int:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune import TrainConfig, load_model, train
+from finetune import Reporter, TrainConfig, load_model, train
 from finetune.cli import app
 from finetune.errors import TrainingInterrupted
 from finetune.recipe import (best_candidate, candidates, growth_steps, learning_order, more_images_pay, norm_statistics,
@@ -82,49 +82,33 @@ def test_a_multi_layer_model_trains_predicts_evaluates_and_exports(data, tmp_pat
     assert tree_hashes(data) == before
 
 
-def test_the_head_trained_after_the_choice_is_the_winning_candidate(data, tmp_path):
+class Bars(Reporter):
+    def __init__(self):
+        self.started = []
+
+    def start(self, description, total):
+        self.started.append(description)
+
+
+def test_the_head_stage_is_the_winning_candidate_not_trained_again(data, tmp_path):
+    bars = Bars()
     result = train(TrainConfig(data=data, runs_dir=tmp_path, arch="efficientnet_lite0", img_size=64, epochs=4, views=2,
-                               workers=0, batch_size=8))
+                               workers=0, batch_size=8), bars)
+    assert [b for b in bars.started if b.startswith("Head")] == ["Head 1 of 4", "Head 2 of 4", "Head 3 of 4", "Head 4 of 4"]
     chosen = result.recipe["head"]
     winner = next(c for c in result.recipe["candidates"] if (c["views"], c["multi_layer"]) == (chosen["views"], chosen["multi_layer"]))
     assert result.best_epoch == winner["epoch"] and result.best_val_acc == round(winner["val_acc"], 4)
     assert result.history[winner["epoch"] - 1].val_loss == pytest.approx(winner["val_loss"], abs=1e-6)
 
 
-class CtrlCAtHead:
-    """A reporter that presses Ctrl-C at the second epoch of the recorded head stage."""
+def test_a_run_resumed_after_its_multi_layer_head_is_the_same_run(data, tmp_path):
+    from test_resume import CtrlCAt
 
-    def __init__(self):
-        self.count = 0
-
-    def start(self, description, total):
-        self.on = description.startswith("Head")
-
-    def advance(self, steps=1, **fields):
-        if self.on and steps:
-            self.count += 1
-            if self.count == 2:
-                raise KeyboardInterrupt
-
-    def finish(self):
-        pass
-
-    def epoch(self, record):
-        pass
-
-    def info(self, message):
-        pass
-
-    def warn(self, message):
-        pass
-
-
-def test_a_multi_layer_head_stage_resumes_to_the_same_run(data, tmp_path):
     cfg = TrainConfig(data=data, runs_dir=tmp_path / "a", arch="efficientnet_lite0", img_size=64, epochs=3, views=2,
-                      workers=0, batch_size=8, head_features="multi", finetune_epochs=1)
+                      workers=0, batch_size=8, head_features="multi", tail_epochs=0, finetune_epochs=1)
     reference = train(cfg)
-    with pytest.raises(TrainingInterrupted):
-        train(replace(cfg, runs_dir=tmp_path / "b"), CtrlCAtHead())
+    with pytest.raises(TrainingInterrupted, match="--resume"):  # from the state the adopted head left: its statistics too
+        train(replace(cfg, runs_dir=tmp_path / "b"), CtrlCAt("Fine-tune epoch 1", 1))
     resumed = train(TrainConfig(resume=tmp_path / "b" / "train"))
     assert [r.to_csv_row()["val_loss"] for r in resumed.history] == [r.to_csv_row()["val_loss"] for r in reference.history]
     saved, expected = load_model(resumed.run_dir).model.state_dict(), load_model(reference.run_dir).model.state_dict()
@@ -209,11 +193,11 @@ def test_the_last_growth_steps_head_is_the_candidate_trained_again(growing, tmp_
     assert compared(reused.history) == compared(fresh.history)
 
 
-@pytest.mark.parametrize("stage, n", [("Fine-tune epoch 2", 1), ("Head", 2)])
+@pytest.mark.parametrize("stage, n", [("Fine-tune epoch 2", 1), ("Fine-tune epoch 1", 1)])  # after the head stage, too
 def test_a_grown_training_set_is_the_same_after_a_resume(growing, tmp_path, stage, n):
     from test_resume import CtrlCAt, compared
 
-    cfg = replace(growing, runs_dir=tmp_path / "ref", finetune_epochs=2)
+    cfg = replace(growing, runs_dir=tmp_path / "ref", finetune_epochs=2, tail_epochs=0)
     ref = train(cfg)
     with pytest.raises(TrainingInterrupted):
         train(replace(cfg, runs_dir=tmp_path / "runs"), CtrlCAt(stage, n))

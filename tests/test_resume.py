@@ -58,7 +58,8 @@ def reference(tmp_path_factory):
     return root / "data", result
 
 
-@pytest.mark.parametrize("stage, n", [("Fine-tune epoch 2", 1), ("Head", 2), ("Tail (last blocks) epoch 2", 1)])
+# ("Tail (last blocks) epoch 1", 1): from the state the head stage left (the winning candidate head, adopted)
+@pytest.mark.parametrize("stage, n", [("Fine-tune epoch 2", 1), ("Tail (last blocks) epoch 1", 1), ("Tail (last blocks) epoch 2", 1)])
 def test_interrupt_then_resume_matches_an_uninterrupted_run(reference, tmp_path, stage, n):
     data, ref = reference
     before = tree_hashes(data)
@@ -79,6 +80,13 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(reference, tmp_path,
     assert [int(r["epoch"]) for r in rows] == list(range(1, 8))
     assert [r["stage"] for r in rows] == ["head"] * 3 + ["tail"] * 2 + ["finetune"] * 2
     assert tree_hashes(data) == before
+
+
+def test_ctrl_c_while_the_candidate_heads_train_says_to_start_again(reference, tmp_path):
+    data, _ = reference
+    with pytest.raises(TrainingInterrupted, match="start it again"):  # they take seconds; the features are in the cache
+        train(config(data, tmp_path), CtrlCAt("Head 2 of 4", 2))
+    assert not (tmp_path / "train" / STATE_FILENAME).exists() and not (tmp_path / "train" / "model.safetensors").exists()
 
 
 def test_cli_ctrl_c_exits_130_with_a_message(reference, tmp_path, monkeypatch):
