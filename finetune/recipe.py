@@ -44,7 +44,6 @@ more data buys, not the file count; `--all-images` uses every one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -144,30 +143,22 @@ class _HeadOnly(nn.Module):
         self.feature_norm, self.head = feature_norm, head
 
 
-@dataclass
-class TrainedHead:
-    """A candidate head as its training ended: its val figures (of the kept epoch) and the resume
-    state its last epoch left, which the run adopts as its head stage when it wins (fit.Run.adopt_head)."""
-
-    figures: dict  # val_acc, val_loss, epoch
-    state: ResumeState
-
-
 def choose_head(features: FeatureSet, model: Classifier, split: DatasetSplit, pp: Preprocessing, loss: LossFn,
-                cfg: TrainConfig, device: torch.device, views: int, known: dict[HeadChoice, TrainedHead] | None = None,
-                reporter: Reporter | None = None) -> tuple[HeadChoice, list[dict], TrainedHead]:
+                cfg: TrainConfig, device: torch.device, views: int, known: dict[HeadChoice, ResumeState] | None = None,
+                reporter: Reporter | None = None) -> tuple[HeadChoice, list[dict], ResumeState]:
     """Train each candidate head on the cached features; the best on val wins. Returns it, every
-    candidate's validation figures and the winner as trained. The caller's random streams are left
-    as they were. Each candidate trains as the run's head stage would (from `torch.manual_seed(cfg.seed)`,
-    on the same features), so the winner is the head stage: the run adopts it rather than training it
-    again. `known`: candidates already trained on these very features (the last growth step's).
-    `reporter`: where each candidate's progress bar goes."""
+    candidate's validation figures and the state the winner's training ended in. The caller's
+    random streams are left as they were. Each candidate trains as the run's head stage would (from
+    `torch.manual_seed(cfg.seed)`, on the same features), so the winner is the head stage: the run
+    adopts it rather than training it again. `known`: candidates already trained on these very
+    features (the last growth step's). `reporter`: where each candidate's progress bar goes."""
     known = known or {}
     kinds = candidates(views, cfg.head_features if model.chain is not None else "final")
     trained = {choice: known.get(choice) or try_head(features, choice, model, split, pp, loss, cfg, device, reporter,
                                                      f"Head {i} of {len(kinds)}")
                for i, choice in enumerate(kinds, 1)}
-    scores = [{**choice.to_dict(), **head.figures} for choice, head in trained.items()]
+    scores = [{**choice.to_dict(), "val_acc": head.best_acc, "val_loss": head.best_loss, "epoch": head.best_epoch}
+              for choice, head in trained.items()]
     winner = best_candidate(scores)
     return winner, scores, trained[winner]
 
@@ -202,9 +193,11 @@ class _BarsOnly(Reporter):
 
 def try_head(features: FeatureSet, choice: HeadChoice, model: Classifier, split: DatasetSplit, pp: Preprocessing,
              loss: LossFn, cfg: TrainConfig, device: torch.device, reporter: Reporter | None = None,
-             title: str | None = None) -> TrainedHead:
+             title: str | None = None) -> ResumeState:
     """Train a scratch head of this choice on the cached features, as the run's head stage would
-    (seed, epochs, features). `reporter` and `title`: its progress bar (None: none)."""
+    (seed, epochs, features). Returns the resume state its last epoch left (its kept epoch's val
+    figures in `best_*`), which the run adopts as its head stage if it wins (fit.Run.adopt_head).
+    `reporter` and `title`: its progress bar (None: none)."""
     chosen = head_features(features, choice, model.final_dim)
     dim = chosen.train.shape[-1]
     norm = FeatureNorm(dim).to(device)
@@ -219,7 +212,7 @@ def try_head(features: FeatureSet, choice: HeadChoice, model: Classifier, split:
         stage = head_stage(scratch, chosen, loss, cfg, device)
         stage.title = title or stage.title
         fit_stage(stage, run)
-    return TrainedHead({"val_acc": run.best.acc, "val_loss": run.best.loss, "epoch": run.best.epoch}, folder.state)
+    return folder.state
 
 
 def best_candidate(scores: list[dict]) -> HeadChoice:

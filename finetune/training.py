@@ -33,7 +33,7 @@ from .fit import Run, fit_stage
 from .models import build_classifier, get_arch
 from .weights import resolve_pretrained
 from .progress import Reporter
-from .recipe import (TrainedHead, choose_head, epochs_text, growth_steps, head_features, learning_order, more_images_pay,
+from .recipe import (choose_head, epochs_text, growth_steps, head_features, learning_order, more_images_pay,
                      plan_finetune, plan_tail, pooled_features, try_head, views_for)
 from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
@@ -170,7 +170,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         views = run.views_computed = run.head_choice.views if run.head_choice else views_for(len(run.split.train), cfg.views)
         extractor = FeatureExtractor(run.model, run.pp, cfg, device, d, run.reporter, run.cache)
         known = {}  # candidate heads already trained on the final features (recipe.choose_head)
-        winner = None  # the winning candidate head as trained: the head stage of a new run
+        winner = None  # where the winning candidate head's training ended: the head stage of a new run
         if grows(run, d, device):
             rows, clean, known = grow_training_set(run, extractor, views, device)
         else:
@@ -190,7 +190,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
                                                                 [str(s.path) for s in run.split.train], run.split.classes, cfg.seed)
             if stage is Stage.HEAD:
                 if winner is not None:  # it trained as the head stage would: not trained again
-                    run.adopt_head(winner.state, device)
+                    run.adopt_head(winner, device)
                 else:  # (a resumed head stage: its optimizer, schedule and random streams as they were)
                     fit_stage(head_stage(run.model, head_features(features, run.head_choice, run.model.final_dim), loss, cfg,
                                          device), run, done, resumed)
@@ -276,7 +276,7 @@ def grows(run: Run, d: Dist, device: torch.device) -> bool:
 
 
 def grow_training_set(run: Run, extractor: FeatureExtractor, views: int,
-                      device: torch.device) -> tuple[FeatureSet, DatasetSplit, dict[HeadChoice, TrainedHead]]:
+                      device: torch.device) -> tuple[FeatureSet, DatasetSplit, dict[HeadChoice, ResumeState]]:
     """Features of ever more training images (recipe.growth_steps) until a doubling no longer
     pays on val (measured with a quick head on the final features of the plain view: the last
     step's is one of the candidate heads, returned so that it is not trained again)."""
@@ -288,7 +288,7 @@ def grow_training_set(run: Run, extractor: FeatureExtractor, views: int,
         loss = make_loss(cfg, count_per_class(clean.train, len(clean.classes)), device)
         quick = try_head(features, HeadChoice(1, False), run.model, clean, run.pp, loss, cfg, device, run.reporter,
                          f"Head on {len(clean.train):,} images")
-        acc = quick.figures["val_acc"]
+        acc = quick.best_acc
         run.learning_curve.append({"images": len(clean.train), "val_acc": acc})
         run.reporter.info(f"learning curve: {len(clean.train):,} training images, val acc {acc:.4f}")
         if len(run.learning_curve) > 1 and not more_images_pay(run.learning_curve[-2]["val_acc"], acc, len(clean.val)):
@@ -316,9 +316,9 @@ def tell_cache_use(run: Run) -> None:
 
 
 def choose(run: Run, features: FeatureSet, loss: LossFn, device: torch.device, views: int,
-           known: dict[HeadChoice, TrainedHead]) -> TrainedHead:
+           known: dict[HeadChoice, ResumeState]) -> ResumeState:
     """Pick the head on the cached features (recipe.py), shape the model for it and say why;
-    returns the winner as trained."""
+    returns the state the winner's training ended in."""
     choice, run.candidates, winner = choose_head(features, run.model, run.split, run.pp, loss, run.cfg, device, views, known,
                                                  run.reporter)
     run.model.use_features(choice.multi_layer, new_head=True)  # (its weights and statistics: the winner's)
