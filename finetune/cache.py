@@ -88,8 +88,8 @@ class CacheUse:
     """What a run got from the cache, for the summary."""
 
     dir: str
-    hits: int = 0  # images whose every view came from the cache
-    computed: int = 0
+    hits: int = 0  # images whose every view came from the cache (from earlier runs), each counted once
+    computed: int = 0  # images with a view computed in this run
     dropped_chunks: int = 0  # unreadable or failing their checksum: deleted, their rows computed again
 
     def to_dict(self) -> dict:
@@ -105,6 +105,11 @@ class FeatureCache:
     _index: dict[str, tuple[Path, int]] | None = field(default=None, init=False)
     _pending_ids: list[str] = field(default_factory=list, init=False)
     _pending: list[torch.Tensor] = field(default_factory=list, init=False)
+    # Row ids this run computed, and the images (their row ids) counted as hits: a training set grown
+    # in steps reads the earlier steps' features back (and its val set at each step), which is
+    # neither a hit when this run computed them nor a hit twice.
+    _mine: set[str] = field(default_factory=set, init=False)
+    _hits: set[tuple] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         name = hashlib.blake2b(json.dumps(self.key, sort_keys=True).encode(), digest_size=10).hexdigest()
@@ -152,7 +157,8 @@ class FeatureCache:
             for i, v, row in wants:
                 put_view(out, i, v, table[row])
                 found.setdefault(i, set()).add(v)
-        self.use.hits += sum(len(views) == len(ids[i]) for i, views in found.items())
+        self.use.hits += sum(self._first_hit(ids[i]) for i, views in found.items()
+                             if len(views) == len(ids[i]) and self._mine.isdisjoint(ids[i]))
         return found
 
     def _read_chunk(self, chunk: Path) -> torch.Tensor | None:
@@ -183,11 +189,20 @@ class FeatureCache:
         if self._index is not None:
             self._index = {rid: loc for rid, loc in self._index.items() if loc[0] != chunk}
 
+    def _first_hit(self, rows: list[str | None]) -> bool:
+        """Whether this image (its rows) is a hit not yet counted in this run."""
+        key = tuple(rows)
+        if key in self._hits:
+            return False
+        self._hits.add(key)
+        return True
+
     # --- writing ------------------------------------------------------------------------
 
     def add(self, ids: list[list[str | None]], feats: torch.Tensor) -> None:
         """Rows computed now: item k's views feats[k] (fp16). Written every ROWS_PER_CHUNK rows."""
         self.use.computed += len(ids)
+        self._mine.update(rid for rows in ids for rid in rows if rid is not None)
         for rows, f in zip(ids, feats):
             for rid, row in zip(rows, f):
                 if rid is not None:

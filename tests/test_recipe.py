@@ -176,9 +176,14 @@ def test_a_large_training_set_grows_while_more_images_pay(growing):
     assert [c["images"] for c in curve] == [6, 12, 24], curve
     assert curve[0]["val_acc"] < curve[1]["val_acc"] == curve[2]["val_acc"] == 1.0, curve
     assert grown.num_train == 24 and [r.stage for r in grown.history].count("finetune") == 1
-    assert grown.feature_cache["hits"] == (6 + 12) + (12 + 12)  # each step read the last one's train and val features back
+    # Each step read the last one's train and val features back: not hits (this run computed them),
+    # and each image counted once (24 training images, 12 val).
+    assert grown.feature_cache["hits"] == 0 and grown.feature_cache["computed"] == 24 + 12
+    again = train(cfg)
+    assert again.feature_cache["hits"] == 24 + 12 and again.feature_cache["computed"] == 0
     every = train(replace(cfg, all_images=True))
     assert every.num_train == 30 and every.recipe["learning_curve"] is None
+    assert every.feature_cache["hits"] == 24 + 12 and every.feature_cache["computed"] == 6
 
 
 def test_the_last_growth_steps_head_is_the_candidate_trained_again(growing, tmp_path, monkeypatch):
