@@ -88,8 +88,11 @@ class CacheUse:
     """What a run got from the cache, for the summary."""
 
     dir: str
-    hits: int = 0  # images whose every view came from the cache (from earlier runs), each counted once
-    computed: int = 0  # images with a view computed in this run
+    # Each image (file) counted once a run, in one of the two: a training set grown in steps reads
+    # the earlier steps' features back (its val set at each step), and a file with the same bytes
+    # as another reads its twin's features.
+    hits: int = 0  # images whose every view came from the cache, written there by earlier runs
+    computed: int = 0  # the others: a view computed in this run (for the image or a file of the same bytes)
     dropped_chunks: int = 0  # unreadable or failing their checksum: deleted, their rows computed again
 
     def to_dict(self) -> dict:
@@ -105,11 +108,8 @@ class FeatureCache:
     _index: dict[str, tuple[Path, int]] | None = field(default=None, init=False)
     _pending_ids: list[str] = field(default_factory=list, init=False)
     _pending: list[torch.Tensor] = field(default_factory=list, init=False)
-    # Row ids this run computed, and the images (their row ids) counted as hits: a training set grown
-    # in steps reads the earlier steps' features back (and its val set at each step), which is
-    # neither a hit when this run computed them nor a hit twice.
-    _mine: set[str] = field(default_factory=set, init=False)
-    _hits: set[tuple] = field(default_factory=set, init=False)
+    _mine: set[str] = field(default_factory=set, init=False)  # row ids this run computed
+    _counted: set = field(default_factory=set, init=False)  # the images (keys) counted in `use`
 
     def __post_init__(self) -> None:
         name = hashlib.blake2b(json.dumps(self.key, sort_keys=True).encode(), digest_size=10).hexdigest()
@@ -138,10 +138,10 @@ class FeatureCache:
             self._drop(chunk)
             return None
 
-    def lookup(self, ids: list[list[str | None]], out: Rows) -> dict[int, set[int]]:
+    def lookup(self, ids: list[list[str | None]], out: Rows, keys: list) -> dict[int, set[int]]:
         """For each item (a list of view row ids) with any row cached and intact, the views found:
         their rows are written to out[item, view]. The missing views are left to compute, so a
-        rerun with more views computes only the new ones."""
+        rerun with more views computes only the new ones. `keys`: each item's image (its path), for `use`."""
         index = self.index()
         by_chunk: dict[Path, list[tuple[int, int, int]]] = {}
         for i, rows in enumerate(ids):
@@ -157,8 +157,12 @@ class FeatureCache:
             for i, v, row in wants:
                 put_view(out, i, v, table[row])
                 found.setdefault(i, set()).add(v)
-        self.use.hits += sum(self._first_hit(ids[i]) for i, views in found.items()
-                             if len(views) == len(ids[i]) and self._mine.isdisjoint(ids[i]))
+        for i, views in found.items():
+            if len(views) == len(ids[i]) and self._first_count(keys[i]):
+                if self._mine.isdisjoint(ids[i]):
+                    self.use.hits += 1
+                else:
+                    self.use.computed += 1
         return found
 
     def _read_chunk(self, chunk: Path) -> torch.Tensor | None:
@@ -189,19 +193,19 @@ class FeatureCache:
         if self._index is not None:
             self._index = {rid: loc for rid, loc in self._index.items() if loc[0] != chunk}
 
-    def _first_hit(self, rows: list[str | None]) -> bool:
-        """Whether this image (its rows) is a hit not yet counted in this run."""
-        key = tuple(rows)
-        if key in self._hits:
+    def _first_count(self, key) -> bool:
+        """Whether this image is not yet counted in `use` (it is now)."""
+        if key in self._counted:
             return False
-        self._hits.add(key)
+        self._counted.add(key)
         return True
 
     # --- writing ------------------------------------------------------------------------
 
-    def add(self, ids: list[list[str | None]], feats: torch.Tensor) -> None:
-        """Rows computed now: item k's views feats[k] (fp16). Written every ROWS_PER_CHUNK rows."""
-        self.use.computed += len(ids)
+    def add(self, ids: list[list[str | None]], feats: torch.Tensor, keys: list) -> None:
+        """Rows computed now: item k's views feats[k] (fp16), keys[k] its image (for `use`).
+        Written every ROWS_PER_CHUNK rows."""
+        self.use.computed += sum(map(self._first_count, keys))
         self._mine.update(rid for rows in ids for rid in rows if rid is not None)
         for rows, f in zip(ids, feats):
             for rid, row in zip(rows, f):

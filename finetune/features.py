@@ -93,7 +93,7 @@ class FeatureExtractor:
         ids = [[row_id(s, v, self.cfg.seed) for v in range(views)] for s in samples]
         folder = (self.cfg.cache_dir or default_cache_dir()) / "tmp"
         out = new_rows(len(samples), views, self.model.row_dim, self.on_disk, folder)
-        found = self.cache.lookup(ids, out) if self.cache is not None else {}
+        found = self.cache.lookup(ids, out, [s.path for s in samples]) if self.cache is not None else {}
         cached = [i for i, have in found.items() if len(have) == views]
         todo = [i for i in range(len(samples)) if len(found.get(i, ())) < views]
         self.reporter.start(description, len(samples))
@@ -148,7 +148,7 @@ class FeatureExtractor:
                 computed += len(x)
                 if self.cache is not None:
                     self.cache.add([[rid if new else None for rid, new in zip(ids[k], wanted.tolist())]
-                                    for k, wanted in zip(indices, need)], f)
+                                    for k, wanted in zip(indices, need)], f, [samples[k].path for k in indices])
             done += len(indices) + len(failed)
             self.reporter.advance(len(indices) + len(failed), images_per_s=round(computed / (time.perf_counter() - t0), 1))
         self.computed += computed

@@ -67,6 +67,17 @@ def test_a_second_run_reads_every_feature_and_trains_the_same_model(cfg):
     assert same_model(first, second)  # the cached features are the computed ones, bit for bit
 
 
+def test_each_image_is_counted_once_a_copy_of_another_included(cfg):
+    import shutil
+
+    first_cat = sorted((cfg.data / "train" / "cat").glob("*.jpg"))[0]
+    shutil.copy(first_cat, cfg.data / "val" / "cat" / "copy_of_a_training_image.jpg")  # its features: its twin's
+    first, second = train(cfg), train(cfg)
+    images = first.num_train + first.num_val
+    assert first.feature_cache["hits"] == 0 and first.feature_cache["computed"] == images
+    assert second.feature_cache["hits"] == images and second.feature_cache["computed"] == 0
+
+
 @pytest.mark.parametrize("memory_gb", [1.0, 0.0], ids=["in memory", "in a file"])
 def test_a_rerun_with_more_views_computes_only_the_new_views(cfg, memory_gb):
     cfg = replace(cfg, feature_memory_gb=memory_gb)
@@ -178,7 +189,7 @@ def write_rows(root: str, writer: int, rounds: int) -> None:
     for r in range(rounds):
         ids = [[f"img{i}:0"] for i in range(r * 8, r * 8 + 8)]
         feats = torch.tensor([[[float(i)] * 4] for i in range(r * 8, r * 8 + 8)], dtype=torch.float16)
-        cache.add(ids, feats)
+        cache.add(ids, feats, [f"img{i}.jpg" for i in range(r * 8, r * 8 + 8)])
         cache.flush()
 
 
@@ -192,7 +203,7 @@ def test_concurrent_writers_leave_a_consistent_cache(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     reader = FeatureCache(tmp_path, {"k": 1}, 10**9)
     out = torch.zeros(48, 1, 4, dtype=torch.float16)
-    found = reader.lookup([[f"img{i}:0"] for i in range(48)], out)
+    found = reader.lookup([[f"img{i}:0"] for i in range(48)], out, [f"img{i}.jpg" for i in range(48)])
     assert found == {i: {0} for i in range(48)} and reader.use.dropped_chunks == 0
     assert torch.equal(out, torch.arange(48, dtype=torch.float16).view(48, 1, 1).expand(48, 1, 4))
     assert not list(tmp_path.rglob(".*.tmp"))  # no half-written file left behind
