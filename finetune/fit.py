@@ -133,6 +133,8 @@ class Run:
         restore_rng(state.rng, None)  # (the candidate trained on forked streams: they go on from where it left them)
         for record in self.history:
             self.reporter.epoch(record)
+        if self.early.stopped_stage is Stage.HEAD:  # (said by the candidate to no one)
+            self.reporter.info(early_stop_message(self.early.patience))
         self.folder.save_state(state, self.history)
 
     def seconds_left(self) -> float | None:
@@ -151,6 +153,10 @@ class Run:
         self.model.use_features(self.head_choice.multi_layer)
         device = next(self.model.parameters()).device
         self.best.state = {k: v.to(device) for k, v in state.items()}
+
+
+def early_stop_message(patience: int) -> str:
+    return f"early stop: no better val accuracy for {patience} epochs"
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -285,6 +291,6 @@ def end_epoch(stage, run: Run, epoch: int, first_epoch_of_stage: int, optimizer,
     """Decide on early stopping (returned) and save the resume state (the weights as trained)."""
     stop = run.early.should_stop(stage.kind, len(run.history), best_val_epoch(run.history), first_epoch_of_stage)
     if stop:
-        run.reporter.info(f"early stop: no better val accuracy for {run.early.patience} epochs")
+        run.reporter.info(early_stop_message(run.early.patience))
     run.folder.save_state(run.resume_state(stage, epoch, optimizer, schedule, average), run.history)
     return stop

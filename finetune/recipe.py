@@ -148,7 +148,7 @@ def choose_head(features: FeatureSet, model: Classifier, split: DatasetSplit, pp
                 reporter: Reporter | None = None) -> tuple[HeadChoice, list[dict], ResumeState]:
     """Train each candidate head on the cached features; the best on val wins. Returns it, every
     candidate's validation figures and the state the winner's training ended in. The caller's
-    random streams are left as they were. Each candidate trains as the run's head stage would (from
+    CPU random stream is left as it was (Run.adopt_head sets every stream as the winner left it). Each candidate trains as the run's head stage would (from
     `torch.manual_seed(cfg.seed)`, on the same features), so the winner is the head stage: the run
     adopts it rather than training it again. `known`: candidates already trained on these very
     features (the last growth step's). `reporter`: where each candidate's progress bar goes."""

@@ -191,6 +191,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
             if stage is Stage.HEAD:
                 if winner is not None:  # it trained as the head stage would: not trained again
                     run.adopt_head(winner, device)
+                    winner = known = None  # (the candidates' states: optimizer moments, val logits)
                 else:  # (a resumed head stage: its optimizer, schedule and random streams as they were)
                     fit_stage(head_stage(run.model, head_features(features, run.head_choice, run.model.final_dim), loss, cfg,
                                          device), run, done, resumed)

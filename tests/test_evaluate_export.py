@@ -182,10 +182,12 @@ def test_shell_completion_is_offered():
 # --- everyday training flags ------------------------------------------------------------------
 
 def test_patience_stops_early(run, tmp_path):
-    result = runner.invoke(app, ["train", str(run["data"]), "--runs-dir", str(tmp_path), "--json", *FAST_TRAIN_ARGS,
+    said = [a for a in FAST_TRAIN_ARGS if a != "--quiet"]  # (the early stop is said on stderr)
+    result = runner.invoke(app, ["train", str(run["data"]), "--runs-dir", str(tmp_path), "--json", *said,
                                  "--epochs", "40", "--patience", "2"])
     summary = json.loads(result.stdout)
     assert summary["stopped_early"] and summary["epochs"] < 40
+    assert result.stderr.count("early stop: no better val accuracy for 2 epochs") == 1
     with open(Path(summary["run_dir"]) / "metrics.csv", newline="") as f:
         history = [(float(r["val_acc"]), float(r["val_loss"])) for r in csv.DictReader(f)]
     best_val = max(range(len(history)), key=lambda i: (history[i][0], -history[i][1], -i)) + 1
