@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import FinetuneError, UsageError
+from .files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -164,9 +165,9 @@ def record_rank_end(exit_code: int, message: str, rank_specific: bool = False, t
                           "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))}},
               RECORD_KEY: {"rank": int(os.environ.get("RANK", "0")), "exit_code": exit_code, "message": message,
                            "rank_specific": rank_specific}}
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(record))
+    try:  # whole or not at all: torchrun stops the other ranks (SIGTERM) as soon as one fails, and its
+        # agent read a file cut short by that as JSON, and failed with a traceback of its own
+        atomic_write_text(Path(path), json.dumps(record))
         return True
     except OSError:
         return False

@@ -235,3 +235,24 @@ def test_records_are_read_back_from_torchruns_error_files(tmp_path, monkeypatch)
     (tmp_path / "run_x" / "attempt_0" / "0" / "error.json").write_text('{"message": "torchrun\'s own"}')
     assert read_records(tmp_path) == {1: RankRecord(1, 1, "the GPU ran out of memory", True)}
     assert json.loads(error_file.read_text())["message"]["message"] == "GpuOutOfMemory: the GPU ran out of memory"
+
+
+def test_a_ranks_error_file_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """torchrun stops the other ranks as soon as one fails: a file cut short then was read by its
+    agent as JSON, which failed with a traceback of its own."""
+    import os
+
+    from finetune import files
+
+    error_file = tmp_path / "attempt_0" / "0" / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("RANK", "0")
+    flushed, real_fsync = [], os.fsync
+
+    def fsync(fd):  # the moment the bytes are written out: the target must not be there yet
+        flushed.append(error_file.exists())
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    record_rank_error(GpuOutOfMemory("the GPU ran out of memory"))
+    assert flushed == [False] and json.loads(error_file.read_text())["finetune"]["rank"] == 0
