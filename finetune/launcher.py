@@ -57,7 +57,7 @@ def launch(devices: int, argv: list[str]) -> LaunchOutcome:
     from torch.distributed.run import main as torchrun_main
 
     quieten_torchrun_logs(logging)
-    failures, signum = {}, None
+    failures, signum, agent_error = {}, None, None
     with tempfile.TemporaryDirectory(prefix="finetune-torchrun-") as logs:
         os.environ[LAUNCHED_ENV] = "1"  # the ranks inherit it
         try:
@@ -68,10 +68,15 @@ def launch(devices: int, argv: list[str]) -> LaunchOutcome:
             signum = int(e.sigval)
         except KeyboardInterrupt:
             signum = signal.SIGINT
+        except Exception as e:  # torchrun's agent failed itself: what the ranks recorded may still say why
+            agent_error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         finally:
             os.environ.pop(LAUNCHED_ENV, None)
         records = read_records(Path(logs))
-    return decide_outcome(records, {rank: f.exitcode for rank, f in failures.items()}, signum)
+    outcome = decide_outcome(records, {rank: f.exitcode for rank, f in failures.items()}, signum)
+    if agent_error is not None and outcome.message is None and outcome.exit_code == 0 and 0 not in records:
+        return LaunchOutcome(1, f"torchrun failed while running the ranks ({agent_error}); {RESUME_HINT}")
+    return outcome
 
 
 def quieten_torchrun_logs(logging) -> None:

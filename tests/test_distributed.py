@@ -256,3 +256,17 @@ def test_a_ranks_error_file_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(files.os, "fsync", fsync)
     record_rank_error(GpuOutOfMemory("the GPU ran out of memory"))
     assert flushed == [False] and json.loads(error_file.read_text())["finetune"]["rank"] == 0
+
+
+def test_torchruns_own_failure_is_one_line_not_a_traceback(monkeypatch):
+    import torch.distributed.run
+
+    from finetune.launcher import launch
+
+    def agent_fails(args):  # as its agent did reading an error file cut short (527f0fb fixed that cause)
+        raise json.JSONDecodeError("Expecting value", "", 0)
+
+    monkeypatch.setattr(torch.distributed.run, "main", agent_fails)
+    outcome = launch(2, ["data"])
+    assert outcome.exit_code == 1
+    assert outcome.message.startswith("torchrun failed while running the ranks (JSONDecodeError: Expecting value")
