@@ -74,7 +74,7 @@ def launch(devices: int, argv: list[str]) -> LaunchOutcome:
             os.environ.pop(LAUNCHED_ENV, None)
         records = read_records(Path(logs))
     outcome = decide_outcome(records, {rank: f.exitcode for rank, f in failures.items()}, signum)
-    if agent_error is not None and outcome.message is None and outcome.exit_code == 0 and 0 not in records:
+    if agent_error is not None and outcome.exit_code == 0 and 0 not in records:  # (rank 0 did not finish the run)
         return LaunchOutcome(1, f"torchrun failed while running the ranks ({agent_error}); {RESUME_HINT}")
     return outcome
 

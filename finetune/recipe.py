@@ -147,11 +147,12 @@ def choose_head(features: FeatureSet, model: Classifier, split: DatasetSplit, pp
                 cfg: TrainConfig, device: torch.device, views: int, known: dict[HeadChoice, ResumeState] | None = None,
                 reporter: Reporter | None = None) -> tuple[HeadChoice, list[dict], ResumeState]:
     """Train each candidate head on the cached features; the best on val wins. Returns it, every
-    candidate's validation figures and the state the winner's training ended in. The caller's
-    CPU random stream is left as it was (Run.adopt_head sets every stream as the winner left it). Each candidate trains as the run's head stage would (from
-    `torch.manual_seed(cfg.seed)`, on the same features), so the winner is the head stage: the run
-    adopts it rather than training it again. `known`: candidates already trained on these very
-    features (the last growth step's). `reporter`: where each candidate's progress bar goes."""
+    candidate's validation figures and the state the winner's training ended in. Each candidate
+    trains as the run's head stage would (from `torch.manual_seed(cfg.seed)`, on the same
+    features), so the winner is the head stage: the run adopts it rather than training it again
+    (Run.adopt_head sets every random stream as the winner left it; here only the caller's CPU
+    stream is left as it was). `known`: candidates already trained on these very features (the
+    last growth step's). `reporter`: where each candidate's progress bar goes."""
     known = known or {}
     kinds = candidates(views, cfg.head_features if model.chain is not None else "final")
     trained = {choice: known.get(choice) or try_head(features, choice, model, split, pp, loss, cfg, device, reporter,
