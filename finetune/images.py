@@ -72,6 +72,9 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's other warnings are about metadata (a corrupt EXIF block, common in scraped
+            # photo sets) of pixels it decodes: noise on stderr that names no file.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > max_pixels:

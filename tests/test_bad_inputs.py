@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,19 @@ def exif_rotated(p):
     save(img, p, exif=exif, quality=95)
 
 
+def corrupt_exif(p):
+    """A JPEG whose EXIF block says it holds more entries than it does (common in scraped photo
+    sets): Pillow decodes the pixels and warns about the metadata."""
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(buf, "JPEG", exif=exif.tobytes())
+    data = bytearray(buf.getvalue())
+    at = data.find(b"Exif\0\0") + 6 + 8  # the first IFD's entry count, after the TIFF header
+    data[at:at + 2] = b"\x00\x30"  # little-endian: 0x3000 entries
+    p.write_bytes(bytes(data))
+
+
 def upper_jpg(p, seed=0):
     make_image(p, (200, 40, 40), seed=seed, fmt="JPEG")
 
@@ -192,6 +206,7 @@ MODE_CASES = {
     "float.tif": (float_tiff, lambda im: px(im, (2, 2)) == [0, 0, 0] and px(im, (30, 2)) == [255, 255, 255]),
     "animated.gif": (animated, lambda im: px(im, (5, 5))[1] > 150 and px(im, (5, 5))[0] < 60),
     "rotated.jpg": (exif_rotated, lambda im: im.size == (20, 40) and px(im, (10, 5))[0] > 200 and px(im, (10, 35))[2] > 200),
+    "bad-exif.jpg": (corrupt_exif, lambda im: px(im, (5, 5))[1] > 150),
     "UPPER.JPG": (upper_jpg, lambda im: im.mode == "RGB"),
     "Mixed.Jpeg": (lambda p: upper_jpg(p, seed=1), lambda im: im.mode == "RGB"),  # not the same bytes as UPPER.JPG
 }
@@ -206,6 +221,14 @@ def test_image_modes_become_rgb(tmp_path, name):
     img = load_rgb(path, CAP)
     assert img.mode == "RGB" and check(img), (img.mode, img.size, px(img, (2, 2)))
     assert path.read_bytes() == before
+
+
+def test_metadata_warnings_of_a_decodable_image_are_not_shown(tmp_path):
+    path = tmp_path / "bad-exif.jpg"
+    corrupt_exif(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning escaping the decoder fails the test
+        assert px(load_rgb(path, CAP), (5, 5))[1] > 150
 
 
 def test_a_folder_of_odd_modes_trains_without_skips(tmp_path):
