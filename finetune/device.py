@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -11,8 +12,7 @@ from .errors import UsageError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def pick_device(name: str) -> torch.device:
-    """auto: CUDA, then Apple MPS, then CPU. An explicit choice that is absent is an error."""
+def _device_named(name: str) -> torch.device:
     name = name.lower()
     if name not in DEVICES and not name.startswith("cuda:"):
         raise UsageError(f"unknown --device '{name}'; use one of {', '.join(DEVICES)}.")
@@ -31,6 +31,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def pick_device(name: str) -> torch.device:
+    """auto: CUDA, then Apple MPS, then CPU. An explicit choice that is absent is an error.
+    On CUDA, cuDNN then times its algorithms for each shape it meets and keeps the fastest:
+    every stage runs a few fixed shapes, so that pays from the second batch on."""
+    device = _device_named(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 where the hardware runs it natively (recent CUDA, AVX512-BF16/AMX CPUs), fp16 on older CUDA."""
     if device.type == "cuda":
@@ -45,6 +55,23 @@ def _cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 arithmetic done in fp32 within the block. CUDA runs fp32 convolutions in TF32 by
+    default (10 bits of mantissa): its rounding alone told BatchNorm folded from unfolded apart,
+    beyond fold.TOLERANCE, in an emulation on Lite0, so the checks of fold.py run here."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    if matmul:  # (off by default: set only when on, so that the setting is left exactly as it was)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = conv
+        if matmul:
+            torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from .device import exact_fp32
+
 TOLERANCE = 1e-3  # relative to the output's scale: beyond this, the folded copy is not used
 
 
@@ -46,7 +48,7 @@ def folded(model: nn.Module, probe: torch.Tensor, forward=None) -> nn.Module:
         setattr(owner, bn, nn.Identity())
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_fp32():
         expected, got = forward(model, probe).float(), forward(copied, probe).float()
     model.train(was_training)
     scale = expected.abs().max().clamp_min(1e-6)
@@ -108,7 +110,7 @@ def _patched_if_unchanged(model: nn.Module, pairs: list[tuple[nn.Conv2d, nn.Batc
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), exact_fp32():
             expected = check().float()
             _patch(pairs)
             got = check().float()

@@ -147,9 +147,12 @@ def restore_rng(rng: dict[str, torch.Tensor], generator: torch.Generator | None)
     torch.set_rng_state(rng["torch"])
     if generator is not None:
         generator.set_state(rng["generator"])
-    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    if torch.cuda.is_available():
+        # By GPU number (not as text: "cuda.10" sorts before "cuda.2"), those this process sees:
+        # a run started with more GPUs visible than it is resumed with goes on.
+        for key, state in rng.items():
+            if key.startswith("cuda.") and int(key[5:]) < torch.cuda.device_count():
+                torch.cuda.set_rng_state(state, int(key[5:]))
 
 
 def files_digest(split: DatasetSplit, data: Path) -> str:

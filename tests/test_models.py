@@ -247,3 +247,54 @@ def test_a_failing_check_leaves_the_model_as_it_was():
         pass
     assert module.training and module[1].training
     assert not any("forward" in vars(m) for m in module.modules())
+
+
+@pytest.mark.parametrize("check", ["folded", "folded_while_frozen"])
+def test_the_checks_of_folded_batchnorm_compute_in_full_fp32(check):
+    """A GPU runs fp32 convolutions in TF32 by default, whose rounding alone fails the checks
+    (a silently unfolded, slower network): they turn it off, and leave it as it was."""
+    from finetune import fold
+    from finetune.models import build_classifier, get_arch
+
+    model = build_classifier(get_arch("efficientnet_lite0"), 3).eval()
+    x, seen = torch.rand(1, 3, 32, 32), []
+
+    def forward(net, t):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return net(t)
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # (a GPU's default for convolutions; matmuls too)
+    try:
+        if check == "folded":
+            assert fold.folded(model, x, forward) is not model
+        else:
+            with fold.folded_while_frozen(model, lambda: forward(model, x)) as used:
+                assert used
+        after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen and set(seen) == {(False, False)}
+    assert after == (True, True)
+
+
+def test_a_cuda_device_lets_cudnn_pick_its_fastest_algorithms(monkeypatch):
+    from finetune.device import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert pick_device("cpu").type == "cpu" and not torch.backends.cudnn.benchmark
+    assert pick_device("cuda").type == "cuda" and torch.backends.cudnn.benchmark
+
+
+def test_gpu_random_states_are_restored_by_number_for_the_gpus_this_process_sees(monkeypatch):
+    """Resumed with fewer GPUs visible than the run started with: those it sees, by number."""
+    from finetune.resume import restore_rng
+
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.__setitem__(index, int(state[0])))
+    states = {f"cuda.{i}": torch.tensor([i], dtype=torch.uint8) for i in (0, 1, 2, 10, 11)}
+    restore_rng({"torch": torch.get_rng_state(), **states}, None)
+    assert restored == {0: 0, 1: 1, 2: 2}
