@@ -170,7 +170,11 @@ def growing(tmp_path, monkeypatch) -> TrainConfig:
 
 def test_a_large_training_set_grows_while_more_images_pay(growing):
     cfg = growing
-    grown = train(cfg)
+    bars = Bars()
+    grown = train(cfg, bars)
+    # the last step's quick head is a candidate: the bars count the one left to train
+    assert [b for b in bars.started if b.startswith("Head")] == ["Head on 6 images", "Head on 12 images", "Head on 24 images",
+                                                                  "Head 1 of 1"]
     curve = grown.recipe["learning_curve"]
     # 6 images (2 a class) are too few, 12 pay, 24 add nothing: the head and the fine-tuning use 24 of 30
     assert [c["images"] for c in curve] == [6, 12, 24], curve
