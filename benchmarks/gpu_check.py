@@ -1,17 +1,19 @@
 """Everything that needs a GPU, in one run, for a session that is lent one.
 
-    python3 benchmarks/gpu_check.py DATA [--out DIR] [--finetune-epochs 5] [--skip-tests]
+    python3 benchmarks/gpu_check.py DATA [--out DIR] [--finetune-epochs 5] [--skip-tests] [--budget-s 450]
 
-1. tests: the test suite on the GPU (CUDA paths of train/predict/evaluate/export), except the
-   distributed tests, which start 2 processes (one GPU each).
-2. devices: sample_data/shapes with --arch efficientnet_lite0 --finetune-epochs 2, run plainly
+1. devices: sample_data/shapes with --arch efficientnet_lite0 --finetune-epochs 2, run plainly
    twice (the GPU's own run-to-run noise) and once with --devices 1 (torchrun, NCCL, DDP);
    their metrics.csv are compared. On a one-GPU machine --devices 2 must stop with one line.
-3. speed: `finetune train DATA` with defaults (which plan whole-network fine-tuning from the
+2. speed: `finetune train DATA` with defaults (which plan whole-network fine-tuning from the
    pace they measure: recipe.plan_finetune), and with --finetune-epochs N: wall time,
    best_val_acc, each epoch's val accuracy, the plan, against the pure compute time of the same passes (synthetic batches already
    on the device, same batch size, precision and memory format).
-4. predict: benchmarks/bench_predict.py on DATA (at least 1,000 images) with the model of 3.
+3. predict: benchmarks/bench_predict.py on DATA (at least 1,000 images) with the model of 2.
+4. tests: the test suite on the GPU (CUDA paths of train/predict/evaluate/export), except the
+   distributed tests, which start 2 processes (one GPU each), in what is left of --budget-s
+   (the steps above come first: their figures are what a GPU session is for). Failures are
+   listed one line each; tests that compare runs to the last bit may differ on a GPU.
 
 Prints one JSON object and writes it to DIR/gpu_check.json (with each step's stderr tail).
 BENCHMARKS.md says how to call it on the device machine and what to carry there.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -65,11 +68,18 @@ def max_difference(a: list[dict], b: list[dict]) -> float | None:
     return max(abs(float(x[k]) - float(y[k])) for x, y in zip(a, b) for k in COMPARED if k != "stage")
 
 
-def check_tests() -> dict:
-    # One process on the one GPU (`-o addopts=`: not pyproject's `-n auto`, which needs pytest-xdist,
-    # not on the device machine)
-    out, wall = run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "--ignore=tests/test_distributed.py"], timeout=400)
-    return {"returncode": out.returncode, "wall_s": round(wall, 1), "tail": out.stdout[-1500:]}
+def check_tests(seconds: float) -> dict:
+    """The suite in `seconds` at most, one line per failure; in parallel where pytest-xdist is
+    installed (pyproject's `-n auto` is overridden: `-o addopts=`)."""
+    parallel = ["-n", str(min(8, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", *parallel, "-q", "--tb=line", "-rf",
+           "--ignore=tests/test_distributed.py"]
+    try:
+        out, wall = run(cmd, timeout=max(30.0, seconds))
+    except subprocess.TimeoutExpired as e:
+        text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return {"returncode": None, "timed_out_after_s": round(max(30.0, seconds)), "tail": text[-3000:]}
+    return {"returncode": out.returncode, "wall_s": round(wall, 1), "tail": out.stdout[-3000:]}
 
 
 def check_devices(tmp: Path) -> dict:
@@ -190,7 +200,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--finetune-epochs", type=int, default=5)
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=450.0,
+                    help="the whole check's seconds: the test suite gets what the other steps leave of it")
     args = ap.parse_args()
+    started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "python": sys.version.split()[0], "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "cores": os.cpu_count(),
@@ -207,13 +220,13 @@ def main() -> None:
         print(f"[{name} done in {report[name + '_step_s']} s]", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.skip_tests:
-            step("tests", check_tests)
         step("devices", check_devices, Path(tmp) / "devices")
         step("speed", check_speed, args.data.resolve(), Path(tmp) / "speed", args.finetune_epochs)
         model = report["speed"].get("runs", {}).get("defaults", {}).get("model") if isinstance(report["speed"], dict) else None
         if model:
             step("predict", check_predict, args.data.resolve(), model)
+        if not args.skip_tests:
+            step("tests", check_tests, args.budget_s - (time.perf_counter() - started))
     print(json.dumps(report, indent=1))
 
 

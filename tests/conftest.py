@@ -52,6 +52,18 @@ def session_feature_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_planned_finetuning():
+    """Runs plan whole-network fine-tuning on no device, as on the CPU these tests are written on:
+    on a GPU (benchmarks/gpu_check.py runs the suite there) they would add epochs a test does not
+    expect. A test that wants the plan says so (test_recipe.py)."""
+    from finetune import training
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "SLOW_DEVICES", ("cpu", "cuda", "mps"))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def feature_cache(tmp_path, monkeypatch) -> Path:
     """Each test starts with an empty feature cache of its own."""
