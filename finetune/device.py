@@ -17,7 +17,7 @@ def _device_named(name: str) -> torch.device:
     if name not in DEVICES and not name.startswith("cuda:"):
         raise UsageError(f"unknown --device '{name}'; use one of {', '.join(DEVICES)}.")
     cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    mps = mps_available()
     if name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     if name.startswith("cuda") and not cuda:
@@ -39,6 +39,11 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return device
+
+
+def mps_available() -> bool:
+    """Whether an Apple GPU (MPS) is usable here."""
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -18,6 +18,7 @@ import torch
 
 from .config import MODEL_FILENAME, TrainConfig
 from .data import DatasetSplit
+from .device import mps_available
 from .errors import DataError, ModelFileError, UsageError
 from .files import read_safetensors, write_safetensors
 from .records import EpochRecord, HeadChoice, Stage
@@ -41,7 +42,7 @@ class ResumeState:
     # stage keeps its tiny best head here instead of rewriting the model file every epoch).
     best_trainable: dict[str, torch.Tensor]
     best_val_logits: torch.Tensor | None  # val logits of the kept epoch [images, classes]
-    rng: dict[str, torch.Tensor]  # "torch", "generator" (the stage's own, if any), "cuda.<i>"
+    rng: dict[str, torch.Tensor]  # "torch", "generator" (the stage's own, if any), "cuda.<i>", "mps"
     skipped: list[dict]
     num_train: int
     num_val: int
@@ -140,6 +141,8 @@ def rng_state(generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         rng["generator"] = generator.get_state()
     if torch.cuda.is_available():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    if mps_available():
+        rng["mps"] = torch.mps.get_rng_state()
     return rng
 
 
@@ -153,6 +156,8 @@ def restore_rng(rng: dict[str, torch.Tensor], generator: torch.Generator | None)
         for key, state in rng.items():
             if key.startswith("cuda.") and int(key[5:]) < torch.cuda.device_count():
                 torch.cuda.set_rng_state(state, int(key[5:]))
+    if "mps" in rng and mps_available():  # (Apple GPUs: dropout's masks drawn there)
+        torch.mps.set_rng_state(rng["mps"])
 
 
 def files_digest(split: DatasetSplit, data: Path) -> str:

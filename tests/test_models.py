@@ -298,3 +298,18 @@ def test_gpu_random_states_are_restored_by_number_for_the_gpus_this_process_sees
     states = {f"cuda.{i}": torch.tensor([i], dtype=torch.uint8) for i in (0, 1, 2, 10, 11)}
     restore_rng({"torch": torch.get_rng_state(), **states}, None)
     assert restored == {0: 0, 1: 1, 2: 2}
+
+
+def test_an_apple_gpus_random_state_is_saved_and_restored(monkeypatch):
+    """Dropout's masks are drawn on the MPS device there: a resumed run goes on with its stream."""
+    from finetune.resume import restore_rng, rng_state
+
+    saved = torch.tensor([7], dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: saved)
+    monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
+    state = rng_state(None)
+    assert torch.equal(state["mps"], saved)
+    restore_rng(state, None)
+    assert len(restored) == 1 and torch.equal(restored[0], saved)
