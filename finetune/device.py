@@ -33,8 +33,9 @@ def _device_named(name: str) -> torch.device:
 
 def pick_device(name: str) -> torch.device:
     """auto: CUDA, then Apple MPS, then CPU. An explicit choice that is absent is an error.
-    On CUDA, cuDNN then times its algorithms for each shape it meets and keeps the fastest:
-    every stage runs a few fixed shapes, so that pays from the second batch on."""
+    On CUDA, cuDNN then times its algorithms for each shape it meets and keeps the fastest
+    (process-wide, and left on): every stage runs a few fixed shapes, so that pays from the
+    second batch on."""
     device = _device_named(name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -64,19 +65,30 @@ def _cpu_has_bf16() -> bool:
 
 @contextlib.contextmanager
 def exact_fp32() -> Iterator[None]:
-    """fp32 arithmetic done in fp32 within the block. CUDA runs fp32 convolutions in TF32 by
-    default (10 bits of mantissa): its rounding alone told BatchNorm folded from unfolded apart,
-    beyond fold.TOLERANCE, in an emulation on Lite0, so the checks of fold.py run here."""
-    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    if matmul:  # (off by default: set only when on, so that the setting is left exactly as it was)
-        torch.backends.cuda.matmul.allow_tf32 = False
+    """fp32 arithmetic done in fp32 within the block, the settings restored as they were after.
+    CUDA runs fp32 convolutions in TF32 by default (10 bits of mantissa): its rounding alone told
+    BatchNorm folded from unfolded apart, beyond fold.TOLERANCE, in an emulation on Lite0, so the
+    checks of fold.py run here. (torch's newer per-backend settings where it has them: read
+    through the older flags, settings made through the newer ones raise.)"""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    conv_before = conv.fp32_precision if conv is not None else torch.backends.cudnn.allow_tf32
+    matmul_before = torch.get_float32_matmul_precision()
+    _set_conv_precision(conv, "ieee" if conv is not None else False)
+    if matmul_before != "highest":
+        torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = conv
-        if matmul:
-            torch.backends.cuda.matmul.allow_tf32 = True
+        _set_conv_precision(conv, conv_before)
+        if matmul_before != "highest":
+            torch.set_float32_matmul_precision(matmul_before)
+
+
+def _set_conv_precision(conv, value) -> None:
+    if conv is not None:
+        conv.fp32_precision = value
+    else:
+        torch.backends.cudnn.allow_tf32 = value
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -156,8 +156,8 @@ def choose_head(features: FeatureSet, model: Classifier, split: DatasetSplit, pp
     known = known or {}
     kinds = candidates(views, cfg.head_features if model.chain is not None else "final")
     todo = [choice for choice in kinds if choice not in known]  # (the bars count the heads trained here)
-    trained = {choice: known.get(choice) or try_head(features, choice, model, split, pp, loss, cfg, device, reporter,
-                                                     f"Head {todo.index(choice) + 1} of {len(todo)}")
+    trained = {choice: known[choice] if choice in known else
+               try_head(features, choice, model, split, pp, loss, cfg, device, reporter, f"Head {todo.index(choice) + 1} of {len(todo)}")
                for choice in kinds}
     scores = [{**choice.to_dict(), "val_acc": head.best_acc, "val_loss": head.best_loss, "epoch": head.best_epoch}
               for choice, head in trained.items()]

@@ -244,7 +244,7 @@ def fastest_pass(step: Callable[[], None], device: torch.device) -> float:
     random numbers: the run's streams are left as they were, so a planned stage trains as one
     asked for does."""
     times = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
         for _ in range(3):
             synchronize(device)
             t0 = time.perf_counter()
@@ -258,6 +258,8 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a GPU's kernels run after the call returns)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def finetune_param_groups(model: Classifier, lr: float, early_ratio: float) -> list[dict]:

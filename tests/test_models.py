@@ -260,22 +260,24 @@ def test_the_checks_of_folded_batchnorm_compute_in_full_fp32(check):
     x, seen = torch.rand(1, 3, 32, 32), []
 
     def forward(net, t):
-        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        seen.append((torch.backends.cudnn.conv.fp32_precision, torch.get_float32_matmul_precision()))
         return net(t)
 
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # (a GPU's default for convolutions; matmuls too)
+    before = torch.backends.cudnn.conv.fp32_precision, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # (a GPU's default for convolutions)
+    torch.set_float32_matmul_precision("medium")
     try:
         if check == "folded":
             assert fold.folded(model, x, forward) is not model
         else:
             with fold.folded_while_frozen(model, lambda: forward(model, x)) as used:
                 assert used
-        after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        after = torch.backends.cudnn.conv.fp32_precision, torch.get_float32_matmul_precision()
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
-    assert seen and set(seen) == {(False, False)}
-    assert after == (True, True)
+        torch.backends.cudnn.conv.fp32_precision = before[0]
+        torch.set_float32_matmul_precision(before[1])
+    assert seen and set(seen) == {("ieee", "highest")}
+    assert after == ("tf32", "medium")
 
 
 def test_a_cuda_device_lets_cudnn_pick_its_fastest_algorithms(monkeypatch):
