@@ -68,8 +68,8 @@ def exact_fp32() -> Iterator[None]:
     """fp32 arithmetic done in fp32 within the block, the settings restored as they were after.
     CUDA runs fp32 convolutions in TF32 by default (10 bits of mantissa): its rounding alone told
     BatchNorm folded from unfolded apart, beyond fold.TOLERANCE, in an emulation on Lite0, so the
-    checks of fold.py run here. (torch's newer per-backend settings where it has them: read
-    through the older flags, settings made through the newer ones raise.)"""
+    checks of fold.py run here. (Through torch's newer per-backend setting where it has one:
+    reading the older flag raises where a program has set the newer one.)"""
     conv = getattr(torch.backends.cudnn, "conv", None)
     conv_before = conv.fp32_precision if conv is not None else torch.backends.cudnn.allow_tf32
     matmul_before = torch.get_float32_matmul_precision()

@@ -156,9 +156,9 @@ def choose_head(features: FeatureSet, model: Classifier, split: DatasetSplit, pp
     known = known or {}
     kinds = candidates(views, cfg.head_features if model.chain is not None else "final")
     todo = [choice for choice in kinds if choice not in known]  # (the bars count the heads trained here)
-    trained = {choice: known[choice] if choice in known else
-               try_head(features, choice, model, split, pp, loss, cfg, device, reporter, f"Head {todo.index(choice) + 1} of {len(todo)}")
-               for choice in kinds}
+    fresh = {choice: try_head(features, choice, model, split, pp, loss, cfg, device, reporter, f"Head {i} of {len(todo)}")
+             for i, choice in enumerate(todo, 1)}
+    trained = {choice: fresh[choice] if choice in fresh else known[choice] for choice in kinds}
     scores = [{**choice.to_dict(), "val_acc": head.best_acc, "val_loss": head.best_loss, "epoch": head.best_epoch}
               for choice, head in trained.items()]
     winner = best_candidate(scores)
