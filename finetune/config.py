@@ -48,7 +48,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     patience: int = 0  # stop a stage after this many epochs without a better val accuracy (0: never)
     class_weights: bool = False  # weight the loss by inverse class frequency (imbalanced folders)
-    max_images_per_class: int | None = None  # quick trials: use at most this many per class (train and val)
+    max_images_per_class: int | None = None  # quick trials: use at most this many per class (train, val and test)
     # Then the tail: the backbone's last blocks and the head, trained on activations cached by
     # the feature pass (stages.TailStage). None: planned from the head's fit (recipe.plan_tail).
     tail_epochs: int | None = None

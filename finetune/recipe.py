@@ -10,7 +10,7 @@ validation accuracy (then the lower validation loss) is kept as that stage, not 
 and the run says which and why.
 
 Augmented views cost a pass of the backbone each. They matter most when images are few,
-so their number follows the size of the training set (at most 3, none from 3,000 images on).
+so their number follows the size of the training set (at most 3, none above 3,000 images).
 
 Then the tail (stages.TailStage): the backbone's last blocks trained with the head, on the
 activations entering them that the feature pass kept, where the frozen features fall short:
@@ -69,7 +69,7 @@ FINETUNE_BUDGET_S = 300.0  # as the tail's: planned fine-tuning longer than this
 MAX_BUDGETED_FINETUNE_EPOCHS = 10  # what a --time-budget plans at most: twice the planned default (none measured beyond 2 on a CPU)
 FAST_TRAINING_RATE = 200.0  # training images a second of the whole network from which fine-tuning is planned: a GPU's pace
 MAX_EXTRA_VIEWS = 3
-IMAGES_FOR_NO_VIEWS = 3_000  # from this many training images on, the plain view alone
+IMAGES_FOR_NO_VIEWS = 3_000  # above this many training images, the plain view alone
 GROW_FROM = 8_000  # training sets larger than this grow in steps while more images pay
 FIRST_STEP = 2_000  # 2,000 images' head already shows where a set of easy photos stands (issue 16: 1,200 gave 0.992)
 
