@@ -153,9 +153,10 @@ def restore_rng(rng: dict[str, torch.Tensor], generator: torch.Generator | None)
     if torch.cuda.is_available():
         # By GPU number (not as text: "cuda.10" sorts before "cuda.2"), those this process sees:
         # a run started with more GPUs visible than it is resumed with goes on.
-        for key, state in rng.items():
-            if key.startswith("cuda.") and int(key[5:]) < torch.cuda.device_count():
-                torch.cuda.set_rng_state(state, int(key[5:]))
+        states = {int(key[5:]): state for key, state in rng.items() if key.startswith("cuda.")}
+        for index, state in states.items():
+            if index < torch.cuda.device_count():
+                torch.cuda.set_rng_state(state, index)
     if "mps" in rng and mps_available():  # (Apple GPUs: dropout's masks drawn there)
         torch.mps.set_rng_state(rng["mps"])
 

@@ -57,8 +57,9 @@ class TreeReader:
             elif entry.is_file():
                 # (a file that is not a link is where its folder really is: no realpath, which
                 # lstats every component; listing 25,000 files took 0.38 s with it, 0.12 s without)
-                target = os.path.realpath(path) if entry.is_symlink() else os.path.join(real, entry.name)
-                reason = self._refuse_link(target, real, class_root) if entry.is_symlink() else None
+                link = entry.is_symlink()
+                target = os.path.realpath(path) if link else os.path.join(real, entry.name)
+                reason = self._refuse_link(target, real, class_root) if link else None
                 if reason is not None:
                     self.skipped.append({"path": str(path), "reason": reason})
                     continue
