@@ -9,7 +9,7 @@
    pace they measure: recipe.plan_finetune), and with --finetune-epochs N: wall time,
    best_val_acc, each epoch's val accuracy, the plan, against the pure compute time of the same passes (synthetic batches already
    on the device, same batch size, precision and memory format; on CUDA also without cuDNN's
-   autotuning, which the tool turns on).
+   autotuning, which the tool leaves off since 2026-11-28, and with it).
 3. predict: benchmarks/bench_predict.py on DATA (at least 1,000 images) with the model of 2.
 4. tests: the test suite on the GPU (CUDA paths of train/predict/evaluate/export), except the
    distributed tests, which start 2 processes (one GPU each), in what is left of --budget-s
@@ -172,13 +172,13 @@ def sync(device: torch.device) -> None:
 
 def check_speed(data: Path, tmp: Path, finetune_epochs: int) -> dict:
     cfg = TrainConfig()
-    device = pick_device("auto")  # (on CUDA: cuDNN's autotuning on, as the tool runs)
+    device = pick_device("auto")  # (on CUDA: cuDNN's autotuning off, as the tool runs)
     rates = pure_rates("efficientnet_lite0", cfg.batch_size, 4, device)
     result = {"pure": rates, "runs": {}}
-    if device.type == "cuda":  # what the autotuning buys, measured rather than assumed
-        torch.backends.cudnn.benchmark = False
-        result["pure_without_cudnn_benchmark"] = pure_rates("efficientnet_lite0", cfg.batch_size, 4, device)
+    if device.type == "cuda":  # what the autotuning would buy at fixed shapes, measured rather than assumed
         torch.backends.cudnn.benchmark = True
+        result["pure_with_cudnn_benchmark"] = pure_rates("efficientnet_lite0", cfg.batch_size, 4, device)
+        torch.backends.cudnn.benchmark = False
     for name, extra in (("defaults", []), (f"finetune_{finetune_epochs}", ["--finetune-epochs", str(finetune_epochs)])):
         out, wall = run(train_cmd(data, tmp / name, *extra), timeout=600)
         if out.returncode != 0:

@@ -12,7 +12,11 @@ from .errors import UsageError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def _device_named(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
+    """auto: CUDA, then Apple MPS, then CPU. An explicit choice that is absent is an error.
+    cuDNN's autotuning (`cudnn.benchmark`) stays off, torch's default: a run meets many shapes
+    (feature batches, views, heads' checks, the last batch of each loader, BatchNorm folding's
+    checks), each timed anew, and on an H200 it doubled a small run's time (BENCHMARKS.md)."""
     name = name.lower()
     if name not in DEVICES and not name.startswith("cuda:"):
         raise UsageError(f"unknown --device '{name}'; use one of {', '.join(DEVICES)}.")
@@ -29,17 +33,6 @@ def _device_named(name: str) -> torch.device:
     if name == "mps" and not mps:
         raise UsageError("--device mps: Apple MPS is not available here; use --device cpu (or auto).")
     return torch.device(name)
-
-
-def pick_device(name: str) -> torch.device:
-    """auto: CUDA, then Apple MPS, then CPU. An explicit choice that is absent is an error.
-    On CUDA, cuDNN then times its algorithms for each shape it meets and keeps the fastest
-    (process-wide, and left on): every stage runs a few fixed shapes, so that pays from the
-    second batch on."""
-    device = _device_named(name)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return device
 
 
 def mps_available() -> bool:
