@@ -32,6 +32,8 @@ from safetensors import safe_open
 
 from .config import TrainConfig
 from .data import Preprocessing, Sample
+from .digests import FOLDER as DIGESTS_FOLDER
+from .digests import DigestMemo, memo_for
 from .files import atomic_write_text, write_safetensors
 from .store import Rows, put_view
 from .weights import weights_identity
@@ -61,6 +63,11 @@ def cache_for(cfg: TrainConfig, pp: Preprocessing, weights_source: str, device: 
         return None
     key = feature_key(cfg.arch, weights_source, pp, cfg.max_pixels, device, precision, tail_input)
     return FeatureCache(cfg.cache_dir or default_cache_dir(), key, int(cfg.cache_limit_gb * 1e9))
+
+
+def digest_memo_for(cfg: TrainConfig) -> DigestMemo | None:
+    """The hashes of cfg.data's files remembered in the cache folder (digests.py); None with --no-cache."""
+    return memo_for(cfg.cache_dir or default_cache_dir(), cfg.data) if cfg.cache else None
 
 
 def feature_key(arch: str, weights_source: str, pp: Preprocessing, max_pixels: int, device: torch.device,
@@ -278,11 +285,15 @@ def describe(root: Path) -> dict:
         entries.append({"folder": str(folder), "arch": key.get("arch"), "img_size": key.get("img_size"),
                         "weights": key.get("weights"), "device": key.get("device"), "chunks": len(files), "bytes": size,
                         "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(last)) if last else None})
-    return {"dir": str(root), "bytes": sum(e["bytes"] for e in entries), "entries": entries}
+    digests = sum(f.stat().st_size for f in (root / DIGESTS_FOLDER).glob("*.json") if f.exists())
+    return {"dir": str(root), "bytes": sum(e["bytes"] for e in entries) + digests, "entries": entries,
+            "digests_bytes": digests}
 
 
 def clear(root: Path) -> int:
-    """Remove every cached feature (only what finetune wrote: the `features` folder); bytes freed."""
+    """Remove every cached feature and remembered file hash (only what finetune wrote there: the
+    `features` and `digests` folders); bytes freed."""
     freed = describe(root)["bytes"]
     shutil.rmtree(root / "features", ignore_errors=True)
+    shutil.rmtree(root / DIGESTS_FOLDER, ignore_errors=True)
     return freed

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import DatasetSplit, Sample
+from .digests import DigestMemo
 from .errors import DataError, UsageError
 from .images import is_candidate_image
 from .layout import split_role
@@ -127,7 +128,8 @@ class FileFinder:
         return None
 
 
-def scan_labelled(data: Path, csv_path: Path, columns: str | None, val_split: float | None, seed: int) -> DatasetSplit:
+def scan_labelled(data: Path, csv_path: Path, columns: str | None, val_split: float | None, seed: int,
+                  memo: DigestMemo | None = None) -> DatasetSplit:
     """The labelled images a CSV names, split as its split column says (val split off train when it has none)."""
     if not data.is_dir():
         raise DataError(f"{data}: no such folder. With --labels, DATA is the folder the CSV's paths are in.")
@@ -147,7 +149,7 @@ def scan_labelled(data: Path, csv_path: Path, columns: str | None, val_split: fl
     samples = {role: sorted((Sample(p, index[label]) for p, label in rows), key=lambda s: str(s.path))
                for role, rows in found.rows.items()}
     samples.setdefault("train", [])
-    leakage = drop_duplicates(samples, classes, skipped)
+    leakage = drop_duplicates(samples, classes, skipped, memo)
     train, val = samples["train"], samples.get("val")
     if val is None:
         train, val = stratified_split(train, len(classes), val_split, seed)

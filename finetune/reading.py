@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import DatasetSplit
+from .digests import DigestMemo
 from .errors import DataError
 from .labels import scan_labelled
 from .layout import find_layout
@@ -13,11 +14,12 @@ from .scan import read_split
 
 
 def scan_dataset(data: Path, val_split: float | None, seed: int, layout: str = "auto", labels: Path | None = None,
-                 label_columns: str | None = None) -> DatasetSplit:
-    """Read an image folder laid out in any of the ways layout.py knows, or labelled by a CSV (labels.py)."""
+                 label_columns: str | None = None, memo: DigestMemo | None = None) -> DatasetSplit:
+    """Read an image folder laid out in any of the ways layout.py knows, or labelled by a CSV (labels.py).
+    `memo`: the files' hashes remembered from the last run (digests.py), none by default."""
     try:
         if labels is not None:
-            return scan_labelled(data, labels, label_columns, val_split, seed)
-        return read_split(data, find_layout(data, layout), val_split, seed)
+            return scan_labelled(data, labels, label_columns, val_split, seed, memo)
+        return read_split(data, find_layout(data, layout), val_split, seed, memo)
     except PermissionError as e:
         raise DataError(f"{e.filename or data}: permission denied; make it readable or pass another folder.") from None

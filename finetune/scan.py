@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import os
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from .config import DEFAULT_VAL_FRACTION, MIN_CAPPED_VAL, VAL_CAP
 from .data import DatasetSplit, Sample
+from .digests import DigestMemo, file_digests
 from .errors import DataError
-from .files import file_digest
 from .images import is_candidate_image
 from .layout import Layout, is_hidden, sub_folders
 
 IMBALANCE_RATIO = 3.0  # largest class / smallest class at which training warns
-DIGEST_BATCH = 256
 
 
 class TreeReader:
@@ -93,7 +91,7 @@ def list_images(folder: Path) -> list[Path]:
     return TreeReader([], []).images(folder)
 
 
-def read_split(data: Path, found: Layout, val_split: float | None, seed: int) -> DatasetSplit:
+def read_split(data: Path, found: Layout, val_split: float | None, seed: int, memo: DigestMemo | None = None) -> DatasetSplit:
     train_root = found.splits["train"]
     classes = [p.name for p in sub_folders(train_root)]
     if len(classes) < 2:
@@ -107,7 +105,7 @@ def read_split(data: Path, found: Layout, val_split: float | None, seed: int) ->
     samples = {role: [Sample(p, label) for label, c in enumerate(classes) if (root / c).is_dir() for p in reader.images(root / c)]
                for role, root in found.splits.items()}
     require_every_class(samples["train"], classes, train_root)
-    leakage = drop_duplicates(samples, classes, skipped)
+    leakage = drop_duplicates(samples, classes, skipped, memo)
     train, val = samples["train"], samples.get("val")
     if val is None:
         train, val = stratified_split(train, len(classes), val_split, seed)
@@ -157,28 +155,13 @@ def held_out(val_split: float | None, n_val: int, total: int) -> str:
     return f"{DEFAULT_VAL_FRACTION if val_split is None else val_split:.0%} of train"
 
 
-def file_digests(paths: list[Path]) -> dict[Path, str]:
-    """Content hash of each file. Threads: reading and hashing release the GIL."""
-    def digest(path: Path) -> str:
-        try:
-            if path.stat().st_size == 0:
-                return f"unreadable:{path}"  # empty files are all alike, and none is an image
-            return file_digest(path)
-        except OSError:
-            return f"unreadable:{path}"  # the decode will say what is wrong with it
-
-    # Files a batch per task: a task per file costs more in the pool than a small file's hashing
-    # (25,000 photos: 4.9 s -> about 2 s on 2 cores).
-    batches = [paths[i:i + DIGEST_BATCH] for i in range(0, len(paths), DIGEST_BATCH)]
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        return dict(zip(paths, (d for batch in pool.map(lambda b: [digest(p) for p in b], batches) for d in batch)))
-
-
-def drop_duplicates(samples: dict[str, list[Sample]], classes: list[str], skipped: list[dict]) -> list[dict]:
+def drop_duplicates(samples: dict[str, list[Sample]], classes: list[str], skipped: list[dict],
+                    memo: DigestMemo | None = None) -> list[dict]:
     """Files with identical bytes: within one split the first copy is kept (copies under two
     labels are all dropped: the label is in doubt); across splits they are kept, and returned
-    as leakage pairs (a val or test image that is also a training image inflates its accuracy)."""
-    digests = file_digests([s.path for group in samples.values() for s in group])
+    as leakage pairs (a val or test image that is also a training image inflates its accuracy).
+    `memo`: the hashes remembered from the last run on these files (digests.py)."""
+    digests = file_digests([s.path for group in samples.values() for s in group], memo)
     first: dict[str, tuple[str, Sample]] = {}
     dropped: dict[Path, str] = {}
     leakage: list[dict] = []

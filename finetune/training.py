@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from .cache import cache_for
+from .cache import cache_for, digest_memo_for
 from .config import TrainConfig
 from .data import DatasetSplit
 from .device import autocast_dtype, pick_device
@@ -136,7 +136,8 @@ def tail_unavailable(cfg: TrainConfig, spec, all_dim: int, tail_shape: tuple[int
 
 
 def scan_for_training(cfg: TrainConfig) -> DatasetSplit:
-    split = scan_dataset(cfg.data, cfg.val_split, cfg.seed, cfg.layout, cfg.labels, cfg.label_columns)
+    split = scan_dataset(cfg.data, cfg.val_split, cfg.seed, cfg.layout, cfg.labels, cfg.label_columns,
+                         digest_memo_for(cfg))
     if cfg.max_images_per_class is None:
         return split
     limit = lambda samples: limit_per_class(samples, cfg.max_images_per_class, cfg.seed)  # noqa: E731

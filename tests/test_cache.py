@@ -227,13 +227,13 @@ def test_cache_command_shows_and_clears(cfg, feature_cache):
     shown = runner.invoke(app, ["cache", "--json"])
     assert shown.exit_code == 0, shown.stderr
     summary = json.loads(shown.stdout)
-    assert summary["dir"] == str(feature_cache) and summary["bytes"] > 0
+    assert summary["dir"] == str(feature_cache) and summary["bytes"] > summary["digests_bytes"] > 0
     assert summary["entries"][0]["arch"] == "efficientnet_lite0" and summary["entries"][0]["img_size"] == 64
     table = runner.invoke(app, ["cache"])
     assert str(feature_cache) in table.stdout.replace("\n", "") and table.stderr == ""
     cleared = runner.invoke(app, ["cache", "--clear"])
     assert cleared.exit_code == 0 and "cleared" in cleared.stdout
-    assert not (feature_cache / "features").exists()
+    assert not (feature_cache / "features").exists() and not (feature_cache / "digests").exists()
     assert json.loads(runner.invoke(app, ["cache", "--json"]).stdout)["bytes"] == 0
 
 

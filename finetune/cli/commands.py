@@ -225,7 +225,7 @@ def cache_command(
     root = cache_dir or default_cache_dir()
     summary = describe(root)
     if clear:
-        summary = {**summary, "cleared_bytes": clear_cache(root), "bytes": 0, "entries": []}
+        summary = {**summary, "cleared_bytes": clear_cache(root), "bytes": 0, "entries": [], "digests_bytes": 0}
     if json_out:
         echo_json(summary)
     else:

@@ -246,7 +246,7 @@ def show_archs(rows: list[dict]) -> None:
 
 def show_cache(summary: dict) -> None:
     if "cleared_bytes" in summary:
-        stdout.print(f"cleared {_size(summary['cleared_bytes'])} of cached features from {summary['dir']}")
+        stdout.print(f"cleared {_size(summary['cleared_bytes'])} of cached features and file hashes from {summary['dir']}")
         return
     stdout.print(f"feature cache: {summary['dir']}, {_size(summary['bytes'])}")
     if summary["entries"]:
@@ -255,6 +255,8 @@ def show_cache(summary: dict) -> None:
             table.add_row(str(e["arch"]), str(e["img_size"]), str(e["device"]), str(e["chunks"]), _size(e["bytes"]),
                           str(e["last_used"]))
         stdout.print(table)
+    if summary.get("digests_bytes"):
+        stdout.print(f"and the files' content hashes of earlier runs: {_size(summary['digests_bytes'])}")
 
 
 def _size(n: int) -> str:

@@ -1,0 +1,113 @@
+"""Content hashes of the image files a run reads, remembered between runs.
+
+Duplicate detection and the feature cache's row ids both rest on each file's content hash.
+Hashing reads every byte: on a second run over a large folder that is most of the reading
+left to do (25,000 photos: 1.2 s with the files in memory; a folder larger than memory is
+read from disk again). So the hashes are kept in the cache folder, one file per data folder,
+with each file's size, modification and change times and inode: a file whose four are
+unchanged is not read again, as git and rsync decide. The change time moves whenever the
+bytes do, even when a tool puts the modification time back. A file changed less than
+RACY_NS before it was hashed is hashed again next time: a second change within the same
+timestamp tick would leave its stat as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .files import atomic_write_text, file_digest
+
+FORMAT = 1
+FOLDER = "digests"  # inside the cache folder
+RACY_NS = 2_000_000_000  # FAT's timestamps tick every 2 s; others far finer
+DIGEST_BATCH = 256
+
+
+def unreadable(path: Path) -> str:
+    """The stand-in hash of an empty or unreadable file: unique, so never a duplicate, and never cached."""
+    return f"unreadable:{path}"
+
+
+def stat_facts(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+@dataclass
+class DigestMemo:
+    """The hashes one data folder's files had when last read; `path` None: kept nowhere."""
+
+    path: Path | None
+    known: dict[str, list] = field(default_factory=dict)  # absolute path -> [*stat_facts, digest, hashed_at_ns]
+    seen: dict[str, list] = field(default_factory=dict)  # this run's files: what is saved
+
+    @classmethod
+    def load(cls, path: Path) -> "DigestMemo":
+        """An unreadable or foreign memo is as good as none: every file is hashed again."""
+        try:
+            data = json.loads(path.read_text())
+            known = data["files"] if data.get("format") == FORMAT and isinstance(data.get("files"), dict) else {}
+        except (OSError, ValueError, TypeError, AttributeError):
+            known = {}
+        return cls(path, known)
+
+    def recall(self, key: str, st: os.stat_result) -> str | None:
+        entry = self.known.get(key)
+        if not isinstance(entry, list) or len(entry) != 6 or entry[:4] != stat_facts(st):
+            return None
+        hashed_at = entry[5]
+        if not isinstance(hashed_at, int) or max(st.st_mtime_ns, st.st_ctime_ns) >= hashed_at - RACY_NS:
+            return None
+        return entry[4] if isinstance(entry[4], str) else None
+
+    def save(self) -> None:
+        """Best effort: a cache folder that cannot be written costs the next run speed, not this run."""
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps({"format": FORMAT, "files": self.seen}, separators=(",", ":")))
+        except OSError:
+            pass
+
+
+def memo_for(cache_root: Path, data: Path) -> DigestMemo:
+    """The memo of the files under `data` (named by its absolute path) in the cache at `cache_root`."""
+    name = hashlib.blake2b(os.path.abspath(data).encode("utf-8"), digest_size=10).hexdigest()
+    return DigestMemo.load(cache_root / FOLDER / f"{name}.json")
+
+
+def file_digests(paths: list[Path], memo: DigestMemo | None = None) -> dict[Path, str]:
+    """Content hash of each file (files.file_digest); with a memo, files unchanged since it was
+    written are not read, and the memo is saved with this run's files. Threads: reading and
+    hashing release the GIL."""
+    started = time.time_ns()
+
+    def digest(path: Path) -> tuple[str, tuple[str, list] | None]:
+        try:
+            st = os.stat(path)
+            if st.st_size == 0:
+                return unreadable(path), None  # empty files are all alike, and none is an image
+            key = os.path.abspath(path)
+            known = memo.recall(key, st) if memo is not None else None
+            if known is not None:
+                return known, (key, memo.known[key])
+            found = file_digest(path)
+            return found, (key, [*stat_facts(st), found, started])
+        except OSError:
+            return unreadable(path), None  # the decode will say what is wrong with it
+
+    # Files a batch per task: a task per file costs more in the pool than a small file's hashing
+    # (25,000 photos: 4.9 s -> about 2 s on 2 cores).
+    batches = [paths[i:i + DIGEST_BATCH] for i in range(0, len(paths), DIGEST_BATCH)]
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        results = [r for batch in pool.map(lambda b: [digest(p) for p in b], batches) for r in batch]
+    if memo is not None:
+        memo.seen.update(entry for _, entry in results if entry is not None)
+        memo.save()
+    return {p: d for p, (d, _) in zip(paths, results)}
