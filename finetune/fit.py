@@ -31,6 +31,8 @@ from .resume import ResumeState, restore_rng, rng_state
 from .runs import RunFolder
 from .tracking import BestEpoch, EarlyStopping, best_val_epoch
 
+REPORT_EVERY_S = 0.5  # how often a stage's bar shows its running loss and accuracy
+
 
 @dataclass
 class Run:
@@ -236,10 +238,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, run_dir:
 def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Reporter | None,
                     average: WeightAverage | None = None) -> tuple[float, float, float]:
     """One pass over the stage's batches: (loss sum, correct, images) over all ranks. `reporter`:
-    where each step's running figures go, if anywhere; `average`: updated after each step."""
+    where the running figures go, if anywhere; `average`: updated after each step."""
     stage.train_mode()
-    loss_sum = correct = seen = 0.0
-    t0 = time.perf_counter()
+    # Each step's loss and hits stay on the device until the epoch ends: reading one (.item())
+    # makes the CPU wait for every step queued on a GPU. The bar reads them every REPORT_EVERY_S.
+    losses: list[torch.Tensor] = []
+    hits: list[torch.Tensor] = []
+    sizes: list[int] = []
+    shown: dict[str, float] = {}
+    t0 = last_shown = time.perf_counter()
     for batch in stage.batches():
         # All ranks take each step together: Ctrl-C stops them at the same step, and a batch
         # whose files all failed to decode on one rank (deleted since the features were
@@ -260,13 +267,26 @@ def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Rep
         schedule.step()
         if average is not None:
             average.update()
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
+        losses.append(loss.detach())
+        hits.append((logits.argmax(1) == y).sum())
+        sizes.append(len(y))
         if reporter is not None:
-            reporter.advance(len(y), loss=round(loss_sum / seen, 4), acc=round(correct / seen, 4),
-                             images_per_s=round(seen / (time.perf_counter() - t0), 1))
-    return tuple(stage.dist.sum(loss_sum, correct, seen))
+            now = time.perf_counter()
+            if now - last_shown >= REPORT_EVERY_S:
+                loss_sum, correct = epoch_sums(losses, hits, sizes)
+                shown = {"loss": round(loss_sum / sum(sizes), 4), "acc": round(correct / sum(sizes), 4)}
+                last_shown = now
+            reporter.advance(len(y), **shown, images_per_s=round(sum(sizes) / (now - t0), 1))
+    return tuple(stage.dist.sum(*epoch_sums(losses, hits, sizes), float(sum(sizes))))
+
+
+def epoch_sums(losses: list[torch.Tensor], hits: list[torch.Tensor], sizes: list[int]) -> tuple[float, float]:
+    """(sum of each step's mean loss x its images, correct predictions), read from the device once."""
+    if not losses:
+        return 0.0, 0.0
+    per_step = torch.stack(losses).float().cpu().double()  # (float64 on the CPU: MPS has none)
+    loss_sum = (per_step * torch.tensor(sizes, dtype=torch.float64)).sum()
+    return float(loss_sum), float(torch.stack(hits).cpu().sum())
 
 
 def keep_epoch(stage, run: Run, optimizer, totals: tuple[float, float, float, float], val_logits: torch.Tensor,

@@ -241,3 +241,67 @@ def test_a_run_resumed_in_the_head_stage_keeps_its_own_copy_of_the_best_model(tm
             p.add_(1.0)
     # ...but not the best model, which is what gets saved if no later epoch beats it.
     assert all(torch.equal(run.best.state[k], v) for k, v in backbone_before.items())
+
+
+class _LinearStage:
+    """Just what train_one_epoch uses of a stage: a linear model on fixed batches."""
+
+    def __init__(self, batches):
+        from finetune.distributed import Dist
+
+        torch.manual_seed(0)
+        self.net, self.data, self.dist = torch.nn.Linear(4, 3), batches, Dist()
+        self.device, self.amp = torch.device("cpu"), None
+        self.loss = torch.nn.functional.cross_entropy
+
+    def train_mode(self):
+        self.net.train()
+
+    def batches(self):
+        yield from self.data
+
+
+class _Bar:
+    def __init__(self):
+        self.calls = []
+
+    def advance(self, steps=1, **fields):
+        self.calls.append((steps, fields))
+
+
+@pytest.mark.parametrize("every_s", [0.0, 1e9])
+def test_an_epoch_reads_its_loss_and_hits_from_the_device_once_not_every_step(monkeypatch, every_s):
+    # On a GPU each read (.item()) waits for every queued step: the running sums stay on the device.
+    from finetune import fit
+    from finetune.distributed import DeferredInterrupt
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (5, 5, 3)]
+    expected = _LinearStage(batches)
+    optimizer = torch.optim.SGD(expected.net.parameters(), lr=0.1)
+    loss_sum = correct = 0.0
+    for x, y in batches:  # the sums as the loop used to take them, step by step
+        logits = expected.net(x)
+        loss = expected.loss(logits, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+
+    stage, reads, bar = _LinearStage(batches), [], _Bar()
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or real_item(t))
+    monkeypatch.setattr(fit, "REPORT_EVERY_S", every_s)
+    optimizer = torch.optim.SGD(stage.net.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    totals = fit.train_one_epoch(stage, optimizer, schedule, scaler, DeferredInterrupt(), bar)
+    assert reads == []
+    assert totals[0] == pytest.approx(loss_sum, rel=1e-12) and totals[1:] == (correct, 13.0)
+    assert [steps for steps, _ in bar.calls] == [5, 5, 3]
+    last = bar.calls[-1][1]
+    if every_s == 0.0:  # the bar's running figures, when due, are the epoch's so far
+        assert last["loss"] == round(loss_sum / 13, 4) and last["acc"] == round(correct / 13, 4)
+    else:
+        assert "loss" not in last and last["images_per_s"] > 0
