@@ -33,7 +33,7 @@ from safetensors import safe_open
 from .config import TrainConfig
 from .data import Preprocessing, Sample
 from .digests import FOLDER as DIGESTS_FOLDER
-from .digests import DigestMemo, memo_for
+from .digests import DigestMemo, is_unreadable, memo_files, memo_for
 from .files import atomic_write_text, write_safetensors
 from .store import Rows, put_view
 from .weights import weights_identity
@@ -81,7 +81,7 @@ def feature_key(arch: str, weights_source: str, pp: Preprocessing, max_pixels: i
 
 def row_id(sample: Sample, view: int, seed: int) -> str | None:
     """None for a file without a content hash: it cannot be recognised again, so it is not cached."""
-    if not sample.digest or sample.digest.startswith("unreadable"):
+    if not sample.digest or is_unreadable(sample.digest):
         return None
     return f"{sample.digest}:0" if view == 0 else f"{sample.digest}:{view}:{seed}"
 
@@ -250,9 +250,10 @@ def chunks(root: Path) -> list[Path]:
 
 
 def evict(root: Path, limit_bytes: int) -> int:
-    """Delete the least recently used chunks until the cache is under 90% of its limit; bytes freed."""
+    """Delete the least recently used chunks (and remembered file hashes, rewritten by each run on
+    their folder) until the cache is under 90% of its limit; bytes freed."""
     sized = []
-    for p in chunks(root):
+    for p in chunks(root) + memo_files(root):
         try:
             st = p.stat()
         except FileNotFoundError:
@@ -285,7 +286,7 @@ def describe(root: Path) -> dict:
         entries.append({"folder": str(folder), "arch": key.get("arch"), "img_size": key.get("img_size"),
                         "weights": key.get("weights"), "device": key.get("device"), "chunks": len(files), "bytes": size,
                         "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(last)) if last else None})
-    digests = sum(f.stat().st_size for f in (root / DIGESTS_FOLDER).glob("*.json") if f.exists())
+    digests = sum(f.stat().st_size for f in memo_files(root) if f.exists())
     return {"dir": str(root), "bytes": sum(e["bytes"] for e in entries) + digests, "entries": entries,
             "digests_bytes": digests}
 

@@ -8,7 +8,10 @@ with each file's size, modification and change times and inode: a file whose fou
 unchanged is not read again, as git and rsync decide. The change time moves whenever the
 bytes do, even when a tool puts the modification time back. A file changed less than
 RACY_NS before it was hashed is hashed again next time: a second change within the same
-timestamp tick would leave its stat as it was.
+timestamp tick would leave its stat as it was (this compares the file system's timestamps with
+this machine's clock: a network share whose server clock runs behind by more weakens it).
+Not on Windows, where the "change" time is the creation time and a file rewritten with its
+modification time put back would keep all four.
 """
 
 from __future__ import annotations
@@ -27,11 +30,16 @@ FORMAT = 1
 FOLDER = "digests"  # inside the cache folder
 RACY_NS = 2_000_000_000  # FAT's timestamps tick every 2 s; others far finer
 DIGEST_BATCH = 256
+UNREADABLE = "unreadable:"
 
 
 def unreadable(path: Path) -> str:
     """The stand-in hash of an empty or unreadable file: unique, so never a duplicate, and never cached."""
-    return f"unreadable:{path}"
+    return f"{UNREADABLE}{path}"
+
+
+def is_unreadable(digest: str) -> bool:
+    return digest.startswith(UNREADABLE)
 
 
 def stat_facts(st: os.stat_result) -> list[int]:
@@ -52,7 +60,7 @@ class DigestMemo:
         try:
             data = json.loads(path.read_text())
             known = data["files"] if data.get("format") == FORMAT and isinstance(data.get("files"), dict) else {}
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError, MemoryError):
             known = {}
         return cls(path, known)
 
@@ -76,10 +84,17 @@ class DigestMemo:
             pass
 
 
-def memo_for(cache_root: Path, data: Path) -> DigestMemo:
-    """The memo of the files under `data` (named by its absolute path) in the cache at `cache_root`."""
-    name = hashlib.blake2b(os.path.abspath(data).encode("utf-8"), digest_size=10).hexdigest()
+def memo_for(cache_root: Path, data: Path) -> DigestMemo | None:
+    """The memo of the files under `data` (named by its absolute path) in the cache at `cache_root`;
+    None on Windows (the module's docstring says why)."""
+    if os.name == "nt":
+        return None
+    name = hashlib.blake2b(os.fsencode(os.path.abspath(data)), digest_size=10).hexdigest()
     return DigestMemo.load(cache_root / FOLDER / f"{name}.json")
+
+
+def memo_files(cache_root: Path) -> list[Path]:
+    return list((cache_root / FOLDER).glob("*.json"))
 
 
 def file_digests(paths: list[Path], memo: DigestMemo | None = None) -> dict[Path, str]:

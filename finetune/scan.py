@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import DEFAULT_VAL_FRACTION, MIN_CAPPED_VAL, VAL_CAP
 from .data import DatasetSplit, Sample
-from .digests import DigestMemo, file_digests
+from .digests import DigestMemo, file_digests, is_unreadable
 from .errors import DataError
 from .images import is_candidate_image
 from .layout import Layout, is_hidden, sub_folders
@@ -168,7 +168,7 @@ def drop_duplicates(samples: dict[str, list[Sample]], classes: list[str], skippe
     for role in ("train", "val", "test"):
         for s in samples.get(role, []):
             digest = digests[s.path]
-            if digest.startswith("unreadable:") or digest not in first:
+            if is_unreadable(digest) or digest not in first:
                 first.setdefault(digest, (role, s))
                 continue
             role0, s0 = first[digest]

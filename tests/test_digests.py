@@ -82,7 +82,7 @@ def test_a_file_hashed_within_the_racy_window_of_its_change_is_read_again(tmp_pa
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"format": 99, "files": {}}', '{"format": 1, "files": []}', "[]",
-                                     '{"format": 1, "files": {"x": 3}}'])
+                                     '{"format": 1, "files": {"x": 3}}', "[" * 100_000])
 def test_a_damaged_memo_costs_the_reading_only(tmp_path, reads, long_ago, content):
     paths = images(tmp_path)
     expected = file_digests(paths)
@@ -103,3 +103,27 @@ def test_a_second_training_run_reads_no_file_to_hash_it(tmp_path, reads, long_ag
     assert hashed == first.num_train + first.num_val and list((feature_cache / "digests").glob("*.json"))
     second = train(replace(cfg, lr=2e-3))
     assert len(reads) == hashed and second.feature_cache["hits"] == second.num_train + second.num_val
+
+
+def test_a_folder_whose_name_is_not_utf8_has_its_memo(tmp_path, reads, long_ago):
+    data = tmp_path / "M\udcfcnchen"  # the byte 0xfc, as Linux hands such a name to Python
+    paths = sorted(make_class_tree(data, 2).rglob("*.jpg"))
+    file_digests(paths, memo_for(tmp_path / "cache", data))
+    file_digests(paths, memo_for(tmp_path / "cache", data))
+    assert len(reads) == len(paths)
+
+
+def test_no_memo_on_windows(tmp_path, monkeypatch):
+    # There the "change" time is the creation time: a rewrite with its modification time put back would not show.
+    monkeypatch.setattr(digests.os, "name", "nt")
+    assert memo_for(tmp_path / "cache", tmp_path / "data") is None
+
+
+def test_remembered_hashes_count_towards_the_cache_limit(tmp_path, long_ago):
+    from finetune.cache import evict
+
+    paths = images(tmp_path)
+    memo = memo_for(tmp_path / "cache", tmp_path / "data")
+    file_digests(paths, memo)
+    size = memo.path.stat().st_size
+    assert evict(tmp_path / "cache", limit_bytes=size - 1) == size and not memo.path.exists()
