@@ -8,9 +8,11 @@
 2. speed: `finetune train DATA` with defaults (which plan whole-network fine-tuning from the
    pace they measure: recipe.plan_finetune), and with --finetune-epochs N: wall time,
    best_val_acc, each epoch's val accuracy, the plan, against the pure compute time of the same passes (synthetic batches already
-   on the device, same batch size, precision and memory format; on CUDA also without cuDNN's
-   autotuning, which the tool leaves off since 2026-11-28, and with it).
+   on the device, same batch size, precision and memory format; on CUDA also with cuDNN's
+   autotuning, which the tool leaves off since 2026-11-28).
 3. predict: benchmarks/bench_predict.py on DATA (at least 1,000 images) with the model of 2.
+   Then `finetune train DATA` with defaults under cProfile (gpu_profile.py: the top functions in the
+   JSON, nobench.prof in DIR), with an empty feature cache: where a first run's time goes.
 4. tests: the test suite on the GPU (CUDA paths of train/predict/evaluate/export), except the
    distributed tests, which start 2 processes (one GPU each), in what is left of --budget-s
    (the steps above come first: their figures are what a GPU session is for). Failures are
@@ -213,6 +215,18 @@ def check_predict(data: Path, model: str) -> dict:
     return json.loads(out.stdout)
 
 
+def check_profile(data: Path, tmp: Path, out: Path) -> dict:
+    """`finetune train DATA` with defaults under cProfile (gpu_profile.py), an empty feature cache of its
+    own: where a first run's time goes on this machine. The .prof file goes to --out."""
+    env = {**os.environ, "FINETUNE_CACHE_DIR": str(tmp / "cache")}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_profile.py"), str(out), "--", "train", str(data),
+           "--arch", "efficientnet_lite0", "--runs-dir", str(tmp / "runs"), "--json", "--quiet"]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    return {"returncode": proc.returncode, "wall_s": round(time.perf_counter() - started, 1),
+            "top": proc.stderr[-6000:]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path, help="an ImageFolder dataset, e.g. hymenoptera_data")
@@ -244,6 +258,7 @@ def main() -> None:
         model = report["speed"].get("runs", {}).get("defaults", {}).get("model") if isinstance(report["speed"], dict) else None
         if model:
             step("predict", check_predict, args.data.resolve(), model)
+        step("profile", check_profile, args.data.resolve(), Path(tmp) / "profile", args.out)
         if not args.skip_tests:
             step("tests", check_tests, args.budget_s - (time.perf_counter() - started))
     print(json.dumps(report, indent=1))
