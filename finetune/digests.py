@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .files import atomic_write_text, file_digest
 
-FORMAT = 1
+FORMAT = 2  # one string per file (format 1, a list per file, is read as no memo)
 FOLDER = "digests"  # inside the cache folder
 RACY_NS = 2_000_000_000  # FAT's timestamps tick every 2 s; others far finer
 DIGEST_BATCH = 256
@@ -46,32 +46,46 @@ def stat_facts(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
+def memo_entry(st: os.stat_result, hashed_at_ns: int, digest: str) -> str:
+    """One string, not a list of six objects: a million files' memo in memory stays a few hundred MB."""
+    return ",".join(map(str, [*stat_facts(st), hashed_at_ns, digest]))
+
+
 @dataclass
 class DigestMemo:
     """The hashes one data folder's files had when last read; `path` None: kept nowhere."""
 
     path: Path | None
-    known: dict[str, list] = field(default_factory=dict)  # absolute path -> [*stat_facts, digest, hashed_at_ns]
-    seen: dict[str, list] = field(default_factory=dict)  # this run's files: what is saved
+    root: str = ""  # the data folder's absolute path and a separator: the keys are relative to it
+    known: dict[str, str] = field(default_factory=dict)  # file -> memo_entry
+    seen: dict[str, str] = field(default_factory=dict)  # this run's files: what is saved
 
     @classmethod
-    def load(cls, path: Path) -> "DigestMemo":
+    def load(cls, path: Path, root: str) -> "DigestMemo":
         """An unreadable or foreign memo is as good as none: every file is hashed again."""
         try:
             data = json.loads(path.read_text())
             known = data["files"] if data.get("format") == FORMAT and isinstance(data.get("files"), dict) else {}
         except (OSError, ValueError, TypeError, AttributeError, RecursionError, MemoryError):
             known = {}
-        return cls(path, known)
+        return cls(path, root, known)
+
+    def key(self, path: Path) -> str:
+        full = os.path.abspath(path)
+        return full[len(self.root):] if self.root and full.startswith(self.root) else full
 
     def recall(self, key: str, st: os.stat_result) -> str | None:
         entry = self.known.get(key)
-        if not isinstance(entry, list) or len(entry) != 6 or entry[:4] != stat_facts(st):
+        parts = entry.split(",", 5) if isinstance(entry, str) else []
+        if len(parts) != 6 or not parts[5]:
             return None
-        hashed_at = entry[5]
-        if not isinstance(hashed_at, int) or max(st.st_mtime_ns, st.st_ctime_ns) >= hashed_at - RACY_NS:
+        try:
+            size, mtime, ctime, ino, hashed_at = map(int, parts[:5])
+        except ValueError:
             return None
-        return entry[4] if isinstance(entry[4], str) else None
+        if [size, mtime, ctime, ino] != stat_facts(st) or max(mtime, ctime) >= hashed_at - RACY_NS:
+            return None
+        return parts[5]
 
     def save(self) -> None:
         """Best effort: a cache folder that cannot be written costs the next run speed, not this run."""
@@ -89,8 +103,9 @@ def memo_for(cache_root: Path, data: Path) -> DigestMemo | None:
     None on Windows (the module's docstring says why)."""
     if os.name == "nt":
         return None
-    name = hashlib.blake2b(os.fsencode(os.path.abspath(data)), digest_size=10).hexdigest()
-    return DigestMemo.load(cache_root / FOLDER / f"{name}.json")
+    root = os.path.abspath(data)
+    name = hashlib.blake2b(os.fsencode(root), digest_size=10).hexdigest()
+    return DigestMemo.load(cache_root / FOLDER / f"{name}.json", os.path.join(root, ""))
 
 
 def memo_files(cache_root: Path) -> list[Path]:
@@ -103,17 +118,19 @@ def file_digests(paths: list[Path], memo: DigestMemo | None = None) -> dict[Path
     hashing release the GIL."""
     started = time.time_ns()
 
-    def digest(path: Path) -> tuple[str, tuple[str, list] | None]:
+    def digest(path: Path) -> tuple[str, tuple[str, str] | None]:
         try:
             st = os.stat(path)
             if st.st_size == 0:
                 return unreadable(path), None  # empty files are all alike, and none is an image
-            key = os.path.abspath(path)
-            known = memo.recall(key, st) if memo is not None else None
+            if memo is None:
+                return file_digest(path), None
+            key = memo.key(path)
+            known = memo.recall(key, st)
             if known is not None:
                 return known, (key, memo.known[key])
             found = file_digest(path)
-            return found, (key, [*stat_facts(st), found, started])
+            return found, (key, memo_entry(st, started, found))
         except OSError:
             return unreadable(path), None  # the decode will say what is wrong with it
 
