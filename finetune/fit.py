@@ -245,6 +245,7 @@ def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Rep
     losses: list[torch.Tensor] = []
     hits: list[torch.Tensor] = []
     sizes: list[int] = []
+    seen = 0
     shown: dict[str, float] = {}
     t0 = last_shown = time.perf_counter()
     for batch in stage.batches():
@@ -270,14 +271,15 @@ def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Rep
         losses.append(loss.detach())
         hits.append((logits.argmax(1) == y).sum())
         sizes.append(len(y))
+        seen += len(y)
         if reporter is not None:
             now = time.perf_counter()
             if now - last_shown >= REPORT_EVERY_S:
                 loss_sum, correct = epoch_sums(losses, hits, sizes)
-                shown = {"loss": round(loss_sum / sum(sizes), 4), "acc": round(correct / sum(sizes), 4)}
+                shown = {"loss": round(loss_sum / seen, 4), "acc": round(correct / seen, 4)}
                 last_shown = now
-            reporter.advance(len(y), **shown, images_per_s=round(sum(sizes) / (now - t0), 1))
-    return tuple(stage.dist.sum(*epoch_sums(losses, hits, sizes), float(sum(sizes))))
+            reporter.advance(len(y), **shown, images_per_s=round(seen / (now - t0), 1))
+    return tuple(stage.dist.sum(*epoch_sums(losses, hits, sizes), float(seen)))
 
 
 def epoch_sums(losses: list[torch.Tensor], hits: list[torch.Tensor], sizes: list[int]) -> tuple[float, float]:
