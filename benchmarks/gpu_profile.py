@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's finetune, as gpu_check does
+
 
 def main() -> None:
     args = sys.argv[1:]
@@ -51,17 +53,21 @@ def main() -> None:
     profiler = cProfile.Profile()
     started = time.perf_counter()
     profiler.enable()
+    code = "an exception"
     try:
         app(args=train_args, prog_name="finetune")
+        code = 0
     except SystemExit as e:
         code = e.code
-    else:
-        code = 0
-    profiler.disable()
-    wall = time.perf_counter() - started
+    finally:  # the profile so far is written whatever ended the run
+        profiler.disable()
+        report(profiler, out, label, code, time.perf_counter() - started, t_import, t_cuda, torch.backends.cudnn.benchmark)
+
+
+def report(profiler, out: Path, label: str, code, wall: float, t_import: float, t_cuda: float, autotuning: bool) -> None:
     profiler.dump_stats(out / f"{label}.prof")
     print(f"## {label}: exit {code}, wall {wall:.1f} s, import torch {t_import:.1f} s, first CUDA call {t_cuda:.1f} s,"
-          f" cudnn.benchmark at end {torch.backends.cudnn.benchmark}", file=sys.stderr)
+          f" cudnn.benchmark at end {autotuning}", file=sys.stderr)
     for key, n in (("cumulative", 45), ("tottime", 25)):
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).strip_dirs().sort_stats(key).print_stats(n)

@@ -11,7 +11,8 @@ RACY_NS before it was hashed is hashed again next time: a second change within t
 timestamp tick would leave its stat as it was (this compares the file system's timestamps with
 this machine's clock: a network share whose server clock runs behind by more weakens it).
 Not on Windows, where the "change" time is the creation time and a file rewritten with its
-modification time put back would keep all four.
+modification time put back would keep all four. File systems that report no change time of their
+own (sshfs gives the modification time) weaken it the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from .files import atomic_write_text, file_digest
 
-FORMAT = 2  # one string per file (format 1, a list per file, is read as no memo)
+FORMAT = 1
 FOLDER = "digests"  # inside the cache folder
 RACY_NS = 2_000_000_000  # FAT's timestamps tick every 2 s; others far finer
 DIGEST_BATCH = 256
@@ -53,9 +54,9 @@ def memo_entry(st: os.stat_result, hashed_at_ns: int, digest: str) -> str:
 
 @dataclass
 class DigestMemo:
-    """The hashes one data folder's files had when last read; `path` None: kept nowhere."""
+    """The hashes one data folder's files had when last read, kept at `path`."""
 
-    path: Path | None
+    path: Path
     root: str = ""  # the data folder's absolute path and a separator: the keys are relative to it
     known: dict[str, str] = field(default_factory=dict)  # file -> memo_entry
     seen: dict[str, str] = field(default_factory=dict)  # this run's files: what is saved
@@ -89,8 +90,6 @@ class DigestMemo:
 
     def save(self) -> None:
         """Best effort: a cache folder that cannot be written costs the next run speed, not this run."""
-        if self.path is None:
-            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps({"format": FORMAT, "files": self.seen}, separators=(",", ":")))

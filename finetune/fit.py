@@ -240,11 +240,11 @@ def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Rep
     """One pass over the stage's batches: (loss sum, correct, images) over all ranks. `reporter`:
     where the running figures go, if anywhere; `average`: updated after each step."""
     stage.train_mode()
-    # Each step's loss and hits stay on the device until the epoch ends: reading one (.item())
-    # makes the CPU wait for every step queued on a GPU. The bar reads them every REPORT_EVERY_S.
-    losses: list[torch.Tensor] = []
-    hits: list[torch.Tensor] = []
-    sizes: list[int] = []
+    # Each step's loss and hits stay on the device until they are added up: reading one (.item())
+    # makes the CPU wait for every step queued on a GPU. They are added up at the epoch's end, and
+    # for the bar every REPORT_EVERY_S.
+    pending = PendingSums()
+    loss_sum = correct = 0.0
     seen = 0
     shown: dict[str, float] = {}
     t0 = last_shown = time.perf_counter()
@@ -268,27 +268,40 @@ def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Rep
         schedule.step()
         if average is not None:
             average.update()
-        losses.append(loss.detach())
-        hits.append((logits.argmax(1) == y).sum())
-        sizes.append(len(y))
+        pending.add(loss, (logits.argmax(1) == y).sum(), len(y))
         seen += len(y)
         if reporter is not None:
             now = time.perf_counter()
             if now - last_shown >= REPORT_EVERY_S:
-                loss_sum, correct = epoch_sums(losses, hits, sizes)
+                loss_sum, correct = pending.added_to(loss_sum, correct)
                 shown = {"loss": round(loss_sum / seen, 4), "acc": round(correct / seen, 4)}
                 last_shown = now
             reporter.advance(len(y), **shown, images_per_s=round(seen / (now - t0), 1))
-    return tuple(stage.dist.sum(*epoch_sums(losses, hits, sizes), float(seen)))
+    return tuple(stage.dist.sum(*pending.added_to(loss_sum, correct), float(seen)))
 
 
-def epoch_sums(losses: list[torch.Tensor], hits: list[torch.Tensor], sizes: list[int]) -> tuple[float, float]:
-    """(sum of each step's mean loss x its images, correct predictions), read from the device once."""
-    if not losses:
-        return 0.0, 0.0
-    per_step = torch.stack(losses).float().cpu().double()  # (float64 on the CPU: MPS has none)
-    loss_sum = (per_step * torch.tensor(sizes, dtype=torch.float64)).sum()
-    return float(loss_sum), float(torch.stack(hits).cpu().sum())
+@dataclass
+class PendingSums:
+    """Steps' losses (means over their images) and hit counts, still on the device."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    hits: list[torch.Tensor] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+
+    def add(self, loss: torch.Tensor, hits: torch.Tensor, size: int) -> None:
+        self.losses.append(loss.detach())
+        self.hits.append(hits)
+        self.sizes.append(size)
+
+    def added_to(self, loss_sum: float, correct: float) -> tuple[float, float]:
+        """The totals with these steps added (loss x images, hits), read from the device at once; then empty."""
+        if not self.losses:
+            return loss_sum, correct
+        per_step = torch.stack(self.losses).float().cpu().double()  # (float64 on the CPU: MPS has none)
+        loss_sum += float((per_step * torch.tensor(self.sizes, dtype=torch.float64)).sum())
+        correct += float(torch.stack(self.hits).cpu().sum())
+        self.losses, self.hits, self.sizes = [], [], []
+        return loss_sum, correct
 
 
 def keep_epoch(stage, run: Run, optimizer, totals: tuple[float, float, float, float], val_logits: torch.Tensor,

@@ -70,7 +70,7 @@ def facts(size=10, mtime=1_000, ctime=1_000, ino=7):
     (facts(ino=8), False),  # another file moved into its place
 ])
 def test_only_a_file_with_the_very_same_stat_is_trusted(now, trusted):
-    memo = DigestMemo(None, "/d/", {"a.jpg": digests.memo_entry(facts(), 1_000 + digests.RACY_NS + 1, "abc")})
+    memo = DigestMemo(Path("memo.json"), "/d/", {"a.jpg": digests.memo_entry(facts(), 1_000 + digests.RACY_NS + 1, "abc")})
     assert (memo.recall("a.jpg", now) == "abc") is trusted
 
 
@@ -81,8 +81,8 @@ def test_a_file_hashed_within_the_racy_window_of_its_change_is_read_again(tmp_pa
     assert len(reads) == 2 * len(paths)
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"format": 99, "files": {}}', '{"format": 2, "files": []}', "[]",
-                                     '{"format": 2, "files": {"cat/cat_0.jpg": 3, "cat/cat_1.jpg": "1,2,x,4,5,ab", "cat/cat_2.jpg": "1,2"}}',
+@pytest.mark.parametrize("content", ["{not json", '{"format": 99, "files": {}}', '{"format": 1, "files": []}', "[]",
+                                     '{"format": 1, "files": {"cat/cat_0.jpg": 3, "cat/cat_1.jpg": "1,2,x,4,5,ab", "cat/cat_2.jpg": "1,2"}}',
                                      "[" * 100_000])
 def test_a_damaged_memo_costs_the_reading_only(tmp_path, reads, long_ago, content):
     paths = images(tmp_path)
