@@ -32,6 +32,7 @@ from .runs import RunFolder
 from .tracking import BestEpoch, EarlyStopping, best_val_epoch
 
 REPORT_EVERY_S = 0.5  # how often a stage's bar shows its running loss and accuracy
+SUM_EVERY_STEPS = 256  # steps whose losses and hits wait on the device before they are added up
 
 
 @dataclass
@@ -241,8 +242,9 @@ def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Rep
     where the running figures go, if anywhere; `average`: updated after each step."""
     stage.train_mode()
     # Each step's loss and hits stay on the device until they are added up: reading one (.item())
-    # makes the CPU wait for every step queued on a GPU. They are added up at the epoch's end, and
-    # for the bar every REPORT_EVERY_S.
+    # makes the CPU wait for every step queued on a GPU. They are added up every SUM_EVERY_STEPS
+    # steps (fixed, so that a run and its resumed twin add the same numbers in the same order)
+    # and at the epoch's end; the bar reads them every REPORT_EVERY_S.
     pending = PendingSums()
     loss_sum = correct = 0.0
     seen = 0
@@ -270,11 +272,14 @@ def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Rep
             average.update()
         pending.add(loss, (logits.argmax(1) == y).sum(), len(y))
         seen += len(y)
+        if len(pending.sizes) == SUM_EVERY_STEPS:
+            loss_sum, correct = pending.added_to(loss_sum, correct)
+            pending = PendingSums()
         if reporter is not None:
             now = time.perf_counter()
             if now - last_shown >= REPORT_EVERY_S:
-                loss_sum, correct = pending.added_to(loss_sum, correct)
-                shown = {"loss": round(loss_sum / seen, 4), "acc": round(correct / seen, 4)}
+                shown_loss, shown_correct = pending.added_to(loss_sum, correct)
+                shown = {"loss": round(shown_loss / seen, 4), "acc": round(shown_correct / seen, 4)}
                 last_shown = now
             reporter.advance(len(y), **shown, images_per_s=round(seen / (now - t0), 1))
     return tuple(stage.dist.sum(*pending.added_to(loss_sum, correct), float(seen)))
@@ -294,14 +299,12 @@ class PendingSums:
         self.sizes.append(size)
 
     def added_to(self, loss_sum: float, correct: float) -> tuple[float, float]:
-        """The totals with these steps added (loss x images, hits), read from the device at once; then empty."""
+        """The totals with these steps added (loss x images, hits), read from the device at once."""
         if not self.losses:
             return loss_sum, correct
         per_step = torch.stack(self.losses).float().cpu().double()  # (float64 on the CPU: MPS has none)
         loss_sum += float((per_step * torch.tensor(self.sizes, dtype=torch.float64)).sum())
-        correct += float(torch.stack(self.hits).cpu().sum())
-        self.losses, self.hits, self.sizes = [], [], []
-        return loss_sum, correct
+        return loss_sum, correct + float(torch.stack(self.hits).cpu().sum())
 
 
 def keep_epoch(stage, run: Run, optimizer, totals: tuple[float, float, float, float], val_logits: torch.Tensor,

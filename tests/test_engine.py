@@ -269,8 +269,8 @@ class _Bar:
         self.calls.append((steps, fields))
 
 
-@pytest.mark.parametrize("every_s", [0.0, 1e9])
-def test_an_epoch_reads_its_loss_and_hits_from_the_device_once_not_every_step(monkeypatch, every_s):
+@pytest.mark.parametrize("every_s, sum_every", [(0.0, 256), (1e9, 2)])
+def test_an_epoch_reads_its_loss_and_hits_from_the_device_once_not_every_step(monkeypatch, every_s, sum_every):
     # On a GPU each read (.item()) waits for every queued step: the running sums stay on the device.
     from finetune import fit
     from finetune.distributed import DeferredInterrupt
@@ -293,6 +293,7 @@ def test_an_epoch_reads_its_loss_and_hits_from_the_device_once_not_every_step(mo
     real_item = torch.Tensor.item
     monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or real_item(t))
     monkeypatch.setattr(fit, "REPORT_EVERY_S", every_s)
+    monkeypatch.setattr(fit, "SUM_EVERY_STEPS", sum_every)  # 2: added up in the middle of the epoch too
     optimizer = torch.optim.SGD(stage.net.parameters(), lr=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
