@@ -49,9 +49,9 @@ from finetune.weights import resolve_pretrained  # noqa: E402
 COMPARED = ["epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
 
 
-def run(cmd: list[str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+def run(cmd: list[str], timeout: float = 300, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
     started = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     return out, time.perf_counter() - started
 
 
@@ -218,13 +218,10 @@ def check_predict(data: Path, model: str) -> dict:
 def check_profile(data: Path, tmp: Path, out: Path) -> dict:
     """`finetune train DATA` with defaults under cProfile (gpu_profile.py), an empty feature cache of its
     own: where a first run's time goes on this machine. The .prof file goes to --out."""
-    env = {**os.environ, "FINETUNE_CACHE_DIR": str(tmp / "cache")}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_profile.py"), str(out), "--", "train", str(data),
            "--arch", "efficientnet_lite0", "--runs-dir", str(tmp / "runs"), "--json", "--quiet"]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    return {"returncode": proc.returncode, "wall_s": round(time.perf_counter() - started, 1),
-            "top": proc.stderr[-6000:]}
+    proc, wall = run(cmd, env={**os.environ, "FINETUNE_CACHE_DIR": str(tmp / "cache")})
+    return {"returncode": proc.returncode, "wall_s": round(wall, 1), "top": proc.stderr[-6000:]}
 
 
 def main() -> None:

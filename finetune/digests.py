@@ -57,7 +57,7 @@ class DigestMemo:
     """The hashes one data folder's files had when last read, kept at `path`."""
 
     path: Path
-    root: str = ""  # the data folder's absolute path and a separator: the keys are relative to it
+    root: str  # the data folder's absolute path and a separator: the keys are relative to it
     known: dict[str, str] = field(default_factory=dict)  # file -> memo_entry
     seen: dict[str, str] = field(default_factory=dict)  # this run's files: what is saved
 
@@ -73,7 +73,7 @@ class DigestMemo:
 
     def key(self, path: Path) -> str:
         full = os.path.abspath(path)
-        return full[len(self.root):] if self.root and full.startswith(self.root) else full
+        return full[len(self.root):] if full.startswith(self.root) else full
 
     def recall(self, key: str, st: os.stat_result) -> str | None:
         entry = self.known.get(key)
