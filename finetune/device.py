@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 from collections.abc import Iterator
 
 import torch
@@ -49,9 +50,40 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
 def _cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively, so that bf16 is faster than fp32 on it."""
+    cpu = getattr(torch, "cpu", None)
+    return native_bf16(_mkldnn_takes_bf16(), platform.machine(),
+                       _asks(cpu, "_is_avx512_bf16_supported"), _asks(cpu, "_is_amx_tile_supported"))
+
+
+def native_bf16(mkldnn_takes_bf16: bool, machine: str, avx512_bf16: bool, amx: bool) -> bool:
+    """oneDNN takes bf16 on every x86 CPU with AVX-512, but only those with AVX512-BF16 or AMX
+    compute it: on the others (Skylake to Ice Lake Xeons, common in clouds, and some laptops)
+    it is emulated, and Lite0's feature pass ran at 0.6x its fp32 pace (BENCHMARKS.md, "bf16
+    only where the CPU computes it"). Elsewhere (ARM) oneDNN's answer is the instruction set's."""
+    if not mkldnn_takes_bf16:
+        return False
+    if machine.lower() in X86_MACHINES:
+        return avx512_bf16 or amx
+    return True
+
+
+def _mkldnn_takes_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _asks(module, name: str) -> bool:
+    """module.name() where torch has that check; False where it has not (fp32 is never the slow choice)."""
+    check = getattr(module, name, None)
+    try:
+        return bool(check()) if check is not None else False
     except (AttributeError, RuntimeError):
         return False
 

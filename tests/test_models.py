@@ -290,6 +290,36 @@ def test_a_cuda_device_leaves_cudnn_autotuning_off(monkeypatch):
     assert pick_device("auto").type == "cuda" and not torch.backends.cudnn.benchmark
 
 
+@pytest.mark.parametrize("mkldnn, machine, avx512_bf16, amx, expected", [
+    (True, "x86_64", False, False, False),  # AVX-512 without bf16 (Cascade Lake, Ice Lake): emulated, 0.6x fp32's pace
+    (True, "x86_64", True, False, True),  # AVX512-BF16 (Cooper Lake, Zen 4)
+    (True, "AMD64", False, True, True),  # AMX (Sapphire Rapids on), Windows' name for x86-64
+    (False, "x86_64", False, False, False),  # AVX2 only: oneDNN takes no bf16
+    (True, "aarch64", False, False, True),  # ARM: oneDNN says yes only where the CPU has bf16 instructions
+    (False, "arm64", False, False, False),
+])
+def test_cpu_autocast_is_bf16_only_where_the_cpu_computes_bf16(monkeypatch, mkldnn, machine, avx512_bf16, amx, expected):
+    from finetune import device
+
+    assert device.native_bf16(mkldnn, machine, avx512_bf16, amx) is expected
+    # and autocast_dtype follows what this machine's checks say
+    monkeypatch.setattr(device, "_mkldnn_takes_bf16", lambda: mkldnn)
+    monkeypatch.setattr(device.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert device.autocast_dtype(torch.device("cpu")) == (torch.bfloat16 if expected else None)
+
+
+def test_cpu_autocast_is_fp32_where_torch_has_no_check_of_the_instructions(monkeypatch):
+    from finetune import device
+
+    monkeypatch.setattr(device, "_mkldnn_takes_bf16", lambda: True)
+    monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert device.autocast_dtype(torch.device("cpu")) is None
+
+
 def test_gpu_random_states_are_restored_by_number_for_the_gpus_this_process_sees(monkeypatch):
     """Resumed with fewer GPUs visible than the run started with: those it sees, by number."""
     from finetune.resume import restore_rng
