@@ -44,10 +44,19 @@ def mps_available() -> bool:
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 where the hardware runs it natively (recent CUDA, AVX512-BF16/AMX CPUs), fp16 on older CUDA."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _cuda_has_bf16() else torch.float16
     if device.type == "cpu" and _cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+def _cuda_has_bf16() -> bool:
+    """Whether the GPU computes bf16 (Ampere on). torch's check also counts GPUs that only
+    emulate it (a T4, a V100), where fp16 with loss scaling is the fast choice."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # (a torch without that argument counts no emulation)
+        return bool(torch.cuda.is_bf16_supported())
 
 
 X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")

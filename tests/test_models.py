@@ -346,3 +346,12 @@ def test_an_apple_gpus_random_state_is_saved_and_restored(monkeypatch):
     assert torch.equal(state["mps"], saved)
     restore_rng(state, None)
     assert len(restored) == 1 and torch.equal(restored[0], saved)
+
+
+@pytest.mark.parametrize("computes_bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_a_gpu_that_only_emulates_bf16_trains_in_fp16(monkeypatch, computes_bf16, expected):
+    # torch.cuda.is_bf16_supported() also says yes on a T4 or a V100 (sm 7.x), which emulate bf16.
+    from finetune.device import autocast_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: computes_bf16 or including_emulation)
+    assert autocast_dtype(torch.device("cuda")) == expected
