@@ -52,6 +52,11 @@ def run(cmd: list[str]) -> tuple[float, float, dict]:
     return res["wall"], res["rss"] / 1024, json.loads(res["out"])
 
 
+def torch_has_cuda() -> bool:
+    """Asked in a child process: this script itself does not import torch."""
+    return subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(torch.cuda.is_available())"]).returncode == 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path, nargs="+")
@@ -60,6 +65,8 @@ def main() -> None:
     ap.add_argument("--finetune", action="store_true", help="also the default plus 2 whole-network epochs (slow on a CPU)")
     ap.add_argument("--fp32", action="store_true", help="run as on a CPU without native bf16")
     args = ap.parse_args()
+    if args.fp32 and torch_has_cuda():
+        raise SystemExit("--fp32 stands for a CPU without bf16; this machine has a GPU, which the runs would use.")
     recipes = {**RECIPES, **TAIL, **FINETUNE, **SIZES}
     names = args.recipes or [*RECIPES, *TAIL, *(FINETUNE if args.finetune else [])]
     for data in args.data:

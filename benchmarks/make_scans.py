@@ -7,7 +7,8 @@ scans saved as RGB JPEGs, `Training/` and `Testing/`) is not here, but its size 
 time of a default run: this folder has its layout and counts. Each chest X-ray gives two
 images, itself and itself turned a quarter, and the classes are the X-ray's class with or
 without the turn (so 4). The accuracy on it says little (the turn is easy to see); what a
-run costs on it, and which stages the recipe plans on X-ray-like features, is what it is for.
+run costs on it is what it is for. (An X-ray and its turned copy may fall one in train and one
+in val, which flatters val: the stages the recipe plans on it may differ from the real set's.)
 Training images come from chest_xray's train and val folders, test images from its test
 folder; each class's share follows its source. Seeded: the same folder every time.
 """
@@ -41,7 +42,7 @@ def write(pairs: list[tuple[str, Path]], count: int, out: Path, rng: random.Rand
         try:
             with Image.open(path) as im:
                 image = im.convert("RGB")
-        except OSError:  # (chest_xray has a few unreadable files: they are left out)
+        except (OSError, Image.DecompressionBombError):  # (chest_xray has a few unreadable files: they are left out)
             continue
         if turned:
             image = image.transpose(Image.Transpose.ROTATE_90)

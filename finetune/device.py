@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import platform
 from collections.abc import Iterator
 
 import torch
@@ -42,43 +41,37 @@ def mps_available() -> bool:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the hardware runs it natively (recent CUDA, AVX512-BF16/AMX CPUs), fp16 on older CUDA."""
+    """bf16 where the hardware computes it (Ampere GPUs on, AVX512-BF16/AMX CPUs), fp16 on older
+    CUDA GPUs, fp32 on other CPUs."""
     if device.type == "cuda":
-        return torch.bfloat16 if _cuda_has_bf16() else torch.float16
+        return torch.bfloat16 if _cuda_has_bf16(device) else torch.float16
     if device.type == "cpu" and _cpu_has_bf16():
         return torch.bfloat16
     return None
 
 
-def _cuda_has_bf16() -> bool:
-    """Whether the GPU computes bf16 (Ampere on). torch's check also counts GPUs that only
-    emulate it (a T4, a V100), where fp16 with loss scaling is the fast choice."""
-    try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # (a torch without that argument counts no emulation)
-        return bool(torch.cuda.is_bf16_supported())
-
-
-X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
+def _cuda_has_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16: compute capability 8 (Ampere) on, or ROCm. Not
+    torch.cuda.is_bf16_supported(): it also says yes where bf16 is only emulated (a T4, a V100),
+    where fp16 with loss scaling is the fast choice (and older torch versions cannot be told not to)."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively, so that bf16 is faster than fp32 on it."""
+    """Whether this CPU computes bf16, so that bf16 is faster than fp32 on it."""
     cpu = getattr(torch, "cpu", None)
-    return native_bf16(_mkldnn_takes_bf16(), platform.machine(),
-                       _asks(cpu, "_is_avx512_bf16_supported"), _asks(cpu, "_is_amx_tile_supported"))
+    return native_bf16(_mkldnn_takes_bf16(), _asks(cpu, "_is_avx512_bf16_supported"), _asks(cpu, "_is_amx_tile_supported"))
 
 
-def native_bf16(mkldnn_takes_bf16: bool, machine: str, avx512_bf16: bool, amx: bool) -> bool:
+def native_bf16(mkldnn_takes_bf16: bool, avx512_bf16: bool, amx: bool) -> bool:
     """oneDNN takes bf16 on every x86 CPU with AVX-512, but only those with AVX512-BF16 or AMX
     compute it: on the others (Skylake to Ice Lake Xeons, common in clouds, and some laptops)
     it is emulated, and Lite0's feature pass ran at 0.6x its fp32 pace (BENCHMARKS.md, "bf16
-    only where the CPU computes it"). Elsewhere (ARM) oneDNN's answer is the instruction set's."""
-    if not mkldnn_takes_bf16:
-        return False
-    if machine.lower() in X86_MACHINES:
-        return avx512_bf16 or amx
-    return True
+    only where the CPU computes it"). ARM CPUs (torch reports neither there) run fp32: bf16 was
+    not measured faster on any."""
+    return mkldnn_takes_bf16 and (avx512_bf16 or amx)
 
 
 def _mkldnn_takes_bf16() -> bool:

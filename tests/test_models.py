@@ -290,21 +290,18 @@ def test_a_cuda_device_leaves_cudnn_autotuning_off(monkeypatch):
     assert pick_device("auto").type == "cuda" and not torch.backends.cudnn.benchmark
 
 
-@pytest.mark.parametrize("mkldnn, machine, avx512_bf16, amx, expected", [
-    (True, "x86_64", False, False, False),  # AVX-512 without bf16 (Cascade Lake, Ice Lake): emulated, 0.6x fp32's pace
-    (True, "x86_64", True, False, True),  # AVX512-BF16 (Cooper Lake, Zen 4)
-    (True, "AMD64", False, True, True),  # AMX (Sapphire Rapids on), Windows' name for x86-64
-    (False, "x86_64", False, False, False),  # AVX2 only: oneDNN takes no bf16
-    (True, "aarch64", False, False, True),  # ARM: oneDNN says yes only where the CPU has bf16 instructions
-    (False, "arm64", False, False, False),
+@pytest.mark.parametrize("mkldnn, avx512_bf16, amx, expected", [
+    (True, False, False, False),  # AVX-512 without bf16 (Cascade Lake, Ice Lake): emulated, 0.6x fp32's pace
+    (True, True, False, True),  # AVX512-BF16 (Cooper Lake, Zen 4)
+    (True, False, True, True),  # AMX (Sapphire Rapids on)
+    (False, False, False, False),  # AVX2 only: oneDNN takes no bf16
 ])
-def test_cpu_autocast_is_bf16_only_where_the_cpu_computes_bf16(monkeypatch, mkldnn, machine, avx512_bf16, amx, expected):
+def test_cpu_autocast_is_bf16_only_where_the_cpu_computes_bf16(monkeypatch, mkldnn, avx512_bf16, amx, expected):
     from finetune import device
 
-    assert device.native_bf16(mkldnn, machine, avx512_bf16, amx) is expected
+    assert device.native_bf16(mkldnn, avx512_bf16, amx) is expected
     # and autocast_dtype follows what this machine's checks say
     monkeypatch.setattr(device, "_mkldnn_takes_bf16", lambda: mkldnn)
-    monkeypatch.setattr(device.platform, "machine", lambda: machine)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     assert device.autocast_dtype(torch.device("cpu")) == (torch.bfloat16 if expected else None)
@@ -313,8 +310,7 @@ def test_cpu_autocast_is_bf16_only_where_the_cpu_computes_bf16(monkeypatch, mkld
 def test_cpu_autocast_is_fp32_where_torch_has_no_check_of_the_instructions(monkeypatch):
     from finetune import device
 
-    monkeypatch.setattr(device, "_mkldnn_takes_bf16", lambda: True)
-    monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(device, "_mkldnn_takes_bf16", lambda: True)  # (as on any AVX-512 CPU)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     assert device.autocast_dtype(torch.device("cpu")) is None
@@ -348,10 +344,17 @@ def test_an_apple_gpus_random_state_is_saved_and_restored(monkeypatch):
     assert len(restored) == 1 and torch.equal(restored[0], saved)
 
 
-@pytest.mark.parametrize("computes_bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
-def test_a_gpu_that_only_emulates_bf16_trains_in_fp16(monkeypatch, computes_bf16, expected):
-    # torch.cuda.is_bf16_supported() also says yes on a T4 or a V100 (sm 7.x), which emulate bf16.
+@pytest.mark.parametrize("capability, hip, expected", [
+    ((7, 5), None, torch.float16),  # a T4: torch.cuda.is_bf16_supported() says yes (emulated)
+    ((7, 0), None, torch.float16),  # a V100
+    ((8, 0), None, torch.bfloat16),  # an A100
+    ((9, 0), None, torch.bfloat16),  # an H100 or H200
+    ((9, 4), "6.2", torch.bfloat16),  # ROCm
+])
+def test_a_gpu_that_only_emulates_bf16_trains_in_fp16(monkeypatch, capability, hip, expected):
     from finetune.device import autocast_dtype
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: computes_bf16 or including_emulation)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # (torch's answer on each of them)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
     assert autocast_dtype(torch.device("cuda")) == expected
