@@ -12,7 +12,8 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset
 
 from .config import TrainConfig
-from .data import DatasetSplit, leave_ctrl_c_to_the_main_process, usable_cores
+from .cpus import usable_cores
+from .data import DatasetSplit, leave_ctrl_c_to_the_main_process
 from .errors import DataError
 from .images import ImageDecodeError, ImageFacts, inspect_image
 from .models import get_arch

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .cpus import usable_cores
 from .errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -17,6 +18,7 @@ def pick_device(name: str) -> torch.device:
     cuDNN's autotuning (`cudnn.benchmark`) stays off, torch's default: a run meets many shapes
     (feature batches, views, heads' checks, the last batch of each loader, BatchNorm folding's
     checks), each timed anew, and on an H200 it doubled a small run's time (BENCHMARKS.md)."""
+    limit_threads_to_usable_cores()
     name = name.lower()
     if name not in DEVICES and not name.startswith("cuda:"):
         raise UsageError(f"unknown --device '{name}'; use one of {', '.join(DEVICES)}.")
@@ -33,6 +35,14 @@ def pick_device(name: str) -> torch.device:
     if name == "mps" and not mps:
         raise UsageError("--device mps: Apple MPS is not available here; use --device cpu (or auto).")
     return torch.device(name)
+
+
+def limit_threads_to_usable_cores() -> None:
+    """torch's threads no more than the cores this process may use (cpus.py: a container's CPU
+    limit, which torch does not see); fewer, as OMP_NUM_THREADS or torchrun set, are left as they are."""
+    cores = usable_cores()
+    if torch.get_num_threads() > cores:
+        torch.set_num_threads(cores)
 
 
 def mps_available() -> bool:
