@@ -123,11 +123,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+# What 16-bit greyscale files hold: medical exports (X-rays, CT, MRI from DICOM) often 12 bits
+# (0..4,095) or 10, scientific cameras 14. Scaling those by 65,535, as torchvision and OpenCV do,
+# left a 12-bit X-ray 16 grey levels of 256 (BENCHMARKS.md, "Greyscale deeper than 8 bits").
+BIT_DEPTHS_TOPS = (255.0, 1023.0, 4095.0, 16383.0, 65535.0)
+
+
 def _scale_to_8bit(im: Image.Image) -> Image.Image:
-    """High-bit-depth greyscale: map the type's full range to 0..255 (a plain convert clips)."""
+    """High-bit-depth greyscale to 0..255 (a plain convert clips). 16-bit: the range of the
+    smallest usual bit depth (8, 10, 12, 14 or 16 bits) that holds the picture's values, so that
+    the images of one device, sharing a depth, share a scale."""
     a = np.asarray(im).astype(np.float64)
     if im.mode.startswith("I;16"):
-        top = 65535.0
+        peak = a.max() if a.size else 0.0
+        top = next(t for t in BIT_DEPTHS_TOPS if peak <= t)
     elif im.mode == "F":
         top = a.max() if a.size and a.max() > 1.0 else 1.0
     else:  # 32-bit ints: the picture's own range
