@@ -132,14 +132,17 @@ BIT_DEPTHS_TOPS = (255.0, 1023.0, 4095.0, 16383.0, 65535.0)
 def _scale_to_8bit(im: Image.Image) -> Image.Image:
     """High-bit-depth greyscale to 0..255 (a plain convert clips). 16-bit: the range of the
     smallest usual bit depth (8, 10, 12, 14 or 16 bits) that holds the picture's values, so that
-    the images of one device, sharing a depth, share a scale."""
+    the images of one device, sharing a depth, share a scale. Signed values (CT's Hounsfield
+    units, stored as 32-bit ints or floats: lungs and fat are below 0) start the scale at the
+    picture's lowest, where clipping them would turn all of them black."""
     a = np.asarray(im).astype(np.float64)
+    peak, low = (float(a.max()), float(a.min())) if a.size else (0.0, 0.0)
     if im.mode.startswith("I;16"):
-        peak = a.max() if a.size else 0.0
         top = next(t for t in BIT_DEPTHS_TOPS if peak <= t)
     elif im.mode == "F":
-        top = a.max() if a.size and a.max() > 1.0 else 1.0
+        top = max(peak, 1.0)
     else:  # 32-bit ints: the picture's own range
-        top = a.max() if a.size and a.max() > 255 else 255.0
-    a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        top = max(peak, 255.0)
+    low = min(low, 0.0)
+    a = np.clip((a - low) / (top - low) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(a, mode="L").convert("RGB")

@@ -161,6 +161,13 @@ def twelve_bit(p):  # as medical exports: 16-bit files holding values up to 4,09
     save(Image.fromarray(a), p)
 
 
+def signed_tiff(p):  # as CT slices in Hounsfield units: air -1000, water 0, bone 1000
+    a = np.zeros((32, 32), dtype=np.int32)
+    a[:, :8] = -1000
+    a[:, 24:] = 1000
+    save(Image.fromarray(a), p, format="TIFF")
+
+
 def float_tiff(p):
     a = np.zeros((32, 32), dtype=np.float32)
     a[:, 16:] = 1.0
@@ -211,6 +218,8 @@ MODE_CASES = {
     "cmyk.jpg": (cmyk, lambda im: px(im, (5, 5))[0] > 200 and px(im, (5, 5))[1] < 60),
     "sixteen.png": (sixteen_bit, lambda im: px(im, (2, 2)) == [128, 128, 128] and px(im, (30, 2)) == [255, 255, 255]),
     "twelve.png": (twelve_bit, lambda im: px(im, (2, 2)) == [128, 128, 128] and px(im, (30, 2)) == [255, 255, 255]),
+    "signed.tif": (signed_tiff, lambda im: px(im, (2, 2)) == [0, 0, 0] and px(im, (16, 2)) == [128, 128, 128]
+                   and px(im, (30, 2)) == [255, 255, 255]),
     "float.tif": (float_tiff, lambda im: px(im, (2, 2)) == [0, 0, 0] and px(im, (30, 2)) == [255, 255, 255]),
     "animated.gif": (animated, lambda im: px(im, (5, 5))[1] > 150 and px(im, (5, 5))[0] < 60),
     "rotated.jpg": (exif_rotated, lambda im: im.size == (20, 40) and px(im, (10, 5))[0] > 200 and px(im, (10, 35))[2] > 200),
