@@ -77,13 +77,23 @@ class TreeReader:
     def _take_file(self, path: Path, real: str, found: list[Path]) -> None:
         """`real`: the file's real path."""
         if not is_candidate_image(path):
-            self.skipped.append({"path": str(path), "reason": "not an image file"})
+            self.skipped.append({"path": str(path), "reason": not_an_image_reason(path)})
             return
         if real in self.seen_files:
             self.skipped.append({"path": str(path), "reason": f"the same file as {self.seen_files[real]} (a link): read once"})
             return
         self.seen_files[real] = path
         found.append(path)
+
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def not_an_image_reason(path: Path) -> str:
+    """Why a file is not read; for DICOM, what to do instead."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return "DICOM, not read: export the images as PNG, whose 16-bit greyscale is kept"
+    return "not an image file"
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -104,7 +114,7 @@ def read_split(data: Path, found: Layout, val_split: float | None, seed: int, me
     reader = TreeReader([root / c for root in found.splits.values() for c in classes], skipped)
     samples = {role: [Sample(p, label) for label, c in enumerate(classes) if (root / c).is_dir() for p in reader.images(root / c)]
                for role, root in found.splits.items()}
-    require_every_class(samples["train"], classes, train_root)
+    require_every_class(samples["train"], classes, train_root, skipped)
     leakage = drop_duplicates(samples, classes, skipped, memo)
     train, val = samples["train"], samples.get("val")
     if val is None:
@@ -186,11 +196,16 @@ def drop_duplicates(samples: dict[str, list[Sample]], classes: list[str], skippe
     return leakage
 
 
-def require_every_class(samples: list[Sample], classes: list[str], root: Path) -> None:
+def require_every_class(samples: list[Sample], classes: list[str], root: Path, skipped: list[dict] | None = None) -> None:
+    """Every class folder has images; where one has none, the error says what its files are instead."""
     counts = count_per_class(samples, len(classes))
     empty = [classes[i] for i, n in enumerate(counts) if n == 0]
     if empty:
-        raise DataError(f"{root / empty[0]}: class folder has no images. Add images to it or remove the folder.")
+        folder = root / empty[0]
+        inside = [s for s in skipped or [] if Path(s["path"]).is_relative_to(folder)]
+        what = (f", only {len(inside)} file{'s' if len(inside) != 1 else ''} it does not read (e.g. "
+                f"{Path(inside[0]['path']).name}: {inside[0]['reason']})" if inside else "")
+        raise DataError(f"{folder}: class folder has no images{what}. Add images to it or remove the folder.")
 
 
 def require_images_in_every_class(split: DatasetSplit) -> None:

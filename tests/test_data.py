@@ -109,7 +109,8 @@ def test_symlink_loop_does_not_hang(tmp_path):
     ("missing", "no such folder"),
     ("file", "is a file, not a folder"),
     ("one_class", "need at least 2 class folders"),
-    ("empty_class", "dog: class folder has no images"),
+    ("empty_class", "dog: class folder has no images. Add images"),
+    ("dicom_class", "dog: class folder has no images, only 2 files it does not read (e.g. a.dcm: DICOM, not read: export the images as PNG"),
     ("val_differs", "val class folders differ"),
     ("val_beside_classes", "a 'val' folder next to class folders, but no"),
 ])
@@ -122,6 +123,11 @@ def test_bad_folders_give_one_clear_line(tmp_path, case, expected):
     elif case == "empty_class":
         make_class_tree(data, 4, classes=("cat",))
         (data / "dog").mkdir()
+    elif case == "dicom_class":  # scans exported as DICOM, not as images
+        make_class_tree(data, 4, classes=("cat",))
+        (data / "dog").mkdir()
+        for name in ("a.dcm", "b.DCM"):
+            (data / "dog" / name).write_bytes(b"\0" * 128 + b"DICM")
     elif case == "val_differs":
         make_class_tree(data / "train", 3, classes=("cat", "dog"))
         make_class_tree(data / "val", 2, classes=("cat", "fox"))
