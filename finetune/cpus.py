@@ -22,6 +22,7 @@ def usable_cores() -> int:
     """The cores this process may run on, no more than the CPU time its cgroup allows (at least 1)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota = cpu_limit()
+    # (rounded down: never more threads than the time allowed; a limit of 1.9 gets 1, as Go's automaxprocs does)
     return max(1, min(cores, math.floor(quota))) if quota is not None else cores
 
 

@@ -132,11 +132,14 @@ BIT_DEPTHS_TOPS = (255.0, 1023.0, 4095.0, 16383.0, 65535.0)
 def _scale_to_8bit(im: Image.Image) -> Image.Image:
     """High-bit-depth greyscale to 0..255 (a plain convert clips). 16-bit: the range of the
     smallest usual bit depth (8, 10, 12, 14 or 16 bits) that holds the picture's values, so that
-    the images of one device, sharing a depth, share a scale. Signed values (CT's Hounsfield
+    the images of one device, sharing a depth, share a scale (all but a picture so dark that its
+    values fit a smaller depth: it is brightened). Signed values (CT's Hounsfield
     units, stored as 32-bit ints or floats: lungs and fat are below 0) start the scale at the
     picture's lowest, where clipping them would turn all of them black."""
     a = np.asarray(im).astype(np.float64)
-    peak, low = (float(a.max()), float(a.min())) if a.size else (0.0, 0.0)
+    finite = a[np.isfinite(a)]  # (a float TIFF's NaN or inf pixels would make every pixel NaN)
+    peak, low = (float(finite.max()), float(finite.min())) if finite.size else (0.0, 0.0)
+    a = np.nan_to_num(a, nan=low, posinf=peak, neginf=low)
     if im.mode.startswith("I;16"):
         top = next(t for t in BIT_DEPTHS_TOPS if peak <= t)
     elif im.mode == "F":

@@ -90,10 +90,19 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 def not_an_image_reason(path: Path) -> str:
-    """Why a file is not read; for DICOM, what to do instead."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
+    """Why a file is not read; for DICOM (by its suffix, or its "DICM" mark at byte 128: exported
+    series often have names without one, such as 1.2.840.113619.2.55.3.1), what to do instead."""
+    if path.suffix.lower() in DICOM_SUFFIXES or _marked_dicom(path):
         return "DICOM, not read: export the images as PNG, whose 16-bit greyscale is kept"
     return "not an image file"
+
+
+def _marked_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -156,9 +156,30 @@ def sixteen_bit(p):
 
 def twelve_bit(p):  # as medical exports: 16-bit files holding values up to 4,095
     a = np.zeros((32, 32), dtype=np.uint16)
-    a[:, 16:] = 4095
+    a[:, 16:] = 3000  # (not the depth's top: the scale is the depth's, not the picture's own maximum)
     a[:, :16] = 2048
     save(Image.fromarray(a), p)
+
+
+def ten_bit(p):
+    a = np.zeros((32, 32), dtype=np.uint16)
+    a[:, 16:] = 1023
+    a[:, :16] = 512
+    save(Image.fromarray(a), p)
+
+
+def float_with_nan(p):
+    a = np.zeros((32, 32), dtype=np.float32)
+    a[:, 16:] = 1.0
+    a[0, 0] = np.nan
+    a[0, 1] = np.inf
+    save(Image.fromarray(a, mode="F"), p)
+
+
+def all_negative(p):
+    a = np.full((32, 32), -1000, dtype=np.int32)
+    a[:, 16:] = -500
+    save(Image.fromarray(a), p, format="TIFF")
 
 
 def signed_tiff(p):  # as CT slices in Hounsfield units: air -1000, water 0, bone 1000
@@ -217,7 +238,10 @@ MODE_CASES = {
     "la.png": (la, lambda im: px(im, (2, 2)) == [255, 255, 255]),
     "cmyk.jpg": (cmyk, lambda im: px(im, (5, 5))[0] > 200 and px(im, (5, 5))[1] < 60),
     "sixteen.png": (sixteen_bit, lambda im: px(im, (2, 2)) == [128, 128, 128] and px(im, (30, 2)) == [255, 255, 255]),
-    "twelve.png": (twelve_bit, lambda im: px(im, (2, 2)) == [128, 128, 128] and px(im, (30, 2)) == [255, 255, 255]),
+    "twelve.png": (twelve_bit, lambda im: px(im, (2, 2)) == [128, 128, 128] and px(im, (30, 2)) == [187, 187, 187]),
+    "ten.png": (ten_bit, lambda im: px(im, (2, 2)) == [128, 128, 128] and px(im, (30, 2)) == [255, 255, 255]),
+    "nan.tif": (float_with_nan, lambda im: px(im, (2, 2)) == [0, 0, 0] and px(im, (30, 2)) == [255, 255, 255]),
+    "negative.tif": (all_negative, lambda im: px(im, (2, 2)) == [0, 0, 0] and 0 < px(im, (30, 2))[0] < 255),
     "signed.tif": (signed_tiff, lambda im: px(im, (2, 2)) == [0, 0, 0] and px(im, (16, 2)) == [128, 128, 128]
                    and px(im, (30, 2)) == [255, 255, 255]),
     "float.tif": (float_tiff, lambda im: px(im, (2, 2)) == [0, 0, 0] and px(im, (30, 2)) == [255, 255, 255]),

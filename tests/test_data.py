@@ -8,6 +8,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
+from finetune import cpus
 from finetune.cli import app
 from finetune.data import default_workers
 from finetune.reading import scan_dataset
@@ -110,7 +111,8 @@ def test_symlink_loop_does_not_hang(tmp_path):
     ("file", "is a file, not a folder"),
     ("one_class", "need at least 2 class folders"),
     ("empty_class", "dog: class folder has no images. Add images"),
-    ("dicom_class", "dog: class folder has no images, only 2 files it does not read (e.g. a.dcm: DICOM, not read: export the images as PNG"),
+    ("dicom_class", "dog: class folder has no images, only 2 files it does not read (e.g. 1.2.840.113619.2.55: DICOM, not read: "
+                    "export the images as PNG"),
     ("val_differs", "val class folders differ"),
     ("val_beside_classes", "a 'val' folder next to class folders, but no"),
 ])
@@ -126,7 +128,7 @@ def test_bad_folders_give_one_clear_line(tmp_path, case, expected):
     elif case == "dicom_class":  # scans exported as DICOM, not as images
         make_class_tree(data, 4, classes=("cat",))
         (data / "dog").mkdir()
-        for name in ("a.dcm", "b.DCM"):
+        for name in ("a.dcm", "1.2.840.113619.2.55"):  # (by its suffix, and by its mark)
             (data / "dog" / name).write_bytes(b"\0" * 128 + b"DICM")
     elif case == "val_differs":
         make_class_tree(data / "train", 3, classes=("cat", "dog"))
@@ -206,9 +208,22 @@ def test_an_unreadable_folder_is_a_clear_error(tmp_path, monkeypatch):
     assert result.exit_code == 1 and f"{data / 'cat'}: permission denied" in result.stderr
 
 
+def test_dicom_files_are_named_as_such_by_their_suffix_or_their_mark(tmp_path):
+    from finetune.scan import not_an_image_reason
+
+    (tmp_path / "scan.DCM").write_bytes(b"not even a header")
+    (tmp_path / "1.2.840.10008").write_bytes(b"\0" * 128 + b"DICM" + b"\2\0")
+    (tmp_path / "notes.txt").write_bytes(b"\0" * 128 + b"DICT")
+    assert not_an_image_reason(tmp_path / "scan.DCM").startswith("DICOM, not read: export the images as PNG")
+    assert not_an_image_reason(tmp_path / "1.2.840.10008").startswith("DICOM, not read")
+    assert not_an_image_reason(tmp_path / "notes.txt") == "not an image file"
+    assert not_an_image_reason(tmp_path / "gone.bin") == "not an image file"
+
+
 @pytest.mark.parametrize("cores, ranks_here, expected", [(16, None, 8), (16, "4", 3), (16, "8", 1), (2, None, 1), (2, "2", 1)])
 def test_loader_workers_share_the_cores_with_the_other_ranks(monkeypatch, cores, ranks_here, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(cpus, "cpu_limit", lambda *a, **k: None)  # (not this machine's own CPU limit, if any)
     if ranks_here is None:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
