@@ -66,6 +66,22 @@ def inspect_image(path: Path, max_pixels: int, min_side: int | None = None) -> I
     return ImageFacts(w, h, mode, spread <= 8)
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom")
+DICOM_REASON = "DICOM, not read: export the images as PNG, whose 16-bit greyscale is kept"
+
+
+def is_dicom(path: Path) -> bool:
+    """By its suffix, or its "DICM" mark at byte 128: exported series often have names without
+    one, such as 1.2.840.113619.2.55.3.1."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int], str]:
     """(the decoded, upright image in its own mode, the stored size, the stored mode)."""
     suffix = path.suffix.lower()
@@ -102,6 +118,8 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
             raise ImageDecodeError(f"{suffix} needs a Pillow plugin: pip install {PLUGIN_EXTENSIONS[suffix]}") from None
         if path.stat().st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)") from None
+        if is_dicom(path):
+            raise ImageDecodeError(DICOM_REASON) from None
         raise ImageDecodeError("not an image, or a damaged one (format not recognised)") from None
     except DECODE_ERRORS as e:
         reason = str(e) or type(e).__name__

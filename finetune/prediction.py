@@ -16,7 +16,7 @@ from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to
 from .errors import UsageError
 from .fold import folded, probe_images
 from .progress import Reporter
-from .scan import list_images
+from .scan import files_not_read, list_images
 
 GLOB_CHARS = set("*?[")
 
@@ -73,7 +73,11 @@ def expand_inputs(inputs: Iterable[str]) -> list[InputItem]:
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            items.extend(InputItem(str(f)) for f in list_images(p))
+            skipped: list[dict] = []
+            found = list_images(p, skipped)
+            items.extend(InputItem(str(f)) for f in found)
+            if not found:  # (said, rather than dropped: the folder was asked for)
+                items.append(InputItem(raw, f"no images in this folder{files_not_read(skipped, p)}"))
         elif p.exists():
             items.append(InputItem(raw))
         elif GLOB_CHARS & set(raw):

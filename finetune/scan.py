@@ -13,7 +13,7 @@ from .config import DEFAULT_VAL_FRACTION, MIN_CAPPED_VAL, VAL_CAP
 from .data import DatasetSplit, Sample
 from .digests import DigestMemo, file_digests, is_unreadable
 from .errors import DataError
-from .images import is_candidate_image
+from .images import DICOM_REASON, is_candidate_image, is_dicom
 from .layout import Layout, is_hidden, sub_folders
 
 IMBALANCE_RATIO = 3.0  # largest class / smallest class at which training warns
@@ -86,28 +86,25 @@ class TreeReader:
         found.append(path)
 
 
-DICOM_SUFFIXES = (".dcm", ".dicom")
-
-
 def not_an_image_reason(path: Path) -> str:
-    """Why a file is not read; for DICOM (by its suffix, or its "DICM" mark at byte 128: exported
-    series often have names without one, such as 1.2.840.113619.2.55.3.1), what to do instead."""
-    if path.suffix.lower() in DICOM_SUFFIXES or _marked_dicom(path):
-        return "DICOM, not read: export the images as PNG, whose 16-bit greyscale is kept"
-    return "not an image file"
+    """Why a file is not read; for DICOM, what to do instead."""
+    return DICOM_REASON if is_dicom(path) else "not an image file"
 
 
-def _marked_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+def list_images(folder: Path, skipped: list[dict] | None = None) -> list[Path]:
+    """Every image file below `folder`, sorted, each real file once (for predict); the files
+    not read go to `skipped` ({path, reason}) where it is given."""
+    return TreeReader([], skipped if skipped is not None else []).images(folder)
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Every image file below `folder`, sorted, each real file once (for predict)."""
-    return TreeReader([], []).images(folder)
+def files_not_read(skipped: list[dict], folder: Path) -> str:
+    """', only N files it does not read (e.g. NAME: REASON)' for the skipped files under `folder`;
+    '' where there are none: what an error about a folder without images adds."""
+    inside = [s for s in skipped if Path(s["path"]).is_relative_to(folder)]
+    if not inside:
+        return ""
+    return (f", only {len(inside)} file{'s' if len(inside) != 1 else ''} it does not read (e.g. "
+            f"{Path(inside[0]['path']).name}: {inside[0]['reason']})")
 
 
 def read_split(data: Path, found: Layout, val_split: float | None, seed: int, memo: DigestMemo | None = None) -> DatasetSplit:
@@ -211,10 +208,8 @@ def require_every_class(samples: list[Sample], classes: list[str], root: Path, s
     empty = [classes[i] for i, n in enumerate(counts) if n == 0]
     if empty:
         folder = root / empty[0]
-        inside = [s for s in skipped or [] if Path(s["path"]).is_relative_to(folder)]
-        what = (f", only {len(inside)} file{'s' if len(inside) != 1 else ''} it does not read (e.g. "
-                f"{Path(inside[0]['path']).name}: {inside[0]['reason']})" if inside else "")
-        raise DataError(f"{folder}: class folder has no images{what}. Add images to it or remove the folder.")
+        raise DataError(f"{folder}: class folder has no images{files_not_read(skipped or [], folder)}. "
+                        "Add images to it or remove the folder.")
 
 
 def require_images_in_every_class(split: DatasetSplit) -> None:

@@ -118,6 +118,19 @@ def test_predict_reports_unreadable_inputs_and_exits_1(trained, tmp_path):
     assert "2 of 3 inputs could not be predicted" in result.stderr
 
 
+def test_predict_names_dicom_files_and_folders_without_images(trained, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "1.2.840.10008.1").write_bytes(b"\0" * 128 + b"DICM")  # an exported series: no suffix
+    (tmp_path / "empty").mkdir()
+    result = predict(trained, str(scans / "1.2.840.10008.1"), str(scans), str(tmp_path / "empty"), "--format", "jsonl")
+    assert result.exit_code == 1
+    errors = [json.loads(x)["error"] for x in result.stdout.splitlines()]
+    assert errors[0].startswith("DICOM, not read: export the images as PNG")
+    assert errors[1].startswith("no images in this folder, only 1 file it does not read (e.g. 1.2.840.10008.1: DICOM")
+    assert errors[2] == "no images in this folder"
+
+
 def test_predict_usage_errors_exit_2(trained, tmp_path):
     assert predict(trained, "x.jpg", "--format", "xml").exit_code == 2
     no_runs = runner.invoke(app, ["predict", "x.jpg", "--runs-dir", str(tmp_path / "none")])
