@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+# JPEG 2000: satellite tiles (Sentinel-2) and scanned slides come in it, often 16-bit; Pillow's
+# wheels read it (OpenJPEG).
+JPEG2000_EXTENSIONS = frozenset({".jp2", ".j2k", ".j2c", ".jpf", ".jpx"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+                              *JPEG2000_EXTENSIONS})
 PLUGIN_EXTENSIONS = {".heic": "pillow-heif", ".heif": "pillow-heif", ".avif": "pillow-avif-plugin"}
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as viewers show them
 MAX_ASPECT = 100  # longer side / shorter side beyond which an image is skipped (banners, strips)
@@ -120,6 +124,9 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
             raise ImageDecodeError("empty file (0 bytes)") from None
         if is_dicom(path):
             raise ImageDecodeError(DICOM_REASON) from None
+        if suffix in JPEG2000_EXTENSIONS:
+            raise ImageDecodeError("JPEG 2000 that this Pillow cannot read (built without OpenJPEG?): "
+                                   "pip install --force-reinstall pillow, or a damaged file") from None
         raise ImageDecodeError("not an image, or a damaged one (format not recognised)") from None
     except DECODE_ERRORS as e:
         reason = str(e) or type(e).__name__
