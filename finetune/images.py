@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
 # JPEG 2000: satellite tiles (Sentinel-2) and scanned slides come in it, often 16-bit; Pillow's
 # wheels read it (OpenJPEG).
@@ -124,12 +124,11 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
             raise ImageDecodeError("empty file (0 bytes)") from None
         if is_dicom(path):
             raise ImageDecodeError(DICOM_REASON) from None
-        if suffix in JPEG2000_EXTENSIONS:
-            raise ImageDecodeError("JPEG 2000 that this Pillow cannot read (built without OpenJPEG?): "
-                                   "pip install --force-reinstall pillow, or a damaged file") from None
         raise ImageDecodeError("not an image, or a damaged one (format not recognised)") from None
     except DECODE_ERRORS as e:
         reason = str(e) or type(e).__name__
+        if suffix in JPEG2000_EXTENSIONS and not features.check("jpg_2000"):  # (the header reads without OpenJPEG)
+            reason += ": this Pillow was built without OpenJPEG; pip install --force-reinstall pillow"
         raise ImageDecodeError(f"cannot decode: {reason}") from None
 
 

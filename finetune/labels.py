@@ -17,7 +17,7 @@ from pathlib import Path
 from .data import DatasetSplit, Sample
 from .digests import DigestMemo
 from .errors import DataError, UsageError
-from .images import is_candidate_image
+from .images import JPEG2000_EXTENSIONS, is_candidate_image
 from .layout import split_role
 from .scan import drop_duplicates, held_out, list_images, stratified_split
 
@@ -113,7 +113,8 @@ class FileFinder:
         images = list_images(data) if data.is_dir() else []
         self.by_rel = {Path(os.path.relpath(p, data)).as_posix(): p for p in images}
         self.by_stem: dict[str, Path] = {}
-        for rel, p in self.by_rel.items():
+        # (where a JPEG 2000 original sits beside its JPEG copy, a name without its extension means the copy)
+        for rel, p in sorted(self.by_rel.items(), key=lambda item: (item[1].suffix.lower() in JPEG2000_EXTENSIONS, item[0])):
             self.by_stem.setdefault(rel.rsplit(".", 1)[0], p)
 
     def __call__(self, value: str) -> Path | None:

@@ -78,8 +78,10 @@ def expand_inputs(inputs: Iterable[str]) -> list[InputItem]:
             items.extend(InputItem(str(f)) for f in found)
             if not found:  # (said, rather than dropped: the folder was asked for)
                 items.append(InputItem(raw, f"no images in this folder{files_not_read(skipped, p)}"))
-        elif p.exists():
+        elif p.is_file():
             items.append(InputItem(raw))
+        elif p.exists():  # (a FIFO or a device would block the decoder)
+            items.append(InputItem(raw, "not a regular file"))
         elif GLOB_CHARS & set(raw):
             matches = sorted(glob.glob(raw, recursive=True))
             files = [m for m in matches if Path(m).is_file()]

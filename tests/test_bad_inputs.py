@@ -272,6 +272,17 @@ def test_image_modes_become_rgb(tmp_path, name):
     assert path.read_bytes() == before
 
 
+def test_jpeg2000_without_openjpeg_says_how_to_get_it(tmp_path, monkeypatch):
+    from PIL import features
+
+    path = tmp_path / "tile.jp2"
+    jpeg2000_twelve_bit(path)
+    monkeypatch.delattr(Image.core, "jpeg2k_decoder", raising=False)  # (as a Pillow built without OpenJPEG)
+    monkeypatch.setattr(features, "check", lambda name: name != "jpg_2000")
+    with pytest.raises(ImageDecodeError, match="built without OpenJPEG; pip install --force-reinstall pillow"):
+        load_rgb(path, CAP)
+
+
 def test_metadata_warnings_of_a_decodable_image_are_not_shown(tmp_path):
     path = tmp_path / "bad-exif.jpg"
     corrupt_exif(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,14 @@ def test_predict_names_dicom_files_and_folders_without_images(trained, tmp_path)
     assert errors[0].startswith("DICOM, not read: export the images as PNG")
     assert errors[1].startswith("no images in this folder, only 1 file it does not read (e.g. 1.2.840.10008.1: DICOM")
     assert errors[2] == "no images in this folder"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_predict_reports_a_named_pipe_instead_of_waiting_on_it(trained, tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # (opening it to decode would wait for a writer forever)
+    result = predict(trained, str(fifo), "--format", "jsonl")
+    assert result.exit_code == 1 and json.loads(result.stdout)["error"] == "not a regular file"
 
 
 def test_predict_usage_errors_exit_2(trained, tmp_path):

@@ -175,6 +175,19 @@ def test_labels_from_a_csv_with_a_split_column(tmp_path):
     assert json.loads(out.stdout)["num_test"] == 2
 
 
+def test_a_csv_name_without_its_extension_means_the_jpeg_beside_a_jpeg2000_original(tmp_path):
+    from PIL import Image
+
+    from finetune.labels import FileFinder
+
+    images = tmp_path / "images"
+    make_image(images / "img_1.jpg", (220, 40, 40), seed=1)
+    Image.open(images / "img_1.jpg").save(images / "img_1.jp2")  # (sorts before img_1.jpg)
+    find = FileFinder(images, tmp_path)
+    assert find("img_1") == images / "img_1.jpg" and find("img_1.JPG") == images / "img_1.jpg"
+    assert find("img_1.jp2") == images / "img_1.jp2"
+
+
 def test_a_csv_whose_columns_cannot_be_told_says_how_to_name_them(tmp_path):
     make_class_tree(tmp_path / "images", 2)
     labels = write_csv(tmp_path / "l.csv", [["a", "b"], ["cat/cat_0.jpg", "cat"]])
