@@ -161,9 +161,12 @@ def _scale_to_8bit(im: Image.Image) -> Image.Image:
     units, stored as 32-bit ints or floats: lungs and fat are below 0) start the scale at the
     picture's lowest, where clipping them would turn all of them black."""
     a = np.asarray(im).astype(np.float64)
-    finite = a[np.isfinite(a)]  # (a float TIFF's NaN or inf pixels would make every pixel NaN)
-    peak, low = (float(finite.max()), float(finite.min())) if finite.size else (0.0, 0.0)
-    a = np.nan_to_num(a, nan=low, posinf=peak, neginf=low)
+    if im.mode == "F":  # (a float TIFF's NaN or inf pixels would make every pixel NaN; integers have none)
+        finite = a[np.isfinite(a)]
+        peak, low = (float(finite.max()), float(finite.min())) if finite.size else (0.0, 0.0)
+        a = np.nan_to_num(a, nan=low, posinf=peak, neginf=low)
+    else:
+        peak, low = (float(a.max()), float(a.min())) if a.size else (0.0, 0.0)
     if im.mode.startswith("I;16"):
         top = next(t for t in BIT_DEPTHS_TOPS if peak <= t)
     elif im.mode == "F":
