@@ -48,7 +48,7 @@ def pure_forward(model, img_size: int, batch_size: int, device, seconds: float =
     with torch.inference_mode():
         for i in range(10_000):
             with autocast(device, amp):
-                forward_in_chunks(model, to_model_input(batch, device), device).float().cpu()
+                forward_in_chunks(model, to_model_input(batch, device), device, amp).float().cpu()
             if i == 0:  # warm-up batch not timed
                 started = time.perf_counter()
                 continue

@@ -83,6 +83,7 @@ def main() -> None:
                    "options": " ".join(recipes[name]), "best_val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"],
                    "num_train": summary["num_train"], "num_test": summary["num_test"], "head": summary["recipe"]["head"],
                    "wall_s": round(wall, 1), "peak_rss_mb": round(rss),
+                   "feature_pass": summary["recipe"].get("feature_pass"),
                    "tail": summary["recipe"]["tail"], "best_stage": history[summary["best_epoch"] - 1]["stage"],
                    # the head's best val accuracy, then each later epoch's: a later stage must start from it, not below
                    "head_best_val_acc": max((float(r["val_acc"]) for r in history if r["stage"] == "head"), default=None),

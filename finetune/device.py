@@ -144,13 +144,22 @@ def to_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 # EfficientNet-Lite0 at 288 px, bf16, 2 cores of an AMD EPYC ran 110-126 images/s in
 # batches of 4-16 against 86-94 at 32 and 58-63 at 128 (BENCHMARKS.md). What fits in cache
 # is a number of pixels, so smaller images go in proportionally larger chunks (at 64 px,
-# chunks of 8 were slower than batches of 32). GPUs want large batches: no chunking there.
+# chunks of 8 were slower than batches of 32). fp32 activations take twice bf16's bytes, and
+# there half the chunk was the faster: 1.07-1.24x on a Xeon, its instruction set native or
+# capped at AVX2 (BENCHMARKS.md, "Chunks in fp32"). GPUs want large batches: no chunking there.
 CPU_CHUNK_PIXELS = 8 * 288 * 288
+FP32_CHUNK_PIXELS = CPU_CHUNK_PIXELS // 2
 
 
-def forward_in_chunks(fn, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """fn(x) for inference, computed about CPU_CHUNK_PIXELS pixels at a time on the CPU."""
-    chunk = max(1, CPU_CHUNK_PIXELS // (x.shape[-1] * x.shape[-2]))
+def chunk_pixels(amp: torch.dtype | None) -> int:
+    """Pixels a CPU computes at a time in this precision (None: fp32)."""
+    return CPU_CHUNK_PIXELS if amp in (torch.bfloat16, torch.float16) else FP32_CHUNK_PIXELS
+
+
+def forward_in_chunks(fn, x: torch.Tensor, device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
+    """fn(x) for inference, computed about chunk_pixels(amp) pixels at a time on the CPU
+    (`amp`: the precision autocast runs it in, None for fp32)."""
+    chunk = max(1, chunk_pixels(amp) // (x.shape[-1] * x.shape[-2]))
     if device.type != "cpu" or len(x) <= chunk:
         return fn(x)
     return torch.cat([fn(part) for part in x.split(chunk)])

@@ -133,7 +133,7 @@ class FeatureExtractor:
                 every = bool(need.all())
                 x = to_model_input(batch.flatten(0, 1) if every else batch[need], self.device)
                 with autocast(self.device, amp):
-                    f = forward_in_chunks(net.rows, x, self.device).to("cpu", torch.float16)
+                    f = forward_in_chunks(net.rows, x, self.device, amp).to("cpu", torch.float16)
                 if every:
                     f = f.view(b, v, -1)
                 else:  # (the cached views' places stay zero here: out has them, and the cache is not given them again)

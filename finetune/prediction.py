@@ -119,8 +119,8 @@ def iter_answers(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig,
             if batch is not None:
                 x = to_model_input(batch[:, 0], device)
                 with autocast(device, amp):
-                    out = forward_in_chunks(model.logits_and_stages, x, device).float()
-                    flipped = forward_in_chunks(model, x.flip(-1), device).float() if cfg.tta else None
+                    out = forward_in_chunks(model.logits_and_stages, x, device, amp).float()
+                    flipped = forward_in_chunks(model, x.flip(-1), device, amp).float() if cfg.tta else None
                 by_index.update({i: (a, None) for i, a in zip(indices, answers_of(out[:, :n], out[:, n:], loaded, flipped))})
             for i in sorted(by_index):  # the loader keeps order; failures sit among their batch
                 yield by_index[i]

@@ -349,7 +349,7 @@ class FinetuneStage:
             if batch is None:
                 continue
             with autocast(self.device, self.amp):
-                outs.append(forward_in_chunks(self.model, to_model_input(batch[:, 0], self.device), self.device).float().cpu())
+                outs.append(forward_in_chunks(self.model, to_model_input(batch[:, 0], self.device), self.device, self.amp).float().cpu())
             idx.extend(self.val_mine[i] for i in indices)
         classes = self.model.head[1].out_features
         all_idx, logits = self.dist.gather_in_order(idx, torch.cat(outs) if outs else torch.empty(0, classes))

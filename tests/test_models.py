@@ -307,6 +307,22 @@ def test_cpu_autocast_is_bf16_only_where_the_cpu_computes_bf16(monkeypatch, mkld
     assert device.autocast_dtype(torch.device("cpu")) == (torch.bfloat16 if expected else None)
 
 
+@pytest.mark.parametrize("amp, size, chunk", [
+    (None, 288, 4),  # fp32: half bf16's chunk (1.07-1.24x faster on a Xeon)
+    (torch.bfloat16, 288, 8),
+    (None, 144, 16),  # smaller images in proportionally larger chunks
+    (torch.bfloat16, 576, 2),
+])
+def test_cpu_inference_runs_in_chunks_sized_by_its_precision(amp, size, chunk):
+    from finetune.device import forward_in_chunks
+
+    seen = []
+    x = torch.rand(2 * chunk + 1, 3, size, size)
+    out = forward_in_chunks(lambda part: seen.append(len(part)) or part[:, 0, 0, 0], x, torch.device("cpu"), amp)
+    assert seen == [chunk, chunk, 1]
+    assert torch.equal(out, x[:, 0, 0, 0])  # every image once, in order
+
+
 def test_cpu_autocast_is_fp32_where_torch_has_no_check_of_the_instructions(monkeypatch):
     from finetune import device
 
