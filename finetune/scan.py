@@ -62,8 +62,8 @@ class TreeReader:
                     self.skipped.append({"path": str(path), "reason": reason})
                     continue
                 self._take_file(path, target, found)
-            elif entry.is_symlink():
-                self.skipped.append({"path": str(path), "reason": "broken symbolic link"})
+            else:  # (a FIFO or a device would block the decoder)
+                self.skipped.append({"path": str(path), "reason": _not_a_file_reason(path)})
 
     def _refuse_link(self, target: str, here: str, class_root: str) -> str | None:
         """Why a symbolic link (to a folder or a file) in folder `here` is not followed, if it is not."""
@@ -84,6 +84,13 @@ class TreeReader:
             return
         self.seen_files[real] = path
         found.append(path)
+
+
+def _not_a_file_reason(path: Path) -> str:
+    """Why an entry that is neither a folder nor a regular file (after links) is not read."""
+    if not os.path.exists(path):
+        return "broken symbolic link"
+    return "symbolic link to something not a regular file" if path.is_symlink() else "not a regular file"
 
 
 def not_an_image_reason(path: Path) -> str:

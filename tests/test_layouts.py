@@ -131,6 +131,18 @@ def test_a_symlink_into_another_class_is_not_entered_but_one_elsewhere_is(tmp_pa
     assert split.skipped[0]["reason"].startswith("symbolic link into another class folder")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_entries_that_are_no_regular_files_are_reported_each_for_what_it_is(tmp_path):
+    data = splits(tmp_path / "data", "train", {"val": 2})
+    cat = data / "train" / "cat"
+    os.mkfifo(cat / "pipe.jpg")  # (opening it to decode would wait for a writer forever)
+    os.symlink(cat / "pipe.jpg", cat / "to_pipe.jpg")
+    os.symlink(cat / "gone.jpg", cat / "broken.jpg")
+    reasons = {Path(s["path"]).name: s["reason"] for s in read(data).skipped}
+    assert reasons == {"pipe.jpg": "not a regular file", "to_pipe.jpg": "symbolic link to something not a regular file",
+                       "broken.jpg": "broken symbolic link"}
+
+
 def test_identical_files_within_a_split_are_used_once_and_across_splits_reported(tmp_path):
     data = splits(tmp_path / "data", "train", {"val": 2, "test": 2})
     shutil.copy(data / "train" / "cat" / "cat_0.jpg", data / "train" / "cat" / "copy_of_cat_0.jpg")
