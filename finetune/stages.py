@@ -31,6 +31,7 @@ from .fold import folded_while_frozen, probe_images
 from .models import Classifier
 from .records import Stage
 
+DECODING_PROBE_S = 3.0  # how long planning reads fine-tuning's loader to measure its pace (one epoch if shorter)
 Batch = tuple[torch.Tensor, torch.Tensor]  # model input, labels; None for a batch whose images all failed
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -238,6 +239,28 @@ def measure_training_rate(model: Classifier, img_size: int, batch_size: int, dev
     return batch_size / seconds
 
 
+def finetune_train_images(split: DatasetSplit, pp: Preprocessing, cfg: TrainConfig, light: bool) -> ImageFileDataset:
+    """The training images as fine-tuning reads them: each decoded and augmented anew."""
+    return ImageFileDataset([s.path for s in split.train], pp, cfg.max_pixels, views=1, augment_all=True, light=light)
+
+
+def measure_decoding_rate(split: DatasetSplit, pp: Preprocessing, cfg: TrainConfig, light: bool,
+                          seconds: float = DECODING_PROBE_S) -> float:
+    """Training images a second that fine-tuning's loader decodes and augments here, its workers'
+    start included (they start anew each epoch): on a GPU this, not the network, may set an
+    epoch's pace. Read for `seconds` at most, or one epoch. (The feature pass's pace is no measure
+    of it: it counts views, several per decoded image, and none where the feature cache had the rows.)
+    The run's random streams are left as they were (with no workers, the main process augments)."""
+    loader = make_loader(finetune_train_images(split, pp, cfg, light), cfg.batch_size, cfg.workers, seed=cfg.seed)
+    done, started = 0, time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        for indices, _batch, failed in loader:
+            done += len(indices) + len(failed)
+            if time.perf_counter() - started >= seconds:
+                break
+    return done / max(time.perf_counter() - started, 1e-9)
+
+
 def fastest_pass(step: Callable[[], None], device: torch.device) -> float:
     """Seconds of the faster of two timed calls of `step` (a training pass), after one that warms
     up (cuDNN chooses its algorithms then), the device's queued work waited for. Dropout draws
@@ -295,8 +318,7 @@ class FinetuneStage:
         self.model, self.loss, self.cfg, self.device, self.dist = model, loss, cfg, device, d
         self.amp, self.img_size = autocast_dtype(device), pp.img_size
         self.epochs = epochs
-        train_ds = ImageFileDataset([s.path for s in split.train], pp, cfg.max_pixels, views=1, augment_all=True,
-                                    light=light_augmentation)
+        train_ds = finetune_train_images(split, pp, cfg, light_augmentation)
         self.val_mine = d.shard(list(range(len(split.val))))  # each rank validates its share
         val_ds = ImageFileDataset([split.val[i].path for i in self.val_mine], pp, cfg.max_pixels, views=1)
         self.labels = torch.tensor([s.label for s in split.train])

@@ -43,7 +43,7 @@ from .runs import RunFolder, new_run_dir, refuse_output_inside_input
 from .store import plain_sample
 from .reading import scan_dataset
 from .scan import count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class
-from .stages import FinetuneStage, LossFn, TailStage, head_stage, make_loss, measure_training_rate
+from .stages import FinetuneStage, LossFn, TailStage, head_stage, make_loss, measure_decoding_rate, measure_training_rate
 
 
 SLOW_DEVICES = ("cpu",)  # where fine-tuning's pace is not measured: far below recipe.FAST_TRAINING_RATE
@@ -213,23 +213,29 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
         loss = settle_split(run, replace(run.split, train=train, val=usable(run.split.val), skipped=resumed.skipped), device)
     epochs = run.finetune_plan["epochs"]
     if epochs > done:
-        light = run.head_choice is not None and run.head_choice.views == 1  # the plain view won: augment lightly
-        fit_stage(FinetuneStage(run.model, run.split, run.pp, loss, cfg, device, d, epochs, light), run, done, resumed)
+        fit_stage(FinetuneStage(run.model, run.split, run.pp, loss, cfg, device, d, epochs, light_augmentation(run)), run,
+                  done, resumed)
+
+
+def light_augmentation(run: Run) -> bool:
+    """Whether fine-tuning augments lightly: where the plain view won the head's choice."""
+    return run.head_choice is not None and run.head_choice.views == 1
 
 
 def plan_finetuning(run: Run, device: torch.device, d: Dist) -> None:
     """Plan whole-network fine-tuning (recipe.plan_finetune; a resumed run keeps its plan) and say
     why. Its pace is measured where it could be fast (off the CPU) or where a time budget asks
-    what fits: the training steps' own, or the feature pass's decoding where that was the slower,
-    times the processes sharing the epoch. An epoch adds its val pass (forward only: about a
+    what fits: the training steps' own, or (off the CPU) its loader's decoding where that is the
+    slower, times the processes sharing the epoch. An epoch adds its val pass (forward only: about a
     third of a training step's time), and the budget keeps back the test split's pass."""
     if run.finetune_plan is not None:
         return
     rate = epoch_seconds = budget = None
     if run.cfg.finetune_epochs is None and run.best.acc < 1.0 and (device.type not in SLOW_DEVICES or run.deadline):
         rate = measure_training_rate(run.model, run.pp.img_size, run.cfg.batch_size, device)
-        decoding = (run.feature_pass or {}).get("image_views_per_s")
-        rate = min(rate, decoding or rate) * d.world
+        if device.type not in SLOW_DEVICES:  # (a CPU trains at some images a second: its loader outpaces that)
+            rate = min(rate, measure_decoding_rate(run.split, run.pp, run.cfg, light_augmentation(run)))
+        rate *= d.world
         epoch_seconds = (len(run.split.train) + len(run.split.val) / 3) / rate
         left = run.seconds_left()
         budget = None if left is None else max(0.0, left - len(run.split.test) / 3 / rate)

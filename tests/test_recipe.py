@@ -413,6 +413,32 @@ def test_planned_finetuning_trains_as_one_asked_for_and_resumes_with_its_plan(tm
     assert compared(planned.history) == compared(asked.history)  # measuring the pace changed nothing
 
 
+def test_finetunings_pace_is_its_loaders_where_that_is_slower_with_or_without_cached_features(tmp_path, monkeypatch):
+    # A GPU trains faster than its loaders decode: the plan must take the loaders' pace, also on
+    # a second run whose features all come from the cache (it took the GPU's alone there).
+    from finetune import recipe, stages, training
+    from test_resume import config
+
+    from conftest import CLASS_COLOURS, make_image
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(training, "SLOW_DEVICES", ())  # the pace is measured on this CPU, as off it
+    monkeypatch.setattr(training, "measure_training_rate", lambda *a: 1e9)  # a GPU's training steps
+    monkeypatch.setattr(recipe, "FAST_TRAINING_RATE", 0.0)
+    monkeypatch.setattr(recipe, "FINETUNE_EPOCHS", 1)
+    decoded = []
+    measure = stages.measure_decoding_rate
+    monkeypatch.setattr(training, "measure_decoding_rate", lambda *a, **kw: decoded.append(measure(*a, **kw)) or decoded[-1])
+    odd = make_train_val(tmp_path / "data")
+    make_image(odd / "val" / "cat" / "odd.jpg", CLASS_COLOURS["dog"], seed=77)  # a dog filed as a cat: val below 1.0
+    cfg = config(odd, tmp_path / "a", finetune_epochs=None, tail_epochs=0)
+    first = train(cfg)
+    second = train(replace(cfg, runs_dir=tmp_path / "b"))
+    assert second.feature_cache["computed"] == 0  # every row from the cache
+    assert len(decoded) == 2 and all(0 < rate < 1e6 for rate in decoded)
+    assert [first.recipe["finetune"]["images_per_s"], second.recipe["finetune"]["images_per_s"]] == [round(r, 1) for r in decoded]
+
+
 @pytest.mark.parametrize("budget", ["1h", "1s"])
 def test_a_time_budget_plans_the_later_stages_into_what_is_left(tmp_path, monkeypatch, budget):
     from finetune import recipe
