@@ -20,8 +20,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -244,9 +244,21 @@ class FeatureCache:
 
 # --- the whole cache: size, listing, eviction, clearing --------------------------------------
 
-def chunks(root: Path) -> list[Path]:
+# What this tool writes in a cache folder, and all that listing, eviction and clearing touch: a
+# cache folder may be any folder a user names, holding files of their own.
+_SET_NAME = re.compile(r"[0-9a-f]{20}")  # FeatureCache's folder per key
+_CHUNK_NAME = re.compile(r"[0-9a-f]+-[0-9]+-[0-9a-f]{8}\.safetensors")  # FeatureCache.flush
+
+
+def feature_sets(root: Path) -> list[Path]:
+    """The feature sets' folders this tool made under `root`: named by a key's digest, holding its key.json."""
     base = root / "features"
-    return [p for p in base.glob("*/*.safetensors")] if base.is_dir() else []
+    return sorted(p for p in base.iterdir() if _SET_NAME.fullmatch(p.name) and (p / "key.json").is_file()) \
+        if base.is_dir() else []
+
+
+def chunks(root: Path) -> list[Path]:
+    return [p for folder in feature_sets(root) for p in folder.glob("*.safetensors") if _CHUNK_NAME.fullmatch(p.name)]
 
 
 def evict(root: Path, limit_bytes: int) -> int:
@@ -274,9 +286,8 @@ def evict(root: Path, limit_bytes: int) -> int:
 def describe(root: Path) -> dict:
     """The cache's folder, total size and one entry per feature set (arch, image size, rows...)."""
     entries = []
-    base = root / "features"
-    for folder in sorted(base.iterdir()) if base.is_dir() else []:
-        files = list(folder.glob("*.safetensors"))
+    for folder in feature_sets(root):
+        files = [p for p in folder.glob("*.safetensors") if _CHUNK_NAME.fullmatch(p.name)]
         try:
             key = json.loads((folder / "key.json").read_text())
         except (OSError, json.JSONDecodeError):
@@ -292,9 +303,22 @@ def describe(root: Path) -> dict:
 
 
 def clear(root: Path) -> int:
-    """Remove every cached feature and remembered file hash (only what finetune wrote there: the
-    `features` and `digests` folders); bytes freed."""
+    """Remove every cached feature and remembered file hash: only what finetune wrote there (its
+    feature sets' chunks and keys, its memos, its unfinished temporary files), then the folders
+    they leave empty; anything else a user keeps there stays. Bytes freed."""
     freed = describe(root)["bytes"]
-    shutil.rmtree(root / "features", ignore_errors=True)
-    shutil.rmtree(root / DIGESTS_FOLDER, ignore_errors=True)
+    for folder in feature_sets(root):
+        for p in [*folder.glob("*.safetensors"), *folder.glob(".*.tmp"), folder / "key.json"]:
+            if p.name == "key.json" or _CHUNK_NAME.fullmatch(p.name) or p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+        _remove_if_empty(folder)
+    for p in memo_files(root):
+        p.unlink(missing_ok=True)
+    _remove_if_empty(root / "features")
+    _remove_if_empty(root / DIGESTS_FOLDER)
     return freed
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # (not empty, or not there)
+        folder.rmdir()

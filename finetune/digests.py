@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from .files import atomic_write_text, file_digest
 
 FORMAT = 1
 FOLDER = "digests"  # inside the cache folder
+_MEMO_NAME = re.compile(r"[0-9a-f]{20}")  # memo_for's names
 RACY_NS = 2_000_000_000  # FAT's timestamps tick every 2 s; others far finer
 DIGEST_BATCH = 256
 UNREADABLE = "unreadable:"
@@ -108,7 +110,8 @@ def memo_for(cache_root: Path, data: Path) -> DigestMemo | None:
 
 
 def memo_files(cache_root: Path) -> list[Path]:
-    return list((cache_root / FOLDER).glob("*.json"))
+    """The memos this tool wrote (named by memo_for's digest): another file in the folder is left alone."""
+    return [p for p in (cache_root / FOLDER).glob("*.json") if _MEMO_NAME.fullmatch(p.stem)]
 
 
 def file_digests(paths: list[Path], memo: DigestMemo | None = None) -> dict[Path, str]:

@@ -210,16 +210,37 @@ def test_concurrent_writers_leave_a_consistent_cache(tmp_path):
 
 
 def test_eviction_removes_the_least_recently_used_first(tmp_path):
-    folder = tmp_path / "features" / "x"
+    folder = tmp_path / "features" / "0123456789abcdef0123"  # (a feature set's folder: a key's digest, its key.json)
     folder.mkdir(parents=True)
+    (folder / "key.json").write_text("{}")
     files = []
     for i in range(4):
-        f = folder / f"{i}.safetensors"
+        f = folder / f"{i:x}-4242-0000000{i}.safetensors"
         f.write_bytes(b"\0" * 1000)
         os.utime(f, ns=(i * 10**9, i * 10**9))  # 0 is the oldest
         files.append(f)
+    theirs = folder / "notes.safetensors"  # a user's file, oldest of all: not the cache's to remove
+    theirs.write_bytes(b"\0" * 1000)
+    os.utime(theirs, ns=(0, 0))
     assert evict(tmp_path, 2500) == 2000
-    assert [f.exists() for f in files] == [False, False, True, True]
+    assert [f.exists() for f in files] == [False, False, True, True] and theirs.exists()
+
+
+def test_clearing_the_cache_removes_only_what_finetune_wrote(cfg, feature_cache):
+    # A cache folder may be any folder a user names (--cache-dir, FINETUNE_CACHE_DIR), with files of their own.
+    theirs = [feature_cache / "features" / "embeddings" / "train.safetensors", feature_cache / "features" / "x.npy",
+              feature_cache / "digests" / "SHA256SUMS.json", feature_cache / "notes.txt"]
+    for f in theirs:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"theirs")
+    train(cfg)
+    ours = chunks(feature_cache)
+    assert ours and len(json.loads(runner.invoke(app, ["cache", "--json"]).stdout)["entries"]) == 1  # theirs not listed
+    cleared = runner.invoke(app, ["cache", "--clear"])
+    assert cleared.exit_code == 0, cleared.stderr
+    assert all(f.read_bytes() == b"theirs" for f in theirs)
+    assert not any(f.exists() for f in ours) and [p.name for p in (feature_cache / "digests").iterdir()] == ["SHA256SUMS.json"]
+    assert sorted(p.name for p in (feature_cache / "features").iterdir()) == ["embeddings", "x.npy"]
 
 
 def test_cache_command_shows_and_clears(cfg, feature_cache):
