@@ -3,6 +3,8 @@ these dataclasses, and library users get the same checks through `checked()`."""
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -92,7 +94,7 @@ class TrainConfig:
             (self.views is None or self.views >= 1, f"--views must be at least 1 (got {self.views})."),
             (self.head_features in HEAD_FEATURES, f"--head-features must be one of {', '.join(HEAD_FEATURES)} (got '{self.head_features}')."),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})."),
-            (self.lr > 0, f"--lr must be positive (got {self.lr})."),
+            (0 < self.lr < math.inf, f"--lr must be a positive number (got {self.lr})."),
             (self.img_size is None or self.img_size >= 32, f"--img-size must be at least 32 (got {self.img_size})."),
             (self.workers is None or self.workers >= 0, f"--workers must be 0 or more (got {self.workers})."),
             (self.max_pixels >= 1, f"--max-pixels must be positive (got {self.max_pixels})."),

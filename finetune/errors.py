@@ -37,6 +37,11 @@ class TrainingInterrupted(FinetuneError):
     exit_code = 130
 
 
+class TrainingDiverged(FinetuneError):
+    """The loss stopped being a number (a learning rate far too high): what such an epoch would
+    keep is no model. The files of the epochs before it stay on disk."""
+
+
 class GpuOutOfMemory(FinetuneError):
     """One GPU may run out while the others do not."""
 

@@ -155,3 +155,14 @@ def test_python_dash_m_entry_point(trained):
 
     out = subprocess.run([sys.executable, "-m", "finetune", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("finetune ")
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_no_model_of_it(image_folder, tmp_path):
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(runs), *FAST_TRAIN_ARGS, "--lr", "1e30"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: training diverged: the loss became nan in head 1 of ")
+    assert "lower --lr (it is 1e+30, the default 0.001)" in result.stderr and "Traceback" not in result.stderr
+    assert not list(runs.glob("*/model.safetensors"))
+    infinite = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(runs), "--lr", "inf"])
+    assert infinite.exit_code == 2 and "--lr must be a positive number (got inf)" in infinite.stderr
