@@ -144,7 +144,7 @@ def measure_test(run: Run, model_path, device: torch.device):
         # file's weights run on the cached rows, as val was measured (a rerun reads them from the cache).
         samples, rows, failed = run.test_rows
         loaded.model.keep_tail_input(run.model.tail_input)
-        given = [(answer, None) for answer in answers_from_rows(loaded, rows[:, 0])]
+        given = [(answer, None) for answer in answers_from_rows(loaded, rows[:, 0], device)]
         report = measure(loaded, samples, cfg, run.reporter, "test", failed, given)
     else:
         report = measure(loaded, run.split.test, cfg, run.reporter, "test")

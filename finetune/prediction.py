@@ -146,12 +146,13 @@ def answers_of(logits: torch.Tensor, stages: torch.Tensor, loaded: LoadedModel,
     return [Answer(p, f) for p, f in zip(probs.cpu(), far)]
 
 
-def answers_from_rows(loaded: LoadedModel, rows: torch.Tensor) -> list[Answer]:
+def answers_from_rows(loaded: LoadedModel, rows: torch.Tensor, device: torch.device | None = None) -> list[Answer]:
     """Answers from rows a feature pass cached (Classifier.rows) instead of from images: the
-    model's tail, if it keeps one, runs on their activations, the head on every stage's features."""
-    model, answers = loaded.model.eval(), []
+    model's tail, if it keeps one, runs on their activations, the head on every stage's features,
+    on `device` (None: where the rows are) in its precision, as val was measured."""
+    model, answers = loaded.model.to(device or rows.device).eval(), []
     with torch.inference_mode():
-        for stages in model.stage_chunks(rows):
+        for stages in model.stage_chunks(rows, device):
             answers.extend(answers_of(model.logits_of_stages(stages), stages, loaded))
     return answers
 
