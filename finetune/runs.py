@@ -46,10 +46,13 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def refuse_output_inside_input(output: Path, data: Path) -> None:
+def refuse_output_inside_input(output: Path, data: Path, named: str = "--runs-dir") -> None:
+    """`named`: how the user gave `output` (an option, or an environment variable as NAME=)."""
     out, inp = output.resolve(), data.resolve()
     if out == inp or inp in out.parents:
-        raise UsageError(f"--runs-dir {output} is inside the data folder {data}; outputs never go into your data. Pass a --runs-dir outside it.")
+        given = f"{named}{output}" if named.endswith("=") else f"{named} {output}"
+        raise UsageError(f"{given} is inside the data folder {data}; outputs never go into your data. "
+                         f"{'Set' if named.endswith('=') else 'Pass'} {named.rstrip('=')} outside it.")
 
 
 def _writes(method):

@@ -15,6 +15,7 @@ writes and reports.
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import time
@@ -22,7 +23,8 @@ from dataclasses import replace
 
 import torch
 
-from .cache import cache_for, digest_memo_for
+from .cache import ENV_DIR as CACHE_ENV
+from .cache import cache_for, default_cache_dir, digest_memo_for
 from .config import TrainConfig
 from .data import DatasetSplit
 from .device import autocast_dtype, pick_device
@@ -80,6 +82,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     resume_dir = cfg.resume
     cfg = (config_for_resume(resume_dir) if resume_dir is not None else cfg).checked()
     refuse_output_inside_input(cfg.runs_dir, cfg.data)
+    if cfg.cache and (cfg.cache_dir or os.environ.get(CACHE_ENV)):  # (the default, under the home folder, is hidden there)
+        refuse_output_inside_input(cfg.cache_dir or default_cache_dir(), cfg.data, "--cache-dir" if cfg.cache_dir else f"{CACHE_ENV}=")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = pick_device(device_name)

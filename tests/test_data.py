@@ -160,6 +160,18 @@ def test_runs_dir_inside_the_data_is_refused(image_folder):
     assert tree_hashes(image_folder) == before and not (image_folder / "runs").exists()
 
 
+def test_a_feature_cache_inside_the_data_is_refused(image_folder, tmp_path, monkeypatch):
+    # (its files would be read as a class folder by the next run, or sit among a class's images)
+    before = tree_hashes(image_folder)
+    given = train_cli(image_folder, tmp_path / "runs", "--cache-dir", str(image_folder / "cache"))
+    assert given.exit_code == 2 and given.stderr.startswith(f"error: --cache-dir {image_folder / 'cache'} is inside the data folder")
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(image_folder / "cat" / ".cache"))
+    from_env = train_cli(image_folder, tmp_path / "runs")
+    assert from_env.exit_code == 2 and "error: FINETUNE_CACHE_DIR=" in from_env.stderr
+    assert "Set FINETUNE_CACHE_DIR outside it." in from_env.stderr
+    assert tree_hashes(image_folder) == before and not list(tmp_path.glob("runs/*/model.safetensors"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--val-split", "1.5"], "--val-split"),
     (["--epochs", "0"], "--epochs"),
