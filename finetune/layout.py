@@ -95,7 +95,25 @@ def explicit_splits(data: Path, spec: str) -> dict[str, Path]:
             raise DataError(f"{splits[role]}: no such folder (--layout {role}={folder}). Name folders inside {data}.")
     if "train" not in splits:
         raise UsageError(f"--layout '{spec}': name the training folder too (train=DIR).")
+    overlap = overlapping_splits(splits)
+    if overlap:
+        raise UsageError(f"--layout '{spec}': {overlap}; each split needs a folder of its own (leave val out to hold "
+                         "out part of train).")
     return splits
+
+
+def overlapping_splits(splits: dict[str, Path]) -> str | None:
+    """How two splits' folders overlap, if any do (one folder, or one inside the other)."""
+    roles = list(splits)
+    for i, late in enumerate(roles):
+        for early in roles[:i]:
+            a, b = splits[late].resolve(), splits[early].resolve()
+            if a == b:
+                return f"{late} is the same folder as {early} ({splits[early]})"
+            if b in a.parents or a in b.parents:
+                inner, outer = (late, early) if b in a.parents else (early, late)
+                return f"{inner} is inside {outer} ({splits[outer]})"
+    return None
 
 
 def look_through_wrappers(data: Path) -> Path:

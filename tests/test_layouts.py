@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.errors import DataError
+from finetune.errors import DataError, UsageError
 from finetune.reading import scan_dataset
 
 from conftest import FAST_TRAIN_ARGS, make_class_tree, make_image, tree_hashes
@@ -106,6 +107,18 @@ def test_bad_explicit_layouts_are_usage_errors(tmp_path):
     assert result.exit_code == 2 and "--layout 'train:x'" in result.stderr
     with pytest.raises(DataError, match="no such folder"):
         read(data, layout="train=nope")
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("train=train,test=train", "test is the same folder as train (" ),
+    ("train=train,val=./train", "val is the same folder as train ("),
+    ("train=train,val=train/cat", "val is inside train ("),
+])
+def test_an_explicit_layout_naming_one_folder_for_two_splits_is_refused(tmp_path, spec, says):
+    # (test = train read as "test (0)", every image kept for training; val = train left no val image)
+    data = splits(tmp_path / "data", "train", {"val": 2})
+    with pytest.raises(UsageError, match=re.escape(f"--layout '{spec}': {says}")):
+        read(data, layout=spec)
 
 
 @pytest.mark.parametrize("target", ["..", "../.."])
