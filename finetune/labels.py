@@ -58,7 +58,7 @@ def read_labels_csv(data: Path, csv_path: Path, columns: str | None, skipped: li
             skipped.append({"path": value or where, "reason": f"listed in {where} but no such image file in {data}"})
             continue
         if not label:
-            skipped.append({"path": str(path), "reason": f"no label in {where}"})
+            skipped.append({"path": str(path), "reason": f"a row without a label in {where}: that row not used"})
             continue
         if path in first_line:
             line0, label0, _ = first_line[path]

@@ -123,7 +123,7 @@ def read_split(data: Path, found: Layout, val_split: float | None, seed: int, me
     for role in ("val", "test"):
         if role in found.splits:
             require_known_classes(found.splits[role], classes, train_root, exact=role == "val")
-    skipped: list[dict] = []
+    skipped: list[dict] = loose_images([found.root, *found.splits.values()])
     reader = TreeReader([root / c for root in found.splits.values() for c in classes], skipped)
     samples = {role: [Sample(p, label) for label, c in enumerate(classes) if (root / c).is_dir() for p in reader.images(root / c)]
                for role, root in found.splits.items()}
@@ -138,6 +138,17 @@ def read_split(data: Path, found: Layout, val_split: float | None, seed: int, me
                          notes=found.notes)
     split.read_as = describe_reading(data, found, split, val_split, seed)
     return split
+
+
+LOOSE_REASON = "not in a class folder: not used (move it into its class's folder)"
+
+
+def loose_images(folders: list[Path]) -> list[dict]:
+    """Images lying in DATA or a split folder beside the class folders: no label says what they
+    are, so they are listed as not used rather than passed over in silence."""
+    unique = {os.path.realpath(f): f for f in folders}
+    return [{"path": str(p), "reason": LOOSE_REASON} for folder in unique.values() for p in sorted(folder.iterdir())
+            if not is_hidden(p.name) and p.is_file() and is_candidate_image(p)]
 
 
 def require_known_classes(root: Path, classes: list[str], train_root: Path, exact: bool) -> None:

@@ -121,6 +121,21 @@ def test_an_explicit_layout_naming_one_folder_for_two_splits_is_refused(tmp_path
         read(data, layout=spec)
 
 
+def test_images_outside_every_class_folder_are_listed_and_counted_by_kind(tmp_path):
+    data = splits(tmp_path / "data", "train", {"val": 2})
+    shutil.copy(data / "train" / "cat" / "cat_0.jpg", data / "stray.jpg")  # no class folder says what these are
+    shutil.copy(data / "train" / "dog" / "dog_0.jpg", data / "train" / "stray.jpg")
+    (data / "README.txt").write_text("not an image: not listed at the top level")
+    (data / "train" / "cat" / "notes.txt").write_text("in a class folder: listed")
+    split = read(data)
+    reasons = {Path(s["path"]).relative_to(data).as_posix(): s["reason"] for s in split.skipped}
+    assert reasons == {"stray.jpg": "not in a class folder: not used (move it into its class's folder)",
+                       "train/stray.jpg": "not in a class folder: not used (move it into its class's folder)",
+                       "train/cat/notes.txt": "not an image file"}
+    shown = runner.invoke(app, ["check", str(data)])
+    assert shown.exit_code == 0 and "skipped 3 files: 2 not in a class folder, 1 not an image file" in shown.stdout
+
+
 @pytest.mark.parametrize("target", ["..", "../.."])
 def test_symlink_loops_read_no_file_twice_and_no_wrong_label(tmp_path, target):
     data = splits(tmp_path / "data", "train", {"val": 2})
@@ -193,7 +208,7 @@ def test_labels_from_a_csv_with_a_split_column(tmp_path):
     assert split.read_as == "labels.csv (columns image_id, dx, set): train = 9 rows (2 classes), test = 2 rows; val = 20% of train (seed 0)"
     why = {s["path"]: s["reason"] for s in split.skipped}
     assert why[str(images / "img_0.jpg")].endswith("used once") and "label in doubt" in why[str(images / "img_3.jpg")]
-    assert "no such image file" in why["missing_9"] and why[str(images / "img_4.jpg")].startswith("no label")
+    assert "no such image file" in why["missing_9"] and why[str(images / "img_4.jpg")].startswith("a row without a label in labels.csv line 17")
     assert all(s.path.name != "img_3.jpg" for s in split.train + split.val + split.test)
     out = runner.invoke(app, ["train", str(images), "--labels", str(labels), "--runs-dir", str(tmp_path / "runs"), "--json", *FAST_TRAIN_ARGS])
     assert out.exit_code == 0, out.stderr

@@ -222,13 +222,20 @@ def show_check(check) -> None:
     stdout.print(Text(verdict, style="green" if check.ok else "red"))
 
 
+# A skip reason's kind, for counting: the first of these its text holds (more particular ones
+# first: a broken link's reason also holds "symbolic link"); any other reason is a decoding failure.
+REASON_KINDS = (("not an image file", "not an image file"), ("DICOM", "DICOM"), ("the same bytes as", "duplicates"),
+                ("broken symbolic link", "broken symbolic link"), ("symbolic link", "symbolic link not followed"),
+                ("the same file as", "links to files read"), ("not a regular file", "not a regular file"),
+                ("not in a class folder", "not in a class folder"), ("empty file", "empty file"),
+                ("pixel limit", "pixel limit"), ("aspect ratio", "aspect ratio"), ("needs a Pillow plugin", "needs a Pillow plugin"),
+                ("but no such image file", "CSV rows naming no file"), ("without a label", "CSV rows without a label"),
+                ("listed again", "listed twice in the CSV"), ("label in doubt", "labels in doubt"))
+
+
 def _reason_kind(reason: str) -> str:
     """A skip reason without the file-specific part, for counting."""
-    for kind in ("not an image file", "the same bytes as", "symbolic link", "the same file as", "empty file",
-                 "pixel limit", "aspect ratio", "needs a Pillow plugin", "broken symbolic link"):
-        if kind in reason:
-            return kind.replace("the same bytes as", "duplicates").replace("the same file as", "links to files read")
-    return "could not be decoded"
+    return next((kind for text, kind in REASON_KINDS if text in reason), "could not be decoded")
 
 
 def show_archs(rows: list[dict]) -> None:
