@@ -118,7 +118,7 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
     except IsADirectoryError:
         raise ImageDecodeError("is a directory") from None
     except Image.UnidentifiedImageError:
-        if suffix in PLUGIN_EXTENSIONS:
+        if suffix in PLUGIN_EXTENSIONS and not pillow_reads(suffix):  # (Pillow reads AVIF itself from 11.2)
             raise ImageDecodeError(f"{suffix} needs a Pillow plugin: pip install {PLUGIN_EXTENSIONS[suffix]}") from None
         if path.stat().st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)") from None
@@ -130,6 +130,12 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
         if suffix in JPEG2000_EXTENSIONS and not features.check("jpg_2000"):  # (the header reads without OpenJPEG)
             reason += ": this Pillow was built without OpenJPEG; pip install --force-reinstall pillow"
         raise ImageDecodeError(f"cannot decode: {reason}") from None
+
+
+def pillow_reads(suffix: str) -> bool:
+    """Whether Pillow, with the plugins installed, has a reader for files of this suffix."""
+    Image.init()  # (registers the plugins that are there)
+    return suffix in Image.registered_extensions()
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
