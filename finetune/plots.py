@@ -6,8 +6,11 @@ switches the plotting backend or opens a window, so a notebook that calls it kee
 
 from __future__ import annotations
 
+import contextlib
 import io
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 from .files import atomic_write_bytes
 from .records import EpochRecord, Stage
@@ -62,7 +65,8 @@ def confusion_figure(cm: list[list[int]], classes: list[str], title: str = "conf
         for t in range(n):
             for p in range(n):
                 ax.text(p, t, str(cm[t][p]), ha="center", va="center", color="white" if cm[t][p] > top / 2 else "black")
-    fig.tight_layout()
+    with fonts_lacking_glyphs_unsaid():
+        fig.tight_layout()
     return fig
 
 
@@ -122,8 +126,18 @@ def plain(text: str) -> str:
 
 def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    with fonts_lacking_glyphs_unsaid():
+        fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def fonts_lacking_glyphs_unsaid() -> Iterator[None]:
+    """Matplotlib warns on stderr, once per character, when its font lacks a class name's letters
+    (Chinese, say); they show as boxes in the plot, and the report's tables show the names."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
+        yield
 
 
 def save_png(fig, path: Path) -> Path:
