@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,25 @@ def default_output(model_path: Path, fmt: str) -> Path:
     return model_path.with_suffix(SUFFIX[fmt])
 
 
+def output_path(model_path: Path, fmt: str, out: Path | str | None) -> Path:
+    """Where the export goes: `out`, or the default name (model.onnx, model.pt) next to the
+    model or, when `out` is an existing folder, inside it (a folder cannot be replaced by a file)."""
+    if out is None:
+        return default_output(model_path, fmt)
+    out = Path(out)
+    return out / default_output(model_path, fmt).name if out.is_dir() else out
+
+
+@contextlib.contextmanager
+def writable(path: Path):
+    """The OS refusing to write `path` (read-only disk, no permission, disk full) as one line that
+    names it and the fix, not the temporary file's name: atomic_target has removed that already."""
+    try:
+        yield
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write it ({e.strerror or e}). Pass --out with a writable location.") from None
+
+
 def check_images(img_size: int, count: int = 3) -> torch.Tensor:
     """A few varied, deterministic inputs: gradients, a checkerboard and noise, in 0..1."""
     g = torch.Generator().manual_seed(0)
@@ -76,7 +96,7 @@ def export(loaded: LoadedModel, fmt: str = "onnx", out: Path | str | None = None
     JSON sidecar, after checking that the written file agrees with PyTorch within TOLERANCE."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got '{fmt}').")
-    out = Path(out) if out is not None else default_output(loaded.path, fmt)
+    out = output_path(loaded.path, fmt, out)
     if out.resolve() == loaded.path.resolve():
         raise UsageError(f"--out {out} would overwrite the model file; choose another path.")
     wrapper = ProbabilityModel(loaded.model.float().cpu().eval(), loaded.temperature).eval()
@@ -84,13 +104,14 @@ def export(loaded: LoadedModel, fmt: str = "onnx", out: Path | str | None = None
     images = check_images(size)
     with torch.no_grad():
         expected = wrapper(images)
-    with atomic_target(out) as tmp:  # written and verified there: only a verified export replaces `out`
+    with writable(out), atomic_target(out) as tmp:  # written and verified there: only a verified export replaces `out`
         actual = (_export_onnx if fmt == "onnx" else _export_torchscript)(wrapper, size, tmp, images)
         diff = float((torch.as_tensor(actual) - expected).abs().max())
         if not diff <= TOLERANCE:
             raise FinetuneError(f"{out}: the export differs from the PyTorch model by {diff:.2e} (more than {TOLERANCE:g}); it was not written.")
     sidecar = out.with_name(out.name + ".json")
-    write_json(sidecar, sidecar_dict(loaded, fmt, diff))
+    with writable(sidecar):
+        write_json(sidecar, sidecar_dict(loaded, fmt, diff))
     return ExportResult(out, sidecar, fmt, diff)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,70 @@ def test_a_failed_verification_writes_nothing(run, tmp_path, monkeypatch):
     result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(out)])
     assert result.exit_code == 1 and "it was not written" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt, name", [("onnx", "model.onnx"), ("torchscript", "model.pt")])
+def test_export_into_an_existing_folder_uses_the_default_name(run, tmp_path, fmt, name):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", fmt, "--out", str(folder), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    info = json.loads(result.stdout)
+    assert Path(info["path"]) == folder / name and Path(info["sidecar"]) == folder / f"{name}.json"
+    assert sorted(p.name for p in folder.iterdir()) == [name, f"{name}.json"]  # nothing else, no temporary file
+
+
+def refuse_writes_in(folder: Path, monkeypatch, where: str, error: OSError) -> None:
+    """As a read-only disk or a folder without write permission would, whoever runs the tests
+    (root ignores chmod): `where` is the step of files.atomic_target that fails."""
+    import os
+    import tempfile
+
+    real = {"mkstemp": tempfile.mkstemp, "replace": os.replace}[where]
+
+    def refusing(*args, **kwargs):
+        target = kwargs.get("dir") if where == "mkstemp" else Path(args[1]).parent
+        if target is not None and Path(target) == folder:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile if where == "mkstemp" else os, where, refusing)
+
+
+def test_export_to_a_read_only_place_says_so(run, tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "m.onnx"
+    refuse_writes_in(tmp_path, monkeypatch, "mkstemp", OSError(errno.EROFS, "Read-only file system"))
+    result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--out", str(out)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == f"error: {out}: cannot write it (Read-only file system). Pass --out with a writable location.\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refused_at_the_last_step_leaves_no_temporary_file(run, tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "m.pt"
+    refuse_writes_in(tmp_path, monkeypatch, "replace", PermissionError(errno.EACCES, "Permission denied"))
+    result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(out)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == f"error: {out}: cannot write it (Permission denied). Pass --out with a writable location.\n"
+    assert list(tmp_path.iterdir()) == []  # the verified temporary file was removed, and no sidecar written
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into a chmod 0o500 folder all the same")
+def test_export_into_a_folder_without_write_permission(run, tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o500)
+    try:
+        result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(folder / "m.pt")])
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o700)  # so that pytest can remove tmp_path
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == f"error: {folder / 'm.pt'}: cannot write it (Permission denied). Pass --out with a writable location.\n"
 
 
 def test_info_and_models(run):
