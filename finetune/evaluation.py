@@ -51,13 +51,41 @@ def labelled_images(root: Path, classes: list[str]) -> tuple[list[Sample], list[
 def evaluate(model: LoadedModel, data: Path | str, cfg: PredictConfig | None = None,
              reporter: Reporter | None = None) -> EvaluationReport:
     """Measure `model` on DATA's test split, else its val split, else DATA's class folders
-    (DATA read as `cfg.layout` says, as for training)."""
+    (DATA read as `cfg.layout` says, as for training); where the model learnt from these very
+    folders and they hold no test or val split, on the val images its training held out."""
     cfg = cfg or PredictConfig()
     if cfg.labels is not None:
         return evaluate_labelled(model, Path(data), cfg, reporter)
     root = find_eval_root(Path(data), cfg.layout)
+    if root == find_layout(Path(data), cfg.layout).splits["train"]:  # (no held-out folder)
+        held_out = held_out_in_training(model, Path(data), cfg)
+        if held_out is not None:
+            samples, skipped = held_out
+            return measure(model, samples, cfg, reporter, f"{root} (the val images its training held out)", skipped)
     samples, skipped = labelled_images(root, model.classes)
     return measure(model, samples, cfg, reporter, str(root), skipped)
+
+
+def held_out_in_training(model: LoadedModel, data: Path, cfg: PredictConfig) -> tuple[list[Sample], list[dict]] | None:
+    """The val images the model's training held out of DATA, read again as training read it
+    (its seed, val share, layout and labels), labelled in the model's class order; None when
+    the model did not learn from DATA. (Files written before `trained_on` keep only the path as
+    typed, read here from the current folder.) Measuring all of DATA would count the images the
+    model learnt from."""
+    from .reading import scan_dataset
+
+    tc = model.meta.get("train_config") or {}
+    source = model.meta.get("trained_on") or {"data": tc.get("data"), "labels": tc.get("labels")}
+    labels = cfg.labels or source.get("labels")
+    if not source.get("data") or Path(source["data"]).resolve() != data.resolve() or \
+            (cfg.labels is not None and Path(cfg.labels).resolve() != Path(labels or "").resolve()):
+        return None
+    split = scan_dataset(data, tc.get("val_split"), int(tc.get("seed", 0)), cfg.layout if cfg.layout != "auto" else
+                         tc.get("layout") or "auto", Path(labels) if labels else None, cfg.label_columns or tc.get("label_columns"))
+    index = {c: i for i, c in enumerate(model.classes)}
+    if any(c not in index for c in split.classes):
+        return None
+    return [Sample(s.path, index[split.classes[s.label]]) for s in split.val], split.skipped
 
 
 def evaluate_labelled(model: LoadedModel, data: Path, cfg: PredictConfig, reporter: Reporter | None) -> EvaluationReport:
@@ -67,6 +95,11 @@ def evaluate_labelled(model: LoadedModel, data: Path, cfg: PredictConfig, report
     skipped: list[dict] = []
     found = read_labels_csv(data, cfg.labels, cfg.label_columns, skipped)
     role = next((r for r in ("test", "val") if found.rows.get(r)), None)
+    if role is None:  # (no split column: the rows training held out, where it learnt from them)
+        held_out = held_out_in_training(model, data, cfg)
+        if held_out is not None:
+            samples, skipped = held_out
+            return measure(model, samples, cfg, reporter, f"{cfg.labels} (the val rows its training held out)", skipped)
     rows = found.rows[role] if role else [row for rows in found.rows.values() for row in rows]
     unknown = sorted({label for _, label in rows} - set(model.classes))
     if unknown:

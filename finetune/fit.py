@@ -35,6 +35,12 @@ REPORT_EVERY_S = 0.5  # how often a stage's bar shows its running loss and accur
 SUM_EVERY_STEPS = 256  # steps whose losses and hits wait on the device before they are added up
 
 
+def trained_on(cfg: TrainConfig) -> dict:
+    """The data and labels file a model learnt from, as absolute paths (train_config keeps them as
+    typed, relative to where train ran): evaluate knows DATA again from anywhere."""
+    return {"data": str(Path(cfg.data).resolve()), "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None}
+
+
 @dataclass
 class Run:
     """What the stages of one training run share: the model, the data it is trained on, what
@@ -79,6 +85,7 @@ class Run:
                               {k: v for k, v in self.cfg.to_json_dict().items() if k != "resume"},
                               {"epoch": self.best.epoch, "val_acc": self.best.acc, "val_loss": self.best.loss},
                               len(self.split.train), len(self.split.val), self.model.multi_layer)
+        meta["trained_on"] = trained_on(self.cfg)
         if self.calibration is not None:
             meta.update(calibration=self.calibration, unknown=self.unknown)
         extra = self.distance.tensors() if self.distance is not None else {}

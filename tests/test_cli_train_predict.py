@@ -166,3 +166,25 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_no_model_of_it(image_fold
     assert not list(runs.glob("*/model.safetensors"))
     infinite = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(runs), "--lr", "inf"])
     assert infinite.exit_code == 2 and "--lr must be a positive number (got inf)" in infinite.stderr
+
+
+def test_evaluate_on_the_folder_a_model_learnt_from_measures_the_images_it_held_out(tmp_path, monkeypatch):
+    # One folder of classes: training held 20% out for val. Evaluating that folder must not count
+    # the images the model learnt from, wherever evaluate runs from.
+    from conftest import make_class_tree
+
+    make_class_tree(tmp_path / "work" / "flat", 10, classes=("cat", "dog"))
+    monkeypatch.chdir(tmp_path / "work")
+    trained = runner.invoke(app, ["train", "flat", "--runs-dir", "runs", "--json", *FAST_TRAIN_ARGS])
+    assert trained.exit_code == 0, trained.stderr
+    summary = json.loads(trained.stdout)
+    monkeypatch.chdir(tmp_path)
+    model = str(tmp_path / "work" / "runs" / "train")
+    held_out = runner.invoke(app, ["evaluate", str(tmp_path / "work" / "flat"), "--model", model, "--json"])
+    assert held_out.exit_code == 0, held_out.stderr
+    report = json.loads(held_out.stdout)
+    assert report["num_images"] == summary["num_val"] == 4 and report["data"].endswith("(the val images its training held out)")
+    assert report["accuracy"] == summary["best_val_acc"]
+    make_class_tree(tmp_path / "other", 3, classes=("cat", "dog"), seed=9)  # a folder it never saw: all of it
+    other = json.loads(runner.invoke(app, ["evaluate", str(tmp_path / "other"), "--model", model, "--json"]).stdout)
+    assert other["num_images"] == 6 and other["data"] == str(tmp_path / "other")
