@@ -120,7 +120,7 @@ class Run:
         self.tail_plan = state.tail_plan
         self.finetune_plan = state.finetune_plan
         if self.finetune_plan is None and state.stage is Stage.FINETUNE:  # (saved before plans were: its config had the epochs)
-            self.finetune_plan = {"epochs": self.cfg.finetune_epochs or 0, "why": "as asked (--finetune-epochs)", "images_per_s": None}
+            self.finetune_plan = {"epochs": self.cfg.finetune_epochs or 0, "why": "as asked by --finetune-epochs", "images_per_s": None}
         self.model.use_features(self.head_choice.multi_layer)  # shaped before its weights load
         self.model.load_state_dict(state.trainable, strict=state.stage is Stage.FINETUNE)
         if state.stage is Stage.FINETUNE:  # the kept model is the one in the model file

@@ -228,13 +228,18 @@ def epochs_text(n: int) -> str:
     return f"{n} epoch{'' if n == 1 else 's'}"
 
 
+def about(seconds: float) -> str:
+    """A measured duration in words: 'about 12 s', or 'under a second' (not 'about 0 s')."""
+    return "under a second" if seconds < 0.5 else f"about {seconds:.0f} s"
+
+
 def fit_in_budget(most: int, epoch_seconds: float, budget_s: float, why: str) -> tuple[int, str]:
     """As many epochs as fit in what the run has left of --time-budget, at most `most`, and why
     (`why`: the reason for the stage so far)."""
     epochs = min(most, int(budget_s // epoch_seconds))
     if not epochs:
-        return 0, f"{why}, but an epoch would take about {epoch_seconds:.0f} s: the time budget has {budget_s:.0f} s left"
-    return epochs, f"{why}: about {epoch_seconds:.0f} s an epoch, in the time budget's {budget_s:.0f} s left"
+        return 0, f"{why}, but an epoch would take {about(epoch_seconds)}: the time budget has {budget_s:.0f} s left"
+    return epochs, f"{why}: {about(epoch_seconds)} an epoch, in the time budget's {budget_s:.0f} s left"
 
 
 def plan_tail(requested: int | None, unavailable: str | None, head_train_acc: float | None, multi_layer: bool,
@@ -246,7 +251,7 @@ def plan_tail(requested: int | None, unavailable: str | None, head_train_acc: fl
     best val accuracy (at 1.0 no tail epoch could be kept for a better one); `budget_s`: what the
     run has left of --time-budget (None: no budget, TAIL_BUDGET_S caps the stage)."""
     if requested is not None:
-        return requested, "as asked (--tail-epochs)"
+        return requested, "as asked by --tail-epochs"
     if unavailable:
         return 0, unavailable
     if head_val_acc >= 1.0:
@@ -263,7 +268,7 @@ def plan_tail(requested: int | None, unavailable: str | None, head_train_acc: fl
     if cost > TAIL_BUDGET_S:
         return 0, (f"{why}, but {TAIL_EPOCHS} epochs of the last blocks would take about {cost:.0f} s here (over "
                    f"{TAIL_BUDGET_S:.0f} s): --tail-epochs {TAIL_EPOCHS} or --time-budget runs them")
-    return TAIL_EPOCHS, f"{why}: the last blocks train with it (about {epoch_seconds:.0f} s an epoch here)"
+    return TAIL_EPOCHS, f"{why}: the last blocks train with it ({about(epoch_seconds)} an epoch here)"
 
 
 def plan_finetune(requested: int | None, val_acc: float, images_per_s: float | None, epoch_seconds: float | None,
@@ -274,7 +279,7 @@ def plan_finetune(requested: int | None, val_acc: float, images_per_s: float | N
     budget); `epoch_seconds`: an epoch's time at that pace, its val pass included; `budget_s`:
     what the run has left of --time-budget once the test split is measured (None: no budget)."""
     if requested is not None:
-        return requested, "as asked (--finetune-epochs)"
+        return requested, "as asked by --finetune-epochs"
     if val_acc >= 1.0:
         return 0, "the model is right on every val image: nothing fine-tuning could show better"
     if images_per_s is None:

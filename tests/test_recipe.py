@@ -368,7 +368,7 @@ def test_a_planned_tail_trains_as_one_asked_for(tmp_path, monkeypatch):
     planned = train(cfg)
     assert planned.recipe["tail"]["epochs"] == recipe.TAIL_EPOCHS and planned.recipe["tail"]["epoch_seconds"] > 0
     asked = train(replace(cfg, runs_dir=tmp_path / "b", tail_epochs=recipe.TAIL_EPOCHS))
-    assert asked.recipe["tail"]["why"] == "as asked (--tail-epochs)"
+    assert asked.recipe["tail"]["why"] == "as asked by --tail-epochs"
     assert compared(planned.history) == compared(asked.history)  # measuring the throughput changed nothing
 
 
@@ -409,7 +409,7 @@ def test_planned_finetuning_trains_as_one_asked_for_and_resumes_with_its_plan(tm
     planned = train(TrainConfig(resume=tmp_path / "a" / "train"))
     assert planned.recipe["finetune"]["epochs"] == 2 and planned.recipe["finetune"]["images_per_s"] > 0
     asked = train(replace(cfg, runs_dir=tmp_path / "b", finetune_epochs=2))
-    assert asked.recipe["finetune"] == {"epochs": 2, "why": "as asked (--finetune-epochs)", "images_per_s": None}
+    assert asked.recipe["finetune"] == {"epochs": 2, "why": "as asked by --finetune-epochs", "images_per_s": None}
     assert compared(planned.history) == compared(asked.history)  # measuring the pace changed nothing
 
 

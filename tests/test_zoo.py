@@ -73,6 +73,9 @@ def test_models_lists_families_with_metadata():
     assert all(r["family"] == "convnext" and r["img_size"] == 224 and r["imagenet_top1"] > 80 for r in rows)
     table = runner.invoke(app, ["models", "vit"])
     assert table.exit_code == 0 and "vit_h_14" in table.stdout and "518" in table.stdout
+    none = runner.invoke(app, ["models", "nosuchnet"])  # (an empty table read as "none of them here")
+    assert none.exit_code == 2 and none.stdout == ""
+    assert none.stderr.strip() == "error: no --arch name contains 'nosuchnet'; 'finetune models' lists them all."
 
 
 def test_a_non_resnet_model_with_local_weights_trains_predicts_and_exports(tmp_path, monkeypatch):

@@ -201,6 +201,8 @@ def models(
 
     try:
         rows = list_archs(name)
+        if not rows:  # (an empty table read as "none of them" rather than "no such name")
+            raise UsageError(f"no --arch name contains '{name}'; 'finetune models' lists them all.")
     except FinetuneError as e:
         raise fail(e)
     if json_out:
