@@ -101,9 +101,11 @@ class CacheUse:
     hits: int = 0  # images whose every view came from the cache, written there by earlier runs
     computed: int = 0  # the others: a view computed in this run (for the image or a file of the same bytes)
     dropped_chunks: int = 0  # unreadable or failing their checksum: deleted, their rows computed again
+    not_written: str | None = None  # why the features computed could not be kept (a read-only or full disk...)
 
     def to_dict(self) -> dict:
-        return {"dir": self.dir, "hits": self.hits, "computed": self.computed, "dropped_chunks": self.dropped_chunks}
+        return {"dir": self.dir, "hits": self.hits, "computed": self.computed, "dropped_chunks": self.dropped_chunks,
+                "not_written": self.not_written}
 
 
 @dataclass
@@ -238,8 +240,8 @@ class FeatureCache:
                 for row, rid in enumerate(ids):
                     self._index.setdefault(rid, (self.dir / name, row))
             evict(self.root, self.limit_bytes)
-        except OSError:  # a full or read-only disk costs speed next time, never this run
-            pass
+        except OSError as e:  # a full or read-only disk costs speed next time, never this run (the run says so)
+            self.use.not_written = self.use.not_written or f"{e.filename or self.dir}: {e.strerror or e}"
 
 
 # --- the whole cache: size, listing, eviction, clearing --------------------------------------

@@ -325,6 +325,9 @@ def tell_cache_use(run: Run) -> None:
     if use is not None and (use.hits or use.dropped_chunks):
         dropped = f"; {use.dropped_chunks} damaged cache files deleted, their features computed again" if use.dropped_chunks else ""
         run.reporter.info(f"features of {use.hits:,} of {use.hits + use.computed:,} images from the cache ({use.dir}){dropped}")
+    if use is not None and use.not_written:
+        run.reporter.warn(f"feature cache not written ({use.not_written}): the next run computes these features again; "
+                          "set --cache-dir to a writable folder, or --no-cache")
 
 
 def choose(run: Run, features: FeatureSet, loss: LossFn, device: torch.device, views: int,

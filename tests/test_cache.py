@@ -293,3 +293,17 @@ def test_an_unusable_cache_folder_costs_speed_not_the_run(cfg, tmp_path):
     result = train(replace(cfg, cache_dir=blocker / "cache", feature_memory_gb=0))  # nothing can be written there
     assert result.best_val_acc == 1.0 and result.feature_cache["hits"] == 0
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_cache_that_cannot_be_written_is_said_once_and_the_run_goes_on(cfg, tmp_path, monkeypatch):
+    # (a cache folder that is a file, on a read-only or full disk: the run loses nothing but the next run's speed)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(blocked))
+    result = runner.invoke(app, ["train", str(cfg.data), "--arch", "efficientnet_lite0", "--img-size", "64", "--epochs", "2",
+                                 "--views", "1", "--tail-epochs", "0", "--workers", "0", "--runs-dir", str(tmp_path / "runs"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    cache = json.loads(result.stdout)["feature_cache"]
+    assert cache["hits"] == 0 and cache["not_written"].endswith("Not a directory")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: feature cache not written")]
+    assert len(warnings) == 1 and "set --cache-dir to a writable folder, or --no-cache" in warnings[0]
