@@ -86,6 +86,21 @@ def test_predict_folder_jsonl_uses_newest_run(trained):
     assert "newest model" in result.stderr and trained["summary"]["model"] in result.stderr
 
 
+def test_predict_says_when_the_newest_model_is_of_a_run_that_did_not_finish(trained, tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(Path(trained["summary"]["run_dir"]), runs / "stopped")
+    (runs / "stopped" / "last_state.safetensors").write_bytes(b"")  # (what a Ctrl-C leaves for --resume)
+    img = str(trained["data"] / "val" / "dog" / "dog_0.jpg")
+    result = runner.invoke(app, ["predict", img, "--runs-dir", str(runs), "--workers", "0"])
+    assert result.exit_code == 0, result.stderr
+    assert f"its training did not finish: the best epoch so far; 'finetune train --resume {runs / 'stopped'}' goes on" in result.stderr
+    (runs / "stopped" / "last_state.safetensors").unlink()
+    finished = runner.invoke(app, ["predict", img, "--runs-dir", str(runs), "--workers", "0"])
+    assert "newest model" in finished.stderr and "did not finish" not in finished.stderr
+
+
 def test_predict_json_csv_and_table(trained):
     img = str(trained["data"] / "val" / "dog" / "dog_0.jpg")
     as_json = predict(trained, img, "--format", "json", "--top-k", "2")

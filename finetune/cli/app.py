@@ -42,8 +42,17 @@ def load_model_or_newest(model: Path | None, runs_dir: Path, reporter: Reporter 
 
     loaded = load_model(model, runs_dir)
     if model is None and reporter is not None:
-        reporter.info(f"using the newest model: {loaded.path}")
+        reporter.info(f"using the newest model: {loaded.path}{unfinished_note(loaded.path)}")
     return loaded
+
+
+def unfinished_note(model_path: Path) -> str:
+    """What to say of a model whose run stopped before its end (its resume state is still there)."""
+    from ..resume import STATE_FILENAME
+
+    if not (model_path.parent / STATE_FILENAME).is_file():
+        return ""
+    return f" (its training did not finish: the best epoch so far; 'finetune train --resume {model_path.parent}' goes on)"
 
 
 def version_callback(value: bool):
