@@ -203,3 +203,17 @@ def test_evaluate_on_the_folder_a_model_learnt_from_measures_the_images_it_held_
     make_class_tree(tmp_path / "other", 3, classes=("cat", "dog"), seed=9)  # a folder it never saw: all of it
     other = json.loads(runner.invoke(app, ["evaluate", str(tmp_path / "other"), "--model", model, "--json"]).stdout)
     assert other["num_images"] == 6 and other["data"] == str(tmp_path / "other")
+
+
+def test_json_on_stdout_holds_no_nan_for_strict_parsers():
+    # (a model of NaNs from elsewhere scores NaN: json.dumps wrote NaN, which strict parsers refuse)
+    from finetune.cli.output import json_text
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    nan, inf = float("nan"), float("inf")
+    text = json_text([{"path": "a.jpg", "score": nan, "top_k": [{"label": "cat", "score": inf}], "distance": 0.5}], indent=2)
+    assert json.loads(text, parse_constant=refuse) == [{"path": "a.jpg", "score": None, "top_k": [{"label": "cat", "score": None}],
+                                                       "distance": 0.5}]
+    assert json_text({"score": 0.25}) == '{"score": 0.25}'

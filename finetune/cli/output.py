@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 from collections import Counter
@@ -24,7 +25,26 @@ stderr = Console(stderr=True, soft_wrap=True)
 
 
 def echo_json(obj) -> None:
-    typer.echo(json.dumps(obj))
+    typer.echo(json_text(obj))
+
+
+def json_text(obj, **kw) -> str:
+    """JSON that strict parsers take: NaN and the infinities (which json.dumps writes as the
+    non-standard NaN, Infinity) become null. A model of NaNs from elsewhere scores NaN."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError:
+        return json.dumps(_finite(obj), **kw)
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 class RichReporter(Reporter):
@@ -105,7 +125,7 @@ def _render_predictions(predictions, fmt: str) -> tuple[int, int]:
         for p in predictions:
             failures, total = failures + (p.error is not None), total + 1
             if fmt == "jsonl":
-                sys.stdout.write(json.dumps(p.to_json_dict()) + "\n")
+                sys.stdout.write(json_text(p.to_json_dict()) + "\n")
                 sys.stdout.flush()
             else:
                 writer.writerow([p.path, p.label or "", "" if p.score is None else p.score, "" if p.error else int(p.unknown),
@@ -114,7 +134,7 @@ def _render_predictions(predictions, fmt: str) -> tuple[int, int]:
     rows = list(predictions)
     failures = sum(p.error is not None for p in rows)
     if fmt == "json":
-        sys.stdout.write(json.dumps([p.to_json_dict() for p in rows], indent=2) + "\n")
+        sys.stdout.write(json_text([p.to_json_dict() for p in rows], indent=2) + "\n")
         return failures, len(rows)
     table = Table("path", "label", "score", "top k")
     for p in rows:
