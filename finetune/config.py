@@ -4,7 +4,6 @@ these dataclasses, and library users get the same checks through `checked()`."""
 from __future__ import annotations
 
 import math
-
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
