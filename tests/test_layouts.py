@@ -136,6 +136,19 @@ def test_images_outside_every_class_folder_are_listed_and_counted_by_kind(tmp_pa
     assert shown.exit_code == 0 and "skipped 3 files: 2 not in a class folder, 1 not an image file" in shown.stdout
 
 
+@pytest.mark.parametrize("reason, kind", [
+    ("the same bytes as /scans/DICOM_png/a.png: used once", "duplicates"),  # (a path may hold any kind's words)
+    ("a folder already read (/data/train/cat)", "folders read once"),
+    ("DICOM, not read: export the images as PNG, whose 16-bit greyscale is kept", "DICOM"),
+    ("200x200 pixels is over the 10,000-pixel limit (possible decompression bomb)", "pixel limit"),
+    ("cannot decode: image file is truncated", "could not be decoded"),
+])
+def test_checks_skip_summary_counts_each_reason_by_its_kind(reason, kind):
+    from finetune.cli.output import _reason_kind
+
+    assert _reason_kind(reason) == kind
+
+
 @pytest.mark.parametrize("target", ["..", "../.."])
 def test_symlink_loops_read_no_file_twice_and_no_wrong_label(tmp_path, target):
     data = splits(tmp_path / "data", "train", {"val": 2})

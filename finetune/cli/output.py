@@ -242,20 +242,24 @@ def show_check(check) -> None:
     stdout.print(Text(verdict, style="green" if check.ok else "red"))
 
 
-# A skip reason's kind, for counting: the first of these its text holds (more particular ones
-# first: a broken link's reason also holds "symbolic link"); any other reason is a decoding failure.
-REASON_KINDS = (("not an image file", "not an image file"), ("DICOM", "DICOM"), ("the same bytes as", "duplicates"),
-                ("broken symbolic link", "broken symbolic link"), ("symbolic link", "symbolic link not followed"),
-                ("the same file as", "links to files read"), ("not a regular file", "not a regular file"),
-                ("not in a class folder", "not in a class folder"), ("empty file", "empty file"),
-                ("pixel limit", "pixel limit"), ("aspect ratio", "aspect ratio"), ("needs a Pillow plugin", "needs a Pillow plugin"),
-                ("but no such image file", "CSV rows naming no file"), ("without a label", "CSV rows without a label"),
-                ("listed again", "listed twice in the CSV"), ("label in doubt", "labels in doubt"))
+# A skip reason's kind, for counting: the kind whose text the reason starts with (reasons name
+# other files and folders further on, whose names may hold any of these words), else the kind
+# whose text follows a file's size or suffix; any other reason is a decoding failure.
+REASON_STARTS = (("not an image file", "not an image file"), ("DICOM", "DICOM"), ("the same bytes as", "duplicates"),
+                 ("broken symbolic link", "broken symbolic link"), ("symbolic link", "symbolic link not followed"),
+                 ("the same file as", "links to files read"), ("a folder already read", "folders read once"),
+                 ("not a regular file", "not a regular file"), ("not in a class folder", "not in a class folder"),
+                 ("empty file", "empty file"), ("listed in", "CSV rows naming no file"),
+                 ("a row without a label", "CSV rows without a label"), ("listed again", "listed twice in the CSV"),
+                 ("labelled", "labels in doubt"))
+REASON_AFTER_SIZE = (("-pixel limit", "pixel limit"), (": aspect ratio", "aspect ratio"),
+                     (" needs a Pillow plugin", "needs a Pillow plugin"))
 
 
 def _reason_kind(reason: str) -> str:
     """A skip reason without the file-specific part, for counting."""
-    return next((kind for text, kind in REASON_KINDS if text in reason), "could not be decoded")
+    return next((kind for text, kind in REASON_STARTS if reason.startswith(text)),
+                next((kind for text, kind in REASON_AFTER_SIZE if text in reason), "could not be decoded"))
 
 
 def show_archs(rows: list[dict]) -> None:
