@@ -24,6 +24,12 @@ class Sample:
     digest: str = ""  # content hash (scan.py), which seeds the image's augmented views
 
 
+def samples_digest(samples: list[Sample], root: Path) -> str:
+    """A digest of these images' paths (relative to `root`) and labels, in any order."""
+    lines = sorted(f"{os.path.relpath(os.path.abspath(s.path), root)}\t{s.label}" for s in samples)
+    return hashlib.blake2b("\n".join(lines).encode(), digest_size=10).hexdigest()
+
+
 @dataclass
 class DatasetSplit:
     """The labelled images training uses, as scan.py read them."""

@@ -3,12 +3,13 @@ it), or samples a caller already has (training's test split)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from .checkpoint import LoadedModel
 from .config import PredictConfig
-from .data import Sample
+from .data import Sample, samples_digest
 from .errors import DataError
 from .layout import find_layout, sub_folders
 from .prediction import Answer, is_unknown, iter_answers
@@ -57,35 +58,48 @@ def evaluate(model: LoadedModel, data: Path | str, cfg: PredictConfig | None = N
     if cfg.labels is not None:
         return evaluate_labelled(model, Path(data), cfg, reporter)
     root = find_eval_root(Path(data), cfg.layout)
-    if root == find_layout(Path(data), cfg.layout).splits["train"]:  # (no held-out folder)
-        held_out = held_out_in_training(model, Path(data), cfg)
-        if held_out is not None:
-            samples, skipped = held_out
-            return measure(model, samples, cfg, reporter, f"{root} (the val images its training held out)", skipped)
+    held = held_out_in_training(model, Path(data), cfg) if root == find_layout(Path(data), cfg.layout).splits["train"] else None
+    if held is not None and held.samples is not None:
+        return measure(model, held.samples, cfg, reporter, f"{root} (the val images its training held out)", held.skipped)
     samples, skipped = labelled_images(root, model.classes)
-    return measure(model, samples, cfg, reporter, str(root), skipped)
+    return measure(model, samples, cfg, reporter, f"{root}{held.note if held else ''}", skipped)
 
 
-def held_out_in_training(model: LoadedModel, data: Path, cfg: PredictConfig) -> tuple[list[Sample], list[dict]] | None:
-    """The val images the model's training held out of DATA, read again as training read it
-    (its seed, val share, layout and labels), labelled in the model's class order; None when
-    the model did not learn from DATA. (Files written before `trained_on` keep only the path as
-    typed, read here from the current folder.) Measuring all of DATA would count the images the
-    model learnt from."""
+@dataclass
+class HeldOut:
+    samples: list[Sample] | None  # None: DATA changed since training, which images it held out is not known
+    skipped: list[dict]
+    note: str = ""  # what the measure's source says of it then
+
+
+CHANGED_NOTE = (" (every image: it changed since the model learnt from it, so which images its training held out is "
+                "not known; the accuracy counts images it learnt from)")
+
+
+def held_out_in_training(model: LoadedModel, data: Path, cfg: PredictConfig) -> HeldOut | None:
+    """The val images the model's training held out of DATA (its `trained_on` says it learnt from
+    DATA, with the same labels file), read again as training read it (its seed, val share, layout
+    and labels), labelled in the model's class order. None when the model learnt from elsewhere
+    (or its file is older than `trained_on`); no samples when reading DATA again finds other val
+    images than training had (files added or removed since). Measuring all of DATA would count
+    the images the model learnt from."""
     from .reading import scan_dataset
 
-    tc = model.meta.get("train_config") or {}
-    source = model.meta.get("trained_on") or {"data": tc.get("data"), "labels": tc.get("labels")}
-    labels = cfg.labels or source.get("labels")
-    if not source.get("data") or Path(source["data"]).resolve() != data.resolve() or \
-            (cfg.labels is not None and Path(cfg.labels).resolve() != Path(labels or "").resolve()):
+    source, tc = model.meta.get("trained_on"), model.meta.get("train_config") or {}
+    if not source or Path(source["data"]) != data.resolve() or not _same_file(cfg.labels, source.get("labels")):
         return None
+    labels = source.get("labels")
     split = scan_dataset(data, tc.get("val_split"), int(tc.get("seed", 0)), cfg.layout if cfg.layout != "auto" else
                          tc.get("layout") or "auto", Path(labels) if labels else None, cfg.label_columns or tc.get("label_columns"))
     index = {c: i for i, c in enumerate(model.classes)}
-    if any(c not in index for c in split.classes):
-        return None
-    return [Sample(s.path, index[split.classes[s.label]]) for s in split.val], split.skipped
+    if any(c not in index for c in split.classes) or samples_digest(split.val, data.resolve()) != source.get("val_digest"):
+        return HeldOut(None, [], CHANGED_NOTE)
+    return HeldOut([Sample(s.path, index[split.classes[s.label]]) for s in split.val], split.skipped)
+
+
+def _same_file(given: Path | None, recorded: str | None) -> bool:
+    """Whether the labels file given to evaluate is the one training read (both none counts)."""
+    return (given is None) == (recorded is None) and (given is None or Path(given).resolve() == Path(recorded))
 
 
 def evaluate_labelled(model: LoadedModel, data: Path, cfg: PredictConfig, reporter: Reporter | None) -> EvaluationReport:
@@ -95,11 +109,9 @@ def evaluate_labelled(model: LoadedModel, data: Path, cfg: PredictConfig, report
     skipped: list[dict] = []
     found = read_labels_csv(data, cfg.labels, cfg.label_columns, skipped)
     role = next((r for r in ("test", "val") if found.rows.get(r)), None)
-    if role is None:  # (no split column: the rows training held out, where it learnt from them)
-        held_out = held_out_in_training(model, data, cfg)
-        if held_out is not None:
-            samples, skipped = held_out
-            return measure(model, samples, cfg, reporter, f"{cfg.labels} (the val rows its training held out)", skipped)
+    held = held_out_in_training(model, data, cfg) if role is None else None  # (no split column)
+    if held is not None and held.samples is not None:
+        return measure(model, held.samples, cfg, reporter, f"{cfg.labels} (the val rows its training held out)", held.skipped)
     rows = found.rows[role] if role else [row for rows in found.rows.values() for row in rows]
     unknown = sorted({label for _, label in rows} - set(model.classes))
     if unknown:
@@ -109,7 +121,7 @@ def evaluate_labelled(model: LoadedModel, data: Path, cfg: PredictConfig, report
         raise DataError(f"{cfg.labels}: no rows whose image file was found in {data}.")
     index = {c: i for i, c in enumerate(model.classes)}
     samples = sorted((Sample(p, index[label]) for p, label in rows), key=lambda s: str(s.path))
-    return measure(model, samples, cfg, reporter, f"{cfg.labels} ({role or 'all'} rows)", skipped)
+    return measure(model, samples, cfg, reporter, f"{cfg.labels} ({role or 'all'} rows){held.note if held else ''}", skipped)
 
 
 def measure(model: LoadedModel, samples: list[Sample], cfg: PredictConfig, reporter: Reporter | None,

@@ -20,7 +20,7 @@ from .averaging import WeightAverage, named_in
 from .checkpoint import model_metadata
 from .cache import FeatureCache
 from .config import TrainConfig
-from .data import DatasetSplit, Preprocessing
+from .data import DatasetSplit, Preprocessing, samples_digest
 from .device import autocast
 from .distributed import Dist, interrupts_deferred
 from .errors import TrainingDiverged, UsageError
@@ -35,10 +35,13 @@ REPORT_EVERY_S = 0.5  # how often a stage's bar shows its running loss and accur
 SUM_EVERY_STEPS = 256  # steps whose losses and hits wait on the device before they are added up
 
 
-def trained_on(cfg: TrainConfig) -> dict:
+def trained_on(cfg: TrainConfig, split: DatasetSplit) -> dict:
     """The data and labels file a model learnt from, as absolute paths (train_config keeps them as
-    typed, relative to where train ran): evaluate knows DATA again from anywhere."""
-    return {"data": str(Path(cfg.data).resolve()), "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None}
+    typed, relative to where train ran), and a digest of the val images it held out: evaluate
+    knows DATA again from anywhere, and whether reading it again finds the same val images."""
+    data = Path(cfg.data).resolve()
+    return {"data": str(data), "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,
+            "val_digest": samples_digest(split.val, data)}
 
 
 @dataclass
@@ -85,7 +88,7 @@ class Run:
                               {k: v for k, v in self.cfg.to_json_dict().items() if k != "resume"},
                               {"epoch": self.best.epoch, "val_acc": self.best.acc, "val_loss": self.best.loss},
                               len(self.split.train), len(self.split.val), self.model.multi_layer)
-        meta["trained_on"] = trained_on(self.cfg)
+        meta["trained_on"] = trained_on(self.cfg, self.split)
         if self.calibration is not None:
             meta.update(calibration=self.calibration, unknown=self.unknown)
         extra = self.distance.tensors() if self.distance is not None else {}

@@ -186,7 +186,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_no_model_of_it(image_fold
 def test_evaluate_on_the_folder_a_model_learnt_from_measures_the_images_it_held_out(tmp_path, monkeypatch):
     # One folder of classes: training held 20% out for val. Evaluating that folder must not count
     # the images the model learnt from, wherever evaluate runs from.
-    from conftest import make_class_tree
+    from conftest import CLASS_COLOURS, make_class_tree, make_image
 
     make_class_tree(tmp_path / "work" / "flat", 10, classes=("cat", "dog"))
     monkeypatch.chdir(tmp_path / "work")
@@ -203,6 +203,15 @@ def test_evaluate_on_the_folder_a_model_learnt_from_measures_the_images_it_held_
     make_class_tree(tmp_path / "other", 3, classes=("cat", "dog"), seed=9)  # a folder it never saw: all of it
     other = json.loads(runner.invoke(app, ["evaluate", str(tmp_path / "other"), "--model", model, "--json"]).stdout)
     assert other["num_images"] == 6 and other["data"] == str(tmp_path / "other")
+    flat = tmp_path / "work" / "flat"
+    rows = ["path,label", *(f"{p.relative_to(flat).as_posix()},{p.parent.name}" for p in sorted(flat.glob("*/*.jpg")))]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")  # (the model learnt from the folders, not this CSV)
+    by_csv = json.loads(runner.invoke(app, ["evaluate", str(flat), "--model", model, "--labels", str(tmp_path / "labels.csv"),
+                                            "--json"]).stdout)
+    assert by_csv["num_images"] == 20 and "held out" not in by_csv["data"]
+    make_image(flat / "cat" / "cat_new.jpg", CLASS_COLOURS["cat"], seed=123)  # the folder changed: its val split too
+    changed = json.loads(runner.invoke(app, ["evaluate", str(flat), "--model", model, "--json"]).stdout)
+    assert changed["num_images"] == 21 and "every image: it changed since the model learnt from it" in changed["data"]
 
 
 def test_json_on_stdout_holds_no_nan_for_strict_parsers():
