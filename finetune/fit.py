@@ -222,9 +222,10 @@ def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None
             if stage.bar_per_epoch:
                 reporter.finish()
             if not math.isfinite(totals[0]):  # (the same sums on every rank: they all stop)
-                raise TrainingDiverged(f"training diverged: the loss became {totals[0]} in {stage.title.lower()} epoch "
-                                       f"{epoch}, the learning rate too high; lower --lr (it is {run.cfg.lr:g}, the "
-                                       f"default {TrainConfig.lr:g}). Nothing of that epoch was kept.")
+                run.folder.discard_state()  # (resumed, with its --lr, it would diverge again)
+                raise TrainingDiverged(f"training diverged: the loss became {totals[0]} in {stage.title.lower()}, epoch "
+                                       f"{epoch}, the learning rate too high; start again with a lower --lr (it is "
+                                       f"{run.cfg.lr:g}, the default {TrainConfig.lr:g}). Nothing of that epoch was kept.")
             with average.in_model() if average is not None else nullcontext():
                 val_logits, val_y = stage.validate()
                 record = keep_epoch(stage, run, optimizer, (*totals, time.perf_counter() - t0), val_logits, val_y)

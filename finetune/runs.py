@@ -130,6 +130,11 @@ class RunFolder:
         return write_report(self.path / "report.html", content, max_pixels)
 
     @_writes
+    def discard_state(self) -> None:
+        """No resuming this run (it diverged: resumed, it would again)."""
+        self.state_path.unlink(missing_ok=True)
+
+    @_writes
     def finish(self, result: TrainResult) -> None:
         """results.json, then the training state goes: nothing is left to resume."""
         write_json(self.path / "results.json", result.to_json_dict())  # first: with it, --resume says "finished"

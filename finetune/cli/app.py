@@ -47,12 +47,16 @@ def load_model_or_newest(model: Path | None, runs_dir: Path, reporter: Reporter 
 
 
 def unfinished_note(model_path: Path) -> str:
-    """What to say of a model whose run stopped before its end (its resume state is still there)."""
+    """What to say of a model whose run stopped before its end (no results.json): how to go on,
+    where it can (a Ctrl-C leaves the state to resume from; a diverged run does not)."""
     from ..resume import STATE_FILENAME
 
-    if not (model_path.parent / STATE_FILENAME).is_file():
+    run = model_path.parent
+    if (run / "results.json").is_file():
         return ""
-    return f" (its training did not finish: the best epoch so far; 'finetune train --resume {model_path.parent}' goes on)"
+    if (run / STATE_FILENAME).is_file():
+        return f" (its training did not finish: the best epoch so far; 'finetune train --resume {run}' goes on)"
+    return " (its training did not finish: the best epoch before it stopped)"
 
 
 def version_callback(value: bool):
