@@ -33,7 +33,7 @@ from safetensors import safe_open
 from .config import TrainConfig
 from .data import Preprocessing, Sample
 from .digests import FOLDER as DIGESTS_FOLDER
-from .digests import DigestMemo, is_unreadable, memo_files, memo_for
+from .digests import DigestMemo, is_unreadable, memo_files, memo_for, memo_leftovers
 from .files import atomic_write_text, write_safetensors
 from .store import Rows, put_view
 from .weights import weights_identity
@@ -253,10 +253,10 @@ _CHUNK_NAME = re.compile(r"[0-9a-f]+-[0-9]+-[0-9a-f]{8}\.safetensors")  # Featur
 
 
 def feature_sets(root: Path) -> list[Path]:
-    """The feature sets' folders this tool made under `root`: named by a key's digest, holding its key.json."""
+    """The feature sets' folders this tool made under `root`, named by a key's digest (one whose
+    key.json a stopped run had yet to write included: its chunks are read all the same)."""
     base = root / "features"
-    return sorted(p for p in base.iterdir() if _SET_NAME.fullmatch(p.name) and (p / "key.json").is_file()) \
-        if base.is_dir() else []
+    return sorted(p for p in base.iterdir() if _SET_NAME.fullmatch(p.name) and p.is_dir()) if base.is_dir() else []
 
 
 def chunks(root: Path) -> list[Path]:
@@ -314,7 +314,7 @@ def clear(root: Path) -> int:
             if p.name == "key.json" or _CHUNK_NAME.fullmatch(p.name) or p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)
         _remove_if_empty(folder)
-    for p in memo_files(root):
+    for p in [*memo_files(root), *memo_leftovers(root)]:
         p.unlink(missing_ok=True)
     _remove_if_empty(root / "features")
     _remove_if_empty(root / DIGESTS_FOLDER)

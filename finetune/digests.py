@@ -114,6 +114,11 @@ def memo_files(cache_root: Path) -> list[Path]:
     return [p for p in (cache_root / FOLDER).glob("*.json") if _MEMO_NAME.fullmatch(p.stem)]
 
 
+def memo_leftovers(cache_root: Path) -> list[Path]:
+    """Temporary files of memos a stopped process was writing (files.atomic_target's names)."""
+    return [p for p in (cache_root / FOLDER).glob(".*.json.*.tmp") if _MEMO_NAME.fullmatch(p.name[1:].split(".")[0])]
+
+
 def file_digests(paths: list[Path], memo: DigestMemo | None = None) -> dict[Path, str]:
     """Content hash of each file (files.file_digest); with a memo, files unchanged since it was
     written are not read, and the memo is saved with this run's files. Threads: reading and

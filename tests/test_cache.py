@@ -234,8 +234,13 @@ def test_clearing_the_cache_removes_only_what_finetune_wrote(cfg, feature_cache)
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"theirs")
     train(cfg)
-    ours = chunks(feature_cache)
-    assert ours and len(json.loads(runner.invoke(app, ["cache", "--json"]).stdout)["entries"]) == 1  # theirs not listed
+    keyless = feature_cache / "features" / "fedcba9876543210fedc" / "1a2b-42-0badcafe.safetensors"  # (a run stopped before its key.json)
+    keyless.parent.mkdir()
+    keyless.write_bytes(b"ours")
+    leftover = feature_cache / "digests" / ".0123456789abcdef0123.json.x1y2.tmp"  # (a memo a stopped run was writing)
+    leftover.write_bytes(b"ours")
+    ours = [*chunks(feature_cache), leftover]
+    assert keyless in ours and len(json.loads(runner.invoke(app, ["cache", "--json"]).stdout)["entries"]) == 2  # theirs not listed
     cleared = runner.invoke(app, ["cache", "--clear"])
     assert cleared.exit_code == 0, cleared.stderr
     assert all(f.read_bytes() == b"theirs" for f in theirs)
