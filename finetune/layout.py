@@ -11,6 +11,7 @@ still reports a good-looking accuracy.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,7 @@ def overlapping_splits(splits: dict[str, Path]) -> str | None:
     for i, late in enumerate(roles):
         for early in roles[:i]:
             a, b = splits[late].resolve(), splits[early].resolve()
-            if a == b:
+            if a == b or os.path.samefile(a, b):  # (samefile: Train and train on a case-insensitive disk)
                 return f"{late} is the same folder as {early} ({splits[early]})"
             if b in a.parents or a in b.parents:
                 inner, outer = (late, early) if b in a.parents else (early, late)
