@@ -73,7 +73,7 @@ def load_model(model: Path | str | None = None, runs_dir: Path | str = DEFAULT_R
 def read_model_file(path: Path) -> LoadedModel:
     """Load a finetune model file: checks format, metadata and tensors agree; never unpickles."""
     if not path.is_file():
-        raise ModelFileError(f"{path}: model file not found. Pass a model.safetensors or a run folder to --model.")
+        raise ModelFileError(f"{path}: model file not found: give the path of a model.safetensors or of a run folder.")
     if path.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin"):
         raise ModelFileError(f"{path}: finetune model files are .safetensors; pickled files are never loaded as models (they can run code). Use --weights to start training from a state dict.")
     state, meta = read_safetensors(path)

@@ -203,6 +203,9 @@ def test_info_and_models(run):
     rows = {r["arch"]: r for r in json.loads(runner.invoke(app, ["models", "--json"]).stdout)}
     assert rows["resnet18"]["params"] == 11_689_512 and rows["efficientnet_lite0"]["offline_weights"]  # as published, 1000-class head included
     assert rows["efficientnet_lite0"]["params"] == 4_652_008 and rows["vit_b_16"]["imagenet_top1"] == 81.072
+    missing = runner.invoke(app, ["info", "no/such/model.safetensors"])  # (info takes it as its argument, not --model)
+    assert missing.exit_code == 2 and missing.stdout == ""
+    assert missing.stderr == "error: no/such/model.safetensors: model file not found: give the path of a model.safetensors or of a run folder.\n"
 
 
 def test_every_command_has_help_with_an_example():
