@@ -3,6 +3,7 @@ and loaded back (checked, never unpickled) from a file, a run folder or the newe
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,17 @@ def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
 def load_model(model: Path | str | None = None, runs_dir: Path | str = DEFAULT_RUNS_DIR) -> LoadedModel:
     """A model file, or a run folder's model, or (None) the newest run's model under runs_dir."""
     return read_model_file(resolve_model_path(Path(model) if model is not None else None, Path(runs_dir)))
+
+
+def as_loaded(model) -> LoadedModel:
+    """`model` as the Python API takes it: a LoadedModel, or the path (str or Path) of a model file or
+    a run folder, loaded; anything else is a UsageError naming what is wanted."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model)
+    raise UsageError(f"a model is a finetune.load_model(...) result or the path of a model file or run folder "
+                     f"(got {type(model).__name__}).")
 
 
 def read_model_file(path: Path) -> LoadedModel:

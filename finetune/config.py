@@ -4,6 +4,7 @@ these dataclasses, and library users get the same checks through `checked()`."""
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -78,6 +79,20 @@ class TrainConfig:
     cache_limit_gb: float = 20.0  # least recently used features go beyond this
     feature_memory_gb: float = 1.0  # a run's feature table beyond this is kept in a file, read in blocks (store.py)
 
+    def typed(self) -> "TrainConfig":
+        """This config with the types the library works with, for callers of the Python API: paths
+        given as strings become Paths, a --time-budget string its seconds; a value of another type
+        (epochs="5") is a UsageError naming it rather than a TypeError deep in a run."""
+        paths = {k: Path(v) for k in _PATH_FIELDS if isinstance(v := getattr(self, k), (str, os.PathLike))}
+        budget = {"time_budget": parse_duration(self.time_budget)} if isinstance(self.time_budget, str) else {}
+        cfg = replace(self, **paths, **budget)
+        for name, kinds in _NUMBER_FIELDS.items():
+            value = getattr(cfg, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                whole = "a whole number" if kinds == (int,) else "a number"
+                raise UsageError(f"--{name.replace('_', '-')} must be {whole} (got {value!r}).")
+        return cfg
+
     def checked(self) -> "TrainConfig":
         """This config with every option checked (UsageError naming the option otherwise) and the
         options that depend on each other settled: finetune_epochs and freeze_backbone agree (both
@@ -124,6 +139,14 @@ class TrainConfig:
             if known.get(key) is not None:
                 known[key] = Path(known[key])
         return cls(**known)
+
+
+_PATH_FIELDS = ("data", "weights", "labels", "runs_dir", "resume", "cache_dir")
+_INTS = ("img_size", "seed", "batch_size", "epochs", "views", "patience", "max_images_per_class", "tail_epochs",
+         "finetune_epochs", "workers", "max_pixels")
+_FLOATS = ("val_split", "lr", "weight_decay", "label_smoothing", "time_budget", "backbone_lr_ratio", "early_lr_ratio",
+           "average_epochs", "cache_limit_gb", "feature_memory_gb")
+_NUMBER_FIELDS = {**{k: (int,) for k in _INTS}, **{k: (int, float) for k in _FLOATS}}
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .checkpoint import LoadedModel
+from .checkpoint import LoadedModel, as_loaded
 from .config import PredictConfig
 from .data import Sample, samples_digest
 from .errors import DataError
@@ -55,6 +55,7 @@ def evaluate(model: LoadedModel, data: Path | str, cfg: PredictConfig | None = N
     (DATA read as `cfg.layout` says, as for training); where the model learnt from these very
     folders and they hold no test or val split, on the val images its training held out."""
     cfg = cfg or PredictConfig()
+    model = as_loaded(model)  # (the Python API also takes a path)
     if cfg.labels is not None:
         return evaluate_labelled(model, Path(data), cfg, reporter)
     root = find_eval_root(Path(data), cfg.layout)

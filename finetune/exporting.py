@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import LoadedModel
+from .checkpoint import LoadedModel, as_loaded
 from .files import atomic_target, write_json
 from .errors import FinetuneError, UsageError
 
@@ -96,6 +96,7 @@ def export(loaded: LoadedModel, fmt: str = "onnx", out: Path | str | None = None
     JSON sidecar, after checking that the written file agrees with PyTorch within TOLERANCE."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got '{fmt}').")
+    loaded = as_loaded(loaded)  # (the Python API also takes a path)
     out = output_path(loaded.path, fmt, out)
     if out.resolve() == loaded.path.resolve():
         raise UsageError(f"--out {out} would overwrite the model file; choose another path.")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import glob
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
-from .checkpoint import LoadedModel
+from .checkpoint import LoadedModel, as_loaded
 from .config import PredictConfig
 from .data import ImageFileDataset, make_loader
 from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
@@ -157,14 +158,18 @@ def answers_from_rows(loaded: LoadedModel, rows: torch.Tensor, device: torch.dev
     return answers
 
 
-def predict(model: LoadedModel, inputs: Iterable[str | Path], cfg: PredictConfig | None = None,
+def predict(model: LoadedModel | str | Path, inputs: Iterable[str | Path] | str | Path, cfg: PredictConfig | None = None,
             reporter: Reporter | None = None) -> Iterator[Prediction]:
     """One Prediction per image, in input order, each as soon as its batch is done.
 
     `inputs`: image files, folders (searched recursively) and glob patterns, as on the
-    command line; an input that names nothing readable gives a Prediction with an error.
+    command line, or one of them; an input that names nothing readable gives a Prediction with
+    an error. `model`: a load_model result, or the path of a model file or run folder.
     """
     cfg = cfg or PredictConfig()
+    model = as_loaded(model)
+    if isinstance(inputs, (str, os.PathLike)):  # (one path: not a sequence of one-letter inputs)
+        inputs = [inputs]
     items = expand_inputs(str(i) for i in inputs)
     if not items:
         raise UsageError("no inputs: pass image files, folders, glob patterns, or - to read paths from stdin.")

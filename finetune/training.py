@@ -57,6 +57,10 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
     Under torchrun every rank calls this; rank 0 alone reports, writes and returns the
     result, the other ranks return None.
     """
+    if not isinstance(cfg, TrainConfig):
+        raise UsageError(f"train() takes a TrainConfig, e.g. finetune.train(finetune.TrainConfig(data='photos')) "
+                         f"(got {type(cfg).__name__}).")
+    cfg = cfg.typed()
     d, device_name = from_environment(cfg.device)
     try:
         result = _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name)

@@ -216,6 +216,26 @@ def test_the_library_face_end_to_end(trained_run, tmp_path):
         finetune.load_model(None, tmp_path / "no_runs")
 
 
+def test_the_library_takes_paths_as_strings_and_wrong_types_as_one_line_errors(trained_run, tmp_path, monkeypatch):
+    run_dir, val = trained_run["summary"]["run_dir"], trained_run["data"] / "val"
+    one = list(finetune.predict(run_dir, str(val / "dog" / "dog_0.jpg"), finetune.PredictConfig(workers=0)))
+    assert [(p.path, p.label) for p in one] == [(str(val / "dog" / "dog_0.jpg"), "dog")]  # one input, not one per letter
+    monkeypatch.chdir(tmp_path)  # (a "." read as a folder would predict what is here)
+    (tmp_path / "stray.jpg").write_bytes((val / "cat" / "cat_0.jpg").read_bytes())
+    missing = list(finetune.predict(run_dir, Path("a.png"), finetune.PredictConfig(workers=0)))
+    assert [(p.path, p.error) for p in missing] == [("a.png", "file not found")]
+    assert finetune.export(run_dir, "torchscript", str(tmp_path / "m.pt")).path.is_file()
+    assert finetune.evaluate(run_dir, str(trained_run["data"]), finetune.PredictConfig(workers=0)).num_images == 9
+    with pytest.raises(finetune.FinetuneError, match=r"^--epochs must be a whole number \(got '5'\)\.$"):
+        finetune.train(finetune.TrainConfig(data=str(trained_run["data"]), runs_dir=str(tmp_path / "runs"), epochs="5"))
+    with pytest.raises(finetune.FinetuneError, match="train\\(\\) takes a TrainConfig"):
+        finetune.train(str(trained_run["data"]))
+    with pytest.raises(finetune.FinetuneError, match="a model is a finetune.load_model"):
+        list(finetune.predict(42, "x.jpg"))
+    budget = finetune.TrainConfig(data=str(trained_run["data"]), runs_dir=str(tmp_path / "runs"), time_budget="2m").typed()
+    assert budget.time_budget == 120.0 and budget.data == trained_run["data"] and budget.runs_dir == tmp_path / "runs"
+
+
 def test_a_run_resumed_in_the_head_stage_keeps_its_own_copy_of_the_best_model(tmp_path):
     from finetune.data import DatasetSplit
     from finetune.fit import Run
