@@ -329,10 +329,7 @@ class FinetuneStage:
         self.sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
         self.net = model
         if d.active:  # DDP averages the gradients (and syncs the weights at the start)
-            # BatchNorm's statistics are frozen (train_mode), so the buffers never change: no need
-            # to send rank 0's to every rank before each forward pass, DDP's default.
-            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed, sampler=self.sampler)
         self.val_loader = make_loader(val_ds, cfg.batch_size, cfg.workers, pin_memory=pin, seed=cfg.seed)
         self.steps_per_epoch = max(1, len(self.train_loader))
