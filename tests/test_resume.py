@@ -178,6 +178,19 @@ def test_resume_works_from_another_directory(reference, tmp_path, monkeypatch):
     assert compared(resumed.history) == compared(ref.history)
 
 
+def test_data_and_options_given_with_resume_are_said_to_be_ignored(reference, tmp_path):
+    # (the run goes on as it started: a DATA or --epochs given with --resume changed nothing, silently)
+    data, ref = reference
+    with pytest.raises(TrainingInterrupted):
+        train(config(data, tmp_path / "runs"), CtrlCAt("Fine-tune epoch 1", 1))
+    result = runner.invoke(app, ["train", str(tmp_path), "--resume", str(tmp_path / "runs" / "train"), "--epochs", "5",
+                                 "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning: --resume goes on with the run's own data and settings; ignored: DATA, --epochs, --workers" in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["epochs"] == len(ref.history) and summary["best_val_acc"] == ref.best_val_acc  # (3 head epochs, as started)
+
+
 def test_early_stop_is_remembered_by_resume(reference, tmp_path):
     data, _ = reference
     cfg = config(data, tmp_path, epochs=40, patience=2, finetune_epochs=1)

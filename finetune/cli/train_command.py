@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -78,8 +78,12 @@ def train(
                   cache=cache, cache_dir=cache_dir, cache_limit_gb=cache_limit_gb, feature_memory_gb=feature_memory_gb)
     from ..training import train as run_training  # imported late: keeps --help fast
 
+    reporter = RichReporter(stderr, quiet)
+    ignored = ignored_on_resume(data, cfg) if resume is not None and os.environ.get("RANK", "0") == "0" else []
+    if ignored:
+        reporter.warn(f"--resume goes on with the run's own data and settings; ignored: {', '.join(ignored)}")
     try:
-        result = run_training(cfg, RichReporter(stderr, quiet))
+        result = run_training(cfg, reporter)
     except FinetuneError as e:
         raise fail(e)
     if result is None:  # a torchrun rank other than 0: rank 0 reports
@@ -88,6 +92,13 @@ def train(
         echo_json(result.to_json_dict())
     else:
         show_train_result(result, cfg.class_weights)
+
+
+def ignored_on_resume(data: Path | None, cfg) -> list[str]:
+    """DATA and the options given with --resume: the run goes on with those it started with."""
+    given = [f"--{f.name.replace('_', '-')}" for f in fields(cfg) if f.name not in ("data", "resume")
+             and getattr(cfg, f.name) != getattr(TRAIN, f.name)]
+    return (["DATA"] if data is not None else []) + given
 
 
 def train_with_torchrun(devices: int) -> typer.Exit:
