@@ -130,6 +130,20 @@ class RunFolder:
         return write_report(self.path / "report.html", content, max_pixels)
 
     @_writes
+    def remove_if_nothing_kept(self) -> bool:
+        """Remove the run folder where it holds only what a run writes at its start (no model, no
+        state): an interrupted start would otherwise leave one more folder each time. Whether it went."""
+        if self.model_path.exists() or self.state_path.exists():
+            return False
+        for name in ("config.json", "metrics.csv", "skipped.csv"):
+            (self.path / name).unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:  # (something else is in it: left as it is)
+            return False
+        return True
+
+    @_writes
     def discard_state(self) -> None:
         """No resuming this run (it diverged: resumed, it would again)."""
         self.state_path.unlink(missing_ok=True)

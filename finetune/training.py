@@ -377,8 +377,11 @@ def interrupted(run: Run, d: Dist) -> TrainingInterrupted:
         run.folder.write_metrics(run.history)
     where = f"; the model kept so far is in {saved}" if saved else ""
     same_processes = f" --devices {d.world}" if d.active and d.one_machine else ""
-    again = (f" Continue with: finetune train --resume {run.folder.path}{same_processes}" if run.folder.state_path.is_file()
-             else " It stopped before its first epoch finished; start it again to continue.")
+    if run.folder.state_path.is_file():
+        again = f" Continue with: finetune train --resume {run.folder.path}{same_processes}"
+    else:
+        removed = " (its run folder removed)" if not saved and run.folder.remove_if_nothing_kept() else ""
+        again = f" It stopped before its first epoch finished{removed}; start it again to continue."
     return TrainingInterrupted(f"training interrupted{where}.{again}")
 
 

@@ -163,7 +163,8 @@ def test_ctrl_c_before_the_first_epoch_does_not_promise_a_resume(reference, tmp_
     data, _ = reference
     with pytest.raises(TrainingInterrupted, match="stopped before its first epoch finished") as info:
         train(config(data, tmp_path), CtrlCAt("Features (train)", 1))
-    assert "--resume" not in str(info.value)
+    assert "--resume" not in str(info.value) and "(its run folder removed)" in str(info.value)
+    assert not (tmp_path / "train").exists()  # (each interrupted start left one more folder, nothing in it to use)
 
 
 def test_resume_works_from_another_directory(reference, tmp_path, monkeypatch):
