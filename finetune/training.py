@@ -186,7 +186,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
             rows, clean = extractor.features_of(run.split, views)
         if run.split.test and not extractor.on_disk and not cfg.finetune_epochs:  # (fine-tuning: test goes through its network)
             run.test_rows = extractor.sharded(run.split.test, 1, "Features (test)")
-        tell_cache_use(run)
+        tell_cache_use(run, d)
         run.feature_pass = extractor.pass_summary()
         loss = settle_split(run, clean, device)
         run.folder.write_skipped(run.split.skipped)  # the bad-file check is done: the list is final
@@ -324,8 +324,11 @@ def frozen_sample(features: FeatureSet, seed: int) -> tuple[torch.Tensor, torch.
     return train, val, positions
 
 
-def tell_cache_use(run: Run) -> None:
+def tell_cache_use(run: Run, d: Dist) -> None:
+    """Say what the feature pass found in the cache, counted over every rank (each read its share)."""
     use = run.cache.use if run.cache is not None else None
+    if use is not None and d.active:
+        use.hits, use.computed, use.dropped_chunks = (int(v) for v in d.sum(use.hits, use.computed, use.dropped_chunks))
     if use is not None and (use.hits or use.dropped_chunks):
         dropped = f"; {use.dropped_chunks} damaged cache files deleted, their features computed again" if use.dropped_chunks else ""
         run.reporter.info(f"features of {use.hits:,} of {use.hits + use.computed:,} images from the cache ({use.dir}){dropped}")

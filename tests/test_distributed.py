@@ -51,6 +51,8 @@ def test_one_json_object_one_run_folder(ddp_run):
     summary = json.loads(lines[0])
     assert [p.name for p in (ddp_run["root"] / "runs").iterdir()] == ["train"]
     assert summary["epochs"] == 7 and summary["num_train"] == 21 and summary["num_val"] == 17  # head 3, tail 2, fine-tune 2
+    cache = summary["feature_cache"]  # counted over both ranks (each computes or reads its share)
+    assert cache["hits"] + cache["computed"] == summary["num_train"] + summary["num_val"]
     assert "distributed: 2 processes (gloo)" not in ddp_run["stderr"]  # --quiet on rank 0, silence elsewhere
 
 
