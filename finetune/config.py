@@ -185,12 +185,20 @@ DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 
 
 def parse_duration(text: str, option: str = "--time-budget") -> float:
-    """Seconds in "90s", "10m", "1h30m", "1.5h" or a plain number of seconds."""
+    """Seconds in "90s", "10m", "1h30m", "1.5h", "2m30" (a last number in the unit after the one
+    before it, as a clock reads) or a plain number of seconds."""
     spec = text.strip().lower()
-    if re.fullmatch(r"\d+(?:\.\d+)?", spec):
+    number = r"\d+(?:\.\d+)?"
+    units = re.fullmatch(rf"((?:{number}\s*[hms]\s*)+)({number})?", spec)
+    if re.fullmatch(number, spec):
         seconds = float(spec)
-    elif re.fullmatch(r"(?:\d+(?:\.\d+)?\s*[hms]\s*)+", spec):
-        seconds = sum(float(n) * DURATION_UNITS[unit] for n, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", spec))
+    elif units and not (units.group(2) and units.group(1).rstrip().endswith("s")):
+        parts = re.findall(rf"({number})\s*([hms])", units.group(1))
+        if units.group(2):  # 2m30: 30 s; 1h30: 30 min
+            parts.append((units.group(2), {"h": "m", "m": "s"}[parts[-1][1]]))
+        seconds = sum(float(n) * DURATION_UNITS[unit] for n, unit in parts)
+    elif re.fullmatch(rf"-\s*{number}\s*[hms]?", spec):
+        seconds = -1.0  # (said below: a duration must be positive)
     else:
         raise UsageError(f"{option} {text!r} is not a duration: write e.g. 90s, 10m or 1h30m.")
     if seconds <= 0:

@@ -27,10 +27,13 @@ def record(epoch, val_acc, val_loss, stage=Stage.HEAD):
 def test_a_time_budget_reads_as_people_write_durations():
     from finetune.config import parse_duration
 
-    assert [parse_duration(t) for t in ("90s", "10m", "1h30m", "1.5h", "2m 30s", "45")] == [90, 600, 5400, 5400, 150, 45]
-    for bad in ("10x", "", "m", "-5", "0s"):
+    assert [parse_duration(t) for t in ("90s", "10m", "1h30m", "1.5h", "2m 30s", "45", "2m30", "1h30")] == \
+        [90, 600, 5400, 5400, 150, 45, 150, 5400]  # (a last bare number in the next unit, as a clock reads)
+    for bad in ("10x", "", "m", "-5", "0s", "30s5"):
         with pytest.raises(UsageError, match="--time-budget"):
             parse_duration(bad)
+    with pytest.raises(UsageError, match=r"must be positive \(got '-1'\)"):  # (not "is not a duration")
+        parse_duration("-1")
 
 
 def test_unfreezing_means_five_finetune_epochs_for_library_users_too():
