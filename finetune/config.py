@@ -4,6 +4,7 @@ these dataclasses, and library users get the same checks through `checked()`."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from dataclasses import asdict, dataclass, replace
@@ -86,17 +87,26 @@ class TrainConfig:
         paths = {k: Path(v) for k in _PATH_FIELDS if isinstance(v := getattr(self, k), (str, os.PathLike))}
         budget = {"time_budget": parse_duration(self.time_budget)} if isinstance(self.time_budget, str) else {}
         cfg = replace(self, **paths, **budget)
-        for name, kinds in _NUMBER_FIELDS.items():
+        if cfg.data is None and cfg.resume is None:
+            raise UsageError("data: give an image folder, e.g. TrainConfig(data='photos').")
+        for name in _STR_FIELDS:
+            if not isinstance(getattr(cfg, name), str):
+                raise UsageError(f"--{name.replace('_', '-')} must be a name (got {getattr(cfg, name)!r}).")
+        numbers_as_python = {}
+        for name, kind in _NUMBER_FIELDS.items():  # (NumPy's numbers too: a sweep over np.arange)
             value = getattr(cfg, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-                whole = "a whole number" if kinds == (int,) else "a number"
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                whole = "a whole number" if kind is numbers.Integral else "a number"
                 raise UsageError(f"--{name.replace('_', '-')} must be {whole} (got {value!r}).")
-        return cfg
+            if value is not None:
+                numbers_as_python[name] = int(value) if kind is numbers.Integral else float(value)
+        return replace(cfg, **numbers_as_python)
 
     def checked(self) -> "TrainConfig":
         """This config with every option checked (UsageError naming the option otherwise) and the
         options that depend on each other settled: finetune_epochs and freeze_backbone agree (both
         None: planned during the run)."""
+        self = self.typed()
         _require([
             (self.val_split is None or 0.0 < self.val_split < 1.0, f"--val-split must be between 0 and 1 (got {self.val_split})."),
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})."),
@@ -146,7 +156,8 @@ _INTS = ("img_size", "seed", "batch_size", "epochs", "views", "patience", "max_i
          "finetune_epochs", "workers", "max_pixels")
 _FLOATS = ("val_split", "lr", "weight_decay", "label_smoothing", "time_budget", "backbone_lr_ratio", "early_lr_ratio",
            "average_epochs", "cache_limit_gb", "feature_memory_gb")
-_NUMBER_FIELDS = {**{k: (int,) for k in _INTS}, **{k: (int, float) for k in _FLOATS}}
+_NUMBER_FIELDS = {**{k: numbers.Integral for k in _INTS}, **{k: numbers.Real for k in _FLOATS}}
+_STR_FIELDS = ("arch", "layout", "device", "head_features")
 
 
 @dataclass
@@ -197,7 +208,7 @@ def parse_duration(text: str, option: str = "--time-budget") -> float:
         if units.group(2):  # 2m30: 30 s; 1h30: 30 min
             parts.append((units.group(2), {"h": "m", "m": "s"}[parts[-1][1]]))
         seconds = sum(float(n) * DURATION_UNITS[unit] for n, unit in parts)
-    elif re.fullmatch(rf"-\s*{number}\s*[hms]?", spec):
+    elif re.fullmatch(rf"-\s*(?:{number}\s*[hms]?\s*)+", spec):
         seconds = -1.0  # (said below: a duration must be positive)
     else:
         raise UsageError(f"{option} {text!r} is not a duration: write e.g. 90s, 10m or 1h30m.")

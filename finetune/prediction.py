@@ -170,6 +170,8 @@ def predict(model: LoadedModel | str | Path, inputs: Iterable[str | Path] | str 
     model = as_loaded(model)
     if isinstance(inputs, (str, os.PathLike)):  # (one path: not a sequence of one-letter inputs)
         inputs = [inputs]
+    if inputs is None or isinstance(inputs, (bytes, bytearray)):
+        raise UsageError("inputs: give image files, folders or glob patterns (a path, or a list of them).")
     items = expand_inputs(str(i) for i in inputs)
     if not items:
         raise UsageError("no inputs: pass image files, folders, glob patterns, or - to read paths from stdin.")

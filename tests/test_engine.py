@@ -235,8 +235,17 @@ def test_the_library_takes_paths_as_strings_and_wrong_types_as_one_line_errors(t
         finetune.train(str(trained_run["data"]))
     with pytest.raises(finetune.FinetuneError, match="a model is a finetune.load_model"):
         list(finetune.predict(42, "x.jpg"))
-    budget = finetune.TrainConfig(data=str(trained_run["data"]), runs_dir=str(tmp_path / "runs"), time_budget="2m").typed()
+    budget = finetune.TrainConfig(data=str(trained_run["data"]), runs_dir=str(tmp_path / "runs"), time_budget="2m").checked()
     assert budget.time_budget == 120.0 and budget.data == trained_run["data"] and budget.runs_dir == tmp_path / "runs"
+    import numpy as np  # (a sweep over np.arange hands NumPy numbers)
+
+    swept = finetune.TrainConfig(data="photos", epochs=np.int64(5), lr=np.float32(0.5)).checked()
+    assert (swept.epochs, swept.lr) == (5, 0.5) and type(swept.epochs) is int and type(swept.lr) is float
+    for wrong, says in (({"data": None}, "data: give an image folder"), ({"arch": None}, "--arch must be a name")):
+        with pytest.raises(finetune.FinetuneError, match=says):
+            finetune.TrainConfig(**wrong).checked()
+    with pytest.raises(finetune.FinetuneError, match="inputs: give image files"):
+        list(finetune.predict(run_dir, None))
 
 
 def test_a_run_resumed_in_the_head_stage_keeps_its_own_copy_of_the_best_model(tmp_path):

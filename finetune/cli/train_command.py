@@ -96,8 +96,8 @@ def train(
 
 def ignored_on_resume(data: Path | None, cfg) -> list[str]:
     """DATA and the options given with --resume: the run goes on with those it started with."""
-    given = [f"--{f.name.replace('_', '-')}" for f in fields(cfg) if f.name not in ("data", "resume")
-             and getattr(cfg, f.name) != getattr(TRAIN, f.name)]
+    given = [f"--{f.name.replace('_', '-')}" for f in fields(cfg) if f.name not in ("data", "resume", "device")
+             and getattr(cfg, f.name) != getattr(TRAIN, f.name)]  # (--device applies: the process picks it)
     return (["DATA"] if data is not None else []) + given
 
 
