@@ -20,16 +20,17 @@ from .report import Measured
 from .scan import TreeReader, drop_duplicates
 
 
-def find_eval_root(data: Path, layout: str = "auto") -> Path:
-    """DATA's test split, else its val split (as train would read DATA), else DATA's own class folders."""
+def find_eval_root(data: Path, layout: str = "auto") -> tuple[Path, bool]:
+    """DATA's test split, else its val split (as train would read DATA), else DATA's own class
+    folders; and whether it is that last, the folder training itself would read (no held-out folder)."""
     found = find_layout(data, layout)
     for role in ("test", "val"):
         if role in found.splits:
-            return found.splits[role]
+            return found.splits[role], False
     if found.kind != "class folders":
         raise DataError(f"{data}: holds a training split ({found.splits['train']}) but no test or val folder to measure "
                         f"on. Pass a folder of labelled held-out images.")
-    return found.root
+    return found.root, True
 
 
 def labelled_images(root: Path, classes: list[str]) -> tuple[list[Sample], list[dict]]:
@@ -58,8 +59,8 @@ def evaluate(model: LoadedModel, data: Path | str, cfg: PredictConfig | None = N
     model = as_loaded(model)  # (the Python API also takes a path)
     if cfg.labels is not None:
         return evaluate_labelled(model, Path(data), cfg, reporter)
-    root = find_eval_root(Path(data), cfg.layout)
-    held = held_out_in_training(model, Path(data), cfg) if root == find_layout(Path(data), cfg.layout).splits["train"] else None
+    root, training_folder = find_eval_root(Path(data), cfg.layout)
+    held = held_out_in_training(model, Path(data), cfg) if training_folder else None
     if held is not None and held.samples is not None:
         return measure(model, held.samples, cfg, reporter, f"{root} (the val images its training held out)", held.skipped)
     samples, skipped = labelled_images(root, model.classes)
