@@ -42,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -206,12 +205,13 @@ def pure_rates(arch: str, batch_size: int, views: int, device: torch.device, sec
 
 
 def frozen_batchnorm_rates(model, img_size: int, batch_size: int, device: torch.device) -> tuple[float, float]:
-    """Training images/s of fine-tuning's passes (BatchNorm frozen) as the tool runs them (its statistics
-    folded into the convolutions: stages.measure_training_rate, what plans fine-tuning) and unfolded.
-    Folding halved a CPU's BatchNorm cost; on a GPU its extra ops per step might cost more than it saves."""
-    from finetune.stages import fastest_pass, freeze_batchnorm, measure_training_rate
+    """Training images/s of fine-tuning's passes (BatchNorm frozen) with its statistics folded into the
+    convolutions, as the tool trains, and unfolded: forward and backward passes of a constant batch,
+    no optimizer step. Folding halved a CPU's BatchNorm cost; on a GPU its extra ops per step might
+    cost more than it saves."""
+    from finetune.fold import folded_while_frozen, probe_images
+    from finetune.stages import fastest_pass, freeze_batchnorm
 
-    folded = measure_training_rate(model, img_size, batch_size, device)
     x = torch.full((batch_size, 3, img_size, img_size), 0.5, device=device).contiguous(memory_format=torch.channels_last)
     amp = autocast_dtype(device)
 
@@ -220,25 +220,40 @@ def frozen_batchnorm_rates(model, img_size: int, batch_size: int, device: torch.
             logits = model(x)
         logits.float().logsumexp(1).mean().backward()
 
-    model.train()
-    freeze_batchnorm(model)
-    unfolded = batch_size / fastest_pass(step, device)
-    model.zero_grad(set_to_none=True)
-    return folded, unfolded
+    def rate() -> float:
+        model.train()
+        freeze_batchnorm(model)
+        seconds = fastest_pass(step, device)
+        model.zero_grad(set_to_none=True)
+        return batch_size / seconds
+
+    with folded_while_frozen(model, lambda: model(probe_images(img_size, device))):
+        folded = rate()
+    return folded, rate()
 
 
-def loader_rates(data: Path, cfg: TrainConfig) -> dict:
-    """Images/s that fine-tuning's loader decodes and augments (stages.measure_decoding_rate, 3 s or an
-    epoch, its workers' start included) with the tool's workers and with every core but one."""
+def loader_rates(data: Path, cfg: TrainConfig, seconds: float = 3.0) -> dict:
+    """Images/s that fine-tuning's loader decodes and augments alone (3 s or an epoch, its workers' start
+    included) with the tool's workers and with every core but one."""
     from finetune.cpus import usable_cores
-    from finetune.data import default_workers
+    from finetune.data import default_workers, make_loader
     from finetune.reading import scan_dataset
-    from finetune.stages import measure_decoding_rate
+    from finetune.stages import finetune_train_images
 
     split = scan_dataset(data, cfg.val_split, cfg.seed)
     pp = get_arch("efficientnet_lite0").preprocessing(None)
+
+    def rate(workers: int) -> float:
+        loader = make_loader(finetune_train_images(split, pp, cfg, light=False), cfg.batch_size, workers, seed=cfg.seed)
+        done, started = 0, time.perf_counter()
+        for indices, _batch, failed in loader:
+            done += len(indices) + len(failed)
+            if time.perf_counter() - started >= seconds:
+                break
+        return done / max(time.perf_counter() - started, 1e-9)
+
     counts = sorted({default_workers(), max(1, usable_cores() - 1)})
-    return {f"workers_{n}": round(measure_decoding_rate(split, pp, replace(cfg, workers=n), light=False), 1) for n in counts}
+    return {f"workers_{n}": round(rate(n), 1) for n in counts}
 
 
 def sync(device: torch.device) -> None:

@@ -163,3 +163,11 @@ def forward_in_chunks(fn, x: torch.Tensor, device: torch.device, amp: torch.dtyp
     if device.type != "cpu" or len(x) <= chunk:
         return fn(x)
     return torch.cat([fn(part) for part in x.split(chunk)])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU's kernels run after the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -21,7 +21,7 @@ from .checkpoint import model_metadata
 from .cache import FeatureCache
 from .config import TrainConfig
 from .data import DatasetSplit, Preprocessing, samples_digest
-from .device import autocast
+from .device import autocast, synchronize
 from .distributed import Dist, interrupts_deferred
 from .errors import TrainingDiverged, UsageError
 from .models import Classifier
@@ -168,6 +168,24 @@ class Run:
         self.best.state = {k: v.to(device) for k, v in state.items()}
 
 
+def no_time_for_another_epoch(run: Run) -> bool:
+    """Whether what --time-budget has left is less than the epoch just done took (its val pass
+    included). Planning measured a stage's pace before it started; what it left out (saving the
+    state each epoch, a bigger share on small images) is caught here."""
+    left = run.seconds_left()
+    return left is not None and left < run.history[-1].seconds
+
+
+def stop_for_the_time_budget(stage, run: Run, epoch: int) -> None:
+    """End the stage as early stopping does (a resumed run counts it done), and say so where the plan is."""
+    run.early.stopped_stage = stage.kind
+    plan = {Stage.TAIL: run.tail_plan, Stage.FINETUNE: run.finetune_plan}.get(stage.kind)
+    if plan is not None:
+        plan["stopped_after"] = epoch
+    run.reporter.info(f"time budget: {run.seconds_left():.0f} s left, an epoch takes about {run.history[-1].seconds:.0f} s: "
+                      f"{stage.title.lower()} stops after epoch {epoch} of {stage.epochs}")
+
+
 def early_stop_message(patience: int) -> str:
     return f"early stop: no better val accuracy for {patience} epochs"
 
@@ -184,28 +202,18 @@ def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None
     """Train `stage` (stages.HeadStage, TailStage or FinetuneStage) from epoch `done` + 1 to its last epoch,
     or until early stopping ends it. `resumed`: the state to continue from when `done` > 0."""
     groups = [{**g, "params": list(g["params"])} for g in stage.param_groups()]  # (read twice below)
-    # Fused: one kernel per step instead of a few per tensor, which is most of a head's step on a
-    # CPU (a 2,064 -> 2 head at batch 32: 1.71 -> 1.37 ms per step); equal to float rounding. Only
-    # where every tensor is contiguous (the heads'): a channels_last weight whose moments come
-    # back contiguous from a resumed state would not line up element for element.
-    plain = all(p.is_contiguous() for g in groups for p in g["params"])
-    optimizer = torch.optim.AdamW(groups, weight_decay=run.cfg.weight_decay,
-                                  fused=(plain and stage.device.type in ("cpu", "cuda")) or None)
+    optimizer = make_optimizer(groups, run.cfg, stage.device)
     total = stage.steps_per_epoch * stage.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, stage.warmup_steps))
     # Stages that start from a trained model validate and keep their weights' average (averaging.py).
-    average = None
-    if stage.averaged and run.cfg.average_epochs:
-        average = WeightAverage(named_in(run.model, [p for g in groups for p in g["params"]]),
-                                run.cfg.average_epochs * stage.steps_per_epoch)
+    average = weight_average(stage, groups, run.cfg)
     if done:
         load_optimizer_state(optimizer, resumed.optimizer, run.folder.path)
         schedule.load_state_dict(resumed.schedule)
         restore_rng(resumed.rng, stage.generator)
         if average is not None:
             average.load_state_dict(resumed.average)
-    # fp16 needs loss scaling to keep small gradients; bf16 has fp32's range and does not.
-    scaler = torch.amp.GradScaler(stage.device.type, enabled=stage.amp == torch.float16)
+    scaler = loss_scaler(stage)
     first_epoch_of_stage = len(run.history) - done + 1
     reporter, d = run.reporter, stage.dist
     if not stage.bar_per_epoch:
@@ -239,6 +247,91 @@ def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None
                 raise KeyboardInterrupt
     if not stage.bar_per_epoch:
         reporter.finish()
+
+
+def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # Fused: one kernel per step instead of a few per tensor, which is most of a head's step on a
+    # CPU (a 2,064 -> 2 head at batch 32: 1.71 -> 1.37 ms per step); equal to float rounding. Only
+    # where every tensor is contiguous (the heads'): a channels_last weight whose moments come
+    # back contiguous from a resumed state would not line up element for element.
+    plain = all(p.is_contiguous() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=(plain and device.type in ("cpu", "cuda")) or None)
+
+
+def weight_average(stage, groups: list[dict], cfg: TrainConfig) -> WeightAverage | None:
+    """Stages that start from a trained model validate and keep their weights' average (averaging.py)."""
+    if not (stage.averaged and cfg.average_epochs):
+        return None
+    return WeightAverage(named_in(stage.model, [p for g in groups for p in g["params"]]), cfg.average_epochs * stage.steps_per_epoch)
+
+
+def loss_scaler(stage) -> torch.amp.GradScaler:
+    # fp16 needs loss scaling to keep small gradients; bf16 has fp32's range and does not.
+    return torch.amp.GradScaler(stage.device.type, enabled=stage.amp == torch.float16)
+
+
+def take_step(stage, optimizer, scaler, average: WeightAverage | None, x: torch.Tensor,
+              y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of `stage` on a batch (the average updated after it): its logits and loss."""
+    with autocast(stage.device, stage.amp):
+        logits = stage.net(x)
+        loss = stage.loss(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if average is not None:
+        average.update()
+    return logits, loss
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast a stage trains here, measured by measure_pace."""
+    startup_s: float  # until its loader's first batch: the workers start anew for each pass (training, then val)
+    images_per_s: float  # training images a second after that, each step's optimizer and loader included
+
+    def epoch_seconds(self, train: int, val: int) -> float:
+        """An epoch: its training steps, then its val pass (forward only: about a third of a step's time)."""
+        return 2 * self.startup_s + (train + val / 3) / self.images_per_s
+
+
+def measure_pace(stage, seconds: float) -> Pace | None:
+    """Train `stage` (built on a copy of the model: its weights change) as fit_stage would, its loader,
+    optimizer, weight average and folded BatchNorm included, for `seconds` after a first step that
+    warms up (at least two steps more, at most an epoch), and time it. The parts left out of a pace
+    measured from the network's passes alone cost about 45% on 64-px images on a 2-core CPU: the
+    optimizer step, the loader's workers taking cores from the maths, and their start each epoch
+    (BENCHMARKS.md, "Fine-tuning's planned pace"). The run's random streams are left as they were.
+    None where no batch could be read (its files deleted since they were scanned, say)."""
+    groups = [{**g, "params": list(g["params"])} for g in stage.param_groups()]
+    optimizer, scaler = make_optimizer(groups, stage.cfg, stage.device), loss_scaler(stage)
+    average = weight_average(stage, groups, stage.cfg)
+    devices = [] if stage.device.type == "cpu" else [stage.device]
+    images = steps = 0
+    startup = t0 = None
+    with torch.random.fork_rng(devices=devices, device_type=stage.device.type), stage.batchnorm_folded():
+        stage.start_epoch(1)
+        stage.train_mode()
+        started = time.perf_counter()
+        for batch in stage.batches():
+            if batch is None:
+                continue
+            if startup is None:
+                startup = time.perf_counter() - started
+            take_step(stage, optimizer, scaler, average, *batch)
+            synchronize(stage.device)
+            if t0 is None:  # (the warm-up step: cuDNN chooses its algorithms, oneDNN builds its kernels)
+                t0, first = time.perf_counter(), len(batch[1])
+                continue
+            images, steps = images + len(batch[1]), steps + 1
+            if steps >= 2 and time.perf_counter() - t0 >= seconds:
+                break
+    if startup is None:
+        return None
+    if not steps:  # (an epoch of one batch: its warm-up step is all there is to time)
+        return Pace(startup, first / max(t0 - started - startup, 1e-9))
+    return Pace(startup, images / max(time.perf_counter() - t0, 1e-9))
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, run_dir: Path) -> None:
@@ -275,16 +368,8 @@ def train_one_epoch(stage, optimizer, schedule, scaler, interrupt, reporter: Rep
         if skip:
             continue
         x, y = batch
-        with autocast(stage.device, stage.amp):
-            logits = stage.net(x)
-            loss = stage.loss(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        logits, loss = take_step(stage, optimizer, scaler, average, x, y)
         schedule.step()
-        if average is not None:
-            average.update()
         pending.add(loss, (logits.argmax(1) == y).sum(), len(y))
         seen += len(y)
         if len(pending.sizes) == SUM_EVERY_STEPS:
@@ -345,5 +430,9 @@ def end_epoch(stage, run: Run, epoch: int, first_epoch_of_stage: int, optimizer,
     stop = run.early.should_stop(stage.kind, len(run.history), best_val_epoch(run.history), first_epoch_of_stage)
     if stop:
         run.reporter.info(early_stop_message(run.early.patience))
+    elif stage.kind is not Stage.HEAD and epoch < stage.epochs and stage.dist.any_of(no_time_for_another_epoch(run))[0]:
+        # (the head's epochs take milliseconds, and its model is the least a run gives; every rank decides alike)
+        stop_for_the_time_budget(stage, run, epoch)
+        stop = True
     run.folder.save_state(run.resume_state(stage, epoch, optimizer, schedule, average), run.history)
     return stop

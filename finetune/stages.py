@@ -24,14 +24,13 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .config import TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, make_loader
-from .device import autocast, autocast_dtype, forward_in_chunks, to_model_input
+from .device import autocast, autocast_dtype, forward_in_chunks, synchronize, to_model_input
 from .distributed import SINGLE, Dist
 from .features import FeatureSet
 from .fold import folded_while_frozen, probe_images
 from .models import Classifier
 from .records import Stage
 
-DECODING_PROBE_S = 3.0  # how long planning reads fine-tuning's loader to measure its pace (one epoch if shorter)
 Batch = tuple[torch.Tensor, torch.Tensor]  # model input, labels; None for a batch whose images all failed
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -217,48 +216,9 @@ def freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
-def measure_training_rate(model: Classifier, img_size: int, batch_size: int, device: torch.device) -> float:
-    """Training images a second of the whole network on this device, as fine-tuning runs it
-    (precision, memory format, BatchNorm frozen and folded): forward and backward passes of a batch (a constant
-    image: a convolution's cost does not depend on the pixels), timed by fastest_pass. The weights
-    are left as they were (no optimizer step)."""
-    amp = autocast_dtype(device)
-    x = torch.full((batch_size, 3, img_size, img_size), 0.5, device=device).contiguous(memory_format=torch.channels_last)
-
-    def step() -> None:
-        with autocast(device, amp):
-            logits = model(x)
-        logits.float().logsumexp(1).mean().backward()
-
-    with folded_while_frozen(model, lambda: model(probe_images(img_size, device))):  # (as fine-tuning trains)
-        model.train()
-        freeze_batchnorm(model)
-        seconds = fastest_pass(step, device)
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    return batch_size / seconds
-
-
 def finetune_train_images(split: DatasetSplit, pp: Preprocessing, cfg: TrainConfig, light: bool) -> ImageFileDataset:
     """The training images as fine-tuning reads them: each decoded and augmented anew."""
     return ImageFileDataset([s.path for s in split.train], pp, cfg.max_pixels, views=1, augment_all=True, light=light)
-
-
-def measure_decoding_rate(split: DatasetSplit, pp: Preprocessing, cfg: TrainConfig, light: bool,
-                          seconds: float = DECODING_PROBE_S) -> float:
-    """Training images a second that fine-tuning's loader decodes and augments here, its workers'
-    start included (they start anew each epoch): on a GPU this, not the network, may set an
-    epoch's pace. Read for `seconds` at most, or one epoch. (The feature pass's pace is no measure
-    of it: it counts views, several per decoded image, and none where the feature cache had the rows.)
-    The run's random streams are left as they were (with no workers, the main process augments)."""
-    loader = make_loader(finetune_train_images(split, pp, cfg, light), cfg.batch_size, cfg.workers, seed=cfg.seed)
-    done, started = 0, time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        for indices, _batch, failed in loader:
-            done += len(indices) + len(failed)
-            if time.perf_counter() - started >= seconds:
-                break
-    return done / max(time.perf_counter() - started, 1e-9)
 
 
 def fastest_pass(step: Callable[[], None], device: torch.device) -> float:
@@ -275,14 +235,6 @@ def fastest_pass(step: Callable[[], None], device: torch.device) -> float:
             synchronize(device)
             times.append(time.perf_counter() - t0)
     return min(times[1:])
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a GPU's kernels run after the call returns)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def finetune_param_groups(model: Classifier, lr: float, early_ratio: float) -> list[dict]:

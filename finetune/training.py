@@ -14,6 +14,7 @@ writes and reports.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -28,10 +29,10 @@ from .cache import cache_for, default_cache_dir, digest_memo_for
 from .config import TrainConfig
 from .data import DatasetSplit
 from .device import autocast_dtype, pick_device
-from .distributed import Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, sigint_handler
+from .distributed import SINGLE, Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, sigint_handler
 from .errors import GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError
 from .features import FeatureExtractor, FeatureSet
-from .fit import Run, fit_stage
+from .fit import Run, fit_stage, measure_pace
 from .models import build_classifier, get_arch
 from .weights import resolve_pretrained
 from .progress import Reporter
@@ -45,10 +46,11 @@ from .runs import RunFolder, new_run_dir, refuse_output_inside_input
 from .store import plain_sample
 from .reading import scan_dataset
 from .scan import count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class
-from .stages import FinetuneStage, LossFn, TailStage, head_stage, make_loss, measure_decoding_rate, measure_training_rate
+from .stages import FinetuneStage, LossFn, TailStage, head_stage, make_loss
 
 
 SLOW_DEVICES = ("cpu",)  # where fine-tuning's pace is not measured: far below recipe.FAST_TRAINING_RATE
+PACE_PROBE_S = 3.0  # how long planning times fine-tuning's steps (after a warm-up step; at least two)
 
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | None:
@@ -208,7 +210,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
                 run.model.load_state_dict(run.best.state)  # the tail starts from the best head
                 done, resumed = 0, None
             fit_tail(run, rows, features, loss, device, done, resumed)
-            plan_finetuning(run, device, d)
+            plan_finetuning(run, loss, device, d)
         run.share_from_main(d)
         run.model.load_state_dict(run.best.state)
         done, resumed = 0, None
@@ -230,23 +232,27 @@ def light_augmentation(run: Run) -> bool:
     return run.head_choice is not None and run.head_choice.views == 1
 
 
-def plan_finetuning(run: Run, device: torch.device, d: Dist) -> None:
+def plan_finetuning(run: Run, loss: LossFn, device: torch.device, d: Dist) -> None:
     """Plan whole-network fine-tuning (recipe.plan_finetune; a resumed run keeps its plan) and say
     why. Its pace is measured where it could be fast (off the CPU) or where a time budget asks
-    what fits: the training steps' own, or (off the CPU) its loader's decoding where that is the
-    slower, times the processes sharing the epoch. An epoch adds its val pass (forward only: about a
-    third of a training step's time), and the budget keeps back the test split's pass."""
+    what fits: a few seconds of its training on a copy of the model (fit.measure_pace), times the
+    processes sharing the epoch. The budget keeps back the test split's pass."""
     if run.finetune_plan is not None:
         return
     rate = epoch_seconds = budget = None
     if run.cfg.finetune_epochs is None and run.best.acc < 1.0 and (device.type not in SLOW_DEVICES or run.deadline):
-        rate = measure_training_rate(run.model, run.pp.img_size, run.cfg.batch_size, device)
-        if device.type not in SLOW_DEVICES:  # (a CPU trains at some images a second: its loader outpaces that)
-            rate = min(rate, measure_decoding_rate(run.split, run.pp, run.cfg, light_augmentation(run)))
-        rate *= d.world
-        epoch_seconds = (len(run.split.train) + len(run.split.val) / 3) / rate
+        probe = FinetuneStage(copy.deepcopy(run.model), run.split, run.pp, loss, run.cfg, device, SINGLE, 1,
+                              light_augmentation(run))
+        pace = measure_pace(probe, PACE_PROBE_S)
+        del probe  # (its model copy, optimizer moments and loader)
+        if pace is None:
+            run.finetune_plan = {"epochs": 0, "why": "no training image could be read to measure its pace", "images_per_s": None}
+            run.reporter.info(f"no fine-tuning: {run.finetune_plan['why']}")
+            return
+        rate = pace.images_per_s * d.world
+        epoch_seconds = pace.epoch_seconds(math.ceil(len(run.split.train) / d.world), math.ceil(len(run.split.val) / d.world))
         left = run.seconds_left()
-        budget = None if left is None else max(0.0, left - len(run.split.test) / 3 / rate)
+        budget = None if left is None else max(0.0, left - pace.epoch_seconds(0, math.ceil(len(run.split.test) / d.world)))
     epochs, why = plan_finetune(run.cfg.finetune_epochs, run.best.acc, rate, epoch_seconds, budget)
     run.finetune_plan = {"epochs": epochs, "why": why, "images_per_s": rate and round(rate, 1)}
     run.reporter.info(f"fine-tuning: {epochs_text(epochs)} ({why})" if epochs else f"no fine-tuning: {why}")

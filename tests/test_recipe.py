@@ -413,30 +413,68 @@ def test_planned_finetuning_trains_as_one_asked_for_and_resumes_with_its_plan(tm
     assert compared(planned.history) == compared(asked.history)  # measuring the pace changed nothing
 
 
-def test_finetunings_pace_is_its_loaders_where_that_is_slower_with_or_without_cached_features(tmp_path, monkeypatch):
-    # A GPU trains faster than its loaders decode: the plan must take the loaders' pace, also on
-    # a second run whose features all come from the cache (it took the GPU's alone there).
-    from finetune import recipe, stages, training
-    from test_resume import config
+def test_finetunings_pace_is_measured_from_its_own_steps_with_or_without_cached_features(tmp_path, monkeypatch):
+    # The plan's pace is a few of fine-tuning's own steps over its loader: a second run whose
+    # features all come from the cache decodes nothing for them, and still measures it so (it once
+    # planned from the network's passes alone).
+    from finetune import data, fit, recipe, training
 
     from conftest import CLASS_COLOURS, make_image
+    from test_resume import config
 
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(training, "SLOW_DEVICES", ())  # the pace is measured on this CPU, as off it
-    monkeypatch.setattr(training, "measure_training_rate", lambda *a: 1e9)  # a GPU's training steps
     monkeypatch.setattr(recipe, "FAST_TRAINING_RATE", 0.0)
     monkeypatch.setattr(recipe, "FINETUNE_EPOCHS", 1)
-    decoded = []
-    measure = stages.measure_decoding_rate
-    monkeypatch.setattr(training, "measure_decoding_rate", lambda *a, **kw: decoded.append(measure(*a, **kw)) or decoded[-1])
+    reads, paces = [], []
+    read = data.ImageFileDataset.__getitem__
+    monkeypatch.setattr(data.ImageFileDataset, "__getitem__", lambda ds, i: reads.append(i) or read(ds, i))
+
+    def measured(stage, seconds):
+        before = len(reads)
+        paces.append((fit.measure_pace(stage, seconds), len(reads) - before))
+        return paces[-1][0]
+
+    monkeypatch.setattr(training, "measure_pace", measured)
     odd = make_train_val(tmp_path / "data")
     make_image(odd / "val" / "cat" / "odd.jpg", CLASS_COLOURS["dog"], seed=77)  # a dog filed as a cat: val below 1.0
     cfg = config(odd, tmp_path / "a", finetune_epochs=None, tail_epochs=0)
     first = train(cfg)
     second = train(replace(cfg, runs_dir=tmp_path / "b"))
     assert second.feature_cache["computed"] == 0  # every row from the cache
-    assert len(decoded) == 2 and all(0 < rate < 1e6 for rate in decoded)
-    assert [first.recipe["finetune"]["images_per_s"], second.recipe["finetune"]["images_per_s"]] == [round(r, 1) for r in decoded]
+    assert len(paces) == 2 and all(pace.images_per_s > 0 and pace.startup_s >= 0 for pace, _ in paces)
+    assert all(0 < n <= first.num_train for _, n in paces)  # its own images, decoded by its loader
+    assert [first.recipe["finetune"]["images_per_s"], second.recipe["finetune"]["images_per_s"]] == \
+        [round(pace.images_per_s, 1) for pace, _ in paces]
+
+
+def test_measuring_the_pace_takes_real_steps_on_a_copy_and_leaves_the_random_streams(tmp_path):
+    from finetune.data import Sample
+    from finetune.distributed import SINGLE
+    from finetune.fit import measure_pace
+    from finetune.models import build_classifier, get_arch
+    from finetune.reading import scan_dataset
+    from finetune.stages import FinetuneStage, make_loss
+
+    from test_resume import config
+
+    cfg = config(make_train_val(tmp_path / "data", n_train=6), tmp_path / "runs")
+    split = scan_dataset(cfg.data, cfg.val_split, cfg.seed)
+    spec = get_arch(cfg.arch)
+    model = build_classifier(spec, len(split.classes)).to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stage = FinetuneStage(model, split, spec.preprocessing(cfg.img_size), make_loss(cfg, [6] * 3, torch.device("cpu")),
+                          cfg, torch.device("cpu"), SINGLE, 1)
+    rng = torch.random.get_rng_state()
+    pace = measure_pace(stage, 0.0)  # 18 images in batches of 8: a warm-up step, then the two left in the epoch
+    assert pace.images_per_s > 0 and pace.startup_s >= 0
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any(k.startswith("head.") for k in changed)  # the optimizer stepped (planning measures on a copy)
+    assert pace.epoch_seconds(80, 30) == pytest.approx(2 * pace.startup_s + 90 / pace.images_per_s)
+    unreadable = replace(split, train=[Sample(tmp_path / "gone.jpg", 0)] * 3)
+    assert measure_pace(FinetuneStage(model, unreadable, spec.preprocessing(cfg.img_size), stage.loss, cfg,
+                                      torch.device("cpu"), SINGLE, 1), 0.0) is None
 
 
 @pytest.mark.parametrize("budget", ["1h", "1s"])
@@ -471,6 +509,35 @@ def test_a_time_budget_plans_the_later_stages_into_what_is_left(tmp_path, monkey
         assert tail["epochs"] == finetune["epochs"] == 0 and "the time budget has 0 s left" in tail["why"]
         assert stages == ["head"] * 3
         assert "no tail stage:" in result.stderr and "time budget" in result.stderr
+
+
+class Said(Reporter):
+    def __init__(self):
+        self.said = []
+
+    def info(self, message):
+        self.said.append(message)
+
+
+def test_a_stage_the_time_budget_cannot_fit_another_epoch_of_stops_there(tmp_path, monkeypatch):
+    # Planning measures a stage's pace before it starts; an epoch can still take longer than
+    # planned (the state saved each epoch, small images), and the run must not go on past the budget.
+    from finetune.fit import Run
+    from finetune.records import Stage
+
+    from conftest import CLASS_COLOURS, make_image
+    from test_resume import config
+
+    odd = make_train_val(tmp_path / "data")
+    make_image(odd / "val" / "cat" / "odd.jpg", CLASS_COLOURS["dog"], seed=77)  # val below 1.0
+    spent = lambda run: run.history and run.history[-1].stage is Stage.FINETUNE  # noqa: E731
+    monkeypatch.setattr(Run, "seconds_left", lambda run: 0.0 if spent(run) else 3600.0)  # the clock runs out in fine-tuning
+    said = Said()
+    result = train(config(odd, tmp_path / "runs", tail_epochs=0, finetune_epochs=3, time_budget=3600.0), said)
+    assert [r.stage for r in result.history].count(Stage.FINETUNE) == 1
+    assert result.recipe["finetune"]["stopped_after"] == 1 and result.stopped_early
+    assert "time budget: 0 s left, an epoch takes about" in "\n".join(said.said)
+    assert "fine-tune stops after epoch 1 of 3" in "\n".join(said.said)
 
 
 def test_tail_epochs_for_a_backbone_without_a_tail_is_a_one_line_error(data, tmp_path):
