@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +52,13 @@ def default_output(model_path: Path, fmt: str) -> Path:
 
 def output_path(model_path: Path, fmt: str, out: Path | str | None) -> Path:
     """Where the export goes: `out`, or the default name (model.onnx, model.pt) next to the
-    model or, when `out` is an existing folder, inside it (a folder cannot be replaced by a file)."""
+    model or, when `out` is a folder, inside it: an existing one (a folder cannot be replaced by a
+    file), or one named with a trailing separator (`exports/`), made if missing."""
     if out is None:
         return default_output(model_path, fmt)
+    folder = str(out).endswith(("/", os.sep))  # (pathlib drops the separator: read it from the string)
     out = Path(out)
-    return out / default_output(model_path, fmt).name if out.is_dir() else out
+    return out / default_output(model_path, fmt).name if folder or out.is_dir() else out
 
 
 @contextlib.contextmanager

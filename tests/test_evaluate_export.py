@@ -144,6 +144,17 @@ def test_export_into_an_existing_folder_uses_the_default_name(run, tmp_path, fmt
     assert sorted(p.name for p in folder.iterdir()) == [name, f"{name}.json"]  # nothing else, no temporary file
 
 
+@pytest.mark.parametrize("given, written", [("new/", "new/model.pt"), ("a/b/m.pt", "a/b/m.pt")])
+def test_export_makes_the_folder_it_is_told_to_write_in(run, tmp_path, given, written):
+    # `--out new/` names a folder (typer's Path would drop the slash and write a file "new");
+    # `--out a/b/m.pt` a file in folders not made yet (files.atomic_target makes them).
+    result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript",
+                                 "--out", str(tmp_path) + "/" + given, "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert Path(json.loads(result.stdout)["path"]) == tmp_path / written
+    assert (tmp_path / written).is_file() and (tmp_path / (written + ".json")).is_file()
+
+
 def refuse_writes_in(folder: Path, monkeypatch, where: str, error: OSError) -> None:
     """As a read-only disk or a folder without write permission would, whoever runs the tests
     (root ignores chmod): `where` is the step of files.atomic_target that fails."""

@@ -147,7 +147,8 @@ def check(
 def export(
     model: Annotated[Optional[Path], typer.Option(help="Model file or run folder (default: the newest run under --runs-dir).", show_default=False)] = None,
     output_format: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
-    out: Annotated[Optional[Path], typer.Option(help="Output file, or a folder to write model.onnx or model.pt in (default: next to the model); a .json with classes and preprocessing is written beside it.", show_default=False)] = None,
+    # (a string: a trailing "/" says a folder, which a Path would drop)
+    out: Annotated[Optional[str], typer.Option(help="Output file, or a folder to write model.onnx or model.pt in (an existing one, or one ending in /; default: next to the model); a .json with classes and preprocessing is written beside it.", show_default=False)] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ):
