@@ -3,7 +3,6 @@ the test split measured once, the report and results.json."""
 
 from __future__ import annotations
 
-import time
 
 import torch
 
@@ -20,7 +19,7 @@ from .scan import count_per_class, is_imbalanced
 MAX_FEATURE_IMAGES = 5_000  # training images the unknown rule is fitted on (a seeded sample beyond that)
 
 
-def finish(run: Run, started: float, device: torch.device, weights_source: str) -> TrainResult:
+def finish(run: Run, device: torch.device, weights_source: str) -> TrainResult:
     """Calibrate, then write the model, metrics, plots and results.json; the training state goes
     (nothing left to resume)."""
     split, folder = run.split, run.folder
@@ -34,7 +33,7 @@ def finish(run: Run, started: float, device: torch.device, weights_source: str) 
     result = TrainResult(
         run_dir=folder.path, model=model_path, best_val_acc=run.best.acc, best_epoch=run.best.epoch,
         epochs=len(run.history), classes=split.classes, num_train=len(split.train), num_val=len(split.val),
-        skipped=split.skipped, device=str(device), seconds=round(time.perf_counter() - started, 2), arch=run.cfg.arch,
+        skipped=split.skipped, device=str(device), seconds=round(run.seconds_so_far(), 2), arch=run.cfg.arch,
         img_size=run.pp.img_size, weights=weights_source, layout=split.layout,
         class_counts=dict(zip(split.classes, counts)), imbalanced=is_imbalanced(counts),
         stopped_early=run.early.stopped_early, plots=[str(p) for p in plots], history=run.history,

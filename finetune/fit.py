@@ -69,6 +69,8 @@ class Run:
     tail_plan: dict | None = None  # the tail stage's epochs and why (recipe.plan_tail), once planned
     finetune_plan: dict | None = None  # fine-tuning's epochs and why (recipe.plan_finetune), once planned
     deadline: float | None = None  # time.perf_counter() at which --time-budget runs out (None: no budget)
+    started: float = field(default_factory=time.perf_counter)  # time.perf_counter() when this process began the run
+    seconds_before: float = 0.0  # what the run took before it was resumed here (up to its last saved state)
     test_rows: tuple | None = None  # the test split's (decoded samples, cached rows [n, 1, dim], failures), when in memory
     suspects: list[dict] | None = None  # suspected label errors in train (run_report.training_suspects); None: not computed
     suspects_note: str = "Not computed: the run was resumed in its fine-tuning stage, after the features were let go."
@@ -107,6 +109,7 @@ class Run:
             classes=self.split.classes, stopped_stage=self.early.stopped_stage, files_digest=self.files_digest,
             head_choice=self.head_choice, candidates=self.candidates, learning_curve=self.learning_curve,
             tail_plan=self.tail_plan, finetune_plan=self.finetune_plan, average=average.state_dict() if average is not None else {},
+            seconds=self.seconds_so_far(),
         )
 
     def restore(self, state: ResumeState, device: torch.device) -> None:
@@ -116,6 +119,7 @@ class Run:
         self.best.val_logits = state.best_val_logits
         self.best.follow(state.history)
         self.early.stopped_stage = state.stopped_stage
+        self.seconds_before = state.seconds
         # States written before heads were chosen had the final features of `views` views.
         self.head_choice = state.head_choice or HeadChoice(self.cfg.views or 4, False)
         self.candidates = state.candidates
@@ -149,6 +153,10 @@ class Run:
         if self.early.stopped_stage is Stage.HEAD:  # (said by the candidate to no one)
             self.reporter.info(early_stop_message(self.early.patience))
         self.folder.save_state(state, self.history)
+
+    def seconds_so_far(self) -> float:
+        """The run's time: this process's, and a resumed run's before it (its time while stopped not counted)."""
+        return self.seconds_before + time.perf_counter() - self.started
 
     def seconds_left(self) -> float | None:
         """What the run has left of --time-budget (None: no budget)."""

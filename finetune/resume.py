@@ -55,6 +55,7 @@ class ResumeState:
     tail_plan: dict | None = None  # the tail stage's epochs and why, once planned
     finetune_plan: dict | None = None  # fine-tuning's epochs and why, once planned (None in older states: the config's)
     average: dict[str, torch.Tensor] = field(default_factory=dict)  # the stage's weights' average (averaging.py), by name
+    seconds: float = 0.0  # the run's time up to this state (0 in older states)
 
     @property
     def stopped_early(self) -> bool:
@@ -78,7 +79,7 @@ class ResumeState:
             "files_digest": self.files_digest, "optimizer_param_groups": self.optimizer["param_groups"],
             "head_choice": self.head_choice.to_dict() if self.head_choice else None, "candidates": self.candidates,
             "learning_curve": self.learning_curve, "tail_plan": self.tail_plan,
-            "finetune_plan": self.finetune_plan,
+            "finetune_plan": self.finetune_plan, "seconds": self.seconds,
         }
         write_safetensors(path, tensors, info, STATE_KEY)
 
@@ -107,6 +108,7 @@ class ResumeState:
                 head_choice=HeadChoice(**info["head_choice"]) if info.get("head_choice") else None,
                 candidates=info.get("candidates", []), learning_curve=info.get("learning_curve", []),
                 tail_plan=info.get("tail_plan"), finetune_plan=info.get("finetune_plan"), average=_with_prefix(tensors, "average."),
+                seconds=float(info.get("seconds", 0.0)),
             )
         except (ModelFileError, KeyError, TypeError, ValueError):
             raise damaged from None

@@ -115,7 +115,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     run_dir = resume_dir if resume_dir is not None else share_outcome(d, lambda: new_run_dir(cfg))
     run = Run(cfg, model, split, pp, RunFolder(run_dir, writes=d.is_main), reporter, files_digest(split, cfg.data),
               cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input), no_tail=no_tail,
-              deadline=started + cfg.time_budget if cfg.time_budget else None)
+              deadline=started + cfg.time_budget if cfg.time_budget else None, started=started)
     try:
         run_stages(run, device, d, ResumeState.load(run.folder.state_path) if resume_dir is not None else None)
     except KeyboardInterrupt:
@@ -126,7 +126,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     if not d.is_main:
         return None
     with sigint_ignored():  # training is over: a Ctrl-C now must not leave the run folder half-written
-        return finish(run, started, device, weights_source)
+        return finish(run, device, weights_source)
 
 
 def tail_unavailable(cfg: TrainConfig, spec, all_dim: int, tail_shape: tuple[int, ...] | None,

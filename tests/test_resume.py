@@ -15,7 +15,7 @@ from finetune import Reporter, TrainConfig, load_model, train
 from finetune.cli import app
 from finetune.errors import TrainingInterrupted
 from finetune.features import FeatureExtractor
-from finetune.resume import STATE_FILENAME
+from finetune.resume import STATE_FILENAME, ResumeState
 from finetune.stages import FinetuneStage
 
 from conftest import CLASS_COLOURS, FAST_TRAIN_ARGS, make_image, make_train_val, tree_hashes
@@ -177,6 +177,20 @@ def test_resume_works_from_another_directory(reference, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     resumed = train(TrainConfig(resume=data.parent / "relative_runs" / "train"))
     assert compared(resumed.history) == compared(ref.history)
+
+
+def test_a_resumed_runs_seconds_count_the_time_before_the_interruption_too(reference, tmp_path, monkeypatch):
+    from finetune import resume
+
+    data, _ = reference
+    with pytest.raises(TrainingInterrupted):
+        train(config(data, tmp_path), CtrlCAt("Fine-tune epoch 2", 1))
+    saved = ResumeState.load(tmp_path / "train" / STATE_FILENAME)
+    assert saved.seconds > 0  # the features, the heads, the tail and a fine-tuning epoch
+    load = ResumeState.load
+    monkeypatch.setattr(resume.ResumeState, "load", lambda path: replace(load(path), seconds=1000.0))  # a long first part
+    resumed = train(TrainConfig(resume=tmp_path / "train"))
+    assert 1000.0 < resumed.seconds < 1000.0 + 600
 
 
 def test_data_and_options_given_with_resume_are_said_to_be_ignored(reference, tmp_path):
