@@ -71,6 +71,8 @@ class Run:
     deadline: float | None = None  # time.perf_counter() at which --time-budget runs out (None: no budget)
     started: float = field(default_factory=time.perf_counter)  # time.perf_counter() when this process began the run
     seconds_before: float = 0.0  # what the run took before it was resumed here (up to its last saved state)
+    budget_reserve_s: float = 0.0  # what --time-budget keeps back for the test split's pass (once fine-tuning is planned)
+    state_save_s: float = 0.0  # how long the last resume state took to write
     test_rows: tuple | None = None  # the test split's (decoded samples, cached rows [n, 1, dim], failures), when in memory
     suspects: list[dict] | None = None  # suspected label errors in train (run_report.training_suspects); None: not computed
     suspects_note: str = "Not computed: the run was resumed in its fine-tuning stage, after the features were let go."
@@ -176,21 +178,28 @@ class Run:
         self.best.state = {k: v.to(device) for k, v in state.items()}
 
 
-def no_time_for_another_epoch(run: Run) -> bool:
-    """Whether what --time-budget has left is less than the epoch just done took (its val pass
-    included). Planning measured a stage's pace before it started; what it left out (saving the
-    state each epoch, a bigger share on small images) is caught here."""
+def about(seconds: float) -> str:
+    """A measured duration in words: 'about 12 s', or 'under a second' (not 'about 0 s')."""
+    return "under a second" if seconds < 0.5 else f"about {seconds:.0f} s"
+
+
+def no_time_for_another_epoch(run: Run, epoch_seconds: float) -> bool:
+    """Whether what --time-budget has left, less what it keeps back for the test split, is less
+    than an epoch takes (the one just done, its val pass and the files it writes included).
+    Planning measured a stage's pace before it started; what it left out (the files written each
+    epoch, a bigger share on small images) is caught here."""
     left = run.seconds_left()
-    return left is not None and left < run.history[-1].seconds
+    return left is not None and left - run.budget_reserve_s < epoch_seconds
 
 
-def stop_for_the_time_budget(stage, run: Run, epoch: int) -> None:
+def stop_for_the_time_budget(stage, run: Run, epoch: int, epoch_seconds: float) -> None:
     """End the stage as early stopping does (a resumed run counts it done), and say so where the plan is."""
     run.early.stopped_stage = stage.kind
     plan = {Stage.TAIL: run.tail_plan, Stage.FINETUNE: run.finetune_plan}.get(stage.kind)
     if plan is not None:
         plan["stopped_after"] = epoch
-    run.reporter.info(f"time budget: {run.seconds_left():.0f} s left, an epoch takes about {run.history[-1].seconds:.0f} s: "
+    # (not this rank's seconds left: under torchrun another rank's clock may have decided)
+    run.reporter.info(f"time budget: another epoch ({about(epoch_seconds)}) would not fit in what is left: "
                       f"{stage.title.lower()} stops after epoch {epoch} of {stage.epochs}")
 
 
@@ -245,7 +254,7 @@ def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None
             with average.in_model() if average is not None else nullcontext():
                 val_logits, val_y = stage.validate()
                 record = keep_epoch(stage, run, optimizer, (*totals, time.perf_counter() - t0), val_logits, val_y)
-            stop = end_epoch(stage, run, epoch, first_epoch_of_stage, optimizer, schedule, average)
+            stop = end_epoch(stage, run, epoch, first_epoch_of_stage, optimizer, schedule, average, time.perf_counter() - t0)
             if not stage.bar_per_epoch:
                 reporter.advance(1, loss=round(record.train_loss, 4), acc=round(record.train_acc, 4),
                                  val_acc=round(record.val_acc, 4))
@@ -433,14 +442,19 @@ def keep_epoch(stage, run: Run, optimizer, totals: tuple[float, float, float, fl
 
 
 def end_epoch(stage, run: Run, epoch: int, first_epoch_of_stage: int, optimizer, schedule,
-              average: WeightAverage | None) -> bool:
-    """Decide on early stopping (returned) and save the resume state (the weights as trained)."""
+              average: WeightAverage | None, epoch_seconds: float) -> bool:
+    """Decide on early stopping (returned) and save the resume state (the weights as trained).
+    `epoch_seconds`: what the epoch took so far (its model file written, if it was kept)."""
     stop = run.early.should_stop(stage.kind, len(run.history), best_val_epoch(run.history), first_epoch_of_stage)
+    epoch_seconds += run.state_save_s  # (the state this epoch writes below, as long as the last one took)
     if stop:
         run.reporter.info(early_stop_message(run.early.patience))
-    elif stage.kind is not Stage.HEAD and epoch < stage.epochs and stage.dist.any_of(no_time_for_another_epoch(run))[0]:
+    elif (stage.kind is not Stage.HEAD and epoch < stage.epochs
+          and stage.dist.any_of(no_time_for_another_epoch(run, epoch_seconds))[0]):
         # (the head's epochs take milliseconds, and its model is the least a run gives; every rank decides alike)
-        stop_for_the_time_budget(stage, run, epoch)
+        stop_for_the_time_budget(stage, run, epoch, epoch_seconds)
         stop = True
+    t0 = time.perf_counter()
     run.folder.save_state(run.resume_state(stage, epoch, optimizer, schedule, average), run.history)
+    run.state_save_s = time.perf_counter() - t0
     return stop

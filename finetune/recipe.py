@@ -52,7 +52,7 @@ from torch import nn
 from .config import TrainConfig
 from .data import DatasetSplit, Preprocessing, Sample
 from .features import FeatureSet
-from .fit import Run, fit_stage
+from .fit import Run, about, fit_stage
 from .models import Classifier, FeatureNorm, new_head_module
 from .progress import Reporter
 from .records import EpochRecord, HeadChoice
@@ -226,11 +226,6 @@ def best_candidate(scores: list[dict]) -> HeadChoice:
 
 def epochs_text(n: int) -> str:
     return f"{n} epoch{'' if n == 1 else 's'}"
-
-
-def about(seconds: float) -> str:
-    """A measured duration in words: 'about 12 s', or 'under a second' (not 'about 0 s')."""
-    return "under a second" if seconds < 0.5 else f"about {seconds:.0f} s"
 
 
 def fit_in_budget(most: int, epoch_seconds: float, budget_s: float, why: str) -> tuple[int, str]:

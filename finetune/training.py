@@ -240,22 +240,30 @@ def plan_finetuning(run: Run, loss: LossFn, device: torch.device, d: Dist) -> No
     if run.finetune_plan is not None:
         return
     rate = epoch_seconds = budget = None
+    left = run.seconds_left()
     if run.cfg.finetune_epochs is None and run.best.acc < 1.0 and (device.type not in SLOW_DEVICES or run.deadline):
-        probe = FinetuneStage(copy.deepcopy(run.model), run.split, run.pp, loss, run.cfg, device, SINGLE, 1,
-                              light_augmentation(run))
-        pace = measure_pace(probe, PACE_PROBE_S)
-        del probe  # (its model copy, optimizer moments and loader)
+        pace = None if left is not None and left < 2 * PACE_PROBE_S else measure_finetune_pace(run, loss, device)
         if pace is None:
-            run.finetune_plan = {"epochs": 0, "why": "no training image could be read to measure its pace", "images_per_s": None}
-            run.reporter.info(f"no fine-tuning: {run.finetune_plan['why']}")
+            why = (f"the time budget has {left:.0f} s left: too little to measure its pace" if left is not None and
+                   left < 2 * PACE_PROBE_S else "no training image could be read to measure its pace")
+            run.finetune_plan = {"epochs": 0, "why": why, "images_per_s": None}
+            run.reporter.info(f"no fine-tuning: {why}")
             return
         rate = pace.images_per_s * d.world
         epoch_seconds = pace.epoch_seconds(math.ceil(len(run.split.train) / d.world), math.ceil(len(run.split.val) / d.world))
-        left = run.seconds_left()
-        budget = None if left is None else max(0.0, left - pace.epoch_seconds(0, math.ceil(len(run.split.test) / d.world)))
+        if left is not None:
+            run.budget_reserve_s = pace.epoch_seconds(0, math.ceil(len(run.split.test) / d.world)) if run.split.test else 0.0
+            budget = max(0.0, run.seconds_left() - run.budget_reserve_s)
     epochs, why = plan_finetune(run.cfg.finetune_epochs, run.best.acc, rate, epoch_seconds, budget)
     run.finetune_plan = {"epochs": epochs, "why": why, "images_per_s": rate and round(rate, 1)}
     run.reporter.info(f"fine-tuning: {epochs_text(epochs)} ({why})" if epochs else f"no fine-tuning: {why}")
+
+
+def measure_finetune_pace(run: Run, loss: LossFn, device: torch.device):
+    """Fine-tuning's pace on this device (fit.measure_pace) on a copy of the model, in one process."""
+    probe = FinetuneStage(copy.deepcopy(run.model), run.split, run.pp, loss, run.cfg, device, SINGLE, 1,
+                          light_augmentation(run))
+    return measure_pace(probe, PACE_PROBE_S)
 
 
 def fit_tail(run: Run, rows: FeatureSet, features: FeatureSet, loss: LossFn, device: torch.device, done: int,

@@ -495,6 +495,11 @@ def test_a_time_budget_plans_the_later_stages_into_what_is_left(tmp_path, monkey
 
         seconds_left = Run.seconds_left
         monkeypatch.setattr(Run, "seconds_left", lambda run: max(0.0, seconds_left(run) - 1.0))
+    from finetune import training
+
+    probes = []
+    measure = training.measure_finetune_pace
+    monkeypatch.setattr(training, "measure_finetune_pace", lambda *a: probes.append(1) or measure(*a))
     result = runner.invoke(app, ["train", str(odd), "--runs-dir", str(tmp_path / "runs"), "--json", *fast, "--time-budget", budget])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -502,13 +507,25 @@ def test_a_time_budget_plans_the_later_stages_into_what_is_left(tmp_path, monkey
     stages = [r["stage"] for r in csv.DictReader(open(Path(summary["run_dir"]) / "metrics.csv"))]
     if budget == "1h":  # the CPU's pace is measured, and what fits is planned
         assert tail["epochs"] == recipe.TAIL_EPOCHS and "time budget" in tail["why"]
-        assert finetune["epochs"] == 2 and finetune["images_per_s"] > 0 and "time budget" in finetune["why"]
+        assert finetune["epochs"] == 2 and finetune["images_per_s"] > 0 and "time budget" in finetune["why"] and probes == [1]
         assert stages == ["head"] * 3 + ["tail"] * 4 + ["finetune"] * 2
         assert "fine-tuning: 2 epochs (" in result.stderr
     else:  # spent by the feature pass: the head's model, and the run says why
         assert tail["epochs"] == finetune["epochs"] == 0 and "the time budget has 0 s left" in tail["why"]
+        assert finetune["why"] == "the time budget has 0 s left: too little to measure its pace" and not probes
         assert stages == ["head"] * 3
         assert "no tail stage:" in result.stderr and "time budget" in result.stderr
+
+
+@pytest.mark.parametrize("left, reserve, epoch, stops", [(None, 0, 5, False), (10, 0, 5, False), (10, 0, 11, True),
+                                                          (10, 6, 5, True), (10, 4, 5, False)])
+def test_the_budget_stop_keeps_back_the_test_splits_share(left, reserve, epoch, stops):
+    from types import SimpleNamespace
+
+    from finetune.fit import no_time_for_another_epoch
+
+    run = SimpleNamespace(seconds_left=lambda: left, budget_reserve_s=reserve)
+    assert no_time_for_another_epoch(run, epoch) is stops
 
 
 class Said(Reporter):
@@ -536,8 +553,8 @@ def test_a_stage_the_time_budget_cannot_fit_another_epoch_of_stops_there(tmp_pat
     result = train(config(odd, tmp_path / "runs", tail_epochs=0, finetune_epochs=3, time_budget=3600.0), said)
     assert [r.stage for r in result.history].count(Stage.FINETUNE) == 1
     assert result.recipe["finetune"]["stopped_after"] == 1 and result.stopped_early
-    assert "time budget: 0 s left, an epoch takes about" in "\n".join(said.said)
-    assert "fine-tune stops after epoch 1 of 3" in "\n".join(said.said)
+    assert "time budget: another epoch (" in "\n".join(said.said)
+    assert ") would not fit in what is left: fine-tune stops after epoch 1 of 3" in "\n".join(said.said)
 
 
 def test_tail_epochs_for_a_backbone_without_a_tail_is_a_one_line_error(data, tmp_path):
