@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .cpus import usable_cores
+from .files import name_bytes
 from .images import ImageDecodeError, load_rgb
 
 
@@ -27,7 +28,7 @@ class Sample:
 def samples_digest(samples: list[Sample], root: Path) -> str:
     """A digest of these images' paths (relative to `root`) and labels, in any order."""
     lines = sorted(f"{os.path.relpath(os.path.abspath(s.path), root)}\t{s.label}" for s in samples)
-    return hashlib.blake2b("\n".join(lines).encode(), digest_size=10).hexdigest()
+    return hashlib.blake2b(name_bytes("\n".join(lines)), digest_size=10).hexdigest()
 
 
 @dataclass
@@ -138,7 +139,7 @@ class ImageFileDataset(Dataset):
 
 def view_seed(seed: int, sample: Sample) -> int:
     """The seed of an image's augmented views: from its content (its path when not hashed) and the run's seed."""
-    key = f"{seed}:{sample.digest or sample.path}".encode()
+    key = name_bytes(f"{seed}:{sample.digest or sample.path}")
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
 
 

@@ -30,6 +30,12 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def name_bytes(text: str) -> bytes:
+    """Text holding file names as bytes to hash: a name that is not UTF-8 (a Windows archive's
+    é as byte 0xE9) reads as a surrogate, which a plain encode() refuses; its own bytes come back."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 @contextlib.contextmanager
 def atomic_target(path: Path):
     """A temporary path beside `path` to write to: when the block ends normally the file is
@@ -60,7 +66,7 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, name_bytes(text))  # (UTF-8; a file name that is not is written as its own bytes)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict, key: str = METADATA_KEY) -> None:

@@ -20,7 +20,7 @@ from .config import MODEL_FILENAME, TrainConfig
 from .data import DatasetSplit
 from .device import mps_available
 from .errors import DataError, ModelFileError, UsageError
-from .files import read_safetensors, write_safetensors
+from .files import name_bytes, read_safetensors, write_safetensors
 from .records import EpochRecord, HeadChoice, Stage
 
 STATE_FILENAME = "last_state.safetensors"
@@ -166,7 +166,7 @@ def restore_rng(rng: dict[str, torch.Tensor], generator: torch.Generator | None)
 def files_digest(split: DatasetSplit, data: Path) -> str:
     """A fingerprint of which files are in train and in val (relative to DATA, however it was spelt)."""
     lines = [f"t {os.path.relpath(s.path, data)}" for s in split.train] + [f"v {os.path.relpath(s.path, data)}" for s in split.val]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return hashlib.sha256(name_bytes("\n".join(lines))).hexdigest()
 
 
 def config_for_resume(run_dir: Path) -> TrainConfig:

@@ -306,6 +306,33 @@ def test_a_folder_of_odd_modes_trains_without_skips(tmp_path):
     assert tree_hashes(data) == before
 
 
+def test_file_names_that_are_not_utf8_train_evaluate_and_predict(tmp_path):
+    # A Windows archive unzipped here keeps "café" as the byte 0xE9: Python reads it as a surrogate,
+    # which the run's digests and written files refused (a traceback after `check` had said fine).
+    import os
+    import shutil
+
+    data = tmp_path / "data"
+    make_class_tree(data / "train", 3, classes=("cat", "dog"))
+    make_class_tree(data / "val", 2, classes=("cat", "dog"), seed=9)
+    odd = os.path.join(os.fsencode(data / "train" / "cat"), b"caf\xe9.jpg")
+    try:
+        shutil.copy(os.fsencode(make_image(tmp_path / "other.jpg", (200, 40, 40), seed=55)), odd)
+        open(os.path.join(os.fsencode(data / "val" / "dog"), b"bad\xe9.jpg"), "wb").write(b"not an image")
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    before = tree_hashes(data)
+    result, summary = train_json(data, tmp_path / "runs")
+    assert result.exit_code == 0, result.stderr
+    assert summary["num_train"] == 7 and [s["path"] for s in summary["skipped"]] == [os.fsdecode(odd).replace("train/cat/caf", "val/dog/bad")]
+    assert os.fsencode(summary["skipped"][0]["path"]) in (Path(summary["run_dir"]) / "skipped.csv").read_bytes()
+    evaluated = runner.invoke(app, ["evaluate", str(data), "--model", summary["model"], "--json"])
+    assert evaluated.exit_code == 0, evaluated.stderr
+    predicted = runner.invoke(app, ["predict", str(data / "train" / "cat"), "--model", summary["model"], "--format", "jsonl"])
+    assert predicted.exit_code == 0 and len(predicted.stdout.splitlines()) == 4
+    assert tree_hashes(data) == before
+
+
 def test_bomb_in_predict_is_an_error_record(tmp_path):
     path = tmp_path / "big.png"
     bomb(path)
