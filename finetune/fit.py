@@ -35,13 +35,18 @@ REPORT_EVERY_S = 0.5  # how often a stage's bar shows its running loss and accur
 SUM_EVERY_STEPS = 256  # steps whose losses and hits wait on the device before they are added up
 
 
-def trained_on(cfg: TrainConfig, split: DatasetSplit) -> dict:
+def trained_on(cfg: TrainConfig, val_digest: str) -> dict:
     """The data and labels file a model learnt from, as absolute paths (train_config keeps them as
-    typed, relative to where train ran), and a digest of the val images it held out: evaluate
-    knows DATA again from anywhere, and whether reading it again finds the same val images."""
-    data = Path(cfg.data).resolve()
-    return {"data": str(data), "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,
-            "val_digest": samples_digest(split.val, data)}
+    typed, relative to where train ran), and the digest of the val images it held out (held_out_digest):
+    evaluate knows DATA again from anywhere, and whether reading it again finds the same val images."""
+    return {"data": str(Path(cfg.data).resolve()), "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,
+            "val_digest": val_digest}
+
+
+def held_out_digest(cfg: TrainConfig, split: DatasetSplit) -> str:
+    """The digest of the val images as the scan found them, the files that then failed to decode
+    included: evaluate compares it with a scan of its own, which has not decoded them."""
+    return samples_digest(split.val, Path(cfg.data).resolve())
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Run:
     tail_plan: dict | None = None  # the tail stage's epochs and why (recipe.plan_tail), once planned
     finetune_plan: dict | None = None  # fine-tuning's epochs and why (recipe.plan_finetune), once planned
     deadline: float | None = None  # time.perf_counter() at which --time-budget runs out (None: no budget)
+    val_digest: str = ""  # held_out_digest of the split as scanned (`split` loses the files that fail to decode)
     started: float = field(default_factory=time.perf_counter)  # time.perf_counter() when this process began the run
     seconds_before: float = 0.0  # what the run took before it was resumed here (up to its last saved state)
     budget_reserve_s: float = 0.0  # what --time-budget keeps back for the test split's pass (once fine-tuning is planned)
@@ -92,7 +98,7 @@ class Run:
                               {k: v for k, v in self.cfg.to_json_dict().items() if k != "resume"},
                               {"epoch": self.best.epoch, "val_acc": self.best.acc, "val_loss": self.best.loss},
                               len(self.split.train), len(self.split.val), self.model.multi_layer)
-        meta["trained_on"] = trained_on(self.cfg, self.split)
+        meta["trained_on"] = trained_on(self.cfg, self.val_digest)
         if self.calibration is not None:
             meta.update(calibration=self.calibration, unknown=self.unknown)
         extra = self.distance.tensors() if self.distance is not None else {}

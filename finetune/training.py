@@ -32,7 +32,7 @@ from .device import autocast_dtype, pick_device
 from .distributed import SINGLE, Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, sigint_handler
 from .errors import GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError
 from .features import FeatureExtractor, FeatureSet
-from .fit import Run, fit_stage, measure_pace
+from .fit import Run, fit_stage, held_out_digest, measure_pace
 from .models import build_classifier, get_arch
 from .weights import resolve_pretrained
 from .progress import Reporter
@@ -115,7 +115,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     run_dir = resume_dir if resume_dir is not None else share_outcome(d, lambda: new_run_dir(cfg))
     run = Run(cfg, model, split, pp, RunFolder(run_dir, writes=d.is_main), reporter, files_digest(split, cfg.data),
               cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input), no_tail=no_tail,
-              deadline=started + cfg.time_budget if cfg.time_budget else None, started=started)
+              deadline=started + cfg.time_budget if cfg.time_budget else None, started=started,
+              val_digest=held_out_digest(cfg, split))
     try:
         run_stages(run, device, d, ResumeState.load(run.folder.state_path) if resume_dir is not None else None)
     except KeyboardInterrupt:

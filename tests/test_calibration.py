@@ -32,6 +32,14 @@ def test_fitting_recovers_a_known_temperature():
     assert fit_temperature(logits, over_sure) == pytest.approx(0.5, rel=0.05)
 
 
+def test_a_handful_of_val_images_moves_the_temperature_little():
+    # Three images, each right: the likelihood alone sharpens without end (T at its floor, 0.05),
+    # a certainty three images cannot show.
+    logits = torch.tensor([[2.0, -1.0, -1.5], [-1.0, 2.5, -2.0], [-0.5, -1.0, 1.5]])
+    t = fit_temperature(logits, torch.tensor([0, 1, 2]))
+    assert 0.3 < t < 1.0
+
+
 def test_threshold_keeps_the_correct_val_images():
     distances = torch.linspace(0, 2, 200)
     correct = torch.ones(200, dtype=torch.bool)
@@ -75,9 +83,12 @@ def predict_jsonl(model, *inputs, extra=()):
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def test_calibration_never_changes_the_class(trained_run, model_file):
+def test_calibration_never_changes_the_class(trained_run, model_file, monkeypatch):
+    from finetune import prediction
+
     loaded = read_model_file(__import__("pathlib").Path(model_file))
     val = sorted((trained_run["data"] / "val").rglob("*.jpg"))
+    monkeypatch.setattr(prediction, "autocast_dtype", lambda device: None)  # fp32, as the logits below (not bf16)
     rows = predict_jsonl(model_file, *val, extra=["--no-unknown"])
     from finetune.data import ImageFileDataset
 

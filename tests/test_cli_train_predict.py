@@ -216,6 +216,24 @@ def test_evaluate_on_the_folder_a_model_learnt_from_measures_the_images_it_held_
     assert changed["num_images"] == 21 and "every image: it changed since the model learnt from it" in changed["data"]
 
 
+def test_evaluate_finds_the_held_out_images_again_when_some_of_them_could_not_be_read(tmp_path):
+    # Training dropped the unreadable val files (empty ones here) before it wrote the val set's
+    # digest; evaluate's scan keeps them until it reads them: another digest, so every image measured.
+    from conftest import make_class_tree
+
+    flat = make_class_tree(tmp_path / "flat", 10, classes=("cat", "dog"))
+    for c in ("cat", "dog"):
+        for i in range(4):
+            (flat / c / f"broken_{i}.jpg").write_bytes(b"")
+    trained = runner.invoke(app, ["train", str(flat), "--runs-dir", str(tmp_path / "runs"), "--json", *FAST_TRAIN_ARGS])
+    assert trained.exit_code == 0, trained.stderr
+    summary = json.loads(trained.stdout)
+    assert len(summary["skipped"]) == 8 and summary["num_val"] < 28 // 5  # (broken files took val places)
+    report = json.loads(runner.invoke(app, ["evaluate", str(flat), "--model", summary["run_dir"], "--json"]).stdout)
+    assert report["data"].endswith("(the val images its training held out)")
+    assert report["num_images"] == summary["num_val"] and report["accuracy"] == summary["best_val_acc"]
+
+
 def test_json_on_stdout_holds_no_nan_for_strict_parsers():
     # (a model of NaNs from elsewhere scores NaN: json.dumps wrote NaN, which strict parsers refuse)
     from finetune.cli.output import json_text
