@@ -19,7 +19,7 @@ from .images import ImageDecodeError, ImageFacts, inspect_image
 from .models import get_arch
 from .progress import Reporter
 from .reading import scan_dataset
-from .scan import count_per_class, is_imbalanced, require_images_in_every_class
+from .scan import count_per_class, is_imbalanced, missing_val_note, require_images_in_every_class
 
 
 @dataclass
@@ -78,8 +78,10 @@ def check_folder(cfg: TrainConfig, reporter: Reporter | None = None) -> FolderCh
     except DataError as e:
         problem = str(e)
     counts = count_per_class(clean.train, len(clean.classes))
+    missing = missing_val_note(clean) if problem is None else None
     return FolderCheck(
-        str(cfg.data), ok=problem is None, problem=problem, read_as=clean.read_as, layout=clean.layout, notes=clean.notes,
+        str(cfg.data), ok=problem is None, problem=problem, read_as=clean.read_as, layout=clean.layout,
+        notes=[*clean.notes, *([missing] if missing else [])],
         classes=clean.classes, counts=split_counts(clean), imbalance=round(max(counts) / min(counts), 2) if min(counts) else None,
         imbalanced=is_imbalanced(counts), skipped=clean.skipped, leakage=clean.leakage,
         images=describe_images([facts[str(s.path)] for s in clean.train + clean.val + clean.test if str(s.path) in facts]),

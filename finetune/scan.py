@@ -214,10 +214,25 @@ def drop_duplicates(samples: dict[str, list[Sample]], classes: list[str], skippe
                 conflict = f"the same bytes as {s0.path} but labelled {classes[s.label]}, not {classes[s0.label]}: label in doubt, not used"
                 dropped[s.path] = conflict
                 dropped.setdefault(s0.path, f"the same bytes as {s.path} but labelled {classes[s0.label]}, not {classes[s.label]}: label in doubt, not used")
+    # Empty files, known from their size: dropped before val is split off, where they would take
+    # a class's val places and leave it none once their decoding failed (an empty JPEG of a camera
+    # upload that never finished, say). Other unreadable files are found when decoded.
+    dropped.update({s.path: EMPTY_REASON for group in samples.values() for s in group
+                    if is_unreadable(digests[s.path]) and is_empty(s.path)})
     for role, group in samples.items():
         samples[role] = [replace(s, digest=digests[s.path]) for s in group if s.path not in dropped]
     skipped.extend({"path": str(p), "reason": reason} for p, reason in dropped.items())
     return leakage
+
+
+EMPTY_REASON = "empty file (0 bytes)"
+
+
+def is_empty(path: Path) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except OSError:
+        return False  # (unreadable otherwise: its decoding says why)
 
 
 def require_every_class(samples: list[Sample], classes: list[str], root: Path, skipped: list[dict] | None = None) -> None:
@@ -237,7 +252,21 @@ def require_images_in_every_class(split: DatasetSplit) -> None:
         if n == 0:
             raise DataError(f"class '{name}' has no readable training images left after skipping bad files; add good images to it.")
     if not split.val:
-        raise DataError("no readable validation images left after skipping bad files; add images to the val folder.")
+        fix = {"split folders": "add good images to the val folder", "labels CSV": "add val rows of good images"}.get(
+            split.layout, "add good images, or remove the bad ones (finetune check lists them)")
+        raise DataError(f"no readable validation images left after skipping bad files; {fix}.")
+
+
+def missing_val_note(split: DatasetSplit) -> str | None:
+    """What to say of classes with no val image (a class of one image, or whose held-out images
+    could not be read): val accuracy says nothing of them. None when every class has one."""
+    counts = count_per_class(split.val, len(split.classes))
+    unseen = [c for c, n in zip(split.classes, counts) if n == 0]
+    if not unseen:
+        return None
+    one = len(unseen) == 1
+    return (f"no val image of {', '.join(repr(c) for c in unseen)}: val accuracy says nothing of "
+            f"{'that class' if one else 'those classes'}; add good images of {'it' if one else 'them'}")
 
 
 def count_per_class(samples: list[Sample], num_classes: int) -> list[int]:

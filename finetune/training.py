@@ -45,7 +45,7 @@ from .run_report import training_suspects
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input
 from .store import plain_sample
 from .reading import scan_dataset
-from .scan import count_per_class, is_imbalanced, limit_per_class, require_images_in_every_class
+from .scan import count_per_class, is_imbalanced, limit_per_class, missing_val_note, require_images_in_every_class
 from .stages import FinetuneStage, LossFn, TailStage, head_stage, make_loss
 
 
@@ -379,6 +379,9 @@ def epochs_completed(resumed: ResumeState, run: Run) -> int:
 def settle_split(run: Run, split: DatasetSplit, device: torch.device) -> LossFn:
     """Train on `split` from now on (the bad files dropped); returns the loss for its classes."""
     require_images_in_every_class(split)
+    note = missing_val_note(split)
+    if note:
+        run.reporter.warn(note + ".")
     counts = count_per_class(split.train, len(split.classes))
     if is_imbalanced(counts):
         detail = ", ".join(f"{c} {n}" for c, n in zip(split.classes, counts))

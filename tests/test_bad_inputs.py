@@ -353,6 +353,34 @@ def test_class_left_empty_by_bad_files_is_a_clear_error(tmp_path):
     assert "skipped" in result.stderr  # each bad file was reported as it was found
 
 
+def test_empty_files_take_no_val_place_and_a_class_without_val_is_said(tmp_path):
+    # Val is split off a folder of classes before its images are decoded: empty files (known from
+    # their size) used to take val places, and a class left with none went unsaid.
+    data = make_class_tree(tmp_path / "data", 4, classes=("cat", "dog"))
+    make_class_tree(data, 1, classes=("fox",))
+    for i in range(6):
+        (data / "cat" / f"empty_{i}.jpg").write_bytes(b"")
+    checked = runner.invoke(app, ["check", str(data), "--json"])
+    report = json.loads(checked.stdout)
+    assert report["counts"]["val"]["cat"] >= 1 and report["counts"]["train"]["cat"] + report["counts"]["val"]["cat"] == 4
+    assert sorted(s["reason"] for s in report["skipped"]) == ["empty file (0 bytes)"] * 6
+    assert report["notes"] == ["no val image of 'fox': val accuracy says nothing of that class; add good images of it"]
+    result, summary = train_json(data, tmp_path / "runs")
+    assert result.exit_code == 0, result.stderr
+    assert "warning: no val image of 'fox': val accuracy says nothing of that class; add good images of it." in result.stderr
+
+
+def test_val_left_empty_by_bad_files_says_the_fix_for_a_folder_of_classes(tmp_path):
+    data = make_class_tree(tmp_path / "data", 3, classes=("cat", "dog"))
+    for c in ("cat", "dog"):
+        for i in range(3):
+            (data / c / f"bad{i}.jpg").write_text(f"junk {c} {i}")  # (found bad only when decoded)
+    problems = {json.loads(runner.invoke(app, ["check", str(data), "--json", "--seed", str(seed)]).stdout)["problem"]
+                for seed in range(30)}  # (seeds whose val split drew only bad files, and others)
+    assert ("no readable validation images left after skipping bad files; add good images, or remove the bad ones "
+            "(finetune check lists them).") in problems  # (there is no val folder to add images to)
+
+
 def test_mixed_folder_reports_each_bad_file_once(tmp_path):
     data = tmp_path / "data"
     make_class_tree(data / "train", 100, classes=("cat", "dog"))  # 200 good training images
