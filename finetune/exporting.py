@@ -17,6 +17,7 @@ from .errors import FinetuneError, UsageError
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+REPLACEABLE = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript")}  # an existing --out of another suffix is refused
 TOLERANCE = 1e-4
 
 
@@ -103,6 +104,9 @@ def export(loaded: LoadedModel, fmt: str = "onnx", out: Path | str | None = None
     out = output_path(loaded.path, fmt, out)
     if out.resolve() == loaded.path.resolve():
         raise UsageError(f"--out {out} would overwrite the model file; choose another path.")
+    if out.is_file() and out.suffix.lower() not in REPLACEABLE[fmt]:  # (a photo named by mistake, say)
+        raise UsageError(f"--out {out}: a file that is not {fmt} is there already; name a new file, or one ending in "
+                         f"{SUFFIX[fmt]}.")
     wrapper = ProbabilityModel(loaded.model.float().cpu().eval(), loaded.temperature).eval()
     size = loaded.preprocessing.img_size
     images = check_images(size)

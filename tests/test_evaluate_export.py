@@ -18,7 +18,7 @@ from finetune.records import EpochRecord, Stage
 from finetune.metrics import classification_report
 from finetune.plots import curves_figure
 
-from conftest import FAST_TRAIN_ARGS, make_class_tree
+from conftest import FAST_TRAIN_ARGS, make_class_tree, make_image
 
 runner = CliRunner()
 
@@ -153,6 +153,19 @@ def test_export_makes_the_folder_it_is_told_to_write_in(run, tmp_path, given, wr
     assert result.exit_code == 0, result.stderr
     assert Path(json.loads(result.stdout)["path"]) == tmp_path / written
     assert (tmp_path / written).is_file() and (tmp_path / (written + ".json")).is_file()
+
+
+def test_export_does_not_overwrite_a_file_of_another_kind(run, tmp_path):
+    photo = make_image(tmp_path / "victim.png", (10, 200, 10))
+    before = photo.read_bytes()
+    result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(photo)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (f"error: --out {photo}: a file that is not torchscript is there already; name a new file, "
+                             "or one ending in .pt.\n")
+    assert photo.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["victim.png"]
+    again = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(tmp_path / "m.pt")])
+    assert again.exit_code == 0 and runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript",
+                                                        "--out", str(tmp_path / "m.pt")]).exit_code == 0  # its own: replaced
 
 
 def refuse_writes_in(folder: Path, monkeypatch, where: str, error: OSError) -> None:
