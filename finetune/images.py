@@ -13,7 +13,7 @@ from PIL import Image, ImageOps, features
 # JPEG 2000: satellite tiles (Sentinel-2) and scanned slides come in it, often 16-bit; Pillow's
 # wheels read it (OpenJPEG).
 JPEG2000_EXTENSIONS = frozenset({".jp2", ".j2k", ".j2c", ".jpf", ".jpx"})
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
                               *JPEG2000_EXTENSIONS})
 PLUGIN_EXTENSIONS = {".heic": "pillow-heif", ".heif": "pillow-heif", ".avif": "pillow-avif-plugin"}
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as viewers show them

@@ -260,6 +260,7 @@ MODE_CASES = {
     "bad-exif.jpg": (corrupt_exif, lambda im: px(im, (5, 5))[1] > 150),
     "UPPER.JPG": (upper_jpg, lambda im: im.mode == "RGB"),
     "Mixed.Jpeg": (lambda p: upper_jpg(p, seed=1), lambda im: im.mode == "RGB"),  # not the same bytes as UPPER.JPG
+    "camera.JFIF": (lambda p: upper_jpg(p, seed=2), lambda im: im.mode == "RGB"),  # JPEG under its File Interchange name
 }
 
 
