@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import struct
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +90,34 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
+def too_many_pixels(size: str, max_pixels: int) -> str:
+    return f"{size} is over the {max_pixels:,}-pixel limit (possible decompression bomb); --max-pixels N reads it"
+
+
+def bomb_size(error: Exception) -> str:
+    """'144,000,000 pixels' from Pillow's message ('Image size (144000000 pixels) exceeds ...')."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(found.group(1)):,} pixels" if found else "its size"
+
+
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextlib.contextmanager
+def opened_within(path: Path, max_pixels: int) -> Iterator[Image.Image]:
+    """Image.open with Pillow's own decompression-bomb limit at `max_pixels` (its default, 89,478,485,
+    refused a larger --max-pixels before our check could read the size). The limit is Pillow's
+    module global: held under a lock for the header's parsing only (threads decode at once)."""
+    with _PILLOW_LIMIT:
+        default, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = default
+    with im:
+        yield im
+
+
 def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int], str]:
     """(the decoded, upright image in its own mode, the stored size, the stored mode)."""
     suffix = path.suffix.lower()
@@ -95,10 +127,10 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
             # Pillow's other warnings are about metadata (a corrupt EXIF block, common in scraped
             # photo sets) of pixels it decodes: noise on stderr that names no file.
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-            with Image.open(path) as im:
+            with opened_within(path, max_pixels) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise ImageDecodeError(f"{w}x{h} pixels is over the {max_pixels:,}-pixel limit (possible decompression bomb)")
+                    raise ImageDecodeError(too_many_pixels(f"{w}x{h} pixels", max_pixels))
                 if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
                     # Resizing the short side to the crop size would make the long side enormous.
                     raise ImageDecodeError(f"{w}x{h}: aspect ratio over {MAX_ASPECT}:1, not a photo to classify")
@@ -113,6 +145,8 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
                 return ImageOps.exif_transpose(im), (w, h), mode
     except ImageDecodeError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # (Pillow's check, at our limit)
+        raise ImageDecodeError(too_many_pixels(bomb_size(e), max_pixels)) from None
     except FileNotFoundError:
         raise ImageDecodeError("file not found") from None
     except IsADirectoryError:
