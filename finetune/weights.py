@@ -4,6 +4,7 @@ them, torchvision's hub cache, or a download through torchvision (in that order)
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,8 @@ from .files import FORMAT, file_digest, read_safetensors
 if TYPE_CHECKING:
     from .models import ArchSpec
 
+
+STATE_DICT_HINT = "Use a .pth saved with torch.save(model.state_dict()) or a .safetensors file."
 
 def hub_checkpoint_dir() -> Path:
     """torchvision's download folder: $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/...)."""
@@ -82,8 +85,11 @@ def read_weights_file(path: Path) -> dict:
         with warnings.catch_warnings():  # torch's notes on pickle protocols mean nothing to a user
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except Exception as e:
-        raise WeightsError(f"{path}: not a readable weights-only state dict ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use a .pth saved with torch.save(model.state_dict()) or a .safetensors file.") from None
+    except pickle.UnpicklingError:  # (torch's message advises weights_only=False: unpickling code, never done here)
+        raise WeightsError(f"{path}: holds Python objects besides tensors, which finetune does not unpickle (they can run "
+                           f"code). {STATE_DICT_HINT}") from None
+    except Exception:  # (torch's messages for a file it did not write, e.g. "KeyError: 101", say nothing to a user)
+        raise WeightsError(f"{path}: not a weights file torch.save wrote (or a damaged one). {STATE_DICT_HINT}") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -92,9 +92,15 @@ def test_a_malicious_pickle_is_never_run(tmp_path):
     from finetune.weights import read_weights_file
     from finetune.errors import WeightsError
 
-    with pytest.raises(WeightsError, match="not a readable weights-only state dict"):
+    with pytest.raises(WeightsError) as refused:
         read_weights_file(bad)
+    assert "holds Python objects besides tensors, which finetune does not unpickle" in str(refused.value)
+    assert "weights_only" not in str(refused.value)  # (torch's advice to load it anyway is not passed on)
     assert not sentinel.exists()
+    text = tmp_path / "notes.pth"
+    text.write_text("hello")
+    with pytest.raises(WeightsError, match=r"notes.pth: not a weights file torch.save wrote \(or a damaged one\)\."):
+        read_weights_file(text)
 
 
 def test_run_folder_and_cli_error_for_damaged_file(saved, tmp_path):
