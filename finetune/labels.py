@@ -126,6 +126,8 @@ class FileFinder:
         for candidate in (Path(value), self.csv_folder / value):
             if candidate.is_file():
                 return candidate
+        if "\\" in value:  # a CSV written on Windows (imgs\a.png); a file may hold a backslash in its name here
+            return self(value.replace("\\", "/"))
         return None
 
 
@@ -139,8 +141,9 @@ def scan_labelled(data: Path, csv_path: Path, columns: str | None, val_split: fl
     train_rows = found.rows.get("train", [])
     classes = sorted({label for _, label in train_rows})
     if len(classes) < 2:
+        example = f", e.g. {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
         raise DataError(f"{csv_path}: need training rows of at least 2 labels with their image files found, "
-                        f"found {len(classes)} ({len(skipped)} rows skipped: see check). Fix the paths or --label-columns.")
+                        f"found {len(classes)} ({len(skipped)} rows skipped{example}). Fix the paths or --label-columns.")
     for role in ("val", "test"):
         unknown = sorted({label for _, label in found.rows.get(role, [])} - set(classes))
         if unknown:

@@ -241,6 +241,18 @@ def test_a_csv_name_without_its_extension_means_the_jpeg_beside_a_jpeg2000_origi
     assert find("img_1.jp2") == images / "img_1.jp2"
 
 
+def test_a_csv_written_on_windows_finds_its_files_and_one_finding_none_says_why(tmp_path):
+    make_class_tree(tmp_path / "images", 2)
+    rows = [["filename", "label"]] + [[f"{c}\\{c}_{i}.jpg", c] for c in ("cat", "dog") for i in range(2)]  # cat\cat_0.jpg
+    split = read(tmp_path / "images", labels=write_csv(tmp_path / "win.csv", rows))
+    assert split.classes == ["cat", "dog"] and len(split.train) + len(split.val) == 4 and split.skipped == []
+    rows = [["filename", "label"]] + [[f"elsewhere/{c}_{i}.jpg", c] for c in ("cat", "dog") for i in range(2)]
+    with pytest.raises(DataError) as refused:
+        read(tmp_path / "images", labels=write_csv(tmp_path / "moved.csv", rows))
+    assert (f"found 0 (4 rows skipped, e.g. elsewhere/cat_0.jpg: listed in moved.csv line 2 but no such image file in "
+            f"{tmp_path / 'images'}). Fix the paths or --label-columns.") in str(refused.value)
+
+
 def test_a_csv_whose_columns_cannot_be_told_says_how_to_name_them(tmp_path):
     make_class_tree(tmp_path / "images", 2)
     labels = write_csv(tmp_path / "l.csv", [["a", "b"], ["cat/cat_0.jpg", "cat"]])
