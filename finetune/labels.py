@@ -53,7 +53,12 @@ def read_labels_csv(data: Path, csv_path: Path, columns: str | None, skipped: li
         where = f"{csv_path.name} line {n}"
         value, label = (row.get(path_col) or "").strip(), (row.get(label_col) or "").strip()
         role = row_split(row.get(split_col) if split_col else None, where, csv_path)
-        path = find(value) if value else None
+        try:
+            path = find(value) if value else None
+        except AmbiguousName as e:
+            names = " and ".join(p.name for p in e.paths)
+            skipped.append({"path": value, "reason": f"{where} names {names} alike: write the extension in the CSV"})
+            continue
         if path is None:
             skipped.append({"path": value or where, "reason": f"listed in {where} but no such image file in {data}"})
             continue
@@ -105,6 +110,12 @@ def row_split(value: str | None, where: str, csv_path: Path) -> str:
     return role
 
 
+class AmbiguousName(Exception):
+    def __init__(self, paths: list[Path]):
+        super().__init__(paths)
+        self.paths = paths
+
+
 class FileFinder:
     """Finds the file a CSV row names: relative to DATA, without its extension, or beside the CSV."""
 
@@ -113,16 +124,28 @@ class FileFinder:
         images = list_images(data) if data.is_dir() else []
         self.by_rel = {Path(os.path.relpath(p, data)).as_posix(): p for p in images}
         self.by_stem: dict[str, Path] = {}
+        self.others: dict[str, list[Path]] = {}  # a stem's other files (not JPEG 2000 originals): a name without extension is ambiguous
         # (where a JPEG 2000 original sits beside its JPEG copy, a name without its extension means the copy)
         for rel, p in sorted(self.by_rel.items(), key=lambda item: (item[1].suffix.lower() in JPEG2000_EXTENSIONS, item[0])):
-            self.by_stem.setdefault(rel.rsplit(".", 1)[0], p)
+            stem = rel.rsplit(".", 1)[0]
+            if stem in self.by_stem and p.suffix.lower() not in JPEG2000_EXTENSIONS:
+                self.others.setdefault(stem, []).append(p)
+            self.by_stem.setdefault(stem, p)
 
     def __call__(self, value: str) -> Path | None:
+        """The file `value` names; None where there is none. AmbiguousName where, without its
+        extension, it names two files (a.jpg and a.png): which one is meant cannot be told."""
         rel = Path(value).as_posix().removeprefix("./")
         stem = rel.rsplit(".", 1)[0] if is_candidate_image(Path(rel)) else rel  # img.jpg may be stored as img.JPG
-        for key, index in ((rel, self.by_rel), (rel, self.by_stem), (stem, self.by_stem)):
-            if key in index:
-                return index[key]
+        if rel in self.by_rel:
+            return self.by_rel[rel]
+        if rel in self.by_stem:  # (named without its extension)
+            if rel in self.others:
+                raise AmbiguousName([self.by_stem[rel], *self.others[rel]])
+            return self.by_stem[rel]
+        if stem in self.by_stem:  # (its extension in another case, or another spelling: .jpg for .jpeg)
+            alike = [p for p in (self.by_stem[stem], *self.others.get(stem, [])) if p.suffix.lower() == Path(rel).suffix.lower()]
+            return alike[0] if alike else self.by_stem[stem]
         for candidate in (Path(value), self.csv_folder / value):
             if candidate.is_file():
                 return candidate

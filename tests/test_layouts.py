@@ -253,6 +253,21 @@ def test_a_csv_written_on_windows_finds_its_files_and_one_finding_none_says_why(
             f"{tmp_path / 'images'}). Fix the paths or --label-columns.") in str(refused.value)
 
 
+def test_a_csv_name_without_extension_that_two_files_share_is_not_guessed(tmp_path):
+    from finetune.labels import FileFinder
+
+    images = tmp_path / "images"
+    make_class_tree(images, 2)
+    make_image(images / "cat" / "a.jpg", (40, 40, 200), seed=5)  # (a dog, filed beside a cat of the same name)
+    make_image(images / "cat" / "a.png", (220, 40, 40), seed=6)
+    find = FileFinder(images, tmp_path)
+    assert find("cat/a.JPG") == images / "cat" / "a.jpg" and find("cat/a.png") == images / "cat" / "a.png"
+    rows = [["filename", "label"], ["cat/a", "cat"]] + [[f"{c}/{c}_{i}", c] for c in ("cat", "dog") for i in range(2)]
+    split = read(images, labels=write_csv(tmp_path / "l.csv", rows))
+    assert len(split.train) + len(split.val) == 4
+    assert split.skipped == [{"path": "cat/a", "reason": "l.csv line 2 names a.jpg and a.png alike: write the extension in the CSV"}]
+
+
 def test_a_csv_whose_columns_cannot_be_told_says_how_to_name_them(tmp_path):
     make_class_tree(tmp_path / "images", 2)
     labels = write_csv(tmp_path / "l.csv", [["a", "b"], ["cat/cat_0.jpg", "cat"]])
