@@ -19,7 +19,7 @@ from .digests import DigestMemo
 from .errors import DataError, UsageError
 from .images import JPEG2000_EXTENSIONS, is_candidate_image
 from .layout import split_role
-from .scan import drop_duplicates, held_out, list_images, stratified_split
+from .scan import drop_duplicates, held_out, list_images, look_alike_classes, stratified_split
 
 PATH_COLUMNS = ("path", "filepath", "file_path", "filename", "file_name", "file", "image", "image_path", "image_name",
                 "img", "image_id", "id", "name")
@@ -182,7 +182,8 @@ def scan_labelled(data: Path, csv_path: Path, columns: str | None, val_split: fl
         train, val = stratified_split(train, len(classes), val_split, seed)
         if not val:
             raise DataError(f"{csv_path}: too few images to hold any out for validation; add rows.")
-    split = DatasetSplit(classes, train, val, "labels CSV", skipped, test=samples.get("test", []), leakage=leakage)
+    split = DatasetSplit(classes, train, val, "labels CSV", skipped, test=samples.get("test", []), leakage=leakage,
+                         notes=look_alike_classes(classes))
     parts = [f"train = {len(train) + (0 if 'val' in samples else len(val)):,} rows ({len(classes)} classes)"]
     parts += [f"{role} = {len(samples[role]):,} rows" for role in ("val", "test") if role in samples]
     cols = ", ".join(c for c in found.columns if c)

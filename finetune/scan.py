@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import unicodedata
 from dataclasses import replace
 from pathlib import Path
 
@@ -135,9 +136,25 @@ def read_split(data: Path, found: Layout, val_split: float | None, seed: int, me
         if not val:
             raise DataError(f"{data}: too few images to hold any out for validation; add images or a {data}/val folder.")
     split = DatasetSplit(classes, train, val, found.kind, skipped, test=samples.get("test", []), leakage=leakage,
-                         notes=found.notes)
+                         notes=[*found.notes, *look_alike_classes(classes)])
     split.read_as = describe_reading(data, found, split, val_split, seed)
     return split
+
+
+def look_alike_classes(classes: list[str]) -> list[str]:
+    """A note for each group of class names that differ only in case or in Unicode form ('Dog' and
+    'dog'; 'café' typed on Linux and on a Mac, which stores é as e and an accent): they print alike
+    and are separate classes, which is seldom what was meant."""
+    groups: dict[str, list[str]] = {}
+    for c in classes:
+        groups.setdefault(unicodedata.normalize("NFC", c).casefold(), []).append(c)
+    notes = []
+    for alike in (g for g in groups.values() if len(g) > 1):
+        same_letters = len({unicodedata.normalize("NFC", c) for c in alike}) < len(alike)
+        notes.append(f"classes {' and '.join(repr(c) for c in alike)} differ only in "
+                     f"{'how their letters are encoded' if same_letters else 'case'}: they are {len(alike)} classes; "
+                     f"give them one name if they are one")
+    return notes
 
 
 LOOSE_REASON = "not in a class folder: not used (move it into its class's folder)"

@@ -268,6 +268,20 @@ def test_a_csv_name_without_extension_that_two_files_share_is_not_guessed(tmp_pa
     assert split.skipped == [{"path": "cat/a", "reason": "l.csv line 2 names a.jpg and a.png alike: write the extension in the CSV"}]
 
 
+def test_class_names_that_print_alike_are_noted(tmp_path):
+    import unicodedata
+
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")  # (a Mac writes the second)
+    data = make_class_tree(tmp_path / "data", 2, classes=("Dog", "dog", "cat"))
+    make_class_tree(data, 2, classes=(composed,))
+    make_class_tree(data, 2, classes=(decomposed,), seed=50)
+    split = read(data)
+    assert len(split.classes) == 5
+    assert split.notes == ["classes 'Dog' and 'dog' differ only in case: they are 2 classes; give them one name if they are one",
+                           f"classes '{decomposed}' and '{composed}' differ only in how their letters are encoded: they "
+                           "are 2 classes; give them one name if they are one"]
+
+
 def test_a_csv_whose_columns_cannot_be_told_says_how_to_name_them(tmp_path):
     make_class_tree(tmp_path / "images", 2)
     labels = write_csv(tmp_path / "l.csv", [["a", "b"], ["cat/cat_0.jpg", "cat"]])
