@@ -10,6 +10,7 @@ used at all (its label is in doubt).
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +40,11 @@ def read_labels_csv(data: Path, csv_path: Path, columns: str | None, skipped: li
         raise DataError(f"{csv_path}: no such labels file. Pass a CSV with a path and a label column to --labels.")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            path_col, label_col, split_col = pick_columns(header, columns, csv_path)
-            lines = [(n, row) for n, row in enumerate(reader, start=2)]
+            text = f.read()
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter_of(text.split("\n", 1)[0]))
+        header = reader.fieldnames or []
+        path_col, label_col, split_col = pick_columns(header, columns, csv_path)
+        lines = [(n, row) for n, row in enumerate(reader, start=2)]
     except (UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{csv_path}: not a readable CSV file ({e}). Save it as UTF-8 CSV with a header row.") from None
     find = FileFinder(data, csv_path.parent)
@@ -78,6 +80,13 @@ def read_labels_csv(data: Path, csv_path: Path, columns: str | None, skipped: li
         if path not in doubtful:
             rows.setdefault(role, []).append((path, label))
     return LabelledRows(rows, csv_path, (path_col, label_col, split_col))
+
+
+def delimiter_of(header: str) -> str:
+    """The header line's separator: commas, or the semicolons a spreadsheet writes where the comma
+    is the decimal mark, or tabs."""
+    counts = {d: header.count(d) for d in (",", ";", "\t")}
+    return max(counts, key=lambda d: (counts[d], d == ","))
 
 
 def pick_columns(header: list[str], columns: str | None, csv_path: Path) -> tuple[str, str, str | None]:

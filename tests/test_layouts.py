@@ -268,6 +268,16 @@ def test_a_csv_name_without_extension_that_two_files_share_is_not_guessed(tmp_pa
     assert split.skipped == [{"path": "cat/a", "reason": "l.csv line 2 names a.jpg and a.png alike: write the extension in the CSV"}]
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_a_csv_separated_by_semicolons_or_tabs_is_read(tmp_path, delimiter):
+    # (a spreadsheet where the comma is the decimal mark saves its "CSV" with semicolons)
+    make_class_tree(tmp_path / "images", 2)
+    lines = ["\ufefffilename" + delimiter + "label"] + [f"{c}/{c}_{i}.jpg{delimiter}{c}" for c in ("cat", "dog") for i in range(2)]
+    (tmp_path / "l.csv").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    split = read(tmp_path / "images", labels=tmp_path / "l.csv")
+    assert split.classes == ["cat", "dog"] and len(split.train) + len(split.val) == 4 and split.skipped == []
+
+
 def test_class_names_that_print_alike_are_noted(tmp_path):
     import unicodedata
 
