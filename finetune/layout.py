@@ -73,6 +73,9 @@ def find_layout(data: Path, layout: str = "auto") -> Layout:
     if not data.exists():
         raise DataError(f"{data}: no such folder. Give a folder of class folders (DATA/<class>/*.jpg) or DATA/train + DATA/val.")
     if not data.is_dir():
+        if data.suffix.lower() in (".csv", ".tsv", ".txt"):  # (a labels file given as DATA)
+            raise DataError(f"{data}: is a file, not a folder. For labels from a CSV: DATA is the folder its paths are in, "
+                            f"and --labels {data} names the CSV.")
         raise DataError(f"{data}: is a file, not a folder. Give a folder of class folders (DATA/<class>/*.jpg).")
     if layout == "classes":
         return Layout(data, {"train": data}, "class folders")

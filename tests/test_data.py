@@ -109,6 +109,7 @@ def test_symlink_loop_does_not_hang(tmp_path):
 @pytest.mark.parametrize("case, expected", [
     ("missing", "no such folder"),
     ("file", "is a file, not a folder"),
+    ("labels_file", "data.csv: is a file, not a folder. For labels from a CSV: DATA is the folder its paths are in, and --labels"),
     ("one_class", "need at least 2 class folders"),
     ("empty_class", "dog: class folder has no images. Add images"),
     ("dicom_class", "dog: class folder has no images, only 2 files it does not read (e.g. 1.2.840.113619.2.55: DICOM, not read: "
@@ -120,6 +121,9 @@ def test_bad_folders_give_one_clear_line(tmp_path, case, expected):
     data = tmp_path / "data"
     if case == "file":
         data.write_text("x")
+    elif case == "labels_file":
+        data = tmp_path / "data.csv"
+        data.write_text("path,label\n")
     elif case == "one_class":
         make_class_tree(data, 4, classes=("cat",))
     elif case == "empty_class":
