@@ -234,6 +234,20 @@ def test_evaluate_finds_the_held_out_images_again_when_some_of_them_could_not_be
     assert report["num_images"] == summary["num_val"] and report["accuracy"] == summary["best_val_acc"]
 
 
+@pytest.mark.parametrize("command", ["train", "check", "evaluate"])
+def test_an_empty_data_argument_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, command):
+    # `finetune train "$DATA"` with DATA unset: Path("") is ".", which was read (and trained on).
+    from conftest import make_class_tree
+
+    make_class_tree(tmp_path, 3, classes=("cat", "dog"))  # (the current folder would do as DATA)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [command, "", "--runs-dir", str(tmp_path.parent / "runs")] if command == "train" else [command, ""])
+    assert result.exit_code == 2 and result.stdout == ""
+    said = " ".join(result.stderr.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())  # (typer's box around the line)
+    assert "Invalid value for 'data': DATA is empty (an unset shell variable?); give the image folder, or . for this one." in said
+    assert not (tmp_path.parent / "runs").exists()
+
+
 def test_json_on_stdout_holds_no_nan_for_strict_parsers():
     # (a model of NaNs from elsewhere scores NaN: json.dumps wrote NaN, which strict parsers refuse)
     from finetune.cli.output import json_text

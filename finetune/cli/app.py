@@ -36,6 +36,14 @@ MaxDistance = Annotated[Optional[float], typer.Option(help="Unknown beyond this 
 MinScore = Annotated[Optional[float], typer.Option(help="Also unknown when the top (calibrated) probability is below this.", show_default=False)]
 
 
+def folder_argument(value: str) -> Path:
+    """DATA as typed. An empty one ("$DATA" with DATA unset) is refused: Path("") is the current
+    folder, which would be read (and trained on) in its place."""
+    if not value.strip():
+        raise typer.BadParameter("DATA is empty (an unset shell variable?); give the image folder, or . for this one.")
+    return Path(value)
+
+
 def load_model_or_newest(model: Path | None, runs_dir: Path, reporter: Reporter | None = None):
     """Load --model, or the newest run's model and say which on stderr."""
     from ..checkpoint import load_model

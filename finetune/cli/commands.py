@@ -13,7 +13,7 @@ import typer
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
 from .app import (FORMATS, PREDICT, TRAIN, LabelColumns, LabelsCsv, MaxDistance, MinScore, NoUnknown, ValSplit, app,
-                  load_model_or_newest)
+                  folder_argument, load_model_or_newest)
 from .output import (RichReporter, echo_json, fail, render_evaluation, render_predictions, show_archs, show_cache,
                      show_check, show_export_result, show_fields, stderr)
 
@@ -66,7 +66,7 @@ def predict(
 
 @app.command()
 def evaluate(
-    data: Annotated[Path, typer.Argument(help="Labelled images: DATA's test split (else its val split), as train reads DATA; or DATA/<class>/*.", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="Labelled images: DATA's test split (else its val split), as train reads DATA; or DATA/<class>/*.", show_default=False, parser=folder_argument)],
     model: Annotated[Optional[Path], typer.Option(help="Model file or run folder (default: the newest run under --runs-dir).", show_default=False)] = PREDICT.model,
     runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = PREDICT.batch_size,
@@ -112,7 +112,7 @@ def evaluate(
 
 @app.command()
 def check(
-    data: Annotated[Path, typer.Argument(help="The image folder, as you would give it to train.", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="The image folder, as you would give it to train.", show_default=False, parser=folder_argument)],
     layout: Annotated[str, typer.Option(help=f"How DATA is read: {LAYOUT_HELP}.")] = TRAIN.layout,
     labels: LabelsCsv = None,
     label_columns: LabelColumns = None,

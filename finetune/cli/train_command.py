@@ -13,14 +13,14 @@ import typer
 from ..config import UNFROZEN_FINETUNE_EPOCHS, parse_duration
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
-from .app import TRAIN, LabelColumns, LabelsCsv, ValSplit, app
+from .app import TRAIN, LabelColumns, LabelsCsv, ValSplit, app, folder_argument
 from .output import RichReporter, echo_json, fail, say_error, show_train_result, stderr
 
 
 # Over 60 lines only because every option is a parameter (typer's way); the body is a dozen lines.
 @app.command()
 def train(
-    data: Annotated[Optional[Path], typer.Argument(help="Image folder: DATA/train/<class>/ + DATA/val/<class>/, or DATA/<class>/ to split.", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Argument(help="Image folder: DATA/train/<class>/ + DATA/val/<class>/, or DATA/<class>/ to split.", show_default=False, parser=folder_argument)] = None,
     arch: Annotated[str, typer.Option(help="Backbone, e.g. resnet18, resnet50, efficientnet_lite0 (offline weights).")] = TRAIN.arch,
     weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict (.pth/.safetensors) or finetune model file instead of ImageNet weights from the cache/download.")] = TRAIN.weights,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights (--no-pretrained: random init).")] = TRAIN.pretrained,
