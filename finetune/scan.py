@@ -35,7 +35,12 @@ class TreeReader:
         found: list[Path] = []
         real = os.path.realpath(folder)
         if real not in self.seen_dirs:
+            self.links: list[tuple[Path, str, str]] = []
             self._walk(folder, real, real, found)
+            # Links after every real entry: a file reached both ways is listed where it really is
+            # (cat/dogs_link -> ../dog sorts before dog/, and predict listed dog's images under it).
+            while self.links:
+                self._follow(*self.links.pop(0), found)
         return found
 
     def _walk(self, folder: Path, real: str, class_root: str, found: list[Path]) -> None:
@@ -44,27 +49,37 @@ class TreeReader:
             if is_hidden(entry.name):
                 continue
             path = Path(entry.path)
-            if entry.is_dir():  # follows a symlink
-                target = os.path.realpath(path)
-                reason = self._refuse_link(target, real, class_root) if entry.is_symlink() else None
-                if reason is None and target in self.seen_dirs:
-                    reason = f"a folder already read ({target})"
-                if reason is not None:
-                    self.skipped.append({"path": str(path), "reason": reason})
-                    continue
-                self._walk(path, target, class_root, found)
+            if entry.is_symlink():
+                self.links.append((path, real, class_root))
+            elif entry.is_dir():
+                inner = os.path.join(real, entry.name)
+                if inner in self.seen_dirs:  # (reached through a link by an earlier call)
+                    self.skipped.append({"path": str(path), "reason": f"a folder already read ({inner})"})
+                else:
+                    self._walk(path, inner, class_root, found)
             elif entry.is_file():
                 # (a file that is not a link is where its folder really is: no realpath, which
                 # lstats every component; listing 25,000 files took 0.38 s with it, 0.12 s without)
-                link = entry.is_symlink()
-                target = os.path.realpath(path) if link else os.path.join(real, entry.name)
-                reason = self._refuse_link(target, real, class_root) if link else None
-                if reason is not None:
-                    self.skipped.append({"path": str(path), "reason": reason})
-                    continue
-                self._take_file(path, target, found)
+                self._take_file(path, os.path.join(real, entry.name), found)
             else:  # (a FIFO or a device would block the decoder)
                 self.skipped.append({"path": str(path), "reason": _not_a_file_reason(path)})
+
+    def _follow(self, path: Path, here: str, class_root: str, found: list[Path]) -> None:
+        """A symbolic link in folder `here`: its folder walked or its file taken, unless it leads in a
+        circle, into another class's folder or to what was read already."""
+        if not (path.is_dir() or path.is_file()):
+            self.skipped.append({"path": str(path), "reason": _not_a_file_reason(path)})
+            return
+        target = os.path.realpath(path)
+        reason = self._refuse_link(target, here, class_root)
+        if reason is None and path.is_dir() and target in self.seen_dirs:
+            reason = f"a folder already read ({target})"
+        if reason is not None:
+            self.skipped.append({"path": str(path), "reason": reason})
+        elif path.is_dir():
+            self._walk(path, target, class_root, found)
+        else:
+            self._take_file(path, target, found)
 
     def _refuse_link(self, target: str, here: str, class_root: str) -> str | None:
         """Why a symbolic link (to a folder or a file) in folder `here` is not followed, if it is not."""

@@ -149,6 +149,20 @@ def test_checks_skip_summary_counts_each_reason_by_its_kind(reason, kind):
     assert _reason_kind(reason) == kind
 
 
+def test_a_file_reached_by_a_link_and_by_its_own_folder_is_listed_where_it_is(tmp_path):
+    # (cat/dogs_link -> ../dog sorts before dog/: predict listed the dogs under the link, as cats' files)
+    from finetune.scan import list_images
+
+    root = make_class_tree(tmp_path / "incoming", 2, classes=("cat", "dog"))
+    os.symlink("../dog", root / "cat" / "dogs_link")
+    os.symlink("../dog/dog_0.jpg", root / "cat" / "a_dog.jpg")
+    skipped = []
+    assert list_images(root, skipped) == [root / "cat" / "cat_0.jpg", root / "cat" / "cat_1.jpg",
+                                          root / "dog" / "dog_0.jpg", root / "dog" / "dog_1.jpg"]
+    assert skipped == [{"path": str(root / "cat" / "a_dog.jpg"), "reason": f"the same file as {root / 'dog' / 'dog_0.jpg'} (a link): read once"},
+                       {"path": str(root / "cat" / "dogs_link"), "reason": f"a folder already read ({root / 'dog'})"}]
+
+
 @pytest.mark.parametrize("target", ["..", "../.."])
 def test_symlink_loops_read_no_file_twice_and_no_wrong_label(tmp_path, target):
     data = splits(tmp_path / "data", "train", {"val": 2})
