@@ -104,18 +104,20 @@ _PILLOW_LIMIT = threading.Lock()
 
 
 @contextlib.contextmanager
-def opened_within(path: Path, max_pixels: int) -> Iterator[Image.Image]:
-    """Image.open with Pillow's own decompression-bomb limit at `max_pixels` (its default, 89,478,485,
-    refused a larger --max-pixels before our check could read the size). The limit is Pillow's
-    module global: held under a lock for the header's parsing only (threads decode at once)."""
+def pillow_allows(max_pixels: int) -> Iterator[None]:
+    """Pillow's own decompression-bomb limit (a module global, 89,478,485 pixels by default, checked
+    when a file is opened and, for TIFF, again when it is loaded) raised to `max_pixels` while
+    the block runs, where that is larger: without it a larger --max-pixels read nothing more.
+    Under a lock (threads may decode at once), taken only then: the default limit needs none."""
+    if Image.MAX_IMAGE_PIXELS is None or max_pixels <= Image.MAX_IMAGE_PIXELS:
+        yield  # (its limit is no stricter than ours; the check after opening applies ours)
+        return
     with _PILLOW_LIMIT:
         default, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
         try:
-            im = Image.open(path)
+            yield
         finally:
             Image.MAX_IMAGE_PIXELS = default
-    with im:
-        yield im
 
 
 def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int], str]:
@@ -127,7 +129,7 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
             # Pillow's other warnings are about metadata (a corrupt EXIF block, common in scraped
             # photo sets) of pixels it decodes: noise on stderr that names no file.
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-            with opened_within(path, max_pixels) as im:
+            with pillow_allows(max_pixels), Image.open(path) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageDecodeError(too_many_pixels(f"{w}x{h} pixels", max_pixels))

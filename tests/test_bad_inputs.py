@@ -337,7 +337,7 @@ def test_file_names_that_are_not_utf8_train_evaluate_and_predict(tmp_path):
 def test_bomb_in_predict_is_an_error_record(tmp_path):
     path = tmp_path / "big.png"
     bomb(path)
-    with pytest.raises(ImageDecodeError, match=r"^40,000 pixels is over the 10,000-pixel limit \(possible decompression "
+    with pytest.raises(ImageDecodeError, match=r"^200x200 pixels is over the 10,000-pixel limit \(possible decompression "
                                                 r"bomb\); --max-pixels N reads it$"):
         load_rgb(path, 10_000)
 
@@ -348,8 +348,11 @@ def test_max_pixels_above_pillows_own_limit_reads_the_image(tmp_path, monkeypatc
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
     path = tmp_path / "big.png"
     bomb(path)  # 40,000 pixels
-    assert load_rgb(path, 50_000).size == (200, 200)
+    noisy(200, 200).save(tmp_path / "big.tif", "TIFF")  # (TIFF: Pillow checks again when it loads the pixels)
+    assert load_rgb(path, 50_000).size == (200, 200) and load_rgb(tmp_path / "big.tif", 50_000).size == (200, 200)
     assert Image.MAX_IMAGE_PIXELS == 1_000  # left as it was
+    with pytest.raises(ImageDecodeError, match="^40,000 pixels is over the 30,000-pixel limit"):
+        load_rgb(tmp_path / "big.tif", 30_000)
 
 
 def test_class_left_empty_by_bad_files_is_a_clear_error(tmp_path):
