@@ -217,14 +217,14 @@ def test_evaluate_on_the_folder_a_model_learnt_from_measures_the_images_it_held_
 
 
 def test_evaluate_finds_the_held_out_images_again_when_some_of_them_could_not_be_read(tmp_path):
-    # Training dropped the unreadable val files (empty ones here) before it wrote the val set's
-    # digest; evaluate's scan keeps them until it reads them: another digest, so every image measured.
+    # Training dropped the val files it could not decode before it wrote the val set's digest;
+    # evaluate's scan keeps them until it reads them: another digest, so every image measured.
     from conftest import make_class_tree
 
     flat = make_class_tree(tmp_path / "flat", 10, classes=("cat", "dog"))
     for c in ("cat", "dog"):
         for i in range(4):
-            (flat / c / f"broken_{i}.jpg").write_bytes(b"")
+            (flat / c / f"broken_{i}.jpg").write_text(f"junk {c} {i}")  # (each its own bytes: no duplicates)
     trained = runner.invoke(app, ["train", str(flat), "--runs-dir", str(tmp_path / "runs"), "--json", *FAST_TRAIN_ARGS])
     assert trained.exit_code == 0, trained.stderr
     summary = json.loads(trained.stdout)
