@@ -83,10 +83,13 @@ def read_labels_csv(data: Path, csv_path: Path, columns: str | None, skipped: li
 
 
 def delimiter_of(header: str) -> str:
-    """The header line's separator: commas, or the semicolons a spreadsheet writes where the comma
-    is the decimal mark, or tabs."""
-    counts = {d: header.count(d) for d in (",", ";", "\t")}
-    return max(counts, key=lambda d: (counts[d], d == ","))
+    """The header line's separator: commas, unless they make one column and semicolons (which a
+    spreadsheet writes where the comma is the decimal mark) or tabs make more. Read as CSV, so a
+    quoted column name holding a semicolon ("species; common name") is no separator."""
+    for delimiter in (",", ";", "\t"):
+        if len(next(csv.reader([header], delimiter=delimiter), [])) > 1:
+            return delimiter
+    return ","
 
 
 def pick_columns(header: list[str], columns: str | None, csv_path: Path) -> tuple[str, str, str | None]:
@@ -153,8 +156,11 @@ class FileFinder:
                 raise AmbiguousName([self.by_stem[rel], *self.others[rel]])
             return self.by_stem[rel]
         if stem in self.by_stem:  # (its extension in another case, or another spelling: .jpg for .jpeg)
-            alike = [p for p in (self.by_stem[stem], *self.others.get(stem, [])) if p.suffix.lower() == Path(rel).suffix.lower()]
-            return alike[0] if alike else self.by_stem[stem]
+            files = [self.by_stem[stem], *self.others.get(stem, [])]
+            alike = [p for p in files if p.suffix.lower() == Path(rel).suffix.lower()]
+            if not alike and len(files) > 1:  # (f.gif named, f.jpg and f.png there)
+                raise AmbiguousName(files)
+            return alike[0] if alike else files[0]
         for candidate in (Path(value), self.csv_folder / value):
             if candidate.is_file():
                 return candidate

@@ -268,7 +268,7 @@ def test_a_csv_written_on_windows_finds_its_files_and_one_finding_none_says_why(
 
 
 def test_a_csv_name_without_extension_that_two_files_share_is_not_guessed(tmp_path):
-    from finetune.labels import FileFinder
+    from finetune.labels import AmbiguousName, FileFinder
 
     images = tmp_path / "images"
     make_class_tree(images, 2)
@@ -276,6 +276,8 @@ def test_a_csv_name_without_extension_that_two_files_share_is_not_guessed(tmp_pa
     make_image(images / "cat" / "a.png", (220, 40, 40), seed=6)
     find = FileFinder(images, tmp_path)
     assert find("cat/a.JPG") == images / "cat" / "a.jpg" and find("cat/a.png") == images / "cat" / "a.png"
+    with pytest.raises(AmbiguousName):
+        find("cat/a.gif")  # (neither is it)
     rows = [["filename", "label"], ["cat/a", "cat"]] + [[f"{c}/{c}_{i}", c] for c in ("cat", "dog") for i in range(2)]
     split = read(images, labels=write_csv(tmp_path / "l.csv", rows))
     assert len(split.train) + len(split.val) == 4
@@ -290,6 +292,9 @@ def test_a_csv_separated_by_semicolons_or_tabs_is_read(tmp_path, delimiter):
     (tmp_path / "l.csv").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
     split = read(tmp_path / "images", labels=tmp_path / "l.csv")
     assert split.classes == ["cat", "dog"] and len(split.train) + len(split.val) == 4 and split.skipped == []
+    rows = [["filename", "species; common; name"]] + [[f"{c}/{c}_{i}.jpg", c] for c in ("cat", "dog") for i in range(2)]
+    split = read(tmp_path / "images", labels=write_csv(tmp_path / "quoted.csv", rows), label_columns="filename,species; common; name")
+    assert split.classes == ["cat", "dog"]  # (commas it is: the semicolons are inside a quoted name)
 
 
 def test_class_names_that_print_alike_are_noted(tmp_path):
