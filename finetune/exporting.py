@@ -17,7 +17,6 @@ from .errors import FinetuneError, UsageError
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
-REPLACEABLE = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript")}  # an existing --out of another suffix is refused
 TOLERANCE = 1e-4
 
 
@@ -104,9 +103,10 @@ def export(loaded: LoadedModel, fmt: str = "onnx", out: Path | str | None = None
     out = output_path(loaded.path, fmt, out)
     if out.resolve() == loaded.path.resolve():
         raise UsageError(f"--out {out} would overwrite the model file; choose another path.")
-    if out.is_file() and out.suffix.lower() not in REPLACEABLE[fmt]:  # (a photo named by mistake, say)
-        raise UsageError(f"--out {out}: a file that is not {fmt} is there already; name a new file, or one ending in "
-                         f"{SUFFIX[fmt]}.")
+    sidecar = out.with_name(out.name + ".json")
+    if out.is_file() and not sidecar.is_file():  # (a photo, or a state dict saved as .pt, named by mistake)
+        raise UsageError(f"--out {out}: a file is there already, not one finetune exported (no {sidecar.name} beside it); "
+                         f"name a new file, or remove that one.")
     wrapper = ProbabilityModel(loaded.model.float().cpu().eval(), loaded.temperature).eval()
     size = loaded.preprocessing.img_size
     images = check_images(size)
@@ -117,7 +117,6 @@ def export(loaded: LoadedModel, fmt: str = "onnx", out: Path | str | None = None
         diff = float((torch.as_tensor(actual) - expected).abs().max())
         if not diff <= TOLERANCE:
             raise FinetuneError(f"{out}: the export differs from the PyTorch model by {diff:.2e} (more than {TOLERANCE:g}); it was not written.")
-    sidecar = out.with_name(out.name + ".json")
     with writable(sidecar):
         write_json(sidecar, sidecar_dict(loaded, fmt, diff))
     return ExportResult(out, sidecar, fmt, diff)

@@ -155,14 +155,16 @@ def test_export_makes_the_folder_it_is_told_to_write_in(run, tmp_path, given, wr
     assert (tmp_path / written).is_file() and (tmp_path / (written + ".json")).is_file()
 
 
-def test_export_does_not_overwrite_a_file_of_another_kind(run, tmp_path):
-    photo = make_image(tmp_path / "victim.png", (10, 200, 10))
-    before = photo.read_bytes()
-    result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(photo)])
+@pytest.mark.parametrize("name", ["victim.png", "weights.pt"])
+def test_export_replaces_only_its_own_exports(run, tmp_path, name):
+    # (a photo named by mistake; a state dict saved as .pt, TorchScript's own suffix)
+    theirs = make_image(tmp_path / name, (10, 200, 10), fmt="PNG")
+    before = theirs.read_bytes()
+    result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(theirs)])
     assert result.exit_code == 2 and result.stdout == ""
-    assert result.stderr == (f"error: --out {photo}: a file that is not torchscript is there already; name a new file, "
-                             "or one ending in .pt.\n")
-    assert photo.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["victim.png"]
+    assert result.stderr == (f"error: --out {theirs}: a file is there already, not one finetune exported (no {name}.json "
+                             "beside it); name a new file, or remove that one.\n")
+    assert theirs.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [name]
     again = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(tmp_path / "m.pt")])
     assert again.exit_code == 0 and runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript",
                                                         "--out", str(tmp_path / "m.pt")]).exit_code == 0  # its own: replaced
