@@ -85,17 +85,35 @@ def read_weights_file(path: Path) -> dict:
         with warnings.catch_warnings():  # torch's notes on pickle protocols mean nothing to a user
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except pickle.UnpicklingError:  # (torch's message advises weights_only=False: unpickling code, never done here)
-        raise WeightsError(f"{path}: holds Python objects besides tensors, which finetune does not unpickle (they can run "
-                           f"code). {STATE_DICT_HINT}") from None
-    except Exception:  # (torch's messages for a file it did not write, e.g. "KeyError: 101", say nothing to a user)
-        raise WeightsError(f"{path}: not a weights file torch.save wrote (or a damaged one). {STATE_DICT_HINT}") from None
+    except Exception as e:
+        raise WeightsError(unreadable_weights(path, e)) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: does not hold a state dict of tensors.")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def unreadable_weights(path: Path, error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused `path`, in a user's words. Not torch's own: it
+    advises weights_only=False (unpickling code: never done here), or says "KeyError: 101"."""
+    if isinstance(error, OSError):
+        return f"{path}: cannot read it ({error.strerror or error})."
+    if isinstance(error, pickle.UnpicklingError) and written_by_torch_save(path):
+        return f"{path}: holds Python objects besides tensors, which finetune does not unpickle (they can run code). {STATE_DICT_HINT}"
+    return f"{path}: not a weights file torch.save wrote (or a damaged one). {STATE_DICT_HINT}"
+
+
+def written_by_torch_save(path: Path) -> bool:
+    """Whether the file looks like torch.save's: a zip archive (since torch 1.6) or a pickle
+    (older files start with the protocol mark). An HTML page a failed download saved does not."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 def local_weights_path(spec: ArchSpec) -> Path | None:

@@ -97,10 +97,11 @@ def test_a_malicious_pickle_is_never_run(tmp_path):
     assert "holds Python objects besides tensors, which finetune does not unpickle" in str(refused.value)
     assert "weights_only" not in str(refused.value)  # (torch's advice to load it anyway is not passed on)
     assert not sentinel.exists()
-    text = tmp_path / "notes.pth"
-    text.write_text("hello")
-    with pytest.raises(WeightsError, match=r"notes.pth: not a weights file torch.save wrote \(or a damaged one\)\."):
-        read_weights_file(text)
+    for name, content in (("notes.pth", b"hello"), ("page.pth", b"<!DOCTYPE html><html>Not Found</html>"),
+                          ("junk.pth", b"\x00\x01garbage")):  # (a failed download's page: not "Python objects")
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(WeightsError, match=rf"{name}: not a weights file torch.save wrote \(or a damaged one\)\."):
+            read_weights_file(tmp_path / name)
 
 
 def test_run_folder_and_cli_error_for_damaged_file(saved, tmp_path):
