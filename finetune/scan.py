@@ -165,10 +165,11 @@ def look_alike_classes(classes: list[str]) -> list[str]:
         groups.setdefault(unicodedata.normalize("NFC", c).casefold(), []).append(c)
     notes = []
     for alike in (g for g in groups.values() if len(g) > 1):
-        same_letters = len({unicodedata.normalize("NFC", c) for c in alike}) < len(alike)
-        notes.append(f"classes {' and '.join(repr(c) for c in alike)} differ only in "
-                     f"{'how their letters are encoded' if same_letters else 'case'}: they are {len(alike)} classes; "
-                     f"give them one name if they are one")
+        composed = {unicodedata.normalize("NFC", c) for c in alike}
+        ways = [way for way, differs in (("case", len(composed) > 1),
+                                         ("how their letters are encoded", any(c not in composed for c in alike))) if differs]
+        notes.append(f"classes {' and '.join(repr(c) for c in alike)} differ only in {' and '.join(ways)}: they are "
+                     f"{len(alike)} classes; give them one name if they are one")
     return notes
 
 
