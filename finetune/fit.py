@@ -228,7 +228,6 @@ def fit_stage(stage, run: Run, done: int = 0, resumed: ResumeState | None = None
     optimizer = make_optimizer(groups, run.cfg, stage.device)
     total = stage.steps_per_epoch * stage.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, stage.warmup_steps))
-    # Stages that start from a trained model validate and keep their weights' average (averaging.py).
     average = weight_average(stage, groups, run.cfg)
     if done:
         load_optimizer_state(optimizer, resumed.optimizer, run.folder.path)
