@@ -30,12 +30,12 @@ class TreeReader:
         self.seen_dirs: set[str] = set()
         self.seen_files: dict[str, Path] = {}
         self.skipped = skipped
+        self.links: list[tuple[Path, str, str]] = []  # (link, the folder it is in, its class folder), followed last
 
     def images(self, folder: Path) -> list[Path]:
         found: list[Path] = []
         real = os.path.realpath(folder)
         if real not in self.seen_dirs:
-            self.links: list[tuple[Path, str, str]] = []
             self._walk(folder, real, real, found)
             # Links after every real entry: a file reached both ways is listed where it really is
             # (cat/dogs_link -> ../dog sorts before dog/, and predict listed dog's images under it).
