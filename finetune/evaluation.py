@@ -3,6 +3,7 @@ it), or samples a caller already has (training's test split)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -10,7 +11,7 @@ from typing import Iterable
 from .checkpoint import LoadedModel, as_loaded
 from .config import PredictConfig
 from .data import Sample, samples_digest
-from .errors import DataError
+from .errors import DataError, UsageError
 from .layout import find_layout, sub_folders
 from .prediction import Answer, is_unknown, iter_answers
 from .progress import Reporter
@@ -57,6 +58,8 @@ def evaluate(model: LoadedModel, data: Path | str, cfg: PredictConfig | None = N
     folders and they hold no test or val split, on the val images its training held out."""
     cfg = cfg or PredictConfig()
     model = as_loaded(model)  # (the Python API also takes a path)
+    if not isinstance(data, (str, os.PathLike)):
+        raise UsageError(f"data: give the path of a folder of labelled images (got {type(data).__name__}).")
     if cfg.labels is not None:
         return evaluate_labelled(model, Path(data), cfg, reporter)
     root, training_folder = find_eval_root(Path(data), cfg.layout)

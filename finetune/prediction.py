@@ -160,21 +160,38 @@ def answers_from_rows(loaded: LoadedModel, rows: torch.Tensor, device: torch.dev
 
 def predict(model: LoadedModel | str | Path, inputs: Iterable[str | Path] | str | Path, cfg: PredictConfig | None = None,
             reporter: Reporter | None = None) -> Iterator[Prediction]:
-    """One Prediction per image, in input order, each as soon as its batch is done.
+    """One Prediction per image, in input order, each as soon as its batch is done (an iterator:
+    the model, the settings and the inputs are checked when it is called, the images read as it
+    is consumed).
 
     `inputs`: image files, folders (searched recursively) and glob patterns, as on the
     command line, or one of them; an input that names nothing readable gives a Prediction with
     an error. `model`: a load_model result, or the path of a model file or run folder.
     """
-    cfg = cfg or PredictConfig()
+    cfg = (cfg or PredictConfig()).checked()
     model = as_loaded(model)
-    if isinstance(inputs, (str, os.PathLike)):  # (one path: not a sequence of one-letter inputs)
-        inputs = [inputs]
-    if inputs is None or isinstance(inputs, (bytes, bytearray)):
-        raise UsageError("inputs: give image files, folders or glob patterns (a path, or a list of them).")
-    items = expand_inputs(str(i) for i in inputs)
+    items = expand_inputs(str(i) for i in input_list(inputs))
     if not items:
         raise UsageError("no inputs: pass image files, folders, glob patterns, or - to read paths from stdin.")
+    return predictions(model, items, cfg, reporter)
+
+
+def input_list(inputs) -> list[str | os.PathLike]:
+    """predict's `inputs` as a list of paths: one path is one input (not a sequence of one-letter
+    inputs); anything but paths is a UsageError (a number once ended in a TypeError)."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [inputs]
+    wanted = "inputs: give image files, folders or glob patterns (a path, or a list of them)"
+    if isinstance(inputs, (bytes, bytearray)) or not isinstance(inputs, Iterable):
+        raise UsageError(f"{wanted}; got {type(inputs).__name__}.")
+    listed = list(inputs)
+    odd = next((i for i in listed if not isinstance(i, (str, os.PathLike))), None)
+    if odd is not None:
+        raise UsageError(f"{wanted}; got {type(odd).__name__} among them.")
+    return listed
+
+
+def predictions(model: LoadedModel, items: list[InputItem], cfg: PredictConfig, reporter: Reporter | None) -> Iterator[Prediction]:
     classes = model.classes
     k = min(cfg.top_k, len(classes))
     readable = [Path(item.path) for item in items if item.error is None]

@@ -103,6 +103,15 @@ def test_predict_says_when_the_newest_model_is_of_a_run_that_did_not_finish(trai
     assert "newest model" in finished and "did not finish" not in finished
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json"])
+def test_predict_with_a_bad_option_writes_nothing_on_stdout(trained, fmt):
+    # (the CSV header came out before the settings were checked: `> out.csv` left a file that looked valid)
+    img = str(trained["data"] / "val" / "dog" / "dog_0.jpg")
+    result = predict(trained, img, "--format", fmt, "--min-score", "1.5")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.endswith("\nerror: --min-score must be between 0 and 1 (got 1.5).\n")
+
+
 def test_predict_json_csv_and_table(trained):
     img = str(trained["data"] / "val" / "dog" / "dog_0.jpg")
     as_json = predict(trained, img, "--format", "json", "--top-k", "2")

@@ -244,8 +244,16 @@ def test_the_library_takes_paths_as_strings_and_wrong_types_as_one_line_errors(t
     for wrong, says in (({"data": None}, "data: give an image folder"), ({"arch": None}, "--arch must be a name")):
         with pytest.raises(finetune.FinetuneError, match=says):
             finetune.TrainConfig(**wrong).checked()
-    with pytest.raises(finetune.FinetuneError, match="inputs: give image files"):
-        list(finetune.predict(run_dir, None))
+    for wrong, says in ((None, "got NoneType"), (5, "got int"), ([str(tmp_path / "a.jpg"), 2], "got int among them")):
+        with pytest.raises(finetune.FinetuneError, match=f"inputs: give image files.*{says}"):
+            finetune.predict(run_dir, wrong)  # (said when called: not at the first image read)
+    with pytest.raises(finetune.FinetuneError, match="model file not found"):
+        finetune.predict(tmp_path / "nowhere", ["x.jpg"])
+    with pytest.raises(finetune.FinetuneError, match="--top-k must be at least 1"):
+        finetune.predict(run_dir, ["x.jpg"], finetune.PredictConfig(top_k=0))
+    for wrong in (3, None):
+        with pytest.raises(finetune.FinetuneError, match="data: give the path of a folder of labelled images"):
+            finetune.evaluate(run_dir, wrong)
 
 
 def test_a_run_resumed_in_the_head_stage_keeps_its_own_copy_of_the_best_model(tmp_path):
