@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import DEFAULT_RUNS_DIR, MODEL_FILENAME
+from .config import DEFAULT_RUNS_DIR, MODEL_FILENAME, RESULTS_FILENAME
 from .data import Preprocessing
 from .errors import ModelFileError, UsageError
 from .files import FORMAT, read_safetensors, write_safetensors
@@ -114,10 +114,24 @@ def read_model_file(path: Path) -> LoadedModel:
 
 
 def newest_model(runs_dir: Path) -> Path:
+    """The model of the newest run under `runs_dir` that finished (its results.json written); of the
+    newest run where none did. A run still training writes its kept epoch's model file as it goes,
+    without the calibration and unknown rule the finished one gets."""
     models = [p for p in runs_dir.glob(f"*/{MODEL_FILENAME}") if p.is_file()] if runs_dir.is_dir() else []
     if not models:
         raise UsageError(f"no trained model under {runs_dir}/. Train one with 'finetune train DATA', or pass --model FILE.")
-    return max(models, key=lambda p: p.stat().st_mtime_ns)
+    return max([p for p in models if run_finished(p.parent)] or models, key=lambda p: p.stat().st_mtime_ns)
+
+
+def newer_unfinished_run(model_path: Path) -> Path | None:
+    """The newest run beside `model_path`'s that is newer and has not finished (training now, or stopped), if any."""
+    newer = [p.parent for p in model_path.parent.parent.glob(f"*/{MODEL_FILENAME}")
+             if not run_finished(p.parent) and p.stat().st_mtime_ns > model_path.stat().st_mtime_ns]
+    return max(newer, key=lambda run: (run / MODEL_FILENAME).stat().st_mtime_ns) if newer else None
+
+
+def run_finished(run_dir: Path) -> bool:
+    return (run_dir / RESULTS_FILENAME).is_file()
 
 
 def resolve_model_path(model: Path | None, runs_dir: Path) -> Path:

@@ -15,6 +15,7 @@ from .errors import UsageError
 DEFAULT_ARCH = "resnet18"
 DEFAULT_RUNS_DIR = Path("runs")
 MODEL_FILENAME = "model.safetensors"
+RESULTS_FILENAME = "results.json"  # written as a run finishes (the first of its final files): its presence means finished
 UNFROZEN_FINETUNE_EPOCHS = 5  # what `freeze_backbone=False` means when finetune_epochs is not given
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold, but as a hard error
 HEAD_FEATURES = ("auto", "final", "multi")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MODEL_FILENAME, TrainConfig
+from .config import MODEL_FILENAME, RESULTS_FILENAME, TrainConfig
 from .data import DatasetSplit
 from .device import mps_available
 from .errors import DataError, ModelFileError, UsageError
@@ -173,7 +173,7 @@ def config_for_resume(run_dir: Path) -> TrainConfig:
     """The config a run was started with, read back from its folder."""
     if not (run_dir / "config.json").is_file():
         raise UsageError(f"--resume {run_dir}: not a run folder (no config.json). Pass a folder under runs/.")
-    if (run_dir / "results.json").is_file():
+    if (run_dir / RESULTS_FILENAME).is_file():
         raise UsageError(f"--resume {run_dir}: this run already finished; its model is {run_dir / MODEL_FILENAME}.")
     saved = TrainConfig.from_json_dict(json.loads((run_dir / "config.json").read_text()))
     return replace(saved, resume=run_dir)

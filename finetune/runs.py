@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import save_model
-from .config import MODEL_FILENAME, TrainConfig
+from .config import MODEL_FILENAME, RESULTS_FILENAME, TrainConfig
 from .errors import UsageError
 from .files import write_csv, write_json
 from .records import EpochRecord, TrainResult
@@ -151,5 +151,5 @@ class RunFolder:
     @_writes
     def finish(self, result: TrainResult) -> None:
         """results.json, then the training state goes: nothing is left to resume."""
-        write_json(self.path / "results.json", result.to_json_dict())  # first: with it, --resume says "finished"
+        write_json(self.path / RESULTS_FILENAME, result.to_json_dict())  # first: with it, --resume says "finished"
         self.state_path.unlink(missing_ok=True)

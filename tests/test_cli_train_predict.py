@@ -101,6 +101,13 @@ def test_predict_says_when_the_newest_model_is_of_a_run_that_did_not_finish(trai
     (runs / "results.json.aside").rename(runs / "stopped" / "results.json")
     finished = say()
     assert "newest model" in finished and "did not finish" not in finished
+    # A finished run, and a newer one still training (its model file written as it goes, without
+    # calibration or the unknown rule): the finished one is used, and the newer one named.
+    shutil.copytree(runs / "stopped", runs / "done")
+    os.utime(runs / "done" / "model.safetensors", ns=(1, (runs / "stopped" / "model.safetensors").stat().st_mtime_ns - 10**9))
+    (runs / "stopped" / "results.json").unlink()
+    assert (f"using the newest model: {runs / 'done' / 'model.safetensors'} (the newest finished run; {runs / 'stopped'} is "
+            f"newer and has not finished: --model {runs / 'stopped'} uses its best epoch so far)") in " ".join(say().split())
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "json"])

@@ -55,13 +55,17 @@ def load_model_or_newest(model: Path | None, runs_dir: Path, reporter: Reporter 
 
 
 def unfinished_note(model_path: Path) -> str:
-    """What to say of a model whose run stopped before its end (no results.json): how to go on,
-    where it can (a Ctrl-C leaves the state to resume from; a diverged run does not)."""
+    """What to say of the newest model's run: where it stopped before its end (no results.json),
+    how to go on, where it can (a Ctrl-C leaves the state to resume from; a diverged run does
+    not); where it finished and a newer run has not (still training, or stopped), that one's name."""
+    from ..checkpoint import newer_unfinished_run, run_finished
     from ..resume import STATE_FILENAME
 
     run = model_path.parent
-    if (run / "results.json").is_file():
-        return ""
+    if run_finished(run):
+        newer = newer_unfinished_run(model_path)
+        return (f" (the newest finished run; {newer} is newer and has not finished: --model {newer} uses its best "
+                f"epoch so far)") if newer else ""
     if (run / STATE_FILENAME).is_file():
         return f" (its training did not finish: the best epoch so far; 'finetune train --resume {run}' goes on)"
     return " (its training did not finish: the best epoch before it stopped)"
