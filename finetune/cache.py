@@ -298,7 +298,7 @@ def describe(root: Path) -> dict:
         last = max((f.stat().st_mtime for f in files if f.exists()), default=None)
         entries.append({"folder": str(folder), "arch": key.get("arch"), "img_size": key.get("img_size"),
                         "weights": key.get("weights"), "device": key.get("device"), "chunks": len(files), "bytes": size,
-                        "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(last)) if last else None})
+                        "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(last)) if last else None})  # (ISO, as info's "created")
     digests = sum(f.stat().st_size for f in memo_files(root) if f.exists())
     return {"dir": str(root), "bytes": sum(e["bytes"] for e in entries) + digests, "entries": entries,
             "digests_bytes": digests}

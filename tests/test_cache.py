@@ -255,8 +255,13 @@ def test_cache_command_shows_and_clears(cfg, feature_cache):
     summary = json.loads(shown.stdout)
     assert summary["dir"] == str(feature_cache) and summary["bytes"] > summary["digests_bytes"] > 0
     assert summary["entries"][0]["arch"] == "efficientnet_lite0" and summary["entries"][0]["img_size"] == 64
+    from datetime import datetime, timedelta, timezone
+
+    used = datetime.fromisoformat(summary["entries"][0]["last_used"])  # (ISO 8601 with its UTC offset)
+    assert used.tzinfo is not None and abs(datetime.now(timezone.utc) - used) < timedelta(minutes=10)
     table = runner.invoke(app, ["cache"])
     assert str(feature_cache) in table.stdout.replace("\n", "") and table.stderr == ""
+    assert used.strftime("%Y-%m-%d %H:%M") in table.stdout  # (the table: to the minute)
     cleared = runner.invoke(app, ["cache", "--clear"])
     assert cleared.exit_code == 0 and "cleared" in cleared.stdout
     assert not (feature_cache / "features").exists() and not (feature_cache / "digests").exists()

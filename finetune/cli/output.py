@@ -284,7 +284,7 @@ def show_cache(summary: dict) -> None:
         table = Table("arch", "img size", "device", "files", "size", "last used")  # (the weights file: in --json)
         for e in summary["entries"]:
             table.add_row(str(e["arch"]), str(e["img_size"]), str(e["device"]), str(e["chunks"]), _size(e["bytes"]),
-                          str(e["last_used"]))
+                          str(e["last_used"] or "")[:16].replace("T", " "))  # (to the minute)
         stdout.print(table)
     if summary.get("digests_bytes"):
         stdout.print(f"and the files' content hashes of earlier runs: {_size(summary['digests_bytes'])}")
