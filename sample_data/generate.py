@@ -106,4 +106,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    # (--help prints this; the script takes no options: it rewrote the folder when asked for help)
+    argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=f"Writes {OUT} anew.").parse_args()
     main()
