@@ -31,6 +31,13 @@ def samples_digest(samples: list[Sample], root: Path) -> str:
     return hashlib.blake2b(name_bytes("\n".join(lines)), digest_size=10).hexdigest()
 
 
+
+def held_out_digest(split: "DatasetSplit", data: Path) -> str:
+    """The digest of a split's val images as the scan found them (the files that then fail to
+    decode included): training keeps it in the model file, evaluate compares a scan of its own."""
+    return samples_digest(split.val, data.resolve())
+
+
 @dataclass
 class DatasetSplit:
     """The labelled images training uses, as scan.py read them."""

@@ -10,7 +10,7 @@ from typing import Iterable
 
 from .checkpoint import LoadedModel, as_loaded
 from .config import PredictConfig
-from .data import Sample, samples_digest
+from .data import Sample, held_out_digest
 from .errors import DataError, UsageError
 from .layout import find_layout, sub_folders
 from .prediction import Answer, is_unknown, iter_answers
@@ -97,7 +97,7 @@ def held_out_in_training(model: LoadedModel, data: Path, cfg: PredictConfig) -> 
     split = scan_dataset(data, tc.get("val_split"), int(tc.get("seed", 0)), cfg.layout if cfg.layout != "auto" else
                          tc.get("layout") or "auto", Path(labels) if labels else None, cfg.label_columns or tc.get("label_columns"))
     index = {c: i for i, c in enumerate(model.classes)}
-    if any(c not in index for c in split.classes) or samples_digest(split.val, data.resolve()) != source.get("val_digest"):
+    if any(c not in index for c in split.classes) or held_out_digest(split, data) != source.get("val_digest"):
         return HeldOut(None, [], CHANGED_NOTE)
     return HeldOut([Sample(s.path, index[split.classes[s.label]]) for s in split.val], split.skipped)
 

@@ -20,7 +20,7 @@ from .averaging import WeightAverage, named_in
 from .checkpoint import model_metadata
 from .cache import FeatureCache
 from .config import TrainConfig
-from .data import DatasetSplit, Preprocessing, samples_digest
+from .data import DatasetSplit, Preprocessing
 from .device import autocast, synchronize
 from .distributed import Dist, interrupts_deferred
 from .errors import TrainingDiverged, UsageError
@@ -37,16 +37,10 @@ SUM_EVERY_STEPS = 256  # steps whose losses and hits wait on the device before t
 
 def trained_on(cfg: TrainConfig, val_digest: str) -> dict:
     """The data and labels file a model learnt from, as absolute paths (train_config keeps them as
-    typed, relative to where train ran), and the digest of the val images it held out (held_out_digest):
+    typed, relative to where train ran), and the digest of the val images it held out (data.held_out_digest):
     evaluate knows DATA again from anywhere, and whether reading it again finds the same val images."""
     return {"data": str(Path(cfg.data).resolve()), "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,
             "val_digest": val_digest}
-
-
-def held_out_digest(cfg: TrainConfig, split: DatasetSplit) -> str:
-    """The digest of the val images as the scan found them, the files that then failed to decode
-    included: evaluate compares it with a scan of its own, which has not decoded them."""
-    return samples_digest(split.val, Path(cfg.data).resolve())
 
 
 @dataclass

@@ -27,12 +27,12 @@ import torch
 from .cache import ENV_DIR as CACHE_ENV
 from .cache import cache_for, default_cache_dir, digest_memo_for
 from .config import TrainConfig
-from .data import DatasetSplit
+from .data import DatasetSplit, held_out_digest
 from .device import autocast_dtype, pick_device
 from .distributed import SINGLE, Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, sigint_handler
 from .errors import GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError
 from .features import FeatureExtractor, FeatureSet
-from .fit import Run, fit_stage, held_out_digest, measure_pace
+from .fit import Run, fit_stage, measure_pace
 from .models import build_classifier, get_arch
 from .weights import resolve_pretrained
 from .progress import Reporter
@@ -116,7 +116,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     run = Run(cfg, model, split, pp, RunFolder(run_dir, writes=d.is_main), reporter, files_digest(split, cfg.data),
               cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input), no_tail=no_tail,
               deadline=started + cfg.time_budget if cfg.time_budget else None, started=started,
-              val_digest=held_out_digest(cfg, split))
+              val_digest=held_out_digest(split, cfg.data))
     try:
         run_stages(run, device, d, ResumeState.load(run.folder.state_path) if resume_dir is not None else None)
     except KeyboardInterrupt:
