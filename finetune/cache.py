@@ -259,8 +259,13 @@ def feature_sets(root: Path) -> list[Path]:
     return sorted(p for p in base.iterdir() if _SET_NAME.fullmatch(p.name) and p.is_dir()) if base.is_dir() else []
 
 
+def chunks_in(folder: Path) -> list[Path]:
+    """The chunk files FeatureCache.flush wrote in a feature set's folder."""
+    return [p for p in folder.glob("*.safetensors") if _CHUNK_NAME.fullmatch(p.name)]
+
+
 def chunks(root: Path) -> list[Path]:
-    return [p for folder in feature_sets(root) for p in folder.glob("*.safetensors") if _CHUNK_NAME.fullmatch(p.name)]
+    return [p for folder in feature_sets(root) for p in chunks_in(folder)]
 
 
 def evict(root: Path, limit_bytes: int) -> int:
@@ -289,7 +294,7 @@ def describe(root: Path) -> dict:
     """The cache's folder, total size and one entry per feature set (arch, image size, rows...)."""
     entries = []
     for folder in feature_sets(root):
-        files = [p for p in folder.glob("*.safetensors") if _CHUNK_NAME.fullmatch(p.name)]
+        files = chunks_in(folder)
         try:
             key = json.loads((folder / "key.json").read_text())
         except (OSError, json.JSONDecodeError):
@@ -310,9 +315,8 @@ def clear(root: Path) -> int:
     they leave empty; anything else a user keeps there stays. Bytes freed."""
     freed = describe(root)["bytes"]
     for folder in feature_sets(root):
-        for p in [*folder.glob("*.safetensors"), *folder.glob(".*.tmp"), folder / "key.json"]:
-            if p.name == "key.json" or _CHUNK_NAME.fullmatch(p.name) or p.name.endswith(".tmp"):
-                p.unlink(missing_ok=True)
+        for p in [*chunks_in(folder), *folder.glob(".*.tmp"), folder / "key.json"]:
+            p.unlink(missing_ok=True)
         _remove_if_empty(folder)
     for p in [*memo_files(root), *memo_leftovers(root)]:
         p.unlink(missing_ok=True)
