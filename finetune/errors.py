@@ -1,5 +1,10 @@
 """One exception family for everything the library refuses; the CLI turns these into one line + exit code."""
 
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class FinetuneError(Exception):
     """A problem the user can fix: the message names the file and the fix."""
@@ -57,3 +62,13 @@ class PeerStopped(FinetuneError):
 
     exit_code = 75
     silent = True
+
+
+@contextmanager
+def folder_readable(folder: Path | str):
+    """A folder or file under `folder` that may not be read ends in a DataError naming it (train,
+    check and evaluate read DATA within this; it was a traceback)."""
+    try:
+        yield
+    except PermissionError as e:
+        raise DataError(f"{e.filename or folder}: permission denied; make it readable or pass another folder.") from None

@@ -11,7 +11,7 @@ from typing import Iterable
 from .checkpoint import LoadedModel, as_loaded
 from .config import PredictConfig
 from .data import Sample, held_out_digest
-from .errors import DataError, UsageError
+from .errors import DataError, UsageError, folder_readable
 from .layout import find_layout, sub_folders
 from .prediction import Answer, is_unknown, iter_answers
 from .progress import Reporter
@@ -60,14 +60,15 @@ def evaluate(model: LoadedModel, data: Path | str, cfg: PredictConfig | None = N
     model = as_loaded(model)  # (the Python API also takes a path)
     if not isinstance(data, (str, os.PathLike)):
         raise UsageError(f"data: give the path of a folder of labelled images (got {type(data).__name__}).")
-    if cfg.labels is not None:
-        return evaluate_labelled(model, Path(data), cfg, reporter)
-    root, training_folder = find_eval_root(Path(data), cfg.layout)
-    held = held_out_in_training(model, Path(data), cfg) if training_folder else None
-    if held is not None and held.samples is not None:
-        return measure(model, held.samples, cfg, reporter, f"{root} (the val images its training held out)", held.skipped)
-    samples, skipped = labelled_images(root, model.classes)
-    return measure(model, samples, cfg, reporter, f"{root}{held.note if held else ''}", skipped)
+    with folder_readable(data):
+        if cfg.labels is not None:
+            return evaluate_labelled(model, Path(data), cfg, reporter)
+        root, training_folder = find_eval_root(Path(data), cfg.layout)
+        held = held_out_in_training(model, Path(data), cfg) if training_folder else None
+        if held is not None and held.samples is not None:
+            return measure(model, held.samples, cfg, reporter, f"{root} (the val images its training held out)", held.skipped)
+        samples, skipped = labelled_images(root, model.classes)
+        return measure(model, samples, cfg, reporter, f"{root}{held.note if held else ''}", skipped)
 
 
 @dataclass

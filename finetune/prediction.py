@@ -17,7 +17,7 @@ from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to
 from .errors import UsageError
 from .fold import folded, probe_images
 from .progress import Reporter
-from .scan import files_not_read, list_images
+from .scan import UNREADABLE_FOLDER, files_not_read, list_images
 
 GLOB_CHARS = set("*?[")
 
@@ -75,8 +75,14 @@ def expand_inputs(inputs: Iterable[str]) -> list[InputItem]:
         p = Path(raw)
         if p.is_dir():
             skipped: list[dict] = []
-            found = list_images(p, skipped)
+            try:
+                found = list_images(p, skipped)
+            except PermissionError:
+                items.append(InputItem(raw, UNREADABLE_FOLDER))
+                continue
             items.extend(InputItem(str(f)) for f in found)
+            # (a folder inside that may not be read is said, like an unreadable file; other files are not images)
+            items.extend(InputItem(s["path"], s["reason"]) for s in skipped if s["reason"] == UNREADABLE_FOLDER)
             if not found:  # (said, rather than dropped: the folder was asked for)
                 items.append(InputItem(raw, f"no images in this folder{files_not_read(skipped, p)}"))
         elif p.is_file():

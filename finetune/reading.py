@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .data import DatasetSplit
 from .digests import DigestMemo
-from .errors import DataError
+from .errors import folder_readable
 from .labels import scan_labelled
 from .layout import find_layout
 from .scan import read_split
@@ -17,9 +17,7 @@ def scan_dataset(data: Path, val_split: float | None, seed: int, layout: str = "
                  label_columns: str | None = None, memo: DigestMemo | None = None) -> DatasetSplit:
     """Read an image folder laid out in any of the ways layout.py knows, or labelled by a CSV (labels.py).
     `memo`: the files' hashes remembered from the last run (digests.py), none by default."""
-    try:
+    with folder_readable(data):
         if labels is not None:
             return scan_labelled(data, labels, label_columns, val_split, seed, memo)
         return read_split(data, find_layout(data, layout), val_split, seed, memo)
-    except PermissionError as e:
-        raise DataError(f"{e.filename or data}: permission denied; make it readable or pass another folder.") from None

@@ -20,6 +20,9 @@ from .layout import Layout, is_hidden, sub_folders
 IMBALANCE_RATIO = 3.0  # largest class / smallest class at which training warns
 
 
+UNREADABLE_FOLDER = "a folder that may not be read (permission denied): make it readable"
+
+
 class TreeReader:
     """Lists the images under class folders so that every real file is read once and no
     symbolic link leads the walk in a circle, or into another class's folder (whose images
@@ -45,7 +48,14 @@ class TreeReader:
 
     def _walk(self, folder: Path, real: str, class_root: str, found: list[Path]) -> None:
         self.seen_dirs.add(real)
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except PermissionError:
+            if real == class_root:  # (the folder asked for: the caller says so)
+                raise
+            self.skipped.append({"path": str(folder), "reason": UNREADABLE_FOLDER})
+            return
+        for entry in entries:
             if is_hidden(entry.name):
                 continue
             path = Path(entry.path)

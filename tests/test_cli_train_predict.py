@@ -165,6 +165,43 @@ def test_predict_names_dicom_files_and_folders_without_images(trained, tmp_path)
     assert errors[2] == "no images in this folder"
 
 
+def deny_listing(monkeypatch, *folders: Path) -> None:
+    """As folders without read permission would be (the tests may run as root, who reads all)."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) in folders:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_predict_reports_folders_it_may_not_read(trained, tmp_path, monkeypatch):
+    import shutil
+
+    inbox = tmp_path / "inbox"
+    shutil.copytree(trained["data"] / "val" / "cat", inbox)
+    (inbox / "private").mkdir()
+    (tmp_path / "locked").mkdir()
+    deny_listing(monkeypatch, inbox / "private", tmp_path / "locked")
+    result = predict(trained, str(inbox), str(tmp_path / "locked"), "--format", "jsonl")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr  # (it was a PermissionError's traceback)
+    records = [json.loads(x) for x in result.stdout.splitlines()]
+    assert sum("label" in r for r in records) == 3
+    errors = {r["path"]: r["error"] for r in records if "error" in r}
+    assert errors == {str(inbox / "private"): "a folder that may not be read (permission denied): make it readable",
+                      str(tmp_path / "locked"): "a folder that may not be read (permission denied): make it readable"}
+
+
+def test_evaluate_on_a_folder_it_may_not_read_is_one_line(trained, monkeypatch):
+    val = trained["data"] / "val"
+    deny_listing(monkeypatch, val / "cat")
+    result = runner.invoke(app, ["evaluate", str(val), "--model", trained["summary"]["model"], "--workers", "0"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == f"error: {val / 'cat'}: permission denied; make it readable or pass another folder."
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
 def test_predict_reports_a_named_pipe_instead_of_waiting_on_it(trained, tmp_path):
     fifo = tmp_path / "pipe.jpg"
