@@ -93,15 +93,7 @@ class TrainConfig:
         for name in _STR_FIELDS:
             if not isinstance(getattr(cfg, name), str):
                 raise UsageError(f"--{name.replace('_', '-')} must be a name (got {getattr(cfg, name)!r}).")
-        numbers_as_python = {}
-        for name, kind in _NUMBER_FIELDS.items():  # (NumPy's numbers too: a sweep over np.arange)
-            value = getattr(cfg, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-                whole = "a whole number" if kind is numbers.Integral else "a number"
-                raise UsageError(f"--{name.replace('_', '-')} must be {whole} (got {value!r}).")
-            if value is not None:
-                numbers_as_python[name] = int(value) if kind is numbers.Integral else float(value)
-        return replace(cfg, **numbers_as_python)
+        return replace(cfg, **numbers_as_python(cfg, _NUMBER_FIELDS))
 
     def checked(self) -> "TrainConfig":
         """This config with every option checked (UsageError naming the option otherwise) and the
@@ -146,7 +138,7 @@ class TrainConfig:
     @classmethod
     def from_json_dict(cls, d: dict) -> "TrainConfig":
         known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
-        for key in ("data", "weights", "runs_dir", "resume", "labels", "cache_dir"):
+        for key in _PATH_FIELDS:
             if known.get(key) is not None:
                 known[key] = Path(known[key])
         return cls(**known)
@@ -159,6 +151,20 @@ _FLOATS = ("val_split", "lr", "weight_decay", "label_smoothing", "time_budget", 
            "average_epochs", "cache_limit_gb", "feature_memory_gb")
 _NUMBER_FIELDS = {**{k: numbers.Integral for k in _INTS}, **{k: numbers.Real for k in _FLOATS}}
 _STR_FIELDS = ("arch", "layout", "device", "head_features")
+
+
+def numbers_as_python(cfg, fields: dict[str, type]) -> dict:
+    """The number fields of `cfg` as Python's int or float (NumPy's numbers too: a sweep over
+    np.arange); a value of another type (epochs="5") is a UsageError naming its option."""
+    found = {}
+    for name, kind in fields.items():
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            whole = "a whole number" if kind is numbers.Integral else "a number"
+            raise UsageError(f"--{name.replace('_', '-')} must be {whole} (got {value!r}).")
+        if value is not None:
+            found[name] = int(value) if kind is numbers.Integral else float(value)
+    return found
 
 
 @dataclass
@@ -182,6 +188,13 @@ class PredictConfig:
     label_columns: str | None = None
 
     def checked(self) -> "PredictConfig":
+        """This config with every option checked (a UsageError naming the option otherwise); paths
+        given as strings become Paths (callers of the Python API)."""
+        paths = {k: Path(v) for k in ("model", "runs_dir", "labels") if isinstance(v := getattr(self, k), (str, os.PathLike))}
+        for name in ("device", "layout"):
+            if not isinstance(getattr(self, name), str):
+                raise UsageError(f"--{name} must be a name (got {getattr(self, name)!r}).")
+        self = replace(self, **paths, **numbers_as_python(self, _PREDICT_NUMBERS))
         _require([
             (self.top_k >= 1, f"--top-k must be at least 1 (got {self.top_k})."),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})."),
@@ -191,6 +204,10 @@ class PredictConfig:
             (self.max_distance is None or self.max_distance > 0, f"--max-distance must be positive (got {self.max_distance})."),
         ])
         return self
+
+
+_PREDICT_NUMBERS = {**{k: numbers.Integral for k in ("top_k", "batch_size", "workers", "max_pixels")},
+                    **{k: numbers.Real for k in ("max_distance", "min_score")}}
 
 
 DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}

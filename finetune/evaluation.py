@@ -56,7 +56,7 @@ def evaluate(model: LoadedModel, data: Path | str, cfg: PredictConfig | None = N
     """Measure `model` on DATA's test split, else its val split, else DATA's class folders
     (DATA read as `cfg.layout` says, as for training); where the model learnt from these very
     folders and they hold no test or val split, on the val images its training held out."""
-    cfg = cfg or PredictConfig()
+    cfg = (cfg or PredictConfig()).checked()
     model = as_loaded(model)  # (the Python API also takes a path)
     if not isinstance(data, (str, os.PathLike)):
         raise UsageError(f"data: give the path of a folder of labelled images (got {type(data).__name__}).")

@@ -175,5 +175,10 @@ def config_for_resume(run_dir: Path) -> TrainConfig:
         raise UsageError(f"--resume {run_dir}: not a run folder (no config.json). Pass a folder under runs/.")
     if (run_dir / RESULTS_FILENAME).is_file():
         raise UsageError(f"--resume {run_dir}: this run already finished; its model is {run_dir / MODEL_FILENAME}.")
-    saved = TrainConfig.from_json_dict(json.loads((run_dir / "config.json").read_text()))
+    try:
+        saved = TrainConfig.from_json_dict(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # (ValueError: not JSON; TypeError: not a config)
+        reason = e.strerror if isinstance(e, OSError) else "not the settings a run writes"
+        raise UsageError(f"--resume {run_dir}: its config.json cannot be read ({reason}); the run cannot be resumed. "
+                         f"Start a new run.") from None
     return replace(saved, resume=run_dir)

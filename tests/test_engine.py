@@ -254,6 +254,14 @@ def test_the_library_takes_paths_as_strings_and_wrong_types_as_one_line_errors(t
     for wrong in (3, None):
         with pytest.raises(finetune.FinetuneError, match="data: give the path of a folder of labelled images"):
             finetune.evaluate(run_dir, wrong)
+    for wrong, says in (({"batch_size": "8"}, "--batch-size must be a whole number"), ({"top_k": 2.5}, "--top-k must be"),
+                        ({"min_score": "0.5"}, "--min-score must be a number"), ({"device": 0}, "--device must be a name")):
+        with pytest.raises(finetune.FinetuneError, match=says):  # (each was a TypeError)
+            finetune.predict(run_dir, ["x.jpg"], finetune.PredictConfig(**wrong))
+        with pytest.raises(finetune.FinetuneError, match=says):
+            finetune.evaluate(run_dir, trained_run["data"], finetune.PredictConfig(**wrong))
+    typed = finetune.PredictConfig(model=str(run_dir), top_k=np.int64(2), min_score=np.float32(0.5)).checked()
+    assert typed.model == Path(run_dir) and type(typed.top_k) is int and type(typed.min_score) is float
 
 
 def test_a_run_resumed_in_the_head_stage_keeps_its_own_copy_of_the_best_model(tmp_path):

@@ -125,6 +125,12 @@ def test_cli_resume_of_a_finished_or_foreign_folder_is_refused(reference, tmp_pa
     assert other.exit_code == 2 and "not a run folder" in other.stderr
     nothing = runner.invoke(app, ["train"])
     assert nothing.exit_code == 2 and "missing DATA" in nothing.stderr
+    (tmp_path / "config.json").write_text('{"data": "photos", "epo')  # (cut short: a full disk, an editor)
+    damaged = runner.invoke(app, ["train", "--resume", str(tmp_path)])
+    assert damaged.exit_code == 2 and "Traceback" not in damaged.stderr  # (it was a JSONDecodeError's)
+    assert damaged.stderr.strip().splitlines()[-1] == (
+        f"error: --resume {tmp_path}: its config.json cannot be read (not the settings a run writes); "
+        "the run cannot be resumed. Start a new run.")
 
 
 def test_cuda_out_of_memory_suggests_a_smaller_batch(reference, tmp_path, monkeypatch):
