@@ -175,6 +175,7 @@ def predict(model: LoadedModel | str | Path, inputs: Iterable[str | Path] | str 
     an error. `model`: a load_model result, or the path of a model file or run folder.
     """
     cfg = (cfg or PredictConfig()).checked()
+    pick_device(cfg.device)  # (an absent --device said now: the CSV header once came out before it)
     model = as_loaded(model)
     items = expand_inputs(str(i) for i in input_list(inputs))
     if not items:

@@ -117,6 +117,9 @@ def test_predict_with_a_bad_option_writes_nothing_on_stdout(trained, fmt):
     result = predict(trained, img, "--format", fmt, "--min-score", "1.5")
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.endswith("\nerror: --min-score must be between 0 and 1 (got 1.5).\n")
+    no_such_device = predict(trained, img, "--format", fmt, "--device", "tpu")
+    assert no_such_device.exit_code == 2 and no_such_device.stdout == ""
+    assert no_such_device.stderr.endswith("\nerror: unknown --device 'tpu'; use one of auto, cpu, cuda, mps.\n")
 
 
 def test_predict_json_csv_and_table(trained):
