@@ -357,6 +357,16 @@ def test_check_reports_what_train_would_see_and_writes_nothing(tmp_path):
     assert tree_hashes(data) == before
 
 
+def test_check_and_cache_print_paths_as_they_are(tmp_path, monkeypatch):
+    # (rich read "[red]" in a folder's name as markup: the title showed "photos")
+    data = splits(tmp_path / "[red]photos", "train", {"val": 2})
+    table = runner.invoke(app, ["check", str(data), "--workers", "0"])
+    assert table.exit_code == 0 and "[red]photos" in table.stdout.replace("\n", "")
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "[old]" / "cache"))
+    cache = runner.invoke(app, ["cache"])
+    assert cache.exit_code == 0 and f"feature cache: {tmp_path / '[old]' / 'cache'}" in cache.stdout.replace("\n", "")
+
+
 def test_check_exits_1_when_train_would_refuse(tmp_path):
     data = make_class_tree(tmp_path / "data", 3, classes=("cat",))
     result = runner.invoke(app, ["check", str(data)])

@@ -218,7 +218,7 @@ def show_check(check) -> None:
         stdout.print(Text(f"note: {note}"))
     if check.counts:
         splits = list(check.counts)
-        table = Table("class", *splits, title=f"{check.data}: {len(check.classes)} classes")
+        table = Table("class", *splits, title=Text(f"{check.data}: {len(check.classes)} classes"))
         for c in check.classes:
             table.add_row(Text(c), *[f"{check.counts[s][c]:,}" for s in splits])
         table.add_row(Text("total", style="bold"), *[f"{sum(check.counts[s].values()):,}" for s in splits])
@@ -277,13 +277,13 @@ def show_archs(rows: list[dict]) -> None:
 
 def show_cache(summary: dict) -> None:
     if "cleared_bytes" in summary:
-        stdout.print(f"cleared {_size(summary['cleared_bytes'])} of cached features and file hashes from {summary['dir']}")
+        stdout.print(Text(f"cleared {_size(summary['cleared_bytes'])} of cached features and file hashes from {summary['dir']}"))
         return
-    stdout.print(f"feature cache: {summary['dir']}, {_size(summary['bytes'])}")
+    stdout.print(Text(f"feature cache: {summary['dir']}, {_size(summary['bytes'])}"))  # (a path's [x] is no markup)
     if summary["entries"]:
         table = Table("arch", "img size", "device", "files", "size", "last used")  # (the weights file: in --json)
         for e in summary["entries"]:
-            table.add_row(str(e["arch"]), str(e["img_size"]), str(e["device"]), str(e["chunks"]), _size(e["bytes"]),
+            table.add_row(Text(str(e["arch"])), str(e["img_size"]), str(e["device"]), str(e["chunks"]), _size(e["bytes"]),
                           str(e["last_used"] or "")[:16].replace("T", " "))  # (to the minute)
         stdout.print(table)
     if summary.get("digests_bytes"):
