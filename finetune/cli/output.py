@@ -1,5 +1,5 @@
 """What the command line shows: results on stdout (tables, JSON, JSONL, CSV), progress,
-warnings and errors on stderr. With commands.py, the only place that imports rich or prints."""
+warnings and errors on stderr. With the other modules of finetune/cli, the only place that imports rich or prints."""
 
 from __future__ import annotations
 
@@ -200,7 +200,9 @@ def show_train_result(result, class_weights: bool) -> None:
 
 def show_export_result(result) -> None:
     stdout.print(Text(f"exported {result.path} ({result.format}); preprocessing and classes in {result.sidecar}"))
-    stdout.print(Text(f"verified: max |difference| vs PyTorch {result.max_abs_diff:.2e} (tolerance 1e-4)"))
+    from ..exporting import TOLERANCE
+
+    stdout.print(Text(f"verified: max |difference| vs PyTorch {result.max_abs_diff:.2e} (tolerance {TOLERANCE:g})"))
 
 
 def show_fields(details: dict) -> None:
