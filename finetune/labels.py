@@ -161,9 +161,9 @@ class FileFinder:
             if not alike and len(files) > 1:  # (f.gif named, f.jpg and f.png there)
                 raise AmbiguousName(files)
             return alike[0] if alike else files[0]
-        for candidate in (Path(value), self.csv_folder / value):
-            if candidate.is_file():
-                return candidate
+        # Beside the CSV (an absolute path: as written), never where the command happens to run.
+        if (self.csv_folder / value).is_file():
+            return self.csv_folder / value
         if "\\" in value:  # a CSV written on Windows (imgs\a.png); a file may hold a backslash in its name here
             return self(value.replace("\\", "/"))
         return None

@@ -267,6 +267,18 @@ def test_a_csv_written_on_windows_finds_its_files_and_one_finding_none_says_why(
             f"{tmp_path / 'images'}). Fix the paths or --label-columns.") in str(refused.value)
 
 
+def test_a_csv_path_is_looked_for_in_data_or_beside_the_csv_not_where_the_command_runs(tmp_path, monkeypatch):
+    make_class_tree(tmp_path / "images", 3)
+    make_class_tree(tmp_path / "cwd" / "stray", 1)
+    monkeypatch.chdir(tmp_path / "cwd")
+    rows = [["filename", "label"]] + [[f"{c}/{c}_{i}.jpg", c] for c in ("cat", "dog") for i in range(3)]
+    rows += [["stray/cat/cat_0.jpg", "dog"], [str(tmp_path / "images" / "cat" / "cat_0.jpg"), "cat"]]
+    split = read(tmp_path / "images", labels=write_csv(tmp_path / "labels.csv", rows))
+    assert sorted(s.path.name for s in split.train + split.val) == [f"{c}_{i}.jpg" for c in ("cat", "dog") for i in range(3)]
+    assert all(s.path.is_relative_to(tmp_path / "images") for s in split.train + split.val)
+    assert [s["path"] for s in split.skipped] == ["stray/cat/cat_0.jpg", str(tmp_path / "images" / "cat" / "cat_0.jpg")]
+
+
 def test_a_csv_name_without_extension_that_two_files_share_is_not_guessed(tmp_path):
     from finetune.labels import AmbiguousName, FileFinder
 
