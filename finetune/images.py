@@ -101,6 +101,7 @@ def bomb_size(error: Exception) -> str:
 
 
 _PILLOW_LIMIT = threading.Lock()
+_PILLOW_DEFAULT_LIMIT = Image.MAX_IMAGE_PIXELS  # (read at import: the global itself is raised by other threads)
 
 
 @contextlib.contextmanager
@@ -108,16 +109,27 @@ def pillow_allows(max_pixels: int) -> Iterator[None]:
     """Pillow's own decompression-bomb limit (a module global, 89,478,485 pixels by default, checked
     when a file is opened and, for TIFF, again when it is loaded) raised to `max_pixels` while
     the block runs, where that is larger: without it a larger --max-pixels read nothing more.
-    Under a lock (threads may decode at once), taken only then: the default limit needs none."""
-    if Image.MAX_IMAGE_PIXELS is None or max_pixels <= Image.MAX_IMAGE_PIXELS:
+    Under a lock (threads may decode at once), taken only then: the default limit needs none.
+    (Compared with Pillow's limit as it was at import: the global may be another thread's, raised
+    for its block, and restored while this one's runs.)"""
+    if _PILLOW_DEFAULT_LIMIT is None or max_pixels <= _PILLOW_DEFAULT_LIMIT:
         yield  # (its limit is no stricter than ours; the check after opening applies ours)
         return
     with _PILLOW_LIMIT:
-        default, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        default = Image.MAX_IMAGE_PIXELS  # (a library user's own setting, None included, comes back after)
+        if default is not None:
+            Image.MAX_IMAGE_PIXELS = max(default, max_pixels)
         try:
             yield
         finally:
             Image.MAX_IMAGE_PIXELS = default
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:  # (gone since it was opened: the reason given is then the format's)
+        return None
 
 
 def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int], str]:
@@ -141,7 +153,7 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
                 if min_side and im.format == "JPEG":
                     scale = min(w, h) / min_side
                     if scale >= 2:
-                        im.draft("RGB", (int(w / scale * 1.0) + 1, int(h / scale * 1.0) + 1))
+                        im.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
                 mode = im.mode
                 im.load()
                 return ImageOps.exif_transpose(im), (w, h), mode
@@ -156,7 +168,7 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
     except Image.UnidentifiedImageError:
         if suffix in PLUGIN_EXTENSIONS and not pillow_reads(suffix):  # (Pillow reads AVIF itself from 11.2)
             raise ImageDecodeError(f"{suffix} needs a Pillow plugin: pip install {PLUGIN_EXTENSIONS[suffix]}") from None
-        if path.stat().st_size == 0:
+        if _size_or_none(path) == 0:
             raise ImageDecodeError("empty file (0 bytes)") from None
         if is_dicom(path):
             raise ImageDecodeError(DICOM_REASON) from None

@@ -346,6 +346,7 @@ def test_max_pixels_above_pillows_own_limit_reads_the_image(tmp_path, monkeypatc
     # Pillow refuses images over its module-wide limit (89,478,485 pixels) before the tool's own
     # check: --max-pixels above it read nothing more. Here Pillow's limit is lowered to show it.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    monkeypatch.setattr("finetune.images._PILLOW_DEFAULT_LIMIT", 1_000)  # (what it read at import)
     path = tmp_path / "big.png"
     bomb(path)  # 40,000 pixels
     noisy(200, 200).save(tmp_path / "big.tif", "TIFF")  # (TIFF: Pillow checks again when it loads the pixels)
