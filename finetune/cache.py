@@ -34,6 +34,7 @@ from .config import TrainConfig
 from .data import Preprocessing, Sample
 from .digests import FOLDER as DIGESTS_FOLDER
 from .digests import DigestMemo, is_unreadable, memo_files, memo_for, memo_leftovers
+from .errors import FinetuneError
 from .files import atomic_write_text, write_safetensors
 from .store import Rows, put_view
 from .weights import weights_identity
@@ -290,6 +291,15 @@ def evict(root: Path, limit_bytes: int) -> int:
     return freed
 
 
+def stats_of(files: list[Path]) -> list[os.stat_result]:
+    """The files' stats, those still there (another run may evict a file while they are listed)."""
+    found = []
+    for f in files:
+        with contextlib.suppress(FileNotFoundError):
+            found.append(f.stat())
+    return found
+
+
 def describe(root: Path) -> dict:
     """The cache's folder, total size and one entry per feature set (arch, image size, rows...)."""
     entries = []
@@ -299,12 +309,13 @@ def describe(root: Path) -> dict:
             key = json.loads((folder / "key.json").read_text())
         except (OSError, json.JSONDecodeError):
             key = {}
-        size = sum(f.stat().st_size for f in files if f.exists())
-        last = max((f.stat().st_mtime for f in files if f.exists()), default=None)
+        stats = stats_of(files)
+        size = sum(st.st_size for st in stats)
+        last = max((st.st_mtime for st in stats), default=None)
         entries.append({"folder": str(folder), "arch": key.get("arch"), "img_size": key.get("img_size"),
                         "weights": key.get("weights"), "device": key.get("device"), "chunks": len(files), "bytes": size,
                         "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(last)) if last else None})  # (ISO, as info's "created")
-    digests = sum(f.stat().st_size for f in memo_files(root) if f.exists())
+    digests = sum(st.st_size for st in stats_of(memo_files(root)))
     return {"dir": str(root), "bytes": sum(e["bytes"] for e in entries) + digests, "entries": entries,
             "digests_bytes": digests}
 
@@ -314,12 +325,16 @@ def clear(root: Path) -> int:
     feature sets' chunks and keys, its memos, its unfinished temporary files), then the folders
     they leave empty; anything else a user keeps there stays. Bytes freed."""
     freed = describe(root)["bytes"]
-    for folder in feature_sets(root):
-        for p in [*chunks_in(folder), *folder.glob(".*.tmp"), folder / "key.json"]:
+    try:
+        for folder in feature_sets(root):
+            for p in [*chunks_in(folder), *folder.glob(".*.tmp"), folder / "key.json"]:
+                p.unlink(missing_ok=True)
+            _remove_if_empty(folder)
+        for p in [*memo_files(root), *memo_leftovers(root)]:
             p.unlink(missing_ok=True)
-        _remove_if_empty(folder)
-    for p in [*memo_files(root), *memo_leftovers(root)]:
-        p.unlink(missing_ok=True)
+    except OSError as e:  # (a cache folder shared read-only, a file another user owns)
+        raise FinetuneError(f"{e.filename or root}: {e.strerror or e}; the cache was cleared only in part: make it "
+                            f"writable, or remove {root} by hand.") from None
     _remove_if_empty(root / "features")
     _remove_if_empty(root / DIGESTS_FOLDER)
     return freed

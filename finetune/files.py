@@ -43,7 +43,7 @@ def atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.close(fd)
         yield Path(tmp)
         with open(tmp, "rb") as f:
@@ -59,10 +59,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import: reading it means setting it for a moment, and a file another thread made
+# in that moment would get permissions 0666.
+_UMASK = _read_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

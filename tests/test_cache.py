@@ -248,6 +248,37 @@ def test_clearing_the_cache_removes_only_what_finetune_wrote(cfg, feature_cache)
     assert sorted(p.name for p in (feature_cache / "features").iterdir()) == ["embeddings", "x.npy"]
 
 
+def test_a_cache_that_cannot_be_cleared_or_loses_files_while_listed_is_no_traceback(feature_cache, monkeypatch):
+    key = feature_cache / "features" / "0123456789abcdef0123" / "key.json"
+    key.parent.mkdir(parents=True)
+    key.write_text('{"arch": "efficientnet_lite0", "img_size": 64}')
+    chunk = key.parent / "1a2b-42-0badcafe.safetensors"
+    chunk.write_bytes(b"ours")
+    real_stat = Path.stat
+
+    def evicted_while_listed(self, **kw):  # (another run evicts it between the listing and the stat)
+        if self == chunk:
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_stat(self, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "stat", evicted_while_listed)
+        listed = runner.invoke(app, ["cache", "--json"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout)["entries"][0]["bytes"] == 0
+    real_unlink = Path.unlink
+
+    def read_only(self, missing_ok=False):
+        if self == chunk:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    cleared = runner.invoke(app, ["cache", "--clear"])
+    assert cleared.exit_code == 1 and cleared.stdout == "" and "Traceback" not in cleared.stderr
+    assert " ".join(cleared.stderr.split()) == (f"error: {chunk}: Permission denied; the cache was cleared only in part: "
+                                                f"make it writable, or remove {feature_cache} by hand.")
+
+
 def test_cache_command_shows_and_clears(cfg, feature_cache):
     train(cfg)
     shown = runner.invoke(app, ["cache", "--json"])

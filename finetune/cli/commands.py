@@ -228,7 +228,10 @@ def cache_command(
     root = cache_dir or default_cache_dir()
     summary = describe(root)
     if clear:
-        summary = {**summary, "cleared_bytes": clear_cache(root), "bytes": 0, "entries": [], "digests_bytes": 0}
+        try:
+            summary = {**summary, "cleared_bytes": clear_cache(root), "bytes": 0, "entries": [], "digests_bytes": 0}
+        except FinetuneError as e:
+            raise fail(e)
     if json_out:
         echo_json(summary)
     else:
