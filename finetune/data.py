@@ -35,7 +35,8 @@ def samples_digest(samples: list[Sample], root: Path) -> str:
 def held_out_digest(split: "DatasetSplit", data: Path) -> str:
     """The digest of a split's val images as the scan found them (the files that then fail to
     decode included): training keeps it in the model file, evaluate compares a scan of its own."""
-    return samples_digest(split.val, data.resolve())
+    # (relative to DATA as it was spelt, as the samples' paths are: a link's name gives the same digest)
+    return samples_digest(split.val, Path(os.path.abspath(data)))
 
 
 @dataclass
