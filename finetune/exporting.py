@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import warnings
 from dataclasses import dataclass
@@ -107,7 +108,8 @@ def export(loaded: LoadedModel, fmt: str = "onnx", out: Path | str | None = None
     if out.is_file() and not sidecar.is_file():  # (a photo, or a state dict saved as .pt, named by mistake)
         raise UsageError(f"--out {out}: a file is there already, not one finetune exported (no {sidecar.name} beside it); "
                          f"name a new file, or remove that one.")
-    wrapper = ProbabilityModel(loaded.model.float().cpu().eval(), loaded.temperature).eval()
+    # (a copy: the caller's model keeps its device, dtype and mode)
+    wrapper = ProbabilityModel(copy.deepcopy(loaded.model).float().cpu().eval(), loaded.temperature).eval()
     size = loaded.preprocessing.img_size
     images = check_images(size)
     with torch.no_grad():

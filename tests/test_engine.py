@@ -215,6 +215,9 @@ def test_the_library_face_end_to_end(trained_run, tmp_path):
     assert report.accuracy == trained_run["summary"]["best_val_acc"]
     exported = finetune.export(model, "torchscript", tmp_path / "m.pt")
     assert exported.path.is_file() and exported.max_abs_diff <= 1e-4
+    model.model.to(torch.bfloat16).train()  # (as a caller may hold it: export made it fp32 and eval)
+    finetune.export(model, "torchscript", tmp_path / "m2.pt")
+    assert next(model.model.parameters()).dtype == torch.bfloat16 and model.model.training
     with pytest.raises(finetune.FinetuneError, match="no trained model"):
         finetune.load_model(None, tmp_path / "no_runs")
 
