@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .checkpoint import save_model
 from .config import MODEL_FILENAME, RESULTS_FILENAME, TrainConfig
-from .errors import UsageError
+from .errors import FinetuneError, UsageError
 from .files import write_csv, write_json
 from .records import EpochRecord, TrainResult
 from .resume import STATE_FILENAME, ResumeState
@@ -42,7 +42,10 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     # Absolute paths, so that --resume works from any working directory.
     absolute = replace(cfg, data=cfg.data.resolve(), runs_dir=cfg.runs_dir.resolve(),
                        weights=cfg.weights.resolve() if cfg.weights else None, labels=cfg.labels.resolve() if cfg.labels else None)
-    write_json(run_dir / "config.json", {k: v for k, v in absolute.to_json_dict().items() if k != "resume"})
+    try:
+        write_json(run_dir / "config.json", {k: v for k, v in absolute.to_json_dict().items() if k != "resume"})
+    except OSError as e:
+        raise cannot_write(e, run_dir) from None
     return run_dir
 
 
@@ -57,11 +60,24 @@ def refuse_output_inside_input(output: Path, data: Path, named: str = "--runs-di
 
 def _writes(method):
     """Under torchrun only rank 0 writes the run folder: on the other ranks this does nothing
-    (and returns None), so the training code calls it without asking which rank it is."""
+    (and returns None), so the training code calls it without asking which rank it is. A file
+    that cannot be written (a full disk, a folder made read-only) ends the run in one line."""
     @functools.wraps(method)
     def on_the_writing_rank(self, *args, **kwargs):
-        return method(self, *args, **kwargs) if self.writes else None
+        if not self.writes:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            raise cannot_write(e, self.path, self.state_path.is_file()) from None
     return on_the_writing_rank
+
+
+def cannot_write(error: OSError, run_dir: Path, resumable: bool = False) -> FinetuneError:
+    then = (f"then 'finetune train --resume {run_dir}' goes on from its last epoch" if resumable
+            else "then start the run again")
+    return FinetuneError(f"{error.filename or run_dir}: cannot be written ({error.strerror or error}); make room or make "
+                         f"{run_dir} writable, {then}.")
 
 
 class RunFolder:

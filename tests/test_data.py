@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -222,6 +223,27 @@ def test_an_unreadable_folder_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(TreeReader, "images", denied)  # as for a folder without read permission (root reads all)
     result = train_cli(data, tmp_path / "runs")
     assert result.exit_code == 1 and f"{data / 'cat'}: permission denied" in result.stderr
+
+
+def test_a_disk_that_fills_up_during_a_run_ends_it_in_one_line(image_folder, tmp_path, monkeypatch):
+    import errno
+
+    from finetune.resume import STATE_FILENAME
+
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if Path(dst).name in (STATE_FILENAME, "metrics.csv"):  # (the files each epoch writes)
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    result = train_cli(image_folder, tmp_path / "runs")
+    run_dir = tmp_path / "runs" / "train"
+    assert result.exit_code == 1 and result.stdout == "" and "Traceback" not in result.stderr  # (it was an OSError's)
+    assert " ".join(result.stderr.split()).endswith(
+        f"error: {run_dir / STATE_FILENAME}: cannot be written (No space left on device); make room or make {run_dir} "
+        f"writable, then start the run again.")
 
 
 def test_dicom_files_are_named_as_such_by_their_suffix_or_their_mark(tmp_path):
