@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .errors import WeightsError
+from .errors import ModelFileError, WeightsError
 from .files import FORMAT, file_digest, read_safetensors
 
 if TYPE_CHECKING:
@@ -77,7 +77,11 @@ def read_weights_file(path: Path) -> dict:
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found. Pass an existing state dict file to --weights.")
     if path.suffix == ".safetensors":
-        state, meta = read_safetensors(path)
+        try:
+            state, meta = read_safetensors(path)
+        except ModelFileError:  # (its advice is for --model: a model file that finetune train wrote)
+            raise WeightsError(f"{path}: not a readable safetensors file (truncated, or of another format). "
+                               f"{STATE_DICT_HINT}") from None
         if meta.get("format") == FORMAT:  # a model we trained: reuse its backbone
             state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         return state

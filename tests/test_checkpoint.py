@@ -102,6 +102,10 @@ def test_a_malicious_pickle_is_never_run(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(WeightsError, match=rf"{name}: not a weights file torch.save wrote \(or a damaged one\)\."):
             read_weights_file(tmp_path / name)
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00")  # (its advice was to pass a finetune model file)
+    with pytest.raises(WeightsError, match=r"cut.safetensors: not a readable safetensors file \(truncated, or of another "
+                                           r"format\)\. Use a .pth saved with torch.save\(model.state_dict\(\)\) or a "):
+        read_weights_file(tmp_path / "cut.safetensors")
 
 
 def test_run_folder_and_cli_error_for_damaged_file(saved, tmp_path):
