@@ -122,15 +122,20 @@ def test_predict_with_a_bad_option_writes_nothing_on_stdout(trained, fmt):
     assert no_such_device.stderr.endswith("\nerror: unknown --device 'tpu'; use one of auto, cpu, cuda, mps.\n")
 
 
-def test_predict_json_csv_and_table(trained):
+def test_predict_json_csv_and_table(trained, tmp_path):
     img = str(trained["data"] / "val" / "dog" / "dog_0.jpg")
     as_json = predict(trained, img, "--format", "json", "--top-k", "2")
     parsed = json.loads(as_json.stdout)
     assert isinstance(parsed, list) and parsed[0]["path"] == img and len(parsed[0]["top_k"]) == 2
     as_csv = list(csv.DictReader(io.StringIO(predict(trained, img, "--format", "csv").stdout)))
     assert as_csv[0]["path"] == img and as_csv[0]["label"] == parsed[0]["label"] and as_csv[0]["error"] == ""
-    table = predict(trained, img, "--format", "table")
-    assert table.exit_code == 0 and parsed[0]["label"] in table.stdout
+    import shutil
+
+    short = str(shutil.copy(img, tmp_path / "x.jpg"))  # (a path that names no class: the row's cells are read)
+    table = predict(trained, short, "--format", "table")
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in table.stdout.splitlines() if line.startswith("│")]
+    assert table.exit_code == 0 and rows[0][1:3] == [parsed[0]["label"], f"{parsed[0]['score']:.3f}"]
+    assert "".join(r[0] for r in rows) == short  # (folded over lines, not cut short with "…")
 
 
 def test_predict_glob_and_stdin_and_model_option(trained):

@@ -136,7 +136,8 @@ def _render_predictions(predictions, fmt: str) -> tuple[int, int]:
     if fmt == "json":
         sys.stdout.write(json_text([p.to_json_dict() for p in rows], indent=2) + "\n")
         return failures, len(rows)
-    table = Table("path", "label", "score", "top k")
+    # (paths folded, not cut: on a narrow terminal "…" took the file's name)
+    table = Table(Column("path", overflow="fold"), "label", "score", "top k")
     for p in rows:
         if p.error is not None:
             table.add_row(Text(p.path), Text("error", style="red"), "", Text(p.error))
@@ -171,7 +172,7 @@ def render_evaluation(report) -> None:
         stdout.print(Text("most confused: " + "; ".join(f"{d['true']} -> {d['predicted']} ({d['count']})" for d in report.most_confused)))
     wrong = [d for d in report.top_losses if d["true"] != d["predicted"]]
     if wrong:
-        losses = Table("path", "true", "predicted", "score", title="top losses")
+        losses = Table(Column("path", overflow="fold"), "true", "predicted", "score", title="top losses")
         for d in wrong:
             losses.add_row(Text(d["path"]), Text(d["true"]), Text(d["predicted"]), f"{d['score']:.3f}")
         stdout.print(losses)
