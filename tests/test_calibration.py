@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,8 +108,15 @@ def test_unknown_rule_options_and_stable_columns(trained_run, model_file, tmp_pa
     never = predict_jsonl(model_file, img, extra=["--max-distance", "1e-6", "--no-unknown"])[0]
     assert never["unknown"] is False and never["label"] == "cat"
     assert predict_jsonl(model_file, img, extra=["--min-score", "0"])[0]["unknown"] is False
-    unsure = predict_jsonl(model_file, img, extra=["--min-score", "1.0"])[0]
-    assert unsure["unknown"] is True or unsure["score"] == 1.0  # (scores are rounded to 6 places)
+    # A high temperature: a top score well below 1, on either side of which --min-score is put
+    tensors, meta = read_safetensors(Path(model_file))
+    write_safetensors(tmp_path / "warm.safetensors", tensors, {**meta, "calibration": {**meta["calibration"], "temperature": 50.0}})
+    warm = str(tmp_path / "warm.safetensors")
+    score = predict_jsonl(warm, img, extra=["--no-unknown"])[0]["score"]
+    assert score < 0.9
+    unsure = predict_jsonl(warm, img, extra=["--min-score", f"{score + 0.01}"])[0]
+    sure = predict_jsonl(warm, img, extra=["--min-score", f"{score - 0.01}", "--max-distance", "1e9"])[0]
+    assert (unsure["unknown"], unsure["label"], sure["unknown"], sure["label"]) == (True, None, False, "cat")
     out = runner.invoke(app, ["predict", str(img), "--model", model_file, "--format", "csv", "--workers", "0", "--max-distance", "1e-6"])
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert list(rows[0]) == ["path", "label", "score", "unknown", "distance", "error"] and rows[0]["label"] == "" and rows[0]["unknown"] == "1"

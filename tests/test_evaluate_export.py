@@ -301,6 +301,27 @@ def test_imbalance_is_reported_and_class_weights_apply(tmp_path):
     weighted = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "b"), "--json", "--class-weights", *FAST_TRAIN_ARGS])
     assert weighted.exit_code == 0 and "class weights are on" in weighted.stderr
     assert json.loads(weighted.stdout)["best_val_acc"] >= 0.5
+    first_loss = lambda out: float(next(csv.DictReader(open(Path(json.loads(out.stdout)["run_dir"]) / "metrics.csv")))["train_loss"])  # noqa: E731
+    assert first_loss(weighted) != first_loss(plain)  # (the same steps otherwise: the loss weighs dogs 4x cats)
+
+
+def test_the_loss_weighs_classes_and_smooths_labels_as_asked():
+    import torch
+    import torch.nn.functional as F
+
+    from finetune.config import TrainConfig
+    from finetune.stages import make_loss
+
+    logits, y = torch.tensor([[2.0, 0.0], [0.5, 1.5], [1.0, 1.0]]), torch.tensor([0, 1, 0])
+    cpu = torch.device("cpu")
+    plain = make_loss(TrainConfig(data="x", label_smoothing=0.0), [12, 3], cpu)(logits, y)
+    assert torch.allclose(plain, F.cross_entropy(logits, y))
+    weighted = make_loss(TrainConfig(data="x", label_smoothing=0.0, class_weights=True), [12, 3], cpu)(logits, y)
+    per_image = F.cross_entropy(logits, y, reduction="none")
+    w = torch.tensor([15 / 24, 15 / 6])[y]  # total / (classes x count)
+    assert torch.allclose(weighted, (w * per_image).sum() / w.sum())
+    smoothed = make_loss(TrainConfig(data="x", label_smoothing=0.1), [12, 3], cpu)(logits, y)
+    assert torch.allclose(smoothed, F.cross_entropy(logits, y, label_smoothing=0.1)) and not torch.allclose(smoothed, plain)
 
 
 def test_max_images_per_class_and_label_smoothing(run, tmp_path):
@@ -326,5 +347,8 @@ def test_tta_changes_scores_but_stays_a_distribution(run, tmp_path):
     assert [p["path"] for p in plain] == [p["path"] for p in tta]
     assert any(abs(a["score"] - b["score"]) > 1e-6 for a, b in zip(plain, tta))
     assert all(abs(sum(t["score"] for t in p["top_k"]) - 1) < 1e-3 for p in tta)
-    report = json.loads(runner.invoke(app, ["evaluate", str(run["data"]), "--model", run["summary"]["model"], "--json", "--tta", "--workers", "0"]).stdout)
-    assert report["tta"] is True and 0 <= report["accuracy"] <= 1
+    evaluate = ["evaluate", str(run["data"]), "--model", str(tmp_path / "warm.safetensors"), "--json", "--workers", "0"]
+    report, plain_report = (json.loads(runner.invoke(app, args).stdout) for args in ([*evaluate, "--tta"], evaluate))
+    assert report["tta"] is True and plain_report["tta"] is False
+    scores = lambda r: {d["path"]: d["score"] for d in r["top_losses"]}  # noqa: E731
+    assert scores(report).keys() == scores(plain_report).keys() and scores(report) != scores(plain_report)  # (flips measured)
