@@ -15,16 +15,30 @@ from .errors import UsageError
 DEFAULT_ARCH = "resnet18"
 DEFAULT_RUNS_DIR = Path("runs")
 MODEL_FILENAME = "model.safetensors"
-RESULTS_FILENAME = "results.json"  # written as a run finishes (the first of its final files): its presence means finished
-UNFROZEN_FINETUNE_EPOCHS = 5  # what `freeze_backbone=False` means when finetune_epochs is not given
+RESULTS_FILENAME = "results.json"  # written as a run finishes (the last of its files): its presence means finished
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold, but as a hard error
 HEAD_FEATURES = ("auto", "final", "multi")
+MAX_WORKERS = 8  # image-loading processes at most by default (data.default_workers)
 # Without a val folder, val is split off train: this fraction of each class, but (unless
 # --val-split is given) at most its share of VAL_CAP images and never under MIN_CAPPED_VAL of a
 # class (scan.val_count).
 DEFAULT_VAL_FRACTION = 0.2
 VAL_CAP = 2_500
 MIN_CAPPED_VAL = 25
+
+# The recipe's plan (recipe.py, whose docstring says why; the CLI's help quotes these).
+TAIL_FIT = 0.995  # a head fitting fewer of its training images than this underfits: the tail stage follows
+TAIL_EPOCHS = 4
+TAIL_BUDGET_S = 300.0  # a planned tail stage longer than this (measured throughput) is left out, and the run says so
+FINETUNE_EPOCHS = 5
+FINETUNE_BUDGET_S = 300.0  # as the tail's: planned fine-tuning longer than this (measured) is left out
+MAX_BUDGETED_FINETUNE_EPOCHS = 10  # what a --time-budget plans at most: twice the planned default (none measured beyond 2 on a CPU)
+FAST_TRAINING_RATE = 200.0  # training images a second of the whole network from which fine-tuning is planned: a GPU's pace
+UNFROZEN_FINETUNE_EPOCHS = FINETUNE_EPOCHS  # what `freeze_backbone=False` means when finetune_epochs is not given
+MAX_EXTRA_VIEWS = 3
+IMAGES_FOR_NO_VIEWS = 3_000  # above this many training images, the plain view alone
+GROW_FROM = 8_000  # training sets larger than this grow in steps while more images pay
+FIRST_STEP = 2_000  # 2,000 images' head already shows where a set of easy photos stands (issue 16: 1,200 gave 0.992)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .config import MAX_WORKERS
 from .cpus import usable_cores
 from .files import name_bytes
 from .images import ImageDecodeError, load_rgb
@@ -176,7 +177,7 @@ def default_workers() -> int:
     8 ranks on 16 cores each get one worker, not seven.
     """
     ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, usable_cores() // ranks_here - 1))
+    return max(1, min(MAX_WORKERS, usable_cores() // ranks_here - 1))
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int | None, shuffle: bool = False, pin_memory: bool = False,

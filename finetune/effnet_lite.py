@@ -117,7 +117,7 @@ class EfficientNetLite0(nn.Module):
     def chain(self) -> list[tuple[nn.Module, bool]]:
         """The trunk as steps in order (stem, the 16 blocks, the 1280-d head conv), each with
         whether a stage's pooled output follows it: what the multi-layer head reads, and
-        where the tail stage (tail.py) can split the network."""
+        where the tail stage (stages.TailStage) can split the network."""
         return [(nn.Sequential(self._conv_stem, self._bn0, self.act), False),
                 *((block, i in STAGE_ENDS) for i, block in enumerate(self._blocks)),
                 (nn.Sequential(self._conv_head, self._bn1, self.act), True)]

@@ -134,7 +134,7 @@ def measure_test(run: Run, model_path, device: torch.device):
     from .config import PredictConfig
     from .evaluation import measure
 
-    cfg = PredictConfig(device=str(device), batch_size=max(64, run.cfg.batch_size), workers=run.cfg.workers,
+    cfg = PredictConfig(device=str(device), batch_size=max(PredictConfig.batch_size, run.cfg.batch_size), workers=run.cfg.workers,
                         max_pixels=run.cfg.max_pixels)
     loaded = read_model_file(model_path)
     best_stage = stage_of_best(run)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .averaging import WeightAverage, named_in
 from .checkpoint import model_metadata
 from .cache import FeatureCache
-from .config import TrainConfig
+from .config import MAX_EXTRA_VIEWS, TrainConfig
 from .data import DatasetSplit, Preprocessing
 from .device import autocast, synchronize
 from .distributed import Dist, interrupts_deferred
@@ -123,7 +123,7 @@ class Run:
         self.early.stopped_stage = state.stopped_stage
         self.seconds_before = state.seconds
         # States written before heads were chosen had the final features of `views` views.
-        self.head_choice = state.head_choice or HeadChoice(self.cfg.views or 4, False)
+        self.head_choice = state.head_choice or HeadChoice(self.cfg.views or 1 + MAX_EXTRA_VIEWS, False)
         self.candidates = state.candidates
         self.learning_curve = state.learning_curve
         self.tail_plan = state.tail_plan

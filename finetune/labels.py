@@ -31,7 +31,6 @@ SPLIT_COLUMNS = ("split", "set", "subset", "partition")
 @dataclass
 class LabelledRows:
     rows: dict[str, list[tuple[Path, str]]]  # split role -> (image file, label); rows without a split are "train"
-    csv_path: Path
     columns: tuple[str, str, str | None]  # the path, label and split columns used
 
 
@@ -79,7 +78,7 @@ def read_labels_csv(data: Path, csv_path: Path, columns: str | None, skipped: li
     for path, (_, label, role) in first_line.items():
         if path not in doubtful:
             rows.setdefault(role, []).append((path, label))
-    return LabelledRows(rows, csv_path, (path_col, label_col, split_col))
+    return LabelledRows(rows, (path_col, label_col, split_col))
 
 
 def delimiter_of(header: str) -> str:

@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import (FAST_TRAINING_RATE, FINETUNE_BUDGET_S, FINETUNE_EPOCHS, FIRST_STEP, GROW_FROM, IMAGES_FOR_NO_VIEWS,
+                     MAX_BUDGETED_FINETUNE_EPOCHS, MAX_EXTRA_VIEWS, TAIL_BUDGET_S, TAIL_EPOCHS, TAIL_FIT, TrainConfig)
 from .data import DatasetSplit, Preprocessing, Sample
 from .features import FeatureSet
 from .fit import Run, about, fit_stage
@@ -60,18 +61,6 @@ from .resume import ResumeState
 from .runs import RunFolder
 from .stages import LossFn, head_stage
 from .store import narrow, norm_statistics
-
-TAIL_FIT = 0.995  # a head fitting fewer of its training images than this underfits: the tail stage follows
-TAIL_EPOCHS = 4
-TAIL_BUDGET_S = 300.0  # a planned tail stage longer than this (measured throughput) is left out, and the run says so
-FINETUNE_EPOCHS = 5
-FINETUNE_BUDGET_S = 300.0  # as the tail's: planned fine-tuning longer than this (measured) is left out
-MAX_BUDGETED_FINETUNE_EPOCHS = 10  # what a --time-budget plans at most: twice the planned default (none measured beyond 2 on a CPU)
-FAST_TRAINING_RATE = 200.0  # training images a second of the whole network from which fine-tuning is planned: a GPU's pace
-MAX_EXTRA_VIEWS = 3
-IMAGES_FOR_NO_VIEWS = 3_000  # above this many training images, the plain view alone
-GROW_FROM = 8_000  # training sets larger than this grow in steps while more images pay
-FIRST_STEP = 2_000  # 2,000 images' head already shows where a set of easy photos stands (issue 16: 1,200 gave 0.992)
 
 
 def views_for(num_train: int, requested: int | None) -> int:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .checkpoint import LoadedModel
 from .records import EvaluationReport, Stage, TrainResult
 from .report import Measured, ReportContent, write_report
-from .scan import count_per_class
+from .scan import count_labels, count_per_class
 from .suspects import FOLDS, OUTLIER_SHARE, find_suspects
 
 SUSPECTS_HOW = (f"Two kinds, found on the cached backbone features. Another class: {FOLDS}-fold cross-validation judges each "
@@ -97,7 +95,7 @@ def evaluation_content(report: EvaluationReport, model: LoadedModel) -> ReportCo
                ("arch", str(model.meta.get("arch"))), ("image size", f"{model.preprocessing.img_size} px"),
                ("images", f"{report.num_images:,}"), ("accuracy", f"{report.accuracy:.4f}"),
                ("test-time augmentation", "on" if report.tta else "off")]
-    counts = {"images": count_per_class_labels(m.labels, len(report.classes))} if m is not None else {}
+    counts = {"images": count_labels(m.labels, len(report.classes))} if m is not None else {}
     note = ("Not computed by evaluate: suspected label errors come from a training run's cross-validated heads "
             "(see report.html and suspects.csv in the run folder).")
     return ReportContent(title=f"finetune evaluate: {report.data}", classes=report.classes, summary=summary,
@@ -122,10 +120,6 @@ def write_evaluation_report(path: Path, report: EvaluationReport, model: LoadedM
 
 def _read(path: Path) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
-
-
-def count_per_class_labels(labels: list[int], num_classes: int) -> list[int]:
-    return torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_classes).tolist() if labels else [0] * num_classes
 
 
 def _flat(meta: dict) -> dict:

@@ -313,9 +313,13 @@ def missing_val_note(split: DatasetSplit) -> str | None:
 
 
 def count_per_class(samples: list[Sample], num_classes: int) -> list[int]:
+    return count_labels([s.label for s in samples], num_classes)
+
+
+def count_labels(labels: list[int], num_classes: int) -> list[int]:
     counts = [0] * num_classes
-    for s in samples:
-        counts[s.label] += 1
+    for label in labels:
+        counts[label] += 1
     return counts
 
 

@@ -126,7 +126,7 @@ def narrow(rows: Rows, views: int | None, cols: slice) -> Rows:
 
 
 def column_statistics(rows: DiskRows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (population-corrected) variance of each column over every item and view, read block by block."""
+    """Mean and (sample, n - 1) variance of each column over every item and view, read block by block."""
     dim = rows.shape[-1]
     total, sq, count = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), 0
     for start, stop in rows.blocks():

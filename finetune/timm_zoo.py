@@ -111,8 +111,13 @@ def timm_facts(arch: str) -> dict:
     classifier = cfg.classifier if isinstance(cfg.classifier, str) else "head"
     return {"build": functools.partial(timm.create_model, name, pretrained=False, num_classes=0),
             "size": int(cfg.input_size[-1]), "mean": tuple(cfg.mean), "std": tuple(cfg.std),
-            "resize_ratio": 1 / float(cfg.crop_pct or 0.875), "head_keys": (classifier + ".",),
-            "family": "timm/" + name.split("_")[0].rstrip("0123456789"), "loader": functools.partial(load_pretrained, name)}
+            "resize_ratio": 1 / float(cfg.crop_pct or timm.data.DEFAULT_CROP_PCT), "head_keys": (classifier + ".",),
+            "family": timm_family(name), "loader": functools.partial(load_pretrained, name)}
+
+
+def timm_family(name: str) -> str:
+    """'timm/convnext' for convnext_tiny.fb_in22k, 'timm/resnet' for resnet50.a1_in1k: how `models` groups them."""
+    return "timm/" + name.split("_")[0].split(".")[0].rstrip("0123456789")
 
 
 def list_timm(contains: str) -> list[dict]:
@@ -124,7 +129,7 @@ def list_timm(contains: str) -> list[dict]:
     for name in timm.list_models(f"*{model_name(contains) if is_timm_name(contains) else contains}*", pretrained=True):
         cfg = get_pretrained_cfg(name)
         cached = cached_weights_dir(cfg) if cfg is not None else None
-        rows.append({"arch": f"timm/{name}", "family": "timm/" + name.split("_")[0].split(".")[0].rstrip("0123456789"),
+        rows.append({"arch": f"timm/{name}", "family": timm_family(name),
                      "params": None, "img_size": int(cfg.input_size[-1]) if cfg else None, "imagenet_top1": None,
                      "offline_weights": str(cached) if cached else None})
     return rows

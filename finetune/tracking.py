@@ -30,14 +30,6 @@ class BestEpoch:
         self.stage: Stage | None = None  # the stage of the last epoch offered
         self.to_beat = (-1.0, math.inf)  # val accuracy and loss kept when that stage began
 
-    @property
-    def val_pred(self) -> torch.Tensor | None:
-        return self.val_logits.argmax(1) if self.val_logits is not None else None
-
-    @property
-    def val_probs(self) -> torch.Tensor | None:
-        return self.val_logits.softmax(1) if self.val_logits is not None else None
-
     def takes(self, record: EpochRecord) -> bool:
         """Whether this epoch (the next one of the run) replaces the kept one; follows the stages."""
         if record.stage != self.stage:

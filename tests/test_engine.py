@@ -62,7 +62,7 @@ def test_the_kept_epoch_is_the_stages_last_unless_an_earlier_stage_was_better_on
     logits = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
     assert best.offer(record(1, 0.8, 0.5), model, logits)
     assert best.offer(record(2, 0.7, 0.6), model, torch.tensor([[0.4, 0.6], [0.3, 0.7]]))  # the first stage: its latest epoch
-    assert best.epoch == 2 and best.val_pred.tolist() == [1, 1]
+    assert best.epoch == 2 and best.val_logits.argmax(1).tolist() == [1, 1]
     # A later stage takes over only where it beats what the head stage ended on (0.7, then loss 0.6) ...
     assert not best.offer(record(3, 0.6, 0.2, Stage.TAIL), model, logits)
     assert best.offer(record(4, 0.7, 0.6, Stage.TAIL), model, logits)  # as good: the later model
@@ -70,7 +70,7 @@ def test_the_kept_epoch_is_the_stages_last_unless_an_earlier_stage_was_better_on
     assert best.offer(record(6, 0.75, 0.9, Stage.TAIL), model, logits)
     # ... and is measured against the head's end, not against its own earlier epochs.
     assert best.offer(record(7, 0.72, 0.5, Stage.TAIL), model, logits)
-    assert best.epoch == 7 and best.val_pred.tolist() == [0, 1]
+    assert best.epoch == 7 and best.val_logits.argmax(1).tolist() == [0, 1]
     # Fine-tuning after it must beat the tail's kept epoch 7.
     assert not best.offer(record(8, 0.71, 0.1, Stage.FINETUNE), model, logits)
     assert best.epoch == 7 and best.to_beat == (0.72, 0.5)

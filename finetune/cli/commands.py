@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..config import MAX_WORKERS
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
 from .app import (FORMATS, PREDICT, TRAIN, LabelColumns, LabelsCsv, MaxDistance, MinScore, NoUnknown, ValSplit, app,
@@ -26,7 +27,7 @@ def predict(
     top_k: Annotated[int, typer.Option(help="How many of the most likely classes to report per image.")] = PREDICT.top_k,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = PREDICT.batch_size,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = PREDICT.device,
-    workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8).", show_default=False)] = PREDICT.workers,
+    workers: Annotated[Optional[int], typer.Option(help=f"Image-loading processes (default: cores - 1, at most {MAX_WORKERS}).", show_default=False)] = PREDICT.workers,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are refused as possible decompression bombs.")] = PREDICT.max_pixels,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average with the horizontally flipped image.")] = PREDICT.tta,
     output_format: Annotated[Optional[str], typer.Option("--format", help="table | json | jsonl | csv (default: table on a terminal, jsonl when piped).", show_default=False)] = None,
@@ -71,7 +72,7 @@ def evaluate(
     runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = PREDICT.batch_size,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = PREDICT.device,
-    workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8).", show_default=False)] = PREDICT.workers,
+    workers: Annotated[Optional[int], typer.Option(help=f"Image-loading processes (default: cores - 1, at most {MAX_WORKERS}).", show_default=False)] = PREDICT.workers,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average with the horizontally flipped image.")] = PREDICT.tta,
     layout: Annotated[str, typer.Option(help=f"How DATA is read: {LAYOUT_HELP}.")] = PREDICT.layout,
     labels: LabelsCsv = None,

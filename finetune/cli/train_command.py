@@ -10,7 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import UNFROZEN_FINETUNE_EPOCHS, parse_duration
+from ..config import (FAST_TRAINING_RATE, FINETUNE_BUDGET_S, FINETUNE_EPOCHS, FIRST_STEP, GROW_FROM, IMAGES_FOR_NO_VIEWS,
+                      MAX_BUDGETED_FINETUNE_EPOCHS, MAX_EXTRA_VIEWS, TAIL_BUDGET_S, TAIL_EPOCHS, TAIL_FIT,
+                      MAX_WORKERS, UNFROZEN_FINETUNE_EPOCHS, parse_duration)
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
 from .app import TRAIN, LabelColumns, LabelsCsv, ValSplit, app, folder_argument
@@ -25,15 +27,15 @@ def train(
     weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict (.pth/.safetensors) or finetune model file instead of ImageNet weights from the cache/download.")] = TRAIN.weights,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights (--no-pretrained: random init).")] = TRAIN.pretrained,
     epochs: Annotated[int, typer.Option(help="Epochs of the head on the frozen backbone (fast: features are computed once).")] = TRAIN.epochs,
-    tail_epochs: Annotated[Optional[int], typer.Option(help="Then train the backbone's last blocks with the head, on activations cached by the feature pass, for this many epochs (0: never). Default: 4 when the head fits under 99.5% of its training images or every stage's features won (images unlike ImageNet's), unless the head is right on every val image or they would take over 5 minutes (with --time-budget: as many as fit, up to 4).", show_default=False)] = TRAIN.tail_epochs,
-    finetune_epochs: Annotated[Optional[int], typer.Option(help="Then fine-tune the whole network for this many epochs (0: keep the backbone frozen). Default: 5 where the device trains the whole network at 200 images/s or more (a GPU) and they take under 5 minutes, unless the model is right on every val image; none on a CPU.", show_default=False)] = TRAIN.finetune_epochs,
+    tail_epochs: Annotated[Optional[int], typer.Option(help=f"Then train the backbone's last blocks with the head, on activations cached by the feature pass, for this many epochs (0: never). Default: {TAIL_EPOCHS} when the head fits under {TAIL_FIT:.1%} of its training images or every stage's features won (images unlike ImageNet's), unless the head is right on every val image or they would take over {TAIL_BUDGET_S / 60:g} minutes (with --time-budget: as many as fit, up to {TAIL_EPOCHS}).", show_default=False)] = TRAIN.tail_epochs,
+    finetune_epochs: Annotated[Optional[int], typer.Option(help=f"Then fine-tune the whole network for this many epochs (0: keep the backbone frozen). Default: {FINETUNE_EPOCHS} where the device trains the whole network at {FAST_TRAINING_RATE:g} images/s or more (a GPU) and they take under {FINETUNE_BUDGET_S / 60:g} minutes, unless the model is right on every val image; none on a CPU.", show_default=False)] = TRAIN.finetune_epochs,
     freeze_backbone: Annotated[Optional[bool], typer.Option("--freeze-backbone/--no-freeze-backbone", help=f"Fixed feature extractor (--freeze-backbone: no fine-tuning) vs whole-network fine-tuning (--no-freeze-backbone: {UNFROZEN_FINETUNE_EPOCHS} fine-tune epochs unless --finetune-epochs says). Default: as planned (--finetune-epochs).", show_default=False)] = TRAIN.freeze_backbone,
-    time_budget: Annotated[Optional[str], typer.Option(help="Time the whole run may take, e.g. 10m, 90s or 1h30m: the tail's and fine-tuning's epochs (up to 10) are planned into what is left after the features and the head, at the pace measured on this device, on a CPU too. Default: no budget.", show_default=False)] = None,
-    views: Annotated[Optional[int], typer.Option(help="Views per training image for the frozen-backbone features: the plain one plus augmented ones (default: 4 for up to 1,000 training images, fewer for more, 1 above 3,000; 1: the plain view only).", show_default=False)] = TRAIN.views,
+    time_budget: Annotated[Optional[str], typer.Option(help=f"Time the whole run may take, e.g. 10m, 90s or 1h30m: the tail's epochs (up to {TAIL_EPOCHS}) and fine-tuning's (up to {MAX_BUDGETED_FINETUNE_EPOCHS}) are planned into what is left after the features and the head, at the pace measured on this device, on a CPU too. Default: no budget.", show_default=False)] = None,
+    views: Annotated[Optional[int], typer.Option(help=f"Views per training image for the frozen-backbone features: the plain one plus augmented ones (default: {1 + MAX_EXTRA_VIEWS} for up to {IMAGES_FOR_NO_VIEWS // MAX_EXTRA_VIEWS:,} training images, fewer for more, 1 above {IMAGES_FOR_NO_VIEWS:,}; 1: the plain view only).", show_default=False)] = TRAIN.views,
     head_features: Annotated[str, typer.Option(help="What the head reads: auto (the better on val of the final features and every stage's features, standardised), final, or multi.")] = TRAIN.head_features,
-    all_images: Annotated[bool, typer.Option("--all-images", help="Train on every training image. Default: beyond 8,000, the training set grows from 2,000 in doublings while they still cut the val error by a tenth (on a CPU).")] = TRAIN.all_images,
+    all_images: Annotated[bool, typer.Option("--all-images", help=f"Train on every training image. Default: beyond {GROW_FROM:,}, the training set grows from {FIRST_STEP:,} in doublings while they still cut the val error by a tenth (off a CUDA GPU, one process, with the feature cache).")] = TRAIN.all_images,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = TRAIN.batch_size,
-    lr: Annotated[float, typer.Option(help="Learning rate of the head (AdamW); the tail stage and whole-network fine-tuning, which start from the trained head, go at lr x 0.1.")] = TRAIN.lr,
+    lr: Annotated[float, typer.Option(help=f"Learning rate of the head (AdamW); the tail stage and whole-network fine-tuning, which start from the trained head, go at lr x {TRAIN.backbone_lr_ratio:g}.")] = TRAIN.lr,
     img_size: Annotated[Optional[int], typer.Option(help="Training crop size in pixels (default: the arch's own, e.g. 224 for resnet, 288 for efficientnet_lite0).", show_default=False)] = TRAIN.img_size,
     layout: Annotated[str, typer.Option(help=f"How DATA is read: {LAYOUT_HELP}. auto: split folders by name (train/val/test and the like, also inside one wrapper folder) and by structure.")] = TRAIN.layout,
     labels: LabelsCsv = None,
@@ -41,7 +43,7 @@ def train(
     val_split: ValSplit = TRAIN.val_split,
     seed: Annotated[int, typer.Option(help="Seed for the split, augmentation and initialisation.")] = TRAIN.seed,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps (auto: CUDA, then MPS, then CPU).")] = TRAIN.device,
-    workers: Annotated[Optional[int], typer.Option(help="Image-loading processes (default: cores - 1, at most 8, shared among the ranks under torchrun; 0 loads in the main process).", show_default=False)] = TRAIN.workers,
+    workers: Annotated[Optional[int], typer.Option(help=f"Image-loading processes (default: cores - 1, at most {MAX_WORKERS}, shared among the ranks under torchrun; 0 loads in the main process).", show_default=False)] = TRAIN.workers,
     runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = TRAIN.runs_dir,
     name: Annotated[Optional[str], typer.Option(help="Run folder name (default 'train'; numbered if taken, never overwritten).", show_default=False)] = TRAIN.name,
     patience: Annotated[int, typer.Option(help="Early stopping: end a stage after N epochs without a better val accuracy (0: off).")] = TRAIN.patience,
