@@ -146,9 +146,13 @@ class Run:
         """Take a candidate head's training (recipe.try_head: the head stage on the same features,
         from the same seed) as this run's head stage, as if the stage had just ended: its epochs,
         weights and random streams, and its resume state in the run folder."""
+        # (the candidate's seconds are its own training, part of this run's time already: not added again)
+        before = self.seconds_before
         state = replace(head_state, files_digest=self.files_digest, head_choice=self.head_choice, candidates=self.candidates,
-                        learning_curve=self.learning_curve, tail_plan=self.tail_plan, finetune_plan=self.finetune_plan)
+                        learning_curve=self.learning_curve, tail_plan=self.tail_plan, finetune_plan=self.finetune_plan,
+                        seconds=self.seconds_so_far())
         self.restore(state, device)
+        self.seconds_before = before
         restore_rng(state.rng, None)  # (the candidate trained on forked streams: they go on from where it left them)
         for record in self.history:
             self.reporter.epoch(record)

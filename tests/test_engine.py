@@ -294,6 +294,28 @@ def test_a_run_resumed_in_the_head_stage_keeps_its_own_copy_of_the_best_model(tm
     assert all(torch.equal(run.best.state[k], v) for k, v in backbone_before.items())
 
 
+def test_a_candidate_heads_seconds_are_not_counted_twice_when_the_run_adopts_it(tmp_path):
+    from finetune.data import DatasetSplit
+    from finetune.fit import Run
+    from finetune.models import build_classifier, get_arch
+    from finetune.progress import Reporter
+    from finetune.runs import RunFolder
+
+    spec = get_arch("efficientnet_lite0")
+    model = build_classifier(spec, 2)
+    head = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+    candidate = ResumeState(  # (its seconds: the candidate's own training, within the run's time already)
+        stage=Stage.HEAD, epoch=1, history=[record(1, 0.5, 1.0)], trainable=head, optimizer={"state": {}, "param_groups": []}, schedule={}, best_acc=0.5,
+        best_loss=1.0, best_epoch=1, best_trainable={k: v.clone() for k, v in head.items()}, best_val_logits=None,
+        rng={"torch": torch.get_rng_state()},
+        skipped=[], num_train=2, num_val=2, classes=["a", "b"], stopped_stage=None, files_digest="", seconds=1000.0)
+    run = Run(TrainConfig(), model, DatasetSplit(["a", "b"], [], [], "test"), spec.preprocessing(), RunFolder(tmp_path),
+              Reporter(), "")
+    run.adopt_head(candidate, torch.device("cpu"))
+    assert run.seconds_so_far() < 100  # (it was 1000 and more: the candidate's time added to the run's)
+    assert ResumeState.load(tmp_path / "last_state.safetensors").seconds < 100  # (what a resume goes on from)
+
+
 class _LinearStage:
     """Just what train_one_epoch uses of a stage: a linear model on fixed batches."""
 
