@@ -130,10 +130,11 @@ class TrainConfig:
             (self.workers is None or self.workers >= 0, f"--workers must be 0 or more (got {self.workers})."),
             (self.max_pixels >= 1, f"--max-pixels must be positive (got {self.max_pixels})."),
             (self.feature_memory_gb >= 0, f"--feature-memory-gb must be 0 or more (got {self.feature_memory_gb})."),
-            (self.cache_limit_gb > 0, f"--cache-limit-gb must be positive (got {self.cache_limit_gb})."),
+            (0 < self.cache_limit_gb < math.inf, f"--cache-limit-gb must be a positive number (got {self.cache_limit_gb})."),
+            (abs(self.seed) < 2**62, f"--seed must be a whole number under 2^62 (got {self.seed})."),  # (torch's take 64 bits)
             (self.early_lr_ratio >= 0, f"early_lr_ratio must be 0 or more (got {self.early_lr_ratio})."),
             (self.average_epochs >= 0, f"average_epochs must be 0 or more (got {self.average_epochs})."),
-            (self.time_budget is None or self.time_budget > 0, f"--time-budget must be positive (got {self.time_budget})."),
+            (self.time_budget is None or 0 < self.time_budget < math.inf, f"--time-budget must be positive (got {self.time_budget})."),
             (self.patience >= 0, f"--patience must be 0 (off) or more (got {self.patience})."),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})."),
             (self.max_images_per_class is None or self.max_images_per_class >= 1,

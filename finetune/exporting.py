@@ -57,6 +57,9 @@ def output_path(model_path: Path, fmt: str, out: Path | str | None) -> Path:
     file), or one named with a trailing separator (`exports/`), made if missing."""
     if out is None:
         return default_output(model_path, fmt)
+    if not str(out).strip():  # (Path("") is the current folder: "$OUT" unset wrote ./model.onnx)
+        raise UsageError("--out is empty (an unset shell variable?); name a file or folder, or leave --out out to write "
+                         "next to the model.")
     folder = str(out).endswith(("/", os.sep))  # (pathlib drops the separator: read it from the string)
     out = Path(out)
     return out / default_output(model_path, fmt).name if folder or out.is_dir() else out

@@ -73,7 +73,9 @@ def expand_inputs(inputs: Iterable[str]) -> list[InputItem]:
     items: list[InputItem] = []
     for raw in inputs:
         p = Path(raw)
-        if p.is_dir():
+        if not raw.strip():  # (Path("") is the current folder, which was read whole)
+            items.append(InputItem(raw, "an empty path (an unset shell variable?)"))
+        elif p.is_dir():
             skipped: list[dict] = []
             try:
                 found = list_images(p, skipped)

@@ -218,6 +218,18 @@ def test_predict_reports_a_named_pipe_instead_of_waiting_on_it(trained, tmp_path
     assert result.exit_code == 1 and json.loads(result.stdout)["error"] == "not a regular file"
 
 
+def test_empty_paths_are_refused_not_read_as_the_current_folder(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # ("$DIR" with DIR unset: each of these read or wrote the current folder)
+    for args in (["predict", "x.jpg", "--runs-dir", ""], ["predict", "x.jpg", "--model", ""], ["export", "--model", ""]):
+        refused = runner.invoke(app, args)
+        assert refused.exit_code == 2 and "empty (an unset shell variable?)" in refused.stderr, args
+    out = runner.invoke(app, ["export", "--model", trained["summary"]["model"], "--out", ""])
+    assert out.exit_code == 2 and out.stderr.startswith("error: --out is empty (an unset shell variable?)")
+    empty_input = predict(trained, "", "--format", "jsonl")
+    assert empty_input.exit_code == 1 and json.loads(empty_input.stdout) == {"path": "", "error": "an empty path (an unset shell variable?)"}
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_predict_usage_errors_exit_2(trained, tmp_path):
     assert predict(trained, "x.jpg", "--format", "xml").exit_code == 2
     no_runs = runner.invoke(app, ["predict", "x.jpg", "--runs-dir", str(tmp_path / "none")])

@@ -183,6 +183,9 @@ def test_a_feature_cache_inside_the_data_is_refused(image_folder, tmp_path, monk
     (["--arch", "resnet19"], "Did you mean 'resnet18'"),
     (["--device", "tpu"], "unknown --device"),
     (["--freeze-backbone", "--finetune-epochs", "2"], "contradict"),
+    (["--seed", "99999999999999999999"], "--seed must be a whole number under 2^62"),  # (torch's overflow traceback)
+    (["--cache-limit-gb", "inf"], "--cache-limit-gb must be a positive number (got inf)"),
+    (["--cache-dir", ""], "Invalid value for '--cache-dir': empty (an unset shell variable?)"),  # (it wrote into the cwd)
 ])
 def test_bad_options_exit_2(image_folder, tmp_path, args, message):
     result = train_cli(image_folder, tmp_path / "runs", *args)

@@ -26,8 +26,16 @@ TRAIN = TrainConfig()
 PREDICT = PredictConfig()
 FORMATS = ("table", "json", "jsonl", "csv")
 
+def given_path(value: str | Path) -> Path:
+    """A path option as typed; an empty one ("$DIR" with DIR unset) is refused: Path("") is the
+    current folder, where runs, a cache or an export were written in its place."""
+    if not str(value).strip():
+        raise typer.BadParameter("empty (an unset shell variable?); give a path, or . for the current folder.")
+    return Path(value)
+
+
 # Options that train, evaluate and check share, spelt once.
-LabelsCsv = Annotated[Optional[Path], typer.Option(help="A CSV naming each image (relative to DATA) and its label, and optionally its split, instead of class folders.", show_default=False)]
+LabelsCsv = Annotated[Optional[Path], typer.Option(parser=given_path, help="A CSV naming each image (relative to DATA) and its label, and optionally its split, instead of class folders.", show_default=False)]
 LabelColumns = Annotated[Optional[str], typer.Option(help="The CSV's PATH,LABEL[,SPLIT] column names (default: found among path/filename/image_id, label/class/category, split/set).", show_default=False)]
 ValSplit = Annotated[Optional[float], typer.Option(help=f"Fraction of each class held out for validation when DATA has no val/ folder (default: {DEFAULT_VAL_FRACTION:g}, at most {VAL_CAP:,} images in all).", show_default=False)]
 # The unknown rule, shared by predict and evaluate.

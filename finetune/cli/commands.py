@@ -14,7 +14,7 @@ from ..config import MAX_WORKERS
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
 from .app import (FORMATS, PREDICT, TRAIN, LabelColumns, LabelsCsv, MaxDistance, MinScore, NoUnknown, ValSplit, app,
-                  folder_argument, load_model_or_newest)
+                  folder_argument, given_path, load_model_or_newest)
 from .output import (RichReporter, echo_json, fail, render_evaluation, render_predictions, show_archs, show_cache,
                      show_check, show_export_result, show_fields, stderr)
 
@@ -22,8 +22,8 @@ from .output import (RichReporter, echo_json, fail, render_evaluation, render_pr
 @app.command()
 def predict(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive), glob patterns, or - to read paths from stdin.", show_default=False)],
-    model: Annotated[Optional[Path], typer.Option(help="Model file or run folder (default: the newest run under --runs-dir).", show_default=False)] = PREDICT.model,
-    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
+    model: Annotated[Optional[Path], typer.Option(parser=given_path, help="Model file or run folder (default: the newest run under --runs-dir).", show_default=False)] = PREDICT.model,
+    runs_dir: Annotated[Path, typer.Option(parser=given_path, help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
     top_k: Annotated[int, typer.Option(help="How many of the most likely classes to report per image.")] = PREDICT.top_k,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = PREDICT.batch_size,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = PREDICT.device,
@@ -68,8 +68,8 @@ def predict(
 @app.command()
 def evaluate(
     data: Annotated[Path, typer.Argument(help="Labelled images: DATA's test split (else its val split), as train reads DATA; or DATA/<class>/*.", show_default=False, parser=folder_argument)],
-    model: Annotated[Optional[Path], typer.Option(help="Model file or run folder (default: the newest run under --runs-dir).", show_default=False)] = PREDICT.model,
-    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
+    model: Annotated[Optional[Path], typer.Option(parser=given_path, help="Model file or run folder (default: the newest run under --runs-dir).", show_default=False)] = PREDICT.model,
+    runs_dir: Annotated[Path, typer.Option(parser=given_path, help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = PREDICT.batch_size,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = PREDICT.device,
     workers: Annotated[Optional[int], typer.Option(help=f"Image-loading processes (default: cores - 1, at most {MAX_WORKERS}).", show_default=False)] = PREDICT.workers,
@@ -80,7 +80,7 @@ def evaluate(
     no_unknown: NoUnknown = False,
     max_distance: MaxDistance = PREDICT.max_distance,
     min_score: MinScore = PREDICT.min_score,
-    report_file: Annotated[Optional[Path], typer.Option("--report", help="Also write a self-contained HTML report there (confusion matrix linked to the images, top losses, calibration).", show_default=False, dir_okay=False)] = None,
+    report_file: Annotated[Optional[Path], typer.Option("--report", parser=given_path, help="Also write a self-contained HTML report there (confusion matrix linked to the images, top losses, calibration).", show_default=False, dir_okay=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
 ):
@@ -146,11 +146,11 @@ def check(
 
 @app.command()
 def export(
-    model: Annotated[Optional[Path], typer.Option(help="Model file or run folder (default: the newest run under --runs-dir).", show_default=False)] = None,
+    model: Annotated[Optional[Path], typer.Option(parser=given_path, help="Model file or run folder (default: the newest run under --runs-dir).", show_default=False)] = None,
     output_format: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
     # (a string: a trailing "/" says a folder, which a Path would drop)
     out: Annotated[Optional[str], typer.Option(help="Output file, or a folder to write model.onnx or model.pt in (an existing one, or one ending in /; default: next to the model); a .json with classes and preprocessing is written beside it.", show_default=False)] = None,
-    runs_dir: Annotated[Path, typer.Option(help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
+    runs_dir: Annotated[Path, typer.Option(parser=given_path, help="Where to look for the newest run when --model is not given.")] = PREDICT.runs_dir,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ):
     """Export a model (normalisation and softmax included) and check it matches PyTorch within 1e-4.
@@ -216,7 +216,7 @@ def models(
 @app.command("cache")
 def cache_command(
     clear: Annotated[bool, typer.Option("--clear", help="Delete every cached feature.")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="The cache folder (default: $FINETUNE_CACHE_DIR, else the user cache folder).", show_default=False)] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(parser=given_path, help="The cache folder (default: $FINETUNE_CACHE_DIR, else the user cache folder).", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ):
     """Show the feature cache (where, how big, which feature sets), or clear it.

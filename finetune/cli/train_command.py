@@ -15,7 +15,7 @@ from ..config import (FAST_TRAINING_RATE, FINETUNE_BUDGET_S, FINETUNE_EPOCHS, FI
                       MAX_WORKERS, UNFROZEN_FINETUNE_EPOCHS, parse_duration)
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
-from .app import TRAIN, LabelColumns, LabelsCsv, ValSplit, app, folder_argument
+from .app import TRAIN, LabelColumns, LabelsCsv, ValSplit, app, folder_argument, given_path
 from .output import RichReporter, echo_json, fail, say_error, show_train_result, stderr
 
 
@@ -24,7 +24,7 @@ from .output import RichReporter, echo_json, fail, say_error, show_train_result,
 def train(
     data: Annotated[Optional[Path], typer.Argument(help="Image folder: DATA/train/<class>/ + DATA/val/<class>/, or DATA/<class>/ to split.", show_default=False, parser=folder_argument)] = None,
     arch: Annotated[str, typer.Option(help="Backbone, e.g. resnet18, resnet50, efficientnet_lite0 (offline weights).")] = TRAIN.arch,
-    weights: Annotated[Optional[Path], typer.Option(help="Start from this state dict (.pth/.safetensors) or finetune model file instead of ImageNet weights from the cache/download.")] = TRAIN.weights,
+    weights: Annotated[Optional[Path], typer.Option(parser=given_path, help="Start from this state dict (.pth/.safetensors) or finetune model file instead of ImageNet weights from the cache/download.")] = TRAIN.weights,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights (--no-pretrained: random init).")] = TRAIN.pretrained,
     epochs: Annotated[int, typer.Option(help="Epochs of the head on the frozen backbone (fast: features are computed once).")] = TRAIN.epochs,
     tail_epochs: Annotated[Optional[int], typer.Option(help=f"Then train the backbone's last blocks with the head, on activations cached by the feature pass, for this many epochs (0: never). Default: {TAIL_EPOCHS} when the head fits under {TAIL_FIT:.1%} of its training images or every stage's features won (images unlike ImageNet's), unless the head is right on every val image or they would take over {TAIL_BUDGET_S / 60:g} minutes (with --time-budget: as many as fit, up to {TAIL_EPOCHS}).", show_default=False)] = TRAIN.tail_epochs,
@@ -44,16 +44,16 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for the split, augmentation and initialisation.")] = TRAIN.seed,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps (auto: CUDA, then MPS, then CPU).")] = TRAIN.device,
     workers: Annotated[Optional[int], typer.Option(help=f"Image-loading processes (default: cores - 1, at most {MAX_WORKERS}, shared among the ranks under torchrun; 0 loads in the main process).", show_default=False)] = TRAIN.workers,
-    runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = TRAIN.runs_dir,
+    runs_dir: Annotated[Path, typer.Option(parser=given_path, help="Where run folders are created.")] = TRAIN.runs_dir,
     name: Annotated[Optional[str], typer.Option(help="Run folder name (default 'train'; numbered if taken, never overwritten).", show_default=False)] = TRAIN.name,
     patience: Annotated[int, typer.Option(help="Early stopping: end a stage after N epochs without a better val accuracy (0: off).")] = TRAIN.patience,
     class_weights: Annotated[bool, typer.Option("--class-weights", help="Weight the loss by inverse class frequency, for imbalanced folders.")] = TRAIN.class_weights,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy loss (0: off).")] = TRAIN.label_smoothing,
     max_images_per_class: Annotated[Optional[int], typer.Option(help="Quick trials: use at most N images per class (train, val and test, seeded choice).", show_default=False)] = TRAIN.max_images_per_class,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are skipped as possible decompression bombs.")] = TRAIN.max_pixels,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder from its last completed epoch (its own settings are used).", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option(parser=given_path, help="Continue an interrupted run folder from its last completed epoch (its own settings are used).", show_default=False)] = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Keep the backbone's features on disk, so that the next run on the same images skips computing them (--no-cache: write nothing there).")] = TRAIN.cache,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Where features are cached (default: $FINETUNE_CACHE_DIR, else the user cache folder, e.g. ~/.cache/finetune).", show_default=False)] = TRAIN.cache_dir,
+    cache_dir: Annotated[Optional[Path], typer.Option(parser=given_path, help="Where features are cached (default: $FINETUNE_CACHE_DIR, else the user cache folder, e.g. ~/.cache/finetune).", show_default=False)] = TRAIN.cache_dir,
     cache_limit_gb: Annotated[float, typer.Option(help="Size limit of the feature cache; the least recently used features go first.")] = TRAIN.cache_limit_gb,
     feature_memory_gb: Annotated[float, typer.Option(help="Features beyond this size stay in a file, read block by block (memory stays bounded at any number of images).")] = TRAIN.feature_memory_gb,
     devices: Annotated[Optional[int], typer.Option(help="Train with N processes on this machine (one per GPU; CPU: gloo), via torchrun and DistributedDataParallel.", show_default=False)] = None,
