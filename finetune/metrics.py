@@ -27,8 +27,11 @@ def per_class_metrics(cm: list[list[int]], classes: list[str]) -> dict[str, dict
         tp = cm[i][i]
         predicted = sum(row[i] for row in cm)
         support = sum(cm[i])
+        if not support:  # (no image of it was measured: its recall is unknown, not 0; None in JSON's null)
+            out[name] = {"precision": 0.0 if predicted else None, "recall": None, "f1": None, "support": 0}
+            continue
         precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
+        recall = tp / support
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         out[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
     return out

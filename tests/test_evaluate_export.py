@@ -43,6 +43,14 @@ def test_evaluate_json_matches_training(run):
 def test_evaluate_table_and_unknown_classes(run, tmp_path):
     table = runner.invoke(app, ["evaluate", str(run["data"] / "val"), "--model", run["summary"]["model"], "--workers", "0"])
     assert table.exit_code == 0 and "confusion matrix" in table.stdout and "precision" in table.stdout
+    import shutil
+
+    shutil.copytree(run["data"] / "val" / "cat", tmp_path / "cats" / "cat")  # (no dog, no fox: their recall is unknown)
+    some = runner.invoke(app, ["evaluate", str(tmp_path / "cats"), "--model", run["summary"]["model"], "--workers", "0",
+                               "--report", str(tmp_path / "cats.html")])
+    fox = next(line for line in some.stdout.splitlines() if line.startswith("│ fox"))
+    assert some.exit_code == 0 and [c.strip() for c in fox.split("│")[1:6]] == ["fox", "n/a", "n/a", "n/a", "0"]
+    assert "<td>fox</td><td class=\"num\">n/a</td><td class=\"num\">n/a</td>" in (tmp_path / "cats.html").read_text()
     other = make_class_tree(tmp_path / "other", 2, classes=("cat", "owl"))
     bad = runner.invoke(app, ["evaluate", str(other), "--model", run["summary"]["model"]])
     assert bad.exit_code == 1 and "the model does not know: owl" in bad.stderr and bad.stdout == ""
@@ -55,6 +63,11 @@ def test_report_metrics_on_a_known_case():
     assert report["per_class"]["x"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
     assert report["top_losses"][0]["path"] == "d"  # true x at 0.3: the worst mistake
     assert report["most_confused"][0]["count"] == 1
+    # A class no image of which was measured: its recall and F1 are unknown (they read 0.000, a total failure)
+    three = classification_report(["a", "b", "c"], [0, 1, 1], torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7]]), ["x", "y", "z"])
+    assert three["per_class"]["z"] == {"precision": 0.0, "recall": None, "f1": None, "support": 0}
+    assert classification_report(["a"], [0], torch.tensor([[0.9, 0.1]]), ["x", "y"])["per_class"]["y"] == {
+        "precision": None, "recall": None, "f1": None, "support": 0}
 
 
 def test_training_writes_plots(run):

@@ -156,7 +156,8 @@ def render_evaluation(report) -> None:
     stdout.print(Text(f"accuracy {report.accuracy:.4f} on {report.num_images} images ({report.data})"))
     per_class = Table("class", "precision", "recall", "f1", "support", title="per class")
     for name, m in report.per_class.items():
-        per_class.add_row(Text(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        per_class.add_row(Text(name), *[f"{m[k]:.3f}" if m[k] is not None else "n/a" for k in ("precision", "recall", "f1")],
+                          str(m["support"]))
     stdout.print(per_class)
     cm = Table("true \\ predicted", *[escape(c) for c in report.classes], title="confusion matrix")
     for name, row in zip(report.classes, report.confusion_matrix):
