@@ -12,7 +12,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset
 
 from .config import MAX_WORKERS, TrainConfig
-from .cpus import usable_cores
+from .cpus import usable_cores, workers_within_cores
 from .data import DatasetSplit, leave_ctrl_c_to_the_main_process
 from .errors import DataError
 from .images import ImageDecodeError, ImageFacts, inspect_image
@@ -94,7 +94,7 @@ def decode_all(split: DatasetSplit, cfg: TrainConfig, reporter: Reporter) -> tup
     paths = [s.path for s in split.train + split.val + split.test]
     min_side = get_arch(cfg.arch).preprocessing(cfg.img_size).resize
     # The main process only collects here, so every core decodes (training leaves one for the maths).
-    workers = cfg.workers if cfg.workers is not None else min(MAX_WORKERS, usable_cores())
+    workers = workers_within_cores(cfg.workers) if cfg.workers is not None else min(MAX_WORKERS, usable_cores())
     loader = DataLoader(_Facts(paths, cfg.max_pixels, min_side), batch_size=64, num_workers=workers, collate_fn=list,
                         worker_init_fn=leave_ctrl_c_to_the_main_process if workers > 0 else None)
     facts: dict[str, ImageFacts] = {}

@@ -26,6 +26,20 @@ def usable_cores() -> int:
     return max(1, min(cores, math.floor(quota))) if quota is not None else cores
 
 
+def workers_within_cores(requested: int) -> int:
+    """Loader processes asked for, at most one per usable core: more only wait for the CPU (and
+    torch prints a multi-line warning about them)."""
+    return min(requested, usable_cores())
+
+
+def too_many_workers_note(requested: int | None) -> str | None:
+    """What to tell a user whose --workers is more than this process's cores (None: nothing)."""
+    cores = usable_cores()
+    if requested is None or requested <= cores:
+        return None
+    return f"--workers {requested}: this process may use {cores} core{'s' if cores != 1 else ''}; using {cores} loader processes."
+
+
 def cpu_limit(root: Path = CGROUP_ROOT, membership: str | None = None) -> float | None:
     """CPUs' worth of time this process's cgroup may use (the tightest limit along its path to the
     root), None where there is none or none can be read. `membership`: /proc/self/cgroup's text."""

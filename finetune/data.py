@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .config import MAX_WORKERS
-from .cpus import usable_cores
+from .cpus import usable_cores, workers_within_cores
 from .files import name_bytes
 from .images import ImageDecodeError, load_rgb
 
@@ -182,7 +182,7 @@ def default_workers() -> int:
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int | None, shuffle: bool = False, pin_memory: bool = False,
                 seed: int = 0, sampler=None) -> DataLoader:
-    workers = default_workers() if workers is None else workers
+    workers = default_workers() if workers is None else workers_within_cores(workers)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,

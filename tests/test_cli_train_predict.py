@@ -218,6 +218,21 @@ def test_predict_reports_a_named_pipe_instead_of_waiting_on_it(trained, tmp_path
     assert result.exit_code == 1 and json.loads(result.stdout)["error"] == "not a regular file"
 
 
+def test_more_workers_than_cores_are_capped_and_said_once(trained, monkeypatch):
+    import warnings
+
+    from finetune import cpus
+
+    monkeypatch.setattr(cpus, "usable_cores", lambda: 2)
+    img = str(trained["data"] / "val" / "dog" / "dog_0.jpg")
+    with warnings.catch_warnings(record=True) as caught:  # (torch's own: a multi-line UserWarning, twice)
+        warnings.simplefilter("always")
+        result = runner.invoke(app, ["predict", img, "--runs-dir", str(trained["runs"]), "--workers", "100", "--format", "jsonl"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["label"] == "dog"
+    assert result.stderr.startswith("warning: --workers 100: this process may use 2 cores; using 2 loader processes.\n")
+    assert not [w for w in caught if "worker" in str(w.message)]
+
+
 def test_empty_paths_are_refused_not_read_as_the_current_folder(trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # ("$DIR" with DIR unset: each of these read or wrote the current folder)
     for args in (["predict", "x.jpg", "--runs-dir", ""], ["predict", "x.jpg", "--model", ""], ["export", "--model", ""]):

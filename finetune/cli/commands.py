@@ -15,7 +15,7 @@ from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
 from .app import (FORMATS, PREDICT, TRAIN, LabelColumns, LabelsCsv, MaxDistance, MinScore, NoUnknown, ValSplit, app,
                   folder_argument, given_path, load_model_or_newest)
-from .output import (RichReporter, echo_json, fail, render_evaluation, render_predictions, show_archs, show_cache,
+from .output import (RichReporter, echo_json, fail, render_evaluation, render_predictions, reporter_for, show_archs, show_cache,
                      show_check, show_export_result, show_fields, stderr)
 
 
@@ -51,7 +51,7 @@ def predict(
     cfg = replace(PREDICT, model=model, runs_dir=runs_dir, top_k=top_k, batch_size=batch_size,
                   device=device, workers=workers, max_pixels=max_pixels, tta=tta, unknown=not no_unknown,
                   max_distance=max_distance, min_score=min_score)
-    reporter = RichReporter(stderr, quiet)
+    reporter = reporter_for(quiet, workers)
     try:
         loaded = load_model_or_newest(model, runs_dir, reporter)
         failures, total = render_predictions(run_predict(loaded, raw_inputs, cfg, reporter), fmt)
@@ -94,7 +94,7 @@ def evaluate(
     cfg = replace(PREDICT, model=model, runs_dir=runs_dir, batch_size=batch_size, device=device, workers=workers, tta=tta,
                   layout=layout, labels=labels, label_columns=label_columns, unknown=not no_unknown,
                   max_distance=max_distance, min_score=min_score)
-    reporter = RichReporter(stderr, quiet)
+    reporter = reporter_for(quiet, workers)
     try:
         loaded = load_model_or_newest(model, runs_dir, reporter)
         report = run_evaluate(loaded, data, cfg, reporter)
@@ -134,7 +134,7 @@ def check(
     cfg = replace(TRAIN, data=data, layout=layout, labels=labels, label_columns=label_columns, val_split=val_split, seed=seed, arch=arch, max_pixels=max_pixels,
                   workers=workers)
     try:
-        result = check_folder(cfg, RichReporter(stderr, quiet))
+        result = check_folder(cfg, reporter_for(quiet, workers))
     except FinetuneError as e:
         raise fail(e)
     if json_out:

@@ -89,6 +89,18 @@ class RichReporter(Reporter):
         self.console.print(Text("warning: ", style="yellow") + Text(message))
 
 
+def reporter_for(quiet: bool, workers: int | None = None) -> RichReporter:
+    """Progress on stderr, having said where --workers asks for more processes than there are cores
+    (under torchrun, rank 0 says it)."""
+    from ..cpus import too_many_workers_note
+
+    reporter = RichReporter(stderr, quiet)
+    note = too_many_workers_note(workers)
+    if note and os.environ.get("RANK", "0") == "0":
+        reporter.warn(note)
+    return reporter
+
+
 def fail(error: FinetuneError) -> typer.Exit:
     if "RANK" in os.environ:  # a torchrun rank: whether it tells this error is decided with the other ranks in mind
         from ..distributed import told_by_this_rank

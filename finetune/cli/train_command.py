@@ -16,7 +16,7 @@ from ..config import (FAST_TRAINING_RATE, FINETUNE_BUDGET_S, FINETUNE_EPOCHS, FI
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
 from .app import TRAIN, LabelColumns, LabelsCsv, ValSplit, app, folder_argument, given_path
-from .output import RichReporter, echo_json, fail, say_error, show_train_result, stderr
+from .output import echo_json, fail, reporter_for, say_error, show_train_result
 
 
 # Over 60 lines only because every option is a parameter (typer's way); the body is a dozen lines.
@@ -80,7 +80,7 @@ def train(
                   cache=cache, cache_dir=cache_dir, cache_limit_gb=cache_limit_gb, feature_memory_gb=feature_memory_gb)
     from ..training import train as run_training  # imported late: keeps --help fast
 
-    reporter = RichReporter(stderr, quiet)
+    reporter = reporter_for(quiet, workers)
     ignored = ignored_on_resume(data, cfg) if resume is not None and os.environ.get("RANK", "0") == "0" else []
     if ignored:
         reporter.warn(f"--resume goes on with the run's own data and settings; ignored: {', '.join(ignored)}")
