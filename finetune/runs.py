@@ -148,14 +148,15 @@ class RunFolder:
     @_writes
     def remove_if_nothing_kept(self) -> bool:
         """Remove the run folder where it holds only what a run writes at its start (no model, no
-        state): an interrupted start would otherwise leave one more folder each time. Whether it went."""
+        state): an interrupted or failed start would otherwise leave one more folder each time.
+        Whether it went (a folder that cannot be changed stays, and the error that ended the run is told)."""
         if self.model_path.exists() or self.state_path.exists():
             return False
-        for name in ("config.json", "metrics.csv", "skipped.csv"):
-            (self.path / name).unlink(missing_ok=True)
         try:
+            for name in ("config.json", "metrics.csv", "skipped.csv"):
+                (self.path / name).unlink(missing_ok=True)
             self.path.rmdir()
-        except OSError:  # (something else is in it: left as it is)
+        except OSError:  # (something else is in it, or a read-only disk: left as it is)
             return False
         return True
 

@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .data import DatasetSplit, held_out_digest
 from .device import autocast_dtype, pick_device
 from .distributed import SINGLE, Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, sigint_handler
-from .errors import GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError
+from .errors import FinetuneError, GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError
 from .features import FeatureExtractor, FeatureSet
 from .fit import Run, fit_stage, measure_pace
 from .models import build_classifier, get_arch
@@ -122,8 +122,14 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     except KeyboardInterrupt:
         raise interrupted(run, d) from None
     except torch.cuda.OutOfMemoryError:
+        if resume_dir is None:
+            run.folder.remove_if_nothing_kept()
         raise GpuOutOfMemory(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; "
                              f"start again with --batch-size {max(1, cfg.batch_size // 2)}.") from None
+    except FinetuneError:
+        if resume_dir is None:  # (a run that failed before it kept anything leaves no folder behind to sort out)
+            run.folder.remove_if_nothing_kept()
+        raise
     if not d.is_main:
         return None
     with sigint_ignored():  # training is over: a Ctrl-C now must not leave the run folder half-written
