@@ -104,14 +104,42 @@ def evaluation_content(report: EvaluationReport, model: LoadedModel) -> ReportCo
                          distance_threshold=model.distance_threshold)
 
 
-def write_evaluation_report(path: Path, report: EvaluationReport, model: LoadedModel, max_pixels: int) -> dict:
-    """`evaluate --report FILE`: the HTML report of this evaluation (report.write_report's figures)."""
+GENERATOR_MARK = b'<meta name="generator" content="finetune">'
+
+
+def check_report_path(path: Path, data: Path | None = None) -> None:
+    """Refuse an `evaluate --report` path that is not an HTML file name, is inside DATA, or names a
+    file that is not an earlier report (a user's page was replaced)."""
     from .errors import UsageError
+    from .runs import refuse_output_inside_input
 
     if path.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--report {path}: a report is an HTML file; name it .html.")
     if path.is_dir():
         raise UsageError(f"--report {path} is a folder; give a file name ending in .html.")
+    if data is not None:
+        refuse_output_inside_input(path, data, "--report")
+    if path.exists() and not written_by_finetune(path):
+        raise UsageError(f"--report {path}: a file is there already, not a report finetune wrote; name a new file, "
+                         f"or remove that one.")
+
+
+def written_by_finetune(path: Path) -> bool:
+    """Whether an existing file is a report finetune wrote (its mark, or the title earlier reports had)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return GENERATOR_MARK in head or b"<title>finetune " in head
+
+
+def write_evaluation_report(path: Path, report: EvaluationReport, model: LoadedModel, max_pixels: int,
+                            data: Path | None = None) -> dict:
+    """`evaluate --report FILE`: the HTML report of this evaluation (report.write_report's figures)."""
+    from .errors import UsageError
+
+    check_report_path(path, data)
     try:
         return write_report(path, evaluation_content(report, model), max_pixels)
     except OSError as e:

@@ -173,6 +173,17 @@ def test_evaluate_writes_a_report(trained_run, tmp_path):
     bad = runner.invoke(app, ["evaluate", str(trained_run["data"]), "--model", trained_run["summary"]["run_dir"],
                               "--report", str(tmp_path / "val.txt")])
     assert bad.exit_code != 0 and "name it .html" in bad.stderr and bad.stdout == ""
+    evaluate = ["evaluate", str(trained_run["data"]), "--model", trained_run["summary"]["run_dir"], "--workers", "0", "--report"]
+    again = runner.invoke(app, [*evaluate, str(target)])  # (an earlier report: replaced)
+    assert again.exit_code == 0 and target.stat().st_mtime_ns >= strict.stat().st_mtime_ns
+    mine = tmp_path / "mine.html"
+    mine.write_text("<html>my own page</html>")
+    kept = runner.invoke(app, [*evaluate, str(mine)])  # (it was replaced without a word)
+    assert kept.exit_code == 2 and kept.stdout == "" and mine.read_text() == "<html>my own page</html>"
+    assert kept.stderr == (f"error: --report {mine}: a file is there already, not a report finetune wrote; name a new file, "
+                           f"or remove that one.\n")
+    inside = runner.invoke(app, [*evaluate, str(trained_run["data"] / "val.html")])
+    assert inside.exit_code == 2 and "is inside the data folder" in inside.stderr and not (trained_run["data"] / "val.html").exists()
 
 
 def test_looking_for_suspects_leaves_the_random_numbers_alone():

@@ -89,17 +89,19 @@ def evaluate(
     Example: finetune evaluate ./photos/val --model runs/train --report val.html
     """
     from ..evaluation import evaluate as run_evaluate
-    from ..run_report import write_evaluation_report
+    from ..run_report import check_report_path, write_evaluation_report
 
     cfg = replace(PREDICT, model=model, runs_dir=runs_dir, batch_size=batch_size, device=device, workers=workers, tta=tta,
                   layout=layout, labels=labels, label_columns=label_columns, unknown=not no_unknown,
                   max_distance=max_distance, min_score=min_score)
     reporter = reporter_for(quiet, workers)
     try:
+        if report_file is not None:  # (before the measure: its refusal comes at once)
+            check_report_path(report_file, data)
         loaded = load_model_or_newest(model, runs_dir, reporter)
         report = run_evaluate(loaded, data, cfg, reporter)
         if report_file is not None:
-            report.report = write_evaluation_report(report_file, report, loaded, cfg.max_pixels)
+            report.report = write_evaluation_report(report_file, report, loaded, cfg.max_pixels, data)
             reporter.info(f"report: {report_file} ({report.report['bytes'] / 1e6:.1f} MB)")
     except FinetuneError as e:
         raise fail(e)
