@@ -11,7 +11,7 @@ from typing import Iterable
 from .checkpoint import LoadedModel, as_loaded
 from .config import PredictConfig
 from .data import Sample, held_out_digest
-from .errors import DataError, UsageError, folder_readable
+from .errors import DataError, FinetuneError, UsageError, folder_readable
 from .layout import find_layout, sub_folders
 from .prediction import Answer, is_unknown, iter_answers
 from .progress import Reporter
@@ -88,18 +88,25 @@ def held_out_in_training(model: LoadedModel, data: Path, cfg: PredictConfig) -> 
     and labels), labelled in the model's class order. None when the model learnt from elsewhere
     (or its file is older than `trained_on`); no samples when reading DATA again finds other val
     images than training had (files added or removed since). Measuring all of DATA would count
-    the images the model learnt from."""
+    the images the model learnt from. A copy of that folder elsewhere (moved, copied) is known by
+    the same held-out files, named relative to it: read as training read it, it is measured the same."""
     from .reading import scan_dataset
 
     source, tc = model.meta.get("trained_on"), model.meta.get("train_config") or {}
-    if not source or Path(source["data"]) != data.resolve() or not _same_file(cfg.labels, source.get("labels")):
+    if not source or not _same_file(cfg.labels, source.get("labels")):
         return None
+    same_place = Path(source["data"]) == data.resolve()
     labels = source.get("labels")
-    split = scan_dataset(data, tc.get("val_split"), int(tc.get("seed", 0)), cfg.layout if cfg.layout != "auto" else
-                         tc.get("layout") or "auto", Path(labels) if labels else None, cfg.label_columns or tc.get("label_columns"))
+    try:
+        split = scan_dataset(data, tc.get("val_split"), int(tc.get("seed", 0)), cfg.layout if cfg.layout != "auto" else
+                             tc.get("layout") or "auto", Path(labels) if labels else None, cfg.label_columns or tc.get("label_columns"))
+    except FinetuneError:
+        if same_place:
+            raise
+        return None  # (another folder, not readable as training read its own: measured as it is)
     index = {c: i for i, c in enumerate(model.classes)}
     if any(c not in index for c in split.classes) or held_out_digest(split, data) != source.get("val_digest"):
-        return HeldOut(None, [], CHANGED_NOTE)
+        return HeldOut(None, [], CHANGED_NOTE) if same_place else None
     return HeldOut([Sample(s.path, index[split.classes[s.label]]) for s in split.val], split.skipped)
 
 

@@ -293,6 +293,12 @@ def test_evaluate_on_the_folder_a_model_learnt_from_measures_the_images_it_held_
     (tmp_path / "link").symlink_to(tmp_path / "work")  # the same folder by another name (it measured every image)
     by_link = json.loads(runner.invoke(app, ["evaluate", str(tmp_path / "link" / "flat"), "--model", model, "--json"]).stdout)
     assert by_link["num_images"] == 4 and by_link["data"].endswith("(the val images its training held out)")
+    import shutil
+
+    shutil.copytree(tmp_path / "work" / "flat", tmp_path / "moved")  # (a copy elsewhere: it counted the training images)
+    moved = json.loads(runner.invoke(app, ["evaluate", str(tmp_path / "moved"), "--model", model, "--json"]).stdout)
+    assert moved["num_images"] == 4 and moved["data"] == f"{tmp_path / 'moved'} (the val images its training held out)"
+    assert moved["accuracy"] == summary["best_val_acc"]
     make_class_tree(tmp_path / "other", 3, classes=("cat", "dog"), seed=9)  # a folder it never saw: all of it
     other = json.loads(runner.invoke(app, ["evaluate", str(tmp_path / "other"), "--model", model, "--json"]).stdout)
     assert other["num_images"] == 6 and other["data"] == str(tmp_path / "other")
