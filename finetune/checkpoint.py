@@ -82,12 +82,41 @@ def as_loaded(model) -> LoadedModel:
                      f"(got {type(model).__name__}).")
 
 
+def looks_like_safetensors(path: Path) -> bool:
+    """Whether the file starts as safetensors files do: an 8-byte header length, then its JSON."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+
+
+def exported_from(path: Path) -> str | None:
+    """The model file an export (or its .json sidecar) was made from, where `path` is one."""
+    import json
+
+    sidecar = path if path.suffix == ".json" else path.with_name(path.name + ".json")
+    try:
+        source = json.loads(sidecar.read_text()).get("source_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(source) if source else None
+
+
 def read_model_file(path: Path) -> LoadedModel:
     """Load a finetune model file: checks format, metadata and tensors agree; never unpickles."""
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found: give the path of a model.safetensors or of a run folder.")
-    if path.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin"):
-        raise ModelFileError(f"{path}: finetune model files are .safetensors; pickled files are never loaded as models (they can run code). Use --weights to start training from a state dict.")
+    if not looks_like_safetensors(path):  # (by its bytes: a model file copied to best.pt still loads)
+        export = exported_from(path)
+        if export is not None:
+            raise ModelFileError(f"{path}: an exported model, for other runtimes; finetune predicts with the model file it "
+                                 f"was exported from: --model {export}")
+        if path.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin"):
+            raise ModelFileError(f"{path}: not a finetune model file (those are safetensors); pickled files are never "
+                                 f"loaded as models (they can run code). Use --weights to start training from a state dict.")
     state, meta = read_safetensors(path)
     if meta.get("format") != FORMAT:
         raise ModelFileError(f"{path}: a safetensors file without finetune metadata, not a finetune model. Use a model.safetensors written by 'finetune train'.")

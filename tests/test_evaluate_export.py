@@ -168,6 +168,23 @@ def test_export_makes_the_folder_it_is_told_to_write_in(run, tmp_path, given, wr
     assert (tmp_path / written).is_file() and (tmp_path / (written + ".json")).is_file()
 
 
+def test_a_model_file_is_known_by_its_bytes_and_an_export_by_its_sidecar(run, tmp_path):
+    import shutil
+
+    img = str(run["data"] / "val" / "cat" / "cat_0.jpg")
+    copied = shutil.copy(run["summary"]["model"], tmp_path / "best.pt")  # (refused as "pickled" by its suffix)
+    as_pt = runner.invoke(app, ["predict", img, "--model", str(copied), "--format", "jsonl", "--workers", "0"])
+    assert as_pt.exit_code == 0 and json.loads(as_pt.stdout)["label"] == "cat"
+    exported = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript",
+                                   "--out", str(tmp_path / "m.pt")])
+    assert exported.exit_code == 0, exported.stderr
+    for given in ("m.pt", "m.pt.json"):
+        told = runner.invoke(app, ["predict", img, "--model", str(tmp_path / given)])
+        assert told.exit_code == 2 and told.stderr == (
+            f"error: {tmp_path / given}: an exported model, for other runtimes; finetune predicts with the model file it "
+            f"was exported from: --model {run['summary']['model']}\n")
+
+
 @pytest.mark.parametrize("name", ["victim.png", "weights.pt"])
 def test_export_replaces_only_its_own_exports(run, tmp_path, name):
     # (a photo named by mistake; a state dict saved as .pt, TorchScript's own suffix)
