@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import replace
 from pathlib import Path
@@ -47,6 +48,31 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     except OSError as e:
         raise cannot_write(e, run_dir) from None
     return run_dir
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: Path):
+    """Held while this process trains the run in `run_dir`: a second process resuming it (a
+    run still training, or two resumes at once) is refused rather than writing the same files.
+    An OS lock on the run's config.json (never rewritten), gone with the process however it ends;
+    where the OS has none (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        f = open(run_dir / "config.json", "rb")
+    except OSError:  # (config_for_resume has checked it is there: one that cannot be opened is told elsewhere)
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(f"--resume {run_dir}: another process is training this run now; let it finish, or stop it "
+                             f"(Ctrl-C) and resume then.") from None
+        yield
 
 
 def refuse_output_inside_input(output: Path, data: Path, named: str = "--runs-dir") -> None:

@@ -14,6 +14,7 @@ writes and reports.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -42,7 +43,7 @@ from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
 from .finish import MAX_FEATURE_IMAGES, finish
 from .run_report import training_suspects
-from .runs import RunFolder, new_run_dir, refuse_output_inside_input
+from .runs import RunFolder, new_run_dir, refuse_output_inside_input, training_lock
 from .store import plain_sample
 from .reading import scan_dataset
 from .scan import count_per_class, is_imbalanced, limit_per_class, missing_val_note, require_images_in_every_class
@@ -65,7 +66,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
     cfg = cfg.typed()
     d, device_name = from_environment(cfg.device)
     try:
-        result = _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name)
+        with contextlib.ExitStack() as locks:  # (the run folder's lock, held while this process trains it)
+            result = _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name, locks)
     except KeyboardInterrupt:  # while starting (scan, weights): the stages handle their own
         if cfg.resume is not None:
             raise TrainingInterrupted(f"training interrupted before it went on; continue with: finetune train --resume {cfg.resume}") from None
@@ -83,10 +85,12 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
         shutdown(d)
 
 
-def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> TrainResult | None:
+def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, locks: contextlib.ExitStack) -> TrainResult | None:
     started = time.perf_counter()
     resume_dir = cfg.resume
     cfg = (config_for_resume(resume_dir) if resume_dir is not None else cfg).checked()
+    if resume_dir is not None and d.is_main:
+        locks.enter_context(training_lock(resume_dir))
     refuse_output_inside_input(cfg.runs_dir, cfg.data)
     if cfg.cache and (cfg.cache_dir or os.environ.get(CACHE_ENV)):  # (the default, under the home folder, is hidden there)
         refuse_output_inside_input(cfg.cache_dir or default_cache_dir(), cfg.data, "--cache-dir" if cfg.cache_dir else f"{CACHE_ENV}=")
@@ -113,6 +117,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str) -> T
     elif cfg.tail_epochs:
         raise UsageError(f"--tail-epochs {cfg.tail_epochs}: {no_tail}.")
     run_dir = resume_dir if resume_dir is not None else share_outcome(d, lambda: new_run_dir(cfg))
+    if resume_dir is None and d.is_main:
+        locks.enter_context(training_lock(run_dir))
     run = Run(cfg, model, split, pp, RunFolder(run_dir, writes=d.is_main), reporter, files_digest(split, cfg.data),
               cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input), no_tail=no_tail,
               deadline=started + cfg.time_budget if cfg.time_budget else None, started=started,

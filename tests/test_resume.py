@@ -133,6 +133,41 @@ def test_cli_resume_of_a_finished_or_foreign_folder_is_refused(reference, tmp_pa
         "the run cannot be resumed. Start a new run.")
 
 
+def test_a_run_being_trained_is_not_resumed_by_a_second_process(reference, tmp_path, monkeypatch):
+    import fcntl
+    import shutil
+
+    from finetune import training
+    from finetune.errors import UsageError
+    from finetune.runs import training_lock
+
+    data, ref = reference
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copy(ref.run_dir / "config.json", stopped / "config.json")  # (a run not finished)
+    with open(stopped / "config.json", "rb") as held:  # as the process training it holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        second = runner.invoke(app, ["train", "--resume", str(stopped)])
+    assert second.exit_code == 2 and second.stderr == (
+        f"error: --resume {stopped}: another process is training this run now; let it finish, or stop it (Ctrl-C) and "
+        f"resume then.\n")
+    after = runner.invoke(app, ["train", "--resume", str(stopped)])  # (let go: on to what is missing)
+    assert after.exit_code == 2 and "nothing to resume" in after.stderr
+    tried = []
+
+    def resumed_meanwhile(run, *args):  # (while a run trains, its folder is locked)
+        with pytest.raises(UsageError, match="another process is training this run now"):
+            with training_lock(run.folder.path):
+                pass
+        tried.append(run.folder.path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "run_stages", resumed_meanwhile)
+    with pytest.raises(TrainingInterrupted):
+        train(config(data, tmp_path / "runs"))
+    assert len(tried) == 1
+
+
 def test_cuda_out_of_memory_suggests_a_smaller_batch(reference, tmp_path, monkeypatch):
     data, _ = reference
 
