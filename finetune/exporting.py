@@ -118,13 +118,29 @@ def export(loaded: LoadedModel, fmt: str = "onnx", out: Path | str | None = None
     with torch.no_grad():
         expected = wrapper(images)
     with writable(out), atomic_target(out) as tmp:  # written and verified there: only a verified export replaces `out`
-        actual = (_export_onnx if fmt == "onnx" else _export_torchscript)(wrapper, size, tmp, images)
+        try:
+            actual = (_export_onnx if fmt == "onnx" else _export_torchscript)(wrapper, size, tmp, images)
+        except Exception as e:
+            if interrupted_within(e):  # (torch's exporter wraps a Ctrl-C in errors of its own: a traceback)
+                raise KeyboardInterrupt from None
+            raise
         diff = float((torch.as_tensor(actual) - expected).abs().max())
         if not diff <= TOLERANCE:
             raise FinetuneError(f"{out}: the export differs from the PyTorch model by {diff:.2e} (more than {TOLERANCE:g}); it was not written.")
     with writable(sidecar):
         write_json(sidecar, sidecar_dict(loaded, fmt, diff))
     return ExportResult(out, sidecar, fmt, diff)
+
+
+def interrupted_within(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the causes and contexts of `error`."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _export_onnx(wrapper: nn.Module, size: int, path: Path, images: torch.Tensor):

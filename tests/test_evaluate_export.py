@@ -168,6 +168,34 @@ def test_export_makes_the_folder_it_is_told_to_write_in(run, tmp_path, given, wr
     assert (tmp_path / written).is_file() and (tmp_path / (written + ".json")).is_file()
 
 
+def test_ctrl_c_in_export_evaluate_and_predict_says_what_was_left_done(run, tmp_path, monkeypatch):
+    from finetune import evaluation, exporting, prediction
+
+    def wrapped_interrupt(*args):  # (torch's exporter turns a Ctrl-C into errors of its own: three tracebacks)
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("export failed") from e
+
+    monkeypatch.setattr(exporting, "_export_torchscript", wrapped_interrupt)
+    out = tmp_path / "m.pt"
+    export = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(out)])
+    assert export.exit_code == 130 and export.stderr == "interrupted: nothing was exported (the file it would replace is as it was).\n"
+    assert list(tmp_path.iterdir()) == []
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "measure", ctrl_c)
+    evaluate = runner.invoke(app, ["evaluate", str(run["data"]), "--model", run["summary"]["model"], "--json"])
+    assert evaluate.exit_code == 130 and evaluate.stdout == "" and evaluate.stderr == "interrupted: nothing was measured.\n"
+    monkeypatch.setattr(prediction, "iter_answers", ctrl_c)
+    img = str(run["data"] / "val" / "cat" / "cat_0.jpg")
+    as_json = runner.invoke(app, ["predict", img, "--model", run["summary"]["model"], "--format", "json"])
+    assert as_json.exit_code == 130 and as_json.stdout == ""
+    assert as_json.stderr == "interrupted: no predictions were written (--format json writes them all at its end).\n"
+
+
 def test_a_model_file_is_known_by_its_bytes_and_an_export_by_its_sidecar(run, tmp_path):
     import shutil
 

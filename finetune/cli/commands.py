@@ -15,8 +15,8 @@ from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
 from .app import (FORMATS, PREDICT, TRAIN, LabelColumns, LabelsCsv, MaxDistance, MinScore, NoUnknown, ValSplit, app,
                   folder_argument, given_path, load_model_or_newest)
-from .output import (RichReporter, echo_json, fail, render_evaluation, render_predictions, reporter_for, show_archs, show_cache,
-                     show_check, show_export_result, show_fields, stderr)
+from .output import (RichReporter, echo_json, fail, interrupted, render_evaluation, render_predictions, reporter_for, show_archs,
+                     show_cache, show_check, show_export_result, show_fields, stderr)
 
 
 @app.command()
@@ -58,8 +58,8 @@ def predict(
     except FinetuneError as e:
         raise fail(e)
     except KeyboardInterrupt:
-        stderr.print("interrupted: the predictions above are complete, the rest were not made.", style="yellow", markup=False)
-        raise typer.Exit(130)
+        raise interrupted("no predictions were written (--format json writes them all at its end)." if fmt == "json"
+                          else "the predictions above are complete, the rest were not made.")
     if failures:
         stderr.print(f"{failures} of {total} inputs could not be predicted (see their 'error' field).", style="yellow", markup=False)
         raise typer.Exit(1)
@@ -105,6 +105,8 @@ def evaluate(
             reporter.info(f"report: {report_file} ({report.report['bytes'] / 1e6:.1f} MB)")
     except FinetuneError as e:
         raise fail(e)
+    except KeyboardInterrupt:
+        raise interrupted("nothing was measured.")
     for s in report.skipped:
         reporter.warn(f"skipped {s['path']}: {s['reason']}")
     if json_out:
@@ -166,6 +168,8 @@ def export(
         result = run_export(loaded, output_format, out)
     except FinetuneError as e:
         raise fail(e)
+    except KeyboardInterrupt:
+        raise interrupted("nothing was exported (the file it would replace is as it was).")
     if json_out:
         echo_json(result.to_json_dict())
     else:

@@ -101,6 +101,12 @@ def reporter_for(quiet: bool, workers: int | None = None) -> RichReporter:
     return reporter
 
 
+def interrupted(what_then: str) -> typer.Exit:
+    """Ctrl-C: one line on stderr saying what was left done, and exit 130 (128 + SIGINT)."""
+    stderr.print(f"interrupted: {what_then}", style="yellow", markup=False)
+    return typer.Exit(130)
+
+
 def fail(error: FinetuneError) -> typer.Exit:
     if "RANK" in os.environ:  # a torchrun rank: whether it tells this error is decided with the other ranks in mind
         from ..distributed import told_by_this_rank
