@@ -121,6 +121,11 @@ class TrainConfig:
              f"--finetune-epochs must be 0 or more (got {self.finetune_epochs})."),
             (not (self.freeze_backbone and self.finetune_epochs),
              "--freeze-backbone and --finetune-epochs > 0 contradict each other; pass one of them."),
+            (not (self.freeze_backbone is False and self.finetune_epochs == 0),
+             "--no-freeze-backbone and --finetune-epochs 0 contradict each other; pass one of them."),
+            (self.pretrained or self.weights is None,
+             "--no-pretrained and --weights contradict each other (random weights, or those of the file); pass one of them."),
+            (self.labels is not None or self.label_columns is None, "--label-columns names the columns of --labels' CSV; pass --labels too."),
             (self.tail_epochs is None or self.tail_epochs >= 0, f"--tail-epochs must be 0 or more (got {self.tail_epochs})."),
             (self.views is None or self.views >= 1, f"--views must be at least 1 (got {self.views})."),
             (self.head_features in HEAD_FEATURES, f"--head-features must be one of {', '.join(HEAD_FEATURES)} (got '{self.head_features}')."),
@@ -217,6 +222,9 @@ class PredictConfig:
             (self.max_pixels >= 1, f"--max-pixels must be positive (got {self.max_pixels})."),
             (self.min_score is None or 0 <= self.min_score <= 1, f"--min-score must be between 0 and 1 (got {self.min_score})."),
             (self.max_distance is None or self.max_distance > 0, f"--max-distance must be positive (got {self.max_distance})."),
+            (self.unknown or (self.max_distance is None and self.min_score is None),
+             "--no-unknown answers a class for every image: --max-distance and --min-score would do nothing; pass one or the other."),
+            (self.labels is not None or self.label_columns is None, "--label-columns names the columns of --labels' CSV; pass --labels too."),
         ])
         return self
 

@@ -263,7 +263,7 @@ def plan_finetune(requested: int | None, val_acc: float, images_per_s: float | N
     budget); `epoch_seconds`: an epoch's time at that pace, its val pass included; `budget_s`:
     what the run has left of --time-budget once the test split is measured (None: no budget)."""
     if requested is not None:
-        return requested, "as asked by --finetune-epochs"
+        return requested, "as asked by --finetune-epochs" if requested else "as asked (--finetune-epochs 0 or --freeze-backbone)"
     if val_acc >= 1.0:
         return 0, "the model is right on every val image: nothing fine-tuning could show better"
     if images_per_s is None:

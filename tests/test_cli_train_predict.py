@@ -250,6 +250,10 @@ def test_predict_usage_errors_exit_2(trained, tmp_path):
     no_runs = runner.invoke(app, ["predict", "x.jpg", "--runs-dir", str(tmp_path / "none")])
     assert no_runs.exit_code == 2 and "no trained model under" in no_runs.stderr and no_runs.stdout == ""
     assert predict(trained, "x.jpg", "--top-k", "0").exit_code == 2
+    for contradiction, says in ((["--no-unknown", "--max-distance", "0.1"], "--no-unknown answers a class for every image"),
+                                (["--format", ""], "--format must be one of table, json, jsonl, csv (got '')")):
+        refused = predict(trained, "x.jpg", *contradiction)  # (the second option was ignored; '' read as the default)
+        assert refused.exit_code == 2 and says in refused.stderr and refused.stdout == ""
     negative = runner.invoke(app, ["predict", "x.jpg", "--runs-dir", str(trained["runs"]), "--workers", "-1"])
     assert negative.exit_code == 2 and "--workers must be 0 or more" in negative.stderr
 

@@ -186,6 +186,9 @@ def test_a_feature_cache_inside_the_data_is_refused(image_folder, tmp_path, monk
     (["--seed", "99999999999999999999"], "--seed must be a whole number under 2^62"),  # (torch's overflow traceback)
     (["--cache-limit-gb", "inf"], "--cache-limit-gb must be a positive number (got inf)"),
     (["--cache-dir", ""], "Invalid value for '--cache-dir': empty (an unset shell variable?)"),  # (it wrote into the cwd)
+    (["--no-pretrained", "--weights", "w.pth"], "--no-pretrained and --weights contradict each other"),  # (weights ignored)
+    (["--no-freeze-backbone", "--finetune-epochs", "0"], "--no-freeze-backbone and --finetune-epochs 0 contradict"),
+    (["--label-columns", "file,cls"], "--label-columns names the columns of --labels' CSV; pass --labels too."),
 ])
 def test_bad_options_exit_2(image_folder, tmp_path, args, message):
     result = train_cli(image_folder, tmp_path / "runs", *args)

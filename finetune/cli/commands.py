@@ -42,7 +42,7 @@ def predict(
     """
     from ..prediction import predict as run_predict, read_path_list
 
-    fmt = output_format or ("table" if sys.stdout.isatty() else "jsonl")
+    fmt = output_format if output_format is not None else ("table" if sys.stdout.isatty() else "jsonl")
     if fmt not in FORMATS:
         raise fail(UsageError(f"--format must be one of {', '.join(FORMATS)} (got '{fmt}')."))
     raw_inputs: list[str] = []
