@@ -15,7 +15,7 @@ from .data import DatasetSplit, Sample
 from .digests import DigestMemo, file_digests, is_unreadable
 from .errors import DataError
 from .images import DICOM_REASON, is_candidate_image, is_dicom
-from .layout import Layout, is_hidden, sub_folders
+from .layout import Layout, holds_images, is_hidden, sub_folders
 
 IMBALANCE_RATIO = 3.0  # largest class / smallest class at which training warns
 
@@ -161,9 +161,17 @@ def read_split(data: Path, found: Layout, val_split: float | None, seed: int, me
         if not val:
             raise DataError(f"{data}: too few images to hold any out for validation; add images or a {data}/val folder.")
     split = DatasetSplit(classes, train, val, found.kind, skipped, test=samples.get("test", []), leakage=leakage,
-                         notes=[*found.notes, *look_alike_classes(classes)])
+                         notes=[*found.notes, *look_alike_classes(classes), *hidden_class_folders(train_root)])
     split.read_as = describe_reading(data, found, split, val_split, seed)
     return split
+
+
+def hidden_class_folders(root: Path) -> list[str]:
+    """Notes on folders beside the classes whose names start with '.', holding images: hidden, so
+    not read (as macOS and git keep their own there), which their owner may not know."""
+    hidden = [p for p in root.iterdir() if p.name.startswith(".") and p.is_dir() and holds_images(p)]
+    return [f"{p.name}/ holds images but is hidden (its name starts with '.'): not read as a class; rename it to "
+            f"train on it" for p in sorted(hidden)]
 
 
 def look_alike_classes(classes: list[str]) -> list[str]:

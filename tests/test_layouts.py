@@ -323,6 +323,19 @@ def test_class_names_that_print_alike_are_noted(tmp_path):
                            "are 2 classes; give them one name if they are one"]
 
 
+def test_a_hidden_folder_of_images_beside_the_classes_is_noted(tmp_path):
+    data = make_class_tree(tmp_path / "data", 3, classes=("cat", "dog", "owl"))
+    (data / "owl").rename(data / ".owl")  # (dropped without a word)
+    (data / ".git").mkdir()  # (hidden and no images: nothing to say)
+    (data / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    split = read(data)
+    assert split.classes == ["cat", "dog"]
+    assert split.notes == [".owl/ holds images but is hidden (its name starts with '.'): not read as a class; rename it "
+                           "to train on it"]
+    shown = runner.invoke(app, ["check", str(data), "--json", "--workers", "0"])
+    assert ".owl/ holds images but is hidden" in " ".join(json.loads(shown.stdout)["notes"])
+
+
 def test_a_csv_whose_columns_cannot_be_told_says_how_to_name_them(tmp_path):
     make_class_tree(tmp_path / "images", 2)
     labels = write_csv(tmp_path / "l.csv", [["a", "b"], ["cat/cat_0.jpg", "cat"]])
