@@ -210,8 +210,11 @@ def require_known_classes(root: Path, classes: list[str], train_root: Path, exac
     if missing or extra:
         detail = "; ".join(x for x in (f"missing in {root.name}: {', '.join(missing)}" if missing else "",
                                        f"not in train: {', '.join(extra)}" if extra else "") if x)
-        raise DataError(f"{root}: {root.name} class folders differ from {train_root} ({detail}). "
-                        f"Make them hold the same class folders.")
+        # (names that print alike: 'café' from a Mac and from Linux; 'Dog' and 'dog')
+        alike = [note.replace(" they are 2 classes; give them one name if they are one", " give both folders one name")
+                 for a in missing or classes for b in extra for note in look_alike_classes([a, b])]
+        raise DataError(f"{root}: {root.name} class folders differ from {train_root} ({detail}"
+                        f"{''.join('; ' + n for n in alike)}). Make them hold the same class folders.")
 
 
 def describe_reading(data: Path, found: Layout, split: DatasetSplit, val_split: float | None, seed: int) -> str:

@@ -323,6 +323,19 @@ def test_class_names_that_print_alike_are_noted(tmp_path):
                            "are 2 classes; give them one name if they are one"]
 
 
+def test_split_folders_whose_class_names_print_alike_say_so(tmp_path):
+    import unicodedata
+
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    make_class_tree(tmp_path / "data" / "train", 3, classes=("tea", composed))
+    make_class_tree(tmp_path / "data" / "val", 2, classes=("tea", decomposed))  # (copied from a Mac)
+    with pytest.raises(DataError) as refused:
+        read(tmp_path / "data")
+    assert str(refused.value).endswith(  # (it said "missing in val: café; not in train: café")
+        f"(missing in val: {composed}; not in train: {decomposed}; classes '{composed}' and '{decomposed}' differ only in "
+        f"how their letters are encoded: give both folders one name). Make them hold the same class folders.")
+
+
 def test_a_hidden_folder_of_images_beside_the_classes_is_noted(tmp_path):
     data = make_class_tree(tmp_path / "data", 3, classes=("cat", "dog", "owl"))
     (data / "owl").rename(data / ".owl")  # (dropped without a word)
