@@ -56,6 +56,24 @@ def test_evaluate_table_and_unknown_classes(run, tmp_path):
     assert bad.exit_code == 1 and "the model does not know: owl" in bad.stderr and bad.stdout == ""
 
 
+@pytest.mark.parametrize("n, drawn", [(3, True), (30, False)])
+def test_evaluates_confusion_matrix_is_drawn_where_it_fits(capsys, n, drawn):
+    from types import SimpleNamespace
+
+    from finetune.cli.output import render_evaluation
+
+    classes = [f"class_{i}" for i in range(n)]
+    cm = [[5 if i == j else 0 for j in range(n)] for i in range(n)]
+    report = SimpleNamespace(accuracy=1.0, num_images=5 * n, data="d", classes=classes, confusion_matrix=cm, unknown=None,
+                             per_class={c: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 5} for c in classes},
+                             calibration={}, temperature=1.0, most_confused=[], top_losses=[])
+    render_evaluation(report)
+    out = capsys.readouterr().out
+    assert ("true \\ predicted" in out) is drawn and "…" not in out  # (30 columns in 80: every cell and name was "…")
+    said = "confusion matrix: 30 classes, wider than this terminal: in --json (confusion_matrix), drawn by --report FILE.html"
+    assert (said in out.replace("\n", " ")) is not drawn
+
+
 def test_report_metrics_on_a_known_case():
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
     report = classification_report(["a", "b", "c", "d"], [0, 1, 1, 0], probs, ["x", "y"])

@@ -177,10 +177,14 @@ def render_evaluation(report) -> None:
         per_class.add_row(Text(name), *[f"{m[k]:.3f}" if m[k] is not None else "n/a" for k in ("precision", "recall", "f1")],
                           str(m["support"]))
     stdout.print(per_class)
-    cm = Table("true \\ predicted", *[escape(c) for c in report.classes], title="confusion matrix")
-    for name, row in zip(report.classes, report.confusion_matrix):
-        cm.add_row(Text(name), *[str(v) for v in row])
-    stdout.print(cm)
+    if matrix_width(report.classes, report.confusion_matrix) <= stdout.width:
+        cm = Table("true \\ predicted", *[escape(c) for c in report.classes], title="confusion matrix")
+        for name, row in zip(report.classes, report.confusion_matrix):
+            cm.add_row(Text(name), *[str(v) for v in row])
+        stdout.print(cm)
+    else:  # (squeezed, its cells and names came out as "…")
+        stdout.print(Text(f"confusion matrix: {len(report.classes)} classes, wider than this terminal: in --json "
+                          f"(confusion_matrix), drawn by --report FILE.html"))
     u = report.unknown
     if u and u["rule"] != "off" and u["coverage"] is not None:
         stdout.print(Text(f"unknown rule: {u['flagged']} of {report.num_images} images flagged unknown; accuracy on the "
@@ -195,6 +199,13 @@ def render_evaluation(report) -> None:
         for d in wrong:
             losses.add_row(Text(d["path"]), Text(d["true"]), Text(d["predicted"]), f"{d['score']:.3f}")
         stdout.print(losses)
+
+
+def matrix_width(classes: list[str], matrix: list[list[int]]) -> int:
+    """Characters a confusion-matrix table takes: the name column, a column per class (its name or
+    its largest count), each with its border and padding."""
+    counts = max((len(str(v)) for row in matrix for v in row), default=1)
+    return max(len("true \\ predicted"), *map(len, classes)) + 4 + sum(max(len(c), counts) + 3 for c in classes)
 
 
 def show_train_result(result, class_weights: bool) -> None:
