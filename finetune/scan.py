@@ -334,6 +334,21 @@ def count_labels(labels: list[int], num_classes: int) -> list[int]:
     return counts
 
 
+def imbalance_detail(classes: list[str], counts: list[int], listed: int = 6) -> str:
+    """'cat 120, dog 30' for a few classes; for many, the largest and smallest two (48 names on one
+    line said nothing). A name that does not print (a newline in it) is shown quoted."""
+    named = [(shown_name(c), n) for c, n in zip(classes, counts)]
+    if len(named) <= listed:
+        return ", ".join(f"{c} {n:,}" for c, n in named)
+    ranked = sorted(named, key=lambda cn: -cn[1])
+    return (f"{len(named)} classes; largest {', '.join(f'{c} {n:,}' for c, n in ranked[:2])}; "
+            f"smallest {', '.join(f'{c} {n:,}' for c, n in ranked[-2:])}")
+
+
+def shown_name(name: str) -> str:
+    return name if name.isprintable() else repr(name)
+
+
 def is_imbalanced(counts: list[int]) -> bool:
     return min(counts) > 0 and max(counts) / min(counts) >= IMBALANCE_RATIO
 

@@ -46,7 +46,8 @@ from .run_report import training_suspects
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input, training_lock
 from .store import plain_sample
 from .reading import scan_dataset
-from .scan import count_per_class, is_imbalanced, limit_per_class, missing_val_note, require_images_in_every_class
+from .scan import (count_per_class, imbalance_detail, is_imbalanced, limit_per_class, missing_val_note,
+                   require_images_in_every_class)
 from .stages import FinetuneStage, LossFn, TailStage, head_stage, make_loss
 
 
@@ -396,7 +397,7 @@ def settle_split(run: Run, split: DatasetSplit, device: torch.device) -> LossFn:
         run.reporter.warn(note + ".")
     counts = count_per_class(split.train, len(split.classes))
     if is_imbalanced(counts):
-        detail = ", ".join(f"{c} {n}" for c, n in zip(split.classes, counts))
+        detail = imbalance_detail(split.classes, counts)
         hint = "class weights are on" if run.cfg.class_weights else "consider --class-weights"
         run.reporter.warn(f"classes are imbalanced ({detail}); {hint}.")
     run.split = split

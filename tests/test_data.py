@@ -273,3 +273,12 @@ def test_loader_workers_share_the_cores_with_the_other_ranks(monkeypatch, cores,
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks_here)
     assert default_workers() == expected
+
+
+def test_an_imbalance_of_many_classes_is_told_by_its_ends():
+    from finetune.scan import imbalance_detail
+
+    assert imbalance_detail(["cat", "dog"], [1200, 30]) == "cat 1,200, dog 30"
+    classes = [f"c{i}" for i in range(46)] + ["new\nline", "rare"]  # (48 names on one line; a newline broke it)
+    counts = list(range(10, 56)) + [60, 1]
+    assert imbalance_detail(classes, counts) == "48 classes; largest 'new\\nline' 60, c45 55; smallest c0 10, rare 1"

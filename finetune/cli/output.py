@@ -218,7 +218,9 @@ def show_train_result(result, class_weights: bool) -> None:
     if result.skipped:
         stdout.print(Text(f"skipped {len(result.skipped)} files (listed in {result.run_dir / 'skipped.csv'})"))
     if result.imbalanced:
-        counts = ", ".join(f"{c} {n}" for c, n in result.class_counts.items())
+        from ..scan import imbalance_detail
+
+        counts = imbalance_detail(list(result.class_counts), list(result.class_counts.values()))
         stdout.print(Text(f"classes are imbalanced ({counts}){'' if class_weights else '; consider --class-weights'}"))
     stdout.print(Text(f"model: {result.model}"))
     stdout.print(Text(f"plots: {', '.join(result.plots)}; metrics: {result.run_dir / 'metrics.csv'}"))
