@@ -376,7 +376,8 @@ def choose(run: Run, features: FeatureSet, loss: LossFn, device: torch.device, v
     others = "; ".join(f"{HeadChoice(c['views'], c['multi_layer']).describe()}: {c['val_acc']:.4f}"
                        for c in run.candidates if (c["views"], c["multi_layer"]) != (choice.views, choice.multi_layer))
     best = next(c for c in run.candidates if (c["views"], c["multi_layer"]) == (choice.views, choice.multi_layer))
-    run.reporter.info(f"head: {choice.describe()} (best val acc of {len(run.candidates)} heads: {best['val_acc']:.4f}"
+    run.reporter.info(f"head: {choice.describe()} (val acc {best['val_acc']:.4f}"
+                      f"{f', the best of {len(run.candidates)} heads' if len(run.candidates) > 1 else ''}"
                       f"{'; others: ' + others if others else ''})")
     return winner
 

@@ -128,6 +128,9 @@ def test_predict_json_csv_and_table(trained, tmp_path):
     parsed = json.loads(as_json.stdout)
     assert isinstance(parsed, list) and parsed[0]["path"] == img and len(parsed[0]["top_k"]) == 2
     as_csv = list(csv.DictReader(io.StringIO(predict(trained, img, "--format", "csv").stdout)))
+    top_5 = predict(trained, img, "--format", "csv", "--top-k", "5")  # (ignored without a word)
+    assert "warning: --top-k 5: CSV's columns are fixed (each image's label and score); --format jsonl or json gives " \
+           "the top 5." in top_5.stderr and list(csv.DictReader(io.StringIO(top_5.stdout))) == as_csv
     assert as_csv[0]["path"] == img and as_csv[0]["label"] == parsed[0]["label"] and as_csv[0]["error"] == ""
     import shutil
 

@@ -52,6 +52,9 @@ def predict(
                   device=device, workers=workers, max_pixels=max_pixels, tta=tta, unknown=not no_unknown,
                   max_distance=max_distance, min_score=min_score)
     reporter = reporter_for(quiet, workers)
+    if fmt == "csv" and top_k != PREDICT.top_k:
+        reporter.warn(f"--top-k {top_k}: CSV's columns are fixed (each image's label and score); --format jsonl or "
+                      f"json gives the top {top_k}.")
     try:
         loaded = load_model_or_newest(model, runs_dir, reporter)
         failures, total = render_predictions(run_predict(loaded, raw_inputs, cfg, reporter), fmt)
