@@ -170,6 +170,7 @@ def unknown_figures(answers: list[Answer], labels: list[int], flagged: list[bool
     flags, and the accuracy on the ones it accepts (coverage = accepted / all)."""
     accepted = [int(a.probs.argmax()) == y for a, y, f in zip(answers, labels, flagged) if not f]
     threshold = cfg.max_distance if cfg.max_distance is not None else model.distance_threshold
-    return {"rule": "off" if not cfg.unknown else {"max_distance": threshold, "min_score": cfg.min_score},
+    no_rule = threshold is None and cfg.min_score is None  # (a model whose run has not finished has none yet)
+    return {"rule": "off" if not cfg.unknown or no_rule else {"max_distance": threshold, "min_score": cfg.min_score},
             "flagged": sum(flagged), "coverage": len(accepted) / len(answers) if answers else None,
             "accuracy_on_accepted": sum(accepted) / len(accepted) if accepted else None}

@@ -96,8 +96,18 @@ def test_predict_says_when_the_newest_model_is_of_a_run_that_did_not_finish(trai
     img = str(trained["data"] / "val" / "dog" / "dog_0.jpg")
     say = lambda: runner.invoke(app, ["predict", img, "--runs-dir", str(runs), "--workers", "0"]).stderr  # noqa: E731
     assert f"its training did not finish: the best epoch so far; 'finetune train --resume {runs / 'stopped'}' goes on" in say()
+    named = runner.invoke(app, ["predict", img, "--model", str(runs / "stopped"), "--workers", "0"]).stderr  # (said nothing)
+    assert f"warning: {runs / 'stopped' / 'model.safetensors'} (its training did not finish: the best epoch so far" in named
     (runs / "stopped" / "last_state.safetensors").unlink()  # (a diverged run: nothing to resume)
     assert "(its training did not finish: the best epoch before it stopped)" in say()
+    from finetune.files import read_safetensors, write_safetensors
+
+    tensors, meta = read_safetensors(runs / "stopped" / "model.safetensors")  # as a run writes it before its end
+    write_safetensors(tmp_path / "early.safetensors", {k: v for k, v in tensors.items() if not k.startswith("distance.")},
+                      {k: v for k, v in meta.items() if k not in ("calibration", "unknown")})
+    early = json.loads(runner.invoke(app, ["evaluate", str(trained["data"]), "--model", str(tmp_path / "early.safetensors"),
+                                           "--json", "--workers", "0"]).stdout)
+    assert early["unknown"]["rule"] == "off"  # (it reported a rule the model does not have: "0 of 9 flagged")
     (runs / "results.json.aside").rename(runs / "stopped" / "results.json")
     finished = say()
     assert "newest model" in finished and "did not finish" not in finished

@@ -59,7 +59,15 @@ def load_model_or_newest(model: Path | None, runs_dir: Path, reporter: Reporter 
     loaded = load_model(model, runs_dir)
     if model is None and reporter is not None:
         reporter.info(f"using the newest model: {loaded.path}{unfinished_note(loaded.path)}")
+    elif reporter is not None and is_unfinished_run(loaded.path.parent):  # (its scores uncalibrated, no unknown rule yet)
+        reporter.warn(f"{loaded.path}{unfinished_note(loaded.path)}")
     return loaded
+
+
+def is_unfinished_run(folder: Path) -> bool:
+    from ..checkpoint import run_finished
+
+    return (folder / "config.json").is_file() and not run_finished(folder)
 
 
 def unfinished_note(model_path: Path) -> str:
