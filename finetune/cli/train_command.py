@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,6 +22,7 @@ from .output import echo_json, fail, reporter_for, say_error, show_train_result
 # Over 60 lines only because every option is a parameter (typer's way); the body is a dozen lines.
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Annotated[Optional[Path], typer.Argument(help="Image folder: DATA/train/<class>/ + DATA/val/<class>/, or DATA/<class>/ to split.", show_default=False, parser=folder_argument)] = None,
     arch: Annotated[str, typer.Option(help="Backbone, e.g. resnet18, resnet50, efficientnet_lite0 (offline weights).")] = TRAIN.arch,
     weights: Annotated[Optional[Path], typer.Option(parser=given_path, help="Start from this state dict (.pth/.safetensors) or finetune model file instead of ImageNet weights from the cache/download.")] = TRAIN.weights,
@@ -81,7 +82,7 @@ def train(
     from ..training import train as run_training  # imported late: keeps --help fast
 
     reporter = reporter_for(quiet, workers)
-    ignored = ignored_on_resume(data, cfg) if resume is not None and os.environ.get("RANK", "0") == "0" else []
+    ignored = ignored_on_resume(ctx) if resume is not None and os.environ.get("RANK", "0") == "0" else []
     if ignored:
         reporter.warn(f"--resume goes on with the run's own data and settings; ignored: {', '.join(ignored)}")
     try:
@@ -96,11 +97,16 @@ def train(
         show_train_result(result, cfg.class_weights)
 
 
-def ignored_on_resume(data: Path | None, cfg) -> list[str]:
-    """DATA and the options given with --resume: the run goes on with those it started with."""
-    given = [f"--{f.name.replace('_', '-')}" for f in fields(cfg) if f.name not in ("data", "resume", "device")
-             and getattr(cfg, f.name) != getattr(TRAIN, f.name)]  # (--device applies: the process picks it)
-    return (["DATA"] if data is not None else []) + given
+# (these apply to a resumed run: the device and processes it runs on, and what the command shows)
+APPLY_ON_RESUME = ("resume", "device", "devices", "json_out", "quiet")
+
+
+def ignored_on_resume(ctx: typer.Context) -> list[str]:
+    """DATA and the options typed with --resume (their default values too): the run goes on with
+    those it started with."""
+    typed = [p for p in ctx.command.params if p.name not in APPLY_ON_RESUME
+             and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"]  # (typer may ship its own click)
+    return ["DATA" if p.name == "data" else p.opts[0] for p in typed]
 
 
 def train_with_torchrun(devices: int) -> typer.Exit:
