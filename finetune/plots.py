@@ -47,6 +47,13 @@ def curves_figure(history: list[EpochRecord]):
     return fig
 
 
+TICK_CHARS = 24  # a longer class name squeezed the matrix into a corner of its figure
+
+
+def tick_label(name: str) -> str:
+    return plain(name if len(name) <= TICK_CHARS else name[:TICK_CHARS - 1] + "…")
+
+
 def confusion_figure(cm: list[list[int]], classes: list[str], title: str = "confusion matrix"):
     from matplotlib.figure import Figure
 
@@ -54,9 +61,9 @@ def confusion_figure(cm: list[list[int]], classes: list[str], title: str = "conf
     size = min(4 + 0.5 * n, 20)
     fig = Figure(figsize=(size, size), dpi=100)
     ax = fig.subplots()
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), [plain(c) for c in classes], rotation=45, ha="right")
-    ax.set_yticks(range(n), [plain(c) for c in classes])
+    image = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), [tick_label(c) for c in classes], rotation=45, ha="right")
+    ax.set_yticks(range(n), [tick_label(c) for c in classes])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(plain(title))
@@ -65,6 +72,8 @@ def confusion_figure(cm: list[list[int]], classes: list[str], title: str = "conf
         for t in range(n):
             for p in range(n):
                 ax.text(p, t, str(cm[t][p]), ha="center", va="center", color="white" if cm[t][p] > top / 2 else "black")
+    else:  # (too many cells for their counts: the colours' scale says them)
+        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="images")
     with fonts_lacking_glyphs_unsaid():
         fig.tight_layout()
     return fig

@@ -205,3 +205,12 @@ def test_class_names_the_plot_font_lacks_raise_no_warning_on_stderr():
         warnings.simplefilter("always")
         png = png_bytes(confusion_figure([[3, 1], [0, 4]], ["猫.v1", "犬"], "validation"))
     assert png.startswith(b"\x89PNG") and not [w for w in caught if "Glyph" in str(w.message)]
+
+
+def test_long_class_names_are_cut_on_the_confusion_figures_ticks():
+    from finetune.plots import TICK_CHARS, confusion_figure, tick_label
+
+    assert tick_label("dog") == "dog" and tick_label("$5 bill") == r"\$5 bill"
+    assert tick_label("L" * 200) == "L" * (TICK_CHARS - 1) + "…"  # (200 characters squeezed the matrix into a corner)
+    fig = confusion_figure([[1] * 31 for _ in range(31)], ["L" * 200] + [f"c{i}" for i in range(30)])
+    assert len(fig.axes) == 2  # above 30 classes the counts are not written: a colour bar says them
