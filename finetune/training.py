@@ -20,6 +20,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import replace
 
@@ -68,6 +69,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
     d, device_name = from_environment(cfg.device)
     try:
         with contextlib.ExitStack() as locks:  # (the run folder's lock, held while this process trains it)
+            if not d.active:
+                locks.enter_context(sigterm_as_ctrl_c())
             result = _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name, locks)
     except KeyboardInterrupt:  # while starting (scan, weights): the stages handle their own
         if cfg.resume is not None:
@@ -84,6 +87,25 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
         return result
     finally:
         shutdown(d)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (docker stop, Slurm's scancel, a plain `timeout`) stops a run as Ctrl-C does: its
+    files saved, resumable, said in one line; it killed the process where it stood. One process
+    only: under torchrun, SIGTERM is how the launcher stops the ranks (distributed.py)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (signal handlers are the main thread's)
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, locks: contextlib.ExitStack) -> TrainResult | None:

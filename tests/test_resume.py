@@ -168,6 +168,25 @@ def test_a_run_being_trained_is_not_resumed_by_a_second_process(reference, tmp_p
     assert len(tried) == 1
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does(reference, tmp_path):
+    import os
+    import signal
+
+    class TermAt(CtrlCAt):  # (docker stop, scancel, a plain timeout: the process died where it stood)
+        def advance(self, steps=1, **fields):
+            try:
+                super().advance(steps, **fields)
+            except KeyboardInterrupt:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    data, _ = reference
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match=r"training interrupted; the model kept so far is in .* Continue with: "
+                                                  r"finetune train --resume"):
+        train(config(data, tmp_path / "runs"), TermAt("Fine-tune epoch 1", 1))
+    assert signal.getsignal(signal.SIGTERM) is before and (tmp_path / "runs" / "train" / STATE_FILENAME).is_file()
+
+
 def test_cuda_out_of_memory_suggests_a_smaller_batch(reference, tmp_path, monkeypatch):
     data, _ = reference
 
