@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,8 +39,9 @@ def create_run_dir(runs_dir: Path, name: str | None) -> Path:
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
-    """A new run folder holding the run's config.json."""
-    run_dir = create_run_dir(cfg.runs_dir, cfg.name)
+    """A new run folder holding the run's config.json; its path absolute (as spelt, links kept), so
+    that results.json's paths hold wherever they are read from."""
+    run_dir = Path(os.path.abspath(create_run_dir(cfg.runs_dir, cfg.name)))
     # Absolute paths, so that --resume works from any working directory.
     absolute = replace(cfg, data=cfg.data.resolve(), runs_dir=cfg.runs_dir.resolve(),
                        weights=cfg.weights.resolve() if cfg.weights else None, labels=cfg.labels.resolve() if cfg.labels else None)

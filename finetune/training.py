@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -110,7 +111,7 @@ def sigterm_as_ctrl_c():
 
 def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, locks: contextlib.ExitStack) -> TrainResult | None:
     started = time.perf_counter()
-    resume_dir = cfg.resume
+    resume_dir = Path(os.path.abspath(cfg.resume)) if cfg.resume is not None else None  # (results' paths: absolute)
     cfg = (config_for_resume(resume_dir) if resume_dir is not None else cfg).checked()
     if resume_dir is not None and d.is_main:
         locks.enter_context(training_lock(resume_dir))

@@ -300,6 +300,7 @@ def test_evaluate_on_the_folder_a_model_learnt_from_measures_the_images_it_held_
     trained = runner.invoke(app, ["train", "flat", "--runs-dir", "runs", "--json", *FAST_TRAIN_ARGS])
     assert trained.exit_code == 0, trained.stderr
     summary = json.loads(trained.stdout)
+    assert summary["run_dir"] == str(tmp_path / "work" / "runs" / "train")  # (absolute: results.json is read from anywhere)
     monkeypatch.chdir(tmp_path)
     model = str(tmp_path / "work" / "runs" / "train")
     held_out = runner.invoke(app, ["evaluate", str(tmp_path / "work" / "flat"), "--model", model, "--json"])
