@@ -170,6 +170,9 @@ def resolve_model_path(model: Path | None, runs_dir: Path) -> Path:
     if model.is_dir():
         candidate = model / MODEL_FILENAME
         if not candidate.is_file():
+            if any(model.glob(f"*/{MODEL_FILENAME}")):  # (the runs folder itself)
+                raise ModelFileError(f"{model}: a folder of runs, not a run; --runs-dir {model} uses the newest of them, "
+                                     f"--model {model / '<run>'} one of them.")
             raise ModelFileError(f"{model}: run folder has no {MODEL_FILENAME}. Pass a run folder of a finished training, or the model file.")
         return candidate
     return model

@@ -18,7 +18,7 @@ from .progress import Reporter
 from .records import EvaluationReport
 from .metrics import classification_report
 from .report import Measured
-from .scan import TreeReader, drop_duplicates
+from .scan import TreeReader, drop_duplicates, look_alike_classes
 
 
 def find_eval_root(data: Path, layout: str = "auto") -> tuple[Path, bool]:
@@ -41,7 +41,10 @@ def labelled_images(root: Path, classes: list[str]) -> tuple[list[Sample], list[
         raise DataError(f"{root}: no class folders. Evaluate needs labelled images: {root}/<class>/*.jpg.")
     unknown = [c for c in folders if c not in classes]
     if unknown:
-        raise DataError(f"{root}: class folders the model does not know: {', '.join(unknown)} (the model knows: {', '.join(classes)}). Remove them or use the right --model.")
+        alike = [note.replace(" they are 2 classes; give them one name if they are one", " rename the folder")
+                 for u in unknown for c in classes for note in look_alike_classes([u, c])]
+        raise DataError(f"{root}: class folders the model does not know: {', '.join(unknown)} (the model knows: "
+                        f"{', '.join(classes)}{''.join('; ' + n for n in alike)}). Remove them or use the right --model.")
     skipped: list[dict] = []
     reader = TreeReader([root / c for c in folders], skipped)
     samples = {"test": [Sample(p, label) for label, c in enumerate(classes) if (root / c).is_dir() for p in reader.images(root / c)]}

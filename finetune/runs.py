@@ -22,6 +22,8 @@ def create_run_dir(runs_dir: Path, name: str | None) -> Path:
     base = name or "train"
     if Path(base).name != base or base in (".", "..") or not base.strip():
         raise UsageError(f"--name '{base}': a run name is one folder name (no '/', '..' or absolute path); use --runs-dir to choose where runs go.")
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise UsageError(f"--runs-dir {runs_dir}: a file, not a folder. Pass a folder (it is made if missing).")
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -127,7 +127,8 @@ def not_an_image_reason(path: Path) -> str:
 def list_images(folder: Path, skipped: list[dict] | None = None) -> list[Path]:
     """Every image file below `folder`, sorted, each real file once (for predict); the files
     not read go to `skipped` ({path, reason}) where it is given."""
-    return TreeReader([], skipped if skipped is not None else []).images(folder)
+    # (sorted again: a link's file is listed after the real entries, where it was reached)
+    return sorted(TreeReader([], skipped if skipped is not None else []).images(folder), key=str)
 
 
 def files_not_read(skipped: list[dict], folder: Path) -> str:

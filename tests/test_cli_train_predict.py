@@ -263,6 +263,10 @@ def test_predict_usage_errors_exit_2(trained, tmp_path):
     no_runs = runner.invoke(app, ["predict", "x.jpg", "--runs-dir", str(tmp_path / "none")])
     assert no_runs.exit_code == 2 and "no trained model under" in no_runs.stderr and no_runs.stdout == ""
     assert predict(trained, "x.jpg", "--top-k", "0").exit_code == 2
+    no_stdin = predict(trained, "-", input="")
+    assert no_stdin.exit_code == 2 and no_stdin.stderr.startswith("error: -: standard input gave no paths")
+    runs = runner.invoke(app, ["predict", "x.jpg", "--model", str(trained["runs"])])  # (the runs folder, not a run)
+    assert runs.exit_code == 2 and f"{trained['runs']}: a folder of runs, not a run; --runs-dir {trained['runs']}" in runs.stderr
     for contradiction, says in ((["--no-unknown", "--max-distance", "0.1"], "--no-unknown answers a class for every image"),
                                 (["--format", ""], "--format must be one of table, json, jsonl, csv (got '')")):
         refused = predict(trained, "x.jpg", *contradiction)  # (the second option was ignored; '' read as the default)

@@ -50,7 +50,10 @@ def test_evaluate_table_and_unknown_classes(run, tmp_path):
                                "--report", str(tmp_path / "cats.html")])
     fox = next(line for line in some.stdout.splitlines() if line.startswith("│ fox"))
     assert some.exit_code == 0 and [c.strip() for c in fox.split("│")[1:6]] == ["fox", "n/a", "n/a", "n/a", "0"]
-    assert "<td>fox</td><td class=\"num\">n/a</td><td class=\"num\">n/a</td>" in (tmp_path / "cats.html").read_text()
+    assert "<td class=\"name\">fox</td><td class=\"num\">n/a</td><td class=\"num\">n/a</td>" in (tmp_path / "cats.html").read_text()
+    cased = make_class_tree(tmp_path / "cased", 2, classes=("Cat", "dog"))
+    told = runner.invoke(app, ["evaluate", str(cased), "--model", run["summary"]["model"]])
+    assert told.exit_code == 1 and "classes 'Cat' and 'cat' differ only in case: rename the folder" in told.stderr
     other = make_class_tree(tmp_path / "other", 2, classes=("cat", "owl"))
     bad = runner.invoke(app, ["evaluate", str(other), "--model", run["summary"]["model"]])
     assert bad.exit_code == 1 and "the model does not know: owl" in bad.stderr and bad.stdout == ""

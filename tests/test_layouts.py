@@ -414,3 +414,13 @@ def test_check_exits_1_when_train_would_refuse(tmp_path):
         p.write_bytes(b"junk")
     result = runner.invoke(app, ["check", str(one_good), "--json", "--workers", "0"])
     assert result.exit_code == 1 and "class 'dog' has no readable training images" in json.loads(result.stdout)["problem"]
+
+
+def test_predict_lists_a_folder_in_sorted_order_links_included(tmp_path):
+    from finetune.scan import list_images
+
+    make_image(tmp_path / "elsewhere" / "x.png", (200, 10, 10))
+    make_image(tmp_path / "in" / "a.png", (10, 200, 10))
+    make_image(tmp_path / "in" / "sub" / "b.png", (10, 10, 200))
+    (tmp_path / "in" / "link.png").symlink_to(tmp_path / "elsewhere" / "x.png")  # (listed after sub/b.png: followed last)
+    assert [p.relative_to(tmp_path / "in").as_posix() for p in list_images(tmp_path / "in")] == ["a.png", "link.png", "sub/b.png"]

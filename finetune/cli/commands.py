@@ -48,6 +48,9 @@ def predict(
     raw_inputs: list[str] = []
     for item in inputs:
         raw_inputs.extend(read_path_list(sys.stdin) if item == "-" else [item])
+    if not raw_inputs and "-" in inputs:
+        raise fail(UsageError("-: standard input gave no paths; give one image path per line (e.g. find DIR -name '*.jpg' | "
+                              "finetune predict -)."))
     cfg = replace(PREDICT, model=model, runs_dir=runs_dir, top_k=top_k, batch_size=batch_size,
                   device=device, workers=workers, max_pixels=max_pixels, tta=tta, unknown=not no_unknown,
                   max_distance=max_distance, min_score=min_score)
