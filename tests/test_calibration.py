@@ -105,8 +105,13 @@ def test_unknown_rule_options_and_stable_columns(trained_run, model_file, tmp_pa
     img = trained_run["data"] / "val" / "cat" / "cat_0.jpg"
     always = predict_jsonl(model_file, img, extra=["--max-distance", "1e-6"])[0]
     assert always["unknown"] is True and always["label"] is None and always["top_k"][0]["label"] == "cat"
-    never = predict_jsonl(model_file, img, extra=["--max-distance", "1e-6", "--no-unknown"])[0]
+    tensors, meta = read_safetensors(Path(model_file))  # (a model whose own rule flags every image)
+    write_safetensors(tmp_path / "strict.safetensors", tensors, {**meta, "unknown": {**meta["unknown"], "threshold": 1e-6}})
+    assert predict_jsonl(tmp_path / "strict.safetensors", img)[0]["unknown"] is True
+    never = predict_jsonl(tmp_path / "strict.safetensors", img, extra=["--no-unknown"])[0]
     assert never["unknown"] is False and never["label"] == "cat"
+    both = runner.invoke(app, ["predict", str(img), "--model", model_file, "--max-distance", "1e-6", "--no-unknown"])
+    assert both.exit_code == 2 and "--no-unknown answers a class for every image" in both.stderr  # (one was ignored)
     assert predict_jsonl(model_file, img, extra=["--min-score", "0"])[0]["unknown"] is False
     # A high temperature: a top score well below 1, on either side of which --min-score is put
     tensors, meta = read_safetensors(Path(model_file))
