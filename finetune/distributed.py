@@ -196,22 +196,23 @@ def interrupts_deferred(d: Dist):
             raise KeyboardInterrupt
         flag.requested = True
 
-    with sigint_handler(on_sigint):
+    with signals_to(on_sigint, signal.SIGINT):
         yield flag
 
 
 @contextlib.contextmanager
-def sigint_handler(handler):
-    """SIGINT goes to `handler` within the block. Only the main thread may set handlers;
+def signals_to(handler, *signums: int):
+    """These signals go to `handler` within the block. Only the main thread may set handlers;
     elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
 def share_outcome(d: Dist, compute):

@@ -20,7 +20,6 @@ import math
 import os
 import random
 import signal
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from .cache import cache_for, default_cache_dir, digest_memo_for
 from .config import TrainConfig
 from .data import DatasetSplit, held_out_digest
 from .device import autocast_dtype, pick_device
-from .distributed import SINGLE, Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, sigint_handler
+from .distributed import SINGLE, Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, signals_to
 from .errors import FinetuneError, GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError
 from .features import FeatureExtractor, FeatureSet
 from .fit import Run, fit_stage, measure_pace
@@ -90,23 +89,15 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
         shutdown(d)
 
 
-@contextlib.contextmanager
+def _stop_as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
+
+
 def sigterm_as_ctrl_c():
     """SIGTERM (docker stop, Slurm's scancel, a plain `timeout`) stops a run as Ctrl-C does: its
     files saved, resumable, said in one line; it killed the process where it stood. One process
     only: under torchrun, SIGTERM is how the launcher stops the ranks (distributed.py)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # (signal handlers are the main thread's)
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return signals_to(_stop_as_ctrl_c, signal.SIGTERM)
 
 
 def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, locks: contextlib.ExitStack) -> TrainResult | None:
@@ -446,4 +437,6 @@ def interrupted(run: Run, d: Dist) -> TrainingInterrupted:
 def sigint_ignored():
     """Let a save finish when Ctrl-C is pressed (again) meanwhile. (Under `--devices`, torchrun
     answers a second Ctrl-C by terminating the ranks; the files are still written atomically.)"""
-    return sigint_handler(signal.SIG_IGN)
+    # (SIGTERM too where it stops the run as Ctrl-C does: else the run's end was reported as a failed start)
+    taken_as_ctrl_c = signal.getsignal(signal.SIGTERM) is _stop_as_ctrl_c
+    return signals_to(signal.SIG_IGN, *((signal.SIGINT, signal.SIGTERM) if taken_as_ctrl_c else (signal.SIGINT,)))

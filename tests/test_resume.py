@@ -187,6 +187,24 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(reference, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before and (tmp_path / "runs" / "train" / STATE_FILENAME).is_file()
 
 
+def test_sigterm_while_a_run_writes_its_end_lets_it_finish(reference, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from finetune import training
+
+    data, _ = reference
+    real_finish = training.finish
+
+    def terminated_while_finishing(*args):  # (it was reported as "interrupted before its first epoch")
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_finish(*args)
+
+    monkeypatch.setattr(training, "finish", terminated_while_finishing)
+    result = train(config(data, tmp_path / "runs"))
+    assert (result.run_dir / "results.json").is_file() and not (result.run_dir / STATE_FILENAME).exists()
+
+
 def test_cuda_out_of_memory_suggests_a_smaller_batch(reference, tmp_path, monkeypatch):
     data, _ = reference
 
