@@ -50,6 +50,8 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     try:
         write_json(run_dir / "config.json", {k: v for k, v in absolute.to_json_dict().items() if k != "resume"})
     except OSError as e:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # (empty: the config was not written)
         raise cannot_write(e, run_dir) from None
     return run_dir
 
@@ -73,9 +75,11 @@ def training_lock(run_dir: Path):
     with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # (held: a new run's folder is its own, so this is a resume)
             raise UsageError(f"--resume {run_dir}: another process is training this run now; let it finish, or stop it "
                              f"(Ctrl-C) and resume then.") from None
+        except OSError:  # (a file system without locks, as some network ones are: the run goes on unlocked)
+            pass
         yield
 
 

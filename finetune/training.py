@@ -104,8 +104,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
     started = time.perf_counter()
     resume_dir = Path(os.path.abspath(cfg.resume)) if cfg.resume is not None else None  # (results' paths: absolute)
     cfg = (config_for_resume(resume_dir) if resume_dir is not None else cfg).checked()
-    if resume_dir is not None and d.is_main:
-        locks.enter_context(training_lock(resume_dir))
+    if resume_dir is not None:  # (through rank 0 to every rank: one rank stopping alone left the others waiting)
+        share_outcome(d, lambda: locks.enter_context(training_lock(resume_dir)))
     refuse_output_inside_input(cfg.runs_dir, cfg.data)
     if cfg.cache and (cfg.cache_dir or os.environ.get(CACHE_ENV)):  # (the default, under the home folder, is hidden there)
         refuse_output_inside_input(cfg.cache_dir or default_cache_dir(), cfg.data, "--cache-dir" if cfg.cache_dir else f"{CACHE_ENV}=")
@@ -132,12 +132,18 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
     elif cfg.tail_epochs:
         raise UsageError(f"--tail-epochs {cfg.tail_epochs}: {no_tail}.")
     run_dir = resume_dir if resume_dir is not None else share_outcome(d, lambda: new_run_dir(cfg))
-    if resume_dir is None and d.is_main:
-        locks.enter_context(training_lock(run_dir))
-    run = Run(cfg, model, split, pp, RunFolder(run_dir, writes=d.is_main), reporter, files_digest(split, cfg.data),
-              cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input), no_tail=no_tail,
-              deadline=started + cfg.time_budget if cfg.time_budget else None, started=started,
-              val_digest=held_out_digest(split, cfg.data))
+    folder = RunFolder(run_dir, writes=d.is_main)
+    try:
+        if resume_dir is None:
+            share_outcome(d, lambda: locks.enter_context(training_lock(run_dir)))
+        run = Run(cfg, model, split, pp, folder, reporter, files_digest(split, cfg.data),
+                  cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input), no_tail=no_tail,
+                  deadline=started + cfg.time_budget if cfg.time_budget else None, started=started,
+                  val_digest=held_out_digest(split, cfg.data))
+    except BaseException:  # (a new run stopped before its stages began leaves no folder behind)
+        if resume_dir is None:
+            folder.remove_if_nothing_kept()
+        raise
     try:
         run_stages(run, device, d, ResumeState.load(run.folder.state_path) if resume_dir is not None else None)
     except KeyboardInterrupt:

@@ -251,6 +251,15 @@ def test_a_disk_that_fills_up_during_a_run_ends_it_in_one_line(image_folder, tmp
     assert " ".join(result.stderr.split()).endswith(
         f"error: {run_dir / STATE_FILENAME}: cannot be written (No space left on device); make room or make {run_dir} "
         f"writable, then start the run again.")
+    def full_from_the_start(src, dst):
+        if Path(dst).name == "config.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return full_disk(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_from_the_start)
+    first_file = train_cli(image_folder, tmp_path / "full")
+    assert first_file.exit_code == 1 and "config.json: cannot be written" in first_file.stderr
+    assert list((tmp_path / "full").iterdir()) == []  # (an empty run folder was left)
 
 
 def test_dicom_files_are_named_as_such_by_their_suffix_or_their_mark(tmp_path):

@@ -166,6 +166,13 @@ def test_a_run_being_trained_is_not_resumed_by_a_second_process(reference, tmp_p
     with pytest.raises(TrainingInterrupted):
         train(config(data, tmp_path / "runs"))
     assert len(tried) == 1
+    monkeypatch.undo()
+
+    def no_locks_here(fd, operation):  # (some network file systems: every run was refused as "being trained")
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks_here)
+    assert train(config(data, tmp_path / "unlocked")).best_val_acc == ref.best_val_acc
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(reference, tmp_path):
@@ -212,9 +219,10 @@ def test_cuda_out_of_memory_suggests_a_smaller_batch(reference, tmp_path, monkey
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(FeatureExtractor, "features_of", oom)
-    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path), *FAST_TRAIN_ARGS])
+    result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "runs"), *FAST_TRAIN_ARGS])
     assert result.exit_code == 1 and result.stdout == ""
     assert "ran out of memory at --batch-size 8; start again with --batch-size 4" in result.stderr
+    assert list((tmp_path / "runs").iterdir()) == []  # (nothing kept: no run folder to sort out)
     assert "Traceback" not in result.stderr
 
 
