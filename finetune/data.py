@@ -33,6 +33,13 @@ def samples_digest(samples: list[Sample], root: Path) -> str:
 
 
 
+def held_out_content_digest(split: "DatasetSplit") -> str:
+    """A digest of the val images' contents (scan.py's hashes) and labels: what tells a copy of the
+    training folder elsewhere from another folder whose files have the same names."""
+    lines = sorted(f"{s.digest}\t{s.label}" for s in split.val)
+    return hashlib.blake2b("\n".join(lines).encode(), digest_size=10).hexdigest()
+
+
 def held_out_digest(split: "DatasetSplit", data: Path) -> str:
     """The digest of a split's val images as the scan found them (the files that then fail to
     decode included): training keeps it in the model file, evaluate compares a scan of its own."""

@@ -10,7 +10,7 @@ from typing import Iterable
 
 from .checkpoint import LoadedModel, as_loaded
 from .config import PredictConfig
-from .data import Sample, held_out_digest
+from .data import Sample, held_out_content_digest, held_out_digest
 from .errors import DataError, FinetuneError, UsageError, folder_readable
 from .layout import find_layout, sub_folders
 from .prediction import Answer, is_unknown, iter_answers
@@ -108,7 +108,9 @@ def held_out_in_training(model: LoadedModel, data: Path, cfg: PredictConfig) -> 
             raise
         return None  # (another folder, not readable as training read its own: measured as it is)
     index = {c: i for i, c in enumerate(model.classes)}
-    if any(c not in index for c in split.classes) or held_out_digest(split, data) != source.get("val_digest"):
+    same_files = held_out_digest(split, data) == source.get("val_digest") and (
+        same_place or held_out_content_digest(split) == source.get("val_content"))  # (elsewhere: the same bytes too)
+    if any(c not in index for c in split.classes) or not same_files:
         return HeldOut(None, [], CHANGED_NOTE) if same_place else None
     return HeldOut([Sample(s.path, index[split.classes[s.label]]) for s in split.val], split.skipped)
 

@@ -35,12 +35,13 @@ REPORT_EVERY_S = 0.5  # how often a stage's bar shows its running loss and accur
 SUM_EVERY_STEPS = 256  # steps whose losses and hits wait on the device before they are added up
 
 
-def trained_on(cfg: TrainConfig, val_digest: str) -> dict:
+def trained_on(cfg: TrainConfig, val_digest: str, val_content: str) -> dict:
     """The data and labels file a model learnt from, as absolute paths (train_config keeps them as
-    typed, relative to where train ran), and the digest of the val images it held out (data.held_out_digest):
-    evaluate knows DATA again from anywhere, and whether reading it again finds the same val images."""
+    typed, relative to where train ran), and the digests of the val images it held out, of their
+    names (data.held_out_digest) and of their contents (data.held_out_content_digest): evaluate knows
+    DATA again from anywhere, whether reading it again finds the same val images, and a copy of it."""
     return {"data": str(Path(cfg.data).resolve()), "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,
-            "val_digest": val_digest}
+            "val_digest": val_digest, "val_content": val_content}
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Run:
     finetune_plan: dict | None = None  # fine-tuning's epochs and why (recipe.plan_finetune), once planned
     deadline: float | None = None  # time.perf_counter() at which --time-budget runs out (None: no budget)
     val_digest: str = ""  # held_out_digest of the split as scanned (`split` loses the files that fail to decode)
+    val_content: str = ""  # held_out_content_digest of it
     started: float = field(default_factory=time.perf_counter)  # time.perf_counter() when this process began the run
     seconds_before: float = 0.0  # what the run took before it was resumed here (up to its last saved state)
     budget_reserve_s: float = 0.0  # what --time-budget keeps back for the test split's pass (once fine-tuning is planned)
@@ -92,7 +94,7 @@ class Run:
                               {k: v for k, v in self.cfg.to_json_dict().items() if k != "resume"},
                               {"epoch": self.best.epoch, "val_acc": self.best.acc, "val_loss": self.best.loss},
                               len(self.split.train), len(self.split.val), self.model.multi_layer)
-        meta["trained_on"] = trained_on(self.cfg, self.val_digest)
+        meta["trained_on"] = trained_on(self.cfg, self.val_digest, self.val_content)
         if self.calibration is not None:
             meta.update(calibration=self.calibration, unknown=self.unknown)
         extra = self.distance.tensors() if self.distance is not None else {}

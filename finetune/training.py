@@ -29,7 +29,7 @@ import torch
 from .cache import ENV_DIR as CACHE_ENV
 from .cache import cache_for, default_cache_dir, digest_memo_for
 from .config import TrainConfig
-from .data import DatasetSplit, held_out_digest
+from .data import DatasetSplit, held_out_content_digest, held_out_digest
 from .device import autocast_dtype, pick_device
 from .distributed import SINGLE, Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, signals_to
 from .errors import FinetuneError, GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError
@@ -139,7 +139,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
         run = Run(cfg, model, split, pp, folder, reporter, files_digest(split, cfg.data),
                   cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input), no_tail=no_tail,
                   deadline=started + cfg.time_budget if cfg.time_budget else None, started=started,
-                  val_digest=held_out_digest(split, cfg.data))
+                  val_digest=held_out_digest(split, cfg.data), val_content=held_out_content_digest(split))
     except BaseException:  # (a new run stopped before its stages began leaves no folder behind)
         if resume_dir is None:
             folder.remove_if_nothing_kept()
