@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import LoadedModel, as_loaded
+from .checkpoint import LoadedModel, as_loaded, exported_from
 from .files import atomic_target, write_json
 from .errors import FinetuneError, UsageError
 
@@ -108,9 +108,13 @@ def export(loaded: LoadedModel, fmt: str = "onnx", out: Path | str | None = None
     if out.resolve() == loaded.path.resolve():
         raise UsageError(f"--out {out} would overwrite the model file; choose another path.")
     sidecar = out.with_name(out.name + ".json")
-    if out.is_file() and not sidecar.is_file():  # (a photo, or a state dict saved as .pt, named by mistake)
-        raise UsageError(f"--out {out}: a file is there already, not one finetune exported (no {sidecar.name} beside it); "
-                         f"name a new file, or remove that one.")
+    ours = sidecar.is_file() and exported_from(sidecar) is not None  # (an earlier export's sidecar names its model)
+    if out.is_file() and not ours:  # (a photo, or a state dict saved as .pt, named by mistake)
+        raise UsageError(f"--out {out}: a file is there already, not one finetune exported (no sidecar of finetune's, "
+                         f"{sidecar.name}, beside it); name a new file, or remove that one.")
+    if sidecar.exists() and not ours:
+        raise UsageError(f"--out {out}: {sidecar.name} is there already, not one finetune wrote; name a new file, or "
+                         f"remove that one.")
     # (a copy: the caller's model keeps its device, dtype and mode)
     wrapper = ProbabilityModel(copy.deepcopy(loaded.model).float().cpu().eval(), loaded.temperature).eval()
     size = loaded.preprocessing.img_size

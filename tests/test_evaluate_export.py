@@ -241,9 +241,18 @@ def test_export_replaces_only_its_own_exports(run, tmp_path, name):
     before = theirs.read_bytes()
     result = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(theirs)])
     assert result.exit_code == 2 and result.stdout == ""
-    assert result.stderr == (f"error: --out {theirs}: a file is there already, not one finetune exported (no {name}.json "
-                             "beside it); name a new file, or remove that one.\n")
+    assert result.stderr == (f"error: --out {theirs}: a file is there already, not one finetune exported (no sidecar of "
+                             f"finetune's, {name}.json, beside it); name a new file, or remove that one.\n")
     assert theirs.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [name]
+    (tmp_path / f"{name}.json").write_text('{"mine": true}')  # (a JSON file of the user's beside it was taken as a sidecar)
+    both = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(theirs)])
+    assert both.exit_code == 2 and theirs.read_bytes() == before and (tmp_path / f"{name}.json").read_text() == '{"mine": true}'
+    (tmp_path / "new.pt.json").write_text('{"mine": true}')
+    sidecar_only = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript",
+                                       "--out", str(tmp_path / "new.pt")])
+    assert sidecar_only.exit_code == 2 and "new.pt.json is there already, not one finetune wrote" in sidecar_only.stderr
+    (tmp_path / f"{name}.json").unlink()
+    (tmp_path / "new.pt.json").unlink()
     again = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript", "--out", str(tmp_path / "m.pt")])
     assert again.exit_code == 0 and runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript",
                                                         "--out", str(tmp_path / "m.pt")]).exit_code == 0  # its own: replaced
