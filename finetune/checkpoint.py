@@ -14,7 +14,7 @@ from . import __version__
 from .config import DEFAULT_RUNS_DIR, MODEL_FILENAME, RESULTS_FILENAME
 from .data import Preprocessing
 from .errors import ModelFileError, UsageError
-from .files import FORMAT, read_safetensors, write_safetensors
+from .files import FORMAT, looks_like_safetensors, read_safetensors, write_safetensors
 from .models import build_classifier, get_arch, with_versions
 
 FORMAT_VERSION = 1
@@ -80,17 +80,6 @@ def as_loaded(model) -> LoadedModel:
         return load_model(model)
     raise UsageError(f"a model is a finetune.load_model(...) result or the path of a model file or run folder "
                      f"(got {type(model).__name__}).")
-
-
-def looks_like_safetensors(path: Path) -> bool:
-    """Whether the file starts as safetensors files do: an 8-byte header length, then its JSON."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        size = path.stat().st_size
-    except OSError:
-        return False
-    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
 
 
 def exported_from(path: Path) -> str | None:

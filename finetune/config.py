@@ -99,7 +99,7 @@ class TrainConfig:
         """This config with the types the library works with, for callers of the Python API: paths
         given as strings become Paths, a --time-budget string its seconds; a value of another type
         (epochs="5") is a UsageError naming it rather than a TypeError deep in a run."""
-        paths = {k: Path(v) for k in _PATH_FIELDS if isinstance(v := getattr(self, k), (str, os.PathLike))}
+        paths = paths_as_paths(self, _PATH_FIELDS)
         budget = {"time_budget": parse_duration(self.time_budget)} if isinstance(self.time_budget, str) else {}
         cfg = replace(self, **paths, **budget)
         if cfg.data is None and cfg.resume is None:
@@ -173,6 +173,16 @@ _NUMBER_FIELDS = {**{k: numbers.Integral for k in _INTS}, **{k: numbers.Real for
 _STR_FIELDS = ("arch", "layout", "device", "head_features")
 
 
+def paths_as_paths(cfg, fields: tuple[str, ...]) -> dict:
+    """The path fields of `cfg` given as strings, as Paths; a value of another type (labels=5) is a
+    UsageError naming its option."""
+    for name in fields:
+        value = getattr(cfg, name)
+        if not isinstance(value, (str, os.PathLike, type(None))):
+            raise UsageError(f"{'data' if name == 'data' else '--' + name.replace('_', '-')} must be a path (got {value!r}).")
+    return {k: Path(v) for k in fields if isinstance(v := getattr(cfg, k), (str, os.PathLike))}
+
+
 def numbers_as_python(cfg, fields: dict[str, type]) -> dict:
     """The number fields of `cfg` as Python's int or float (NumPy's numbers too: a sweep over
     np.arange); a value of another type (epochs="5") is a UsageError naming its option."""
@@ -210,7 +220,7 @@ class PredictConfig:
     def checked(self) -> "PredictConfig":
         """This config with every option checked (a UsageError naming the option otherwise); paths
         given as strings become Paths (callers of the Python API)."""
-        paths = {k: Path(v) for k in ("model", "runs_dir", "labels") if isinstance(v := getattr(self, k), (str, os.PathLike))}
+        paths = paths_as_paths(self, ("model", "runs_dir", "labels"))
         for name in ("device", "layout"):
             if not isinstance(getattr(self, name), str):
                 raise UsageError(f"--{name} must be a name (got {getattr(self, name)!r}).")

@@ -204,4 +204,5 @@ def leave_ctrl_c_to_the_main_process(_worker_id: int) -> None:
     main process takes them (under torchrun, as a flag checked between steps) and ends the
     workers; a worker killed by one would be an error of its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # (a worker then outlives torch's terminate() and torchrun's killpg by its parent check, about 5 s)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -41,8 +41,7 @@ def labelled_images(root: Path, classes: list[str]) -> tuple[list[Sample], list[
         raise DataError(f"{root}: no class folders. Evaluate needs labelled images: {root}/<class>/*.jpg.")
     unknown = [c for c in folders if c not in classes]
     if unknown:
-        alike = [note.replace(" they are 2 classes; give them one name if they are one", " rename the folder")
-                 for u in unknown for c in classes for note in look_alike_classes([u, c])]
+        alike = [note for u in unknown for c in classes for note in look_alike_classes([u, c], "rename the folder")]
         raise DataError(f"{root}: class folders the model does not know: {', '.join(unknown)} (the model knows: "
                         f"{', '.join(classes)}{''.join('; ' + n for n in alike)}). Remove them or use the right --model.")
     skipped: list[dict] = []

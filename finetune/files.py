@@ -80,6 +80,17 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict, 
     atomic_write_bytes(path, safetensors_bytes(flat, metadata={key: json.dumps(meta)}))
 
 
+def looks_like_safetensors(path: Path) -> bool:
+    """Whether the file starts as safetensors files do: an 8-byte header length, then its JSON."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+
+
 def read_safetensors(path: Path, key: str = METADATA_KEY) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and the JSON metadata under `key` ({} when absent). Parsing safetensors runs no code."""
     try:

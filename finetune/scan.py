@@ -170,12 +170,19 @@ def read_split(data: Path, found: Layout, val_split: float | None, seed: int, me
 def hidden_class_folders(root: Path) -> list[str]:
     """Notes on folders beside the classes whose names start with '.', holding images: hidden, so
     not read (as macOS and git keep their own there), which their owner may not know."""
-    hidden = [p for p in root.iterdir() if p.name.startswith(".") and p.is_dir() and holds_images(p)]
+    hidden = [p for p in root.iterdir() if p.name.startswith(".") and p.is_dir() and _holds_images_if_readable(p)]
     return [f"{p.name}/ holds images but is hidden (its name starts with '.'): not read as a class; rename it to "
             f"train on it" for p in sorted(hidden)]
 
 
-def look_alike_classes(classes: list[str]) -> list[str]:
+def _holds_images_if_readable(folder: Path) -> bool:
+    try:
+        return holds_images(folder)
+    except OSError:  # (another user's .Trash-1000: not ours to read, nor to stop on)
+        return False
+
+
+def look_alike_classes(classes: list[str], advice: str = "they are {n} classes; give them one name if they are one") -> list[str]:
     """A note for each group of class names that differ only in case or in Unicode form ('Dog' and
     'dog'; 'café' typed on Linux and on a Mac, which stores é as e and an accent): they print alike
     and are separate classes, which is seldom what was meant."""
@@ -187,8 +194,8 @@ def look_alike_classes(classes: list[str]) -> list[str]:
         composed = {unicodedata.normalize("NFC", c) for c in alike}
         ways = [way for way, differs in (("case", len(composed) > 1),
                                          ("how their letters are encoded", any(c not in composed for c in alike))) if differs]
-        notes.append(f"classes {' and '.join(repr(c) for c in alike)} differ only in {' and '.join(ways)}: they are "
-                     f"{len(alike)} classes; give them one name if they are one")
+        notes.append(f"classes {' and '.join(repr(c) for c in alike)} differ only in {' and '.join(ways)}: "
+                     f"{advice.format(n=len(alike))}")
     return notes
 
 
@@ -212,8 +219,7 @@ def require_known_classes(root: Path, classes: list[str], train_root: Path, exac
         detail = "; ".join(x for x in (f"missing in {root.name}: {', '.join(missing)}" if missing else "",
                                        f"not in train: {', '.join(extra)}" if extra else "") if x)
         # (names that print alike: 'café' from a Mac and from Linux; 'Dog' and 'dog')
-        alike = [note.replace(" they are 2 classes; give them one name if they are one", " give both folders one name")
-                 for a in missing or classes for b in extra for note in look_alike_classes([a, b])]
+        alike = [note for a in missing or classes for b in extra for note in look_alike_classes([a, b], "give both folders one name")]
         raise DataError(f"{root}: {root.name} class folders differ from {train_root} ({detail}"
                         f"{''.join('; ' + n for n in alike)}). Make them hold the same class folders.")
 

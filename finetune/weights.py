@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import ModelFileError, WeightsError
-from .files import FORMAT, file_digest, read_safetensors
+from .files import FORMAT, file_digest, looks_like_safetensors, read_safetensors
 
 if TYPE_CHECKING:
     from .models import ArchSpec
@@ -76,7 +76,7 @@ def read_weights_file(path: Path) -> dict:
     """A state dict from .safetensors (a finetune model file included) or a weights-only torch file."""
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found. Pass an existing state dict file to --weights.")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or looks_like_safetensors(path):  # (a model file copied to best.pt is one)
         try:
             state, meta = read_safetensors(path)
         except ModelFileError:  # (its advice is for --model: a model file that finetune train wrote)

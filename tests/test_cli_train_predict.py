@@ -248,7 +248,8 @@ def test_more_workers_than_cores_are_capped_and_said_once(trained, monkeypatch):
 
 def test_empty_paths_are_refused_not_read_as_the_current_folder(trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # ("$DIR" with DIR unset: each of these read or wrote the current folder)
-    for args in (["predict", "x.jpg", "--runs-dir", ""], ["predict", "x.jpg", "--model", ""], ["export", "--model", ""]):
+    for args in (["predict", "x.jpg", "--runs-dir", ""], ["predict", "x.jpg", "--model", ""], ["export", "--model", ""],
+                 ["info", ""]):
         refused = runner.invoke(app, args)
         assert refused.exit_code == 2 and "empty (an unset shell variable?)" in refused.stderr, args
     out = runner.invoke(app, ["export", "--model", trained["summary"]["model"], "--out", ""])

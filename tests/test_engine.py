@@ -258,6 +258,7 @@ def test_the_library_takes_paths_as_strings_and_wrong_types_as_one_line_errors(t
         with pytest.raises(finetune.FinetuneError, match="data: give the path of a folder of labelled images"):
             finetune.evaluate(run_dir, wrong)
     for wrong, says in (({"batch_size": "8"}, "--batch-size must be a whole number"), ({"top_k": 2.5}, "--top-k must be"),
+                        ({"labels": 5}, "--labels must be a path"),  # (an AttributeError's traceback)
                         ({"min_score": "0.5"}, "--min-score must be a number"), ({"device": 0}, "--device must be a name")):
         with pytest.raises(finetune.FinetuneError, match=says):  # (each was a TypeError)
             finetune.predict(run_dir, ["x.jpg"], finetune.PredictConfig(**wrong))

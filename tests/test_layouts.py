@@ -349,6 +349,20 @@ def test_a_hidden_folder_of_images_beside_the_classes_is_noted(tmp_path):
     assert ".owl/ holds images but is hidden" in " ".join(json.loads(shown.stdout)["notes"])
 
 
+def test_a_hidden_folder_that_may_not_be_read_is_passed_over(tmp_path, monkeypatch):
+    data = make_class_tree(tmp_path / "data", 3, classes=("cat", "dog"))
+    (data / ".Trash-1000").mkdir()  # (another user's: noting hidden folders of images made train fail on it)
+    real_iterdir = Path.iterdir
+
+    def denied(self):
+        if self.name == ".Trash-1000":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    assert read(data).classes == ["cat", "dog"] and read(data).notes == []
+
+
 def test_a_csv_whose_columns_cannot_be_told_says_how_to_name_them(tmp_path):
     make_class_tree(tmp_path / "images", 2)
     labels = write_csv(tmp_path / "l.csv", [["a", "b"], ["cat/cat_0.jpg", "cat"]])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 from urllib.error import URLError
 
 import pytest
@@ -88,6 +89,10 @@ def test_a_finetune_model_file_can_seed_another_training(image_folder, tmp_path)
     second = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(tmp_path / "b"), "--json", "--weights", model_file, *FAST_TRAIN_ARGS])
     assert second.exit_code == 0, second.stderr
     assert json.loads(second.stdout)["weights"] == model_file
+    import shutil
+
+    renamed = shutil.copy(model_file, tmp_path / "best.pt")  # (known by its bytes: "not a weights file torch.save wrote")
+    assert weights.read_weights_file(renamed).keys() == weights.read_weights_file(Path(model_file)).keys()
 
 
 def test_no_pretrained_needs_no_weights(torch_home, offline, image_folder, tmp_path):

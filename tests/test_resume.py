@@ -285,10 +285,10 @@ def test_data_and_options_given_with_resume_are_said_to_be_ignored(reference, tm
     with pytest.raises(TrainingInterrupted):
         train(config(data, tmp_path / "runs"), CtrlCAt("Fine-tune epoch 1", 1))
     result = runner.invoke(app, ["train", str(tmp_path), "--resume", str(tmp_path / "runs" / "train"), "--epochs", "5",
-                                 "--workers", "0", "--arch", "resnet18", "--json"])  # (resnet18: the default, said too)
+                                 "--workers", "0", "--arch", "resnet18", "--no-cache", "--json"])  # (resnet18: the default)
     assert result.exit_code == 0, result.stderr
-    assert ("warning: --resume goes on with the run's own data and settings; ignored: DATA, --arch, --epochs, --workers"
-            in result.stderr)
+    assert ("warning: --resume goes on with the run's own data and settings; ignored: DATA, --arch, --epochs, --workers, "
+            "--no-cache" in result.stderr)  # (--no-cache was named --cache)
     summary = json.loads(result.stdout)
     assert summary["epochs"] == len(ref.history) and summary["best_val_acc"] == ref.best_val_acc  # (3 head epochs, as started)
 

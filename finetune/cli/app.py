@@ -29,8 +29,12 @@ FORMATS = ("table", "json", "jsonl", "csv")
 def given_path(value: str | Path) -> Path:
     """A path option as typed; an empty one ("$DIR" with DIR unset) is refused: Path("") is the
     current folder, where runs, a cache or an export were written in its place."""
+    return non_empty_path(value, "empty (an unset shell variable?); give a path, or . for the current folder.")
+
+
+def non_empty_path(value: str | Path, refusal: str) -> Path:
     if not str(value).strip():
-        raise typer.BadParameter("empty (an unset shell variable?); give a path, or . for the current folder.")
+        raise typer.BadParameter(refusal)
     return Path(value)
 
 
@@ -47,9 +51,7 @@ MinScore = Annotated[Optional[float], typer.Option(help="Also unknown when the t
 def folder_argument(value: str) -> Path:
     """DATA as typed. An empty one ("$DATA" with DATA unset) is refused: Path("") is the current
     folder, which would be read (and trained on) in its place."""
-    if not value.strip():
-        raise typer.BadParameter("DATA is empty (an unset shell variable?); give the image folder, or . for this one.")
-    return Path(value)
+    return non_empty_path(value, "DATA is empty (an unset shell variable?); give the image folder, or . for this one.")
 
 
 def load_model_or_newest(model: Path | None, runs_dir: Path, reporter: Reporter | None = None):

@@ -184,7 +184,7 @@ def export(
 
 @app.command()
 def info(
-    model: Annotated[Path, typer.Argument(help="Model file or run folder.", show_default=False)],
+    model: Annotated[Path, typer.Argument(help="Model file or run folder.", show_default=False, parser=given_path)],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ):
     """Show what a model file holds: arch, classes, preprocessing, training config, best metric, versions.

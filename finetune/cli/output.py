@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -205,7 +206,8 @@ def matrix_width(classes: list[str], matrix: list[list[int]]) -> int:
     """Characters a confusion-matrix table takes: the name column, a column per class (its name or
     its largest count), each with its border and padding."""
     counts = max((len(str(v)) for row in matrix for v in row), default=1)
-    return max(len("true \\ predicted"), *map(len, classes)) + 4 + sum(max(len(c), counts) + 3 for c in classes)
+    widths = [cell_len(c) for c in classes]  # (on screen: a CJK character takes two columns)
+    return max(len("true \\ predicted"), *widths) + 4 + sum(max(w, counts) + 3 for w in widths)
 
 
 def show_train_result(result, class_weights: bool) -> None:

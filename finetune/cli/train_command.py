@@ -81,7 +81,7 @@ def train(
                   cache=cache, cache_dir=cache_dir, cache_limit_gb=cache_limit_gb, feature_memory_gb=feature_memory_gb)
     from ..training import train as run_training  # imported late: keeps --help fast
 
-    reporter = reporter_for(quiet, workers)
+    reporter = reporter_for(quiet, workers if resume is None else None)  # (resumed: its own --workers, said below)
     ignored = ignored_on_resume(ctx) if resume is not None and os.environ.get("RANK", "0") == "0" else []
     if ignored:
         reporter.warn(f"--resume goes on with the run's own data and settings; ignored: {', '.join(ignored)}")
@@ -106,7 +106,13 @@ def ignored_on_resume(ctx: typer.Context) -> list[str]:
     those it started with."""
     typed = [p for p in ctx.command.params if p.name not in APPLY_ON_RESUME
              and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"]  # (typer may ship its own click)
-    return ["DATA" if p.name == "data" else p.opts[0] for p in typed]
+    return ["DATA" if p.name == "data" else spelt(p, ctx.params.get(p.name)) for p in typed]
+
+
+def spelt(option, value) -> str:
+    """An option as it was typed: a flag's --no- form where that was the one (--no-cache, not --cache)."""
+    off = getattr(option, "secondary_opts", None)
+    return off[0] if off and value is False else option.opts[0]
 
 
 def train_with_torchrun(devices: int) -> typer.Exit:
