@@ -119,10 +119,14 @@ def memo_leftovers(cache_root: Path) -> list[Path]:
     return [p for p in (cache_root / FOLDER).glob(".*.json.*.tmp") if _MEMO_NAME.fullmatch(p.name[1:].split(".")[0])]
 
 
-def file_digests(paths: list[Path], memo: DigestMemo | None = None) -> dict[Path, str]:
+def file_digests(paths: list[Path], memo: DigestMemo | None = None, known: dict[Path, str] | None = None) -> dict[Path, str]:
     """Content hash of each file (files.file_digest); with a memo, files unchanged since it was
-    written are not read, and the memo is saved with this run's files. Threads: reading and
-    hashing release the GIL."""
+    written are not read, and the memo is saved with this run's files; `known`: hashes this
+    process took a moment ago (evaluate's second reading of a folder), not taken again. Threads:
+    reading and hashing release the GIL."""
+    if known:
+        found = file_digests([p for p in paths if p not in known], memo)
+        return {p: known[p] if p in known else found[p] for p in paths}
     started = time.time_ns()
 
     def digest(path: Path) -> tuple[str, tuple[str, str] | None]:

@@ -34,8 +34,9 @@ def find_eval_root(data: Path, layout: str = "auto") -> tuple[Path, bool]:
     return found.root, True
 
 
-def labelled_images(root: Path, classes: list[str]) -> tuple[list[Sample], list[dict]]:
-    """Images under root/<class>/, labelled by the model's class order; what is not an image is skipped."""
+def labelled_images(root: Path, classes: list[str], known: dict[Path, str] | None = None) -> tuple[list[Sample], list[dict]]:
+    """Images under root/<class>/, labelled by the model's class order; what is not an image is skipped.
+    `known`: the files' hashes, where the folder was just read (held_out_in_training)."""
     folders = [p.name for p in sub_folders(root)]
     if not folders:
         raise DataError(f"{root}: no class folders. Evaluate needs labelled images: {root}/<class>/*.jpg.")
@@ -47,7 +48,7 @@ def labelled_images(root: Path, classes: list[str]) -> tuple[list[Sample], list[
     skipped: list[dict] = []
     reader = TreeReader([root / c for c in folders], skipped)
     samples = {"test": [Sample(p, label) for label, c in enumerate(classes) if (root / c).is_dir() for p in reader.images(root / c)]}
-    drop_duplicates(samples, classes, skipped)  # as train reads a split: identical files count once
+    drop_duplicates(samples, classes, skipped, known=known)  # as train reads a split: identical files count once
     if not samples["test"]:
         raise DataError(f"{root}: the class folders hold no images.")
     return samples["test"], skipped
@@ -69,7 +70,7 @@ def evaluate(model: LoadedModel, data: Path | str, cfg: PredictConfig | None = N
         held = held_out_in_training(model, Path(data), cfg) if training_folder else None
         if held is not None and held.samples is not None:
             return measure(model, held.samples, cfg, reporter, f"{root} (the val images its training held out)", held.skipped)
-        samples, skipped = labelled_images(root, model.classes)
+        samples, skipped = labelled_images(root, model.classes, held.digests if held else None)
         return measure(model, samples, cfg, reporter, f"{root}{held.note if held else ''}", skipped)
 
 
@@ -78,6 +79,7 @@ class HeldOut:
     samples: list[Sample] | None  # None: DATA changed since training, which images it held out is not known
     skipped: list[dict]
     note: str = ""  # what the measure's source says of it then
+    digests: dict[Path, str] | None = None  # the hashes its reading took: every image is then measured without taking them again
 
 
 CHANGED_NOTE = (" (every image: it changed since the model learnt from it, so which images its training held out is "
@@ -110,7 +112,7 @@ def held_out_in_training(model: LoadedModel, data: Path, cfg: PredictConfig) -> 
     same_files = held_out_digest(split, data) == source.get("val_digest") and (
         same_place or held_out_content_digest(split) == source.get("val_content"))  # (elsewhere: the same bytes too)
     if any(c not in index for c in split.classes) or not same_files:
-        return HeldOut(None, [], CHANGED_NOTE) if same_place else None
+        return HeldOut(None, [], CHANGED_NOTE if same_place else "", {s.path: s.digest for s in split.train + split.val + split.test})
     return HeldOut([Sample(s.path, index[split.classes[s.label]]) for s in split.val], split.skipped)
 
 

@@ -251,12 +251,13 @@ def held_out(val_split: float | None, n_val: int, total: int) -> str:
 
 
 def drop_duplicates(samples: dict[str, list[Sample]], classes: list[str], skipped: list[dict],
-                    memo: DigestMemo | None = None) -> list[dict]:
+                    memo: DigestMemo | None = None, known: dict[Path, str] | None = None) -> list[dict]:
     """Files with identical bytes: within one split the first copy is kept (copies under two
     labels are all dropped: the label is in doubt); across splits they are kept, and returned
     as leakage pairs (a val or test image that is also a training image inflates its accuracy).
-    `memo`: the hashes remembered from the last run on these files (digests.py)."""
-    digests = file_digests([s.path for group in samples.values() for s in group], memo)
+    `memo`: the hashes remembered from the last run on these files (digests.py); `known`: hashes
+    just taken (file_digests)."""
+    digests = file_digests([s.path for group in samples.values() for s in group], memo, known)
     first: dict[str, tuple[str, Sample]] = {}
     dropped: dict[Path, str] = {}
     leakage: list[dict] = []

@@ -323,8 +323,16 @@ def test_evaluate_on_the_folder_a_model_learnt_from_measures_the_images_it_held_
     assert moved["num_images"] == 4 and moved["data"] == f"{tmp_path / 'moved'} (the val images its training held out)"
     assert moved["accuracy"] == summary["best_val_acc"]
     make_class_tree(tmp_path / "namesake", 10, classes=("cat", "dog"), seed=5)  # (the same names, other images)
+    from finetune import digests
+
+    hashed = []
+    real_file_digest = digests.file_digest
+    monkeypatch.setattr(digests, "file_digest", lambda path: hashed.append(path) or real_file_digest(path))
     namesake = json.loads(runner.invoke(app, ["evaluate", str(tmp_path / "namesake"), "--model", model, "--json"]).stdout)
     assert namesake["num_images"] == 20 and namesake["data"] == str(tmp_path / "namesake")
+    assert len(hashed) == 20  # (each file hashed once: looking for the held-out images, then measuring them all, read it twice)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     make_class_tree(tmp_path / "other", 3, classes=("cat", "dog"), seed=9)  # a folder it never saw: all of it
     other = json.loads(runner.invoke(app, ["evaluate", str(tmp_path / "other"), "--model", model, "--json"]).stdout)
     assert other["num_images"] == 6 and other["data"] == str(tmp_path / "other")
