@@ -35,7 +35,7 @@ from .data import Preprocessing, Sample
 from .digests import FOLDER as DIGESTS_FOLDER
 from .digests import DigestMemo, is_unreadable, memo_files, memo_for, memo_leftovers
 from .errors import FinetuneError
-from .files import atomic_write_text, write_safetensors
+from .files import atomic_write_text, iso_time, write_safetensors
 from .store import Rows, put_view
 from .weights import weights_identity
 
@@ -314,7 +314,7 @@ def describe(root: Path) -> dict:
         last = max((st.st_mtime for st in stats), default=None)
         entries.append({"folder": str(folder), "arch": key.get("arch"), "img_size": key.get("img_size"),
                         "weights": key.get("weights"), "device": key.get("device"), "chunks": len(files), "bytes": size,
-                        "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(last)) if last else None})  # (ISO, as info's "created")
+                        "last_used": iso_time(last) if last else None})
     digests = sum(st.st_size for st in stats_of(memo_files(root)))
     return {"dir": str(root), "bytes": sum(e["bytes"] for e in entries) + digests, "entries": entries,
             "digests_bytes": digests}

@@ -4,7 +4,6 @@ and loaded back (checked, never unpickled) from a file, a run folder or the newe
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from . import __version__
 from .config import DEFAULT_RUNS_DIR, MODEL_FILENAME, RESULTS_FILENAME
 from .data import Preprocessing
 from .errors import ModelFileError, UsageError
-from .files import FORMAT, looks_like_safetensors, read_safetensors, write_safetensors
+from .files import FORMAT, iso_time, looks_like_safetensors, read_safetensors, write_safetensors
 from .models import build_classifier, get_arch, with_versions
 
 FORMAT_VERSION = 1
@@ -57,7 +56,7 @@ def model_metadata(arch: str, classes: list[str], pp: Preprocessing, train_confi
         "train_config": train_config, "best": best,
         "num_train": num_train, "num_val": num_val,
         "versions": {"finetune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": iso_time(),
     }
 
 
@@ -68,6 +67,9 @@ def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
 
 def load_model(model: Path | str | None = None, runs_dir: Path | str = DEFAULT_RUNS_DIR) -> LoadedModel:
     """A model file, or a run folder's model, or (None) the newest run's model under runs_dir."""
+    for name, value in (("model", model), ("runs_dir", runs_dir)):
+        if not isinstance(value, (str, os.PathLike, type(None))):  # (a TypeError's traceback)
+            raise UsageError(f"{name}: give the path of a model file or run folder (got {type(value).__name__}).")
     return read_model_file(resolve_model_path(Path(model) if model is not None else None, Path(runs_dir)))
 
 

@@ -57,6 +57,8 @@ def output_path(model_path: Path, fmt: str, out: Path | str | None) -> Path:
     file), or one named with a trailing separator (`exports/`), made if missing."""
     if out is None:
         return default_output(model_path, fmt)
+    if not isinstance(out, (str, os.PathLike)):  # (a TypeError's traceback)
+        raise UsageError(f"out: give a file or folder path (got {type(out).__name__}).")
     if not str(out).strip():  # (Path("") is the current folder: "$OUT" unset wrote ./model.onnx)
         raise UsageError("--out is empty (an unset shell variable?); name a file or folder, or leave --out out to write "
                          "next to the model.")
@@ -94,7 +96,7 @@ def sidecar_dict(loaded: LoadedModel, fmt: str, max_abs_diff: float) -> dict:
         "input": "float32 NCHW RGB in 0..1, dynamic batch; resize the shorter side to `resize` (bilinear), centre-crop `input_size`",
         "output": "softmax probabilities over `classes`, calibrated (logits / `temperature`); mean/std normalisation is inside the graph",
         "temperature": loaded.temperature,
-        "max_abs_diff_vs_pytorch": max_abs_diff, "source_model": str(loaded.path),
+        "max_abs_diff_vs_pytorch": max_abs_diff, "source_model": os.path.abspath(loaded.path),  # (from anywhere)
     }
 
 

@@ -9,6 +9,8 @@ import io
 import json
 import os
 import tempfile
+import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -28,6 +30,12 @@ def file_digest(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def iso_time(seconds: float | None = None) -> str:
+    """A moment (now by default) as ISO 8601 in local time with its UTC offset: 2026-11-29T05:25:40+00:00."""
+    moment = datetime.fromtimestamp(time.time() if seconds is None else seconds).astimezone()
+    return moment.isoformat(timespec="seconds")
 
 
 def name_bytes(text: str) -> bytes:

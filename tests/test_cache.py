@@ -288,6 +288,7 @@ def test_cache_command_shows_and_clears(cfg, feature_cache):
     assert summary["entries"][0]["arch"] == "efficientnet_lite0" and summary["entries"][0]["img_size"] == 64
     from datetime import datetime, timedelta, timezone
 
+    assert summary["entries"][0]["last_used"][-6] in "+-" and summary["entries"][0]["last_used"][-3] == ":"  # (+00:00)
     used = datetime.fromisoformat(summary["entries"][0]["last_used"])  # (ISO 8601 with its UTC offset)
     assert used.tzinfo is not None and abs(datetime.now(timezone.utc) - used) < timedelta(minutes=10)
     table = runner.invoke(app, ["cache"])

@@ -264,6 +264,10 @@ def test_the_library_takes_paths_as_strings_and_wrong_types_as_one_line_errors(t
             finetune.predict(run_dir, ["x.jpg"], finetune.PredictConfig(**wrong))
         with pytest.raises(finetune.FinetuneError, match=says):
             finetune.evaluate(run_dir, trained_run["data"], finetune.PredictConfig(**wrong))
+    for call, says in ((lambda: finetune.load_model(3), "model: give the path of a model file"),
+                       (lambda: finetune.export(run_dir, "torchscript", 3.5), "out: give a file or folder path")):
+        with pytest.raises(finetune.FinetuneError, match=says):  # (TypeErrors' tracebacks)
+            call()
     typed = finetune.PredictConfig(model=str(run_dir), top_k=np.int64(2), min_score=np.float32(0.5)).checked()
     assert typed.model == Path(run_dir) and type(typed.top_k) is int and type(typed.min_score) is float
 

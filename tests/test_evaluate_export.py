@@ -224,8 +224,10 @@ def test_a_model_file_is_known_by_its_bytes_and_an_export_by_its_sidecar(run, tm
     copied = shutil.copy(run["summary"]["model"], tmp_path / "best.pt")  # (refused as "pickled" by its suffix)
     as_pt = runner.invoke(app, ["predict", img, "--model", str(copied), "--format", "jsonl", "--workers", "0"])
     assert as_pt.exit_code == 0 and json.loads(as_pt.stdout)["label"] == "cat"
-    exported = runner.invoke(app, ["export", "--model", run["summary"]["model"], "--format", "torchscript",
-                                   "--out", str(tmp_path / "m.pt")])
+    run_dir = Path(run["summary"]["run_dir"])
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(run_dir.parent)  # (exported from a relative --model: its sidecar named it relative to here)
+        exported = runner.invoke(app, ["export", "--model", run_dir.name, "--format", "torchscript", "--out", str(tmp_path / "m.pt")])
     assert exported.exit_code == 0, exported.stderr
     for given in ("m.pt", "m.pt.json"):
         told = runner.invoke(app, ["predict", img, "--model", str(tmp_path / given)])
