@@ -18,22 +18,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune.calibration import T_RANGE, fit_temperature  # noqa: E402
+from finetune.calibration import fit_temperature  # noqa: E402
 from finetune.metrics import calibration  # noqa: E402
-
-
-def fit_mle(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    log_t = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(log_t.detach().exp().clamp(*T_RANGE))
 
 
 def draw(n: int, classes: int, true_t: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +35,7 @@ def main() -> None:
         for true_t in (0.5, 1.0, 2.0):
             for classes in (2, 10):
                 row = {"val_images": n, "true_t": true_t, "classes": classes}
-                for name, fit in (("mle", fit_mle), ("prior", fit_temperature)):
+                for name, fit in (("mle", lambda l, y: fit_temperature(l, y, prior_sd=None)), ("prior", fit_temperature)):
                     nll = ece = 0.0
                     for i in range(args.draws):
                         g = torch.Generator().manual_seed(i)

@@ -26,7 +26,7 @@ COMPONENTS = 128  # of the covariance kept in the model file; the others count a
 SHRINK = 0.1  # ridge added to every variance, as a share of the average one: few images, many dimensions
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, prior_sd: float | None = LOG_T_PRIOR_SD) -> float:
     """The T > 0 that minimises the val set's negative log-likelihood of softmax(logits / T), with
     a Gaussian prior on log T (sd LOG_T_PRIOR_SD, centred on T = 1). The prior weighs as much as a
     few images: on a val set of a handful it keeps T from whatever those few say (9 val images
@@ -34,14 +34,17 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     changes little (ants/bees' 153: T 0.458 -> 0.474, val ECE after 0.030 -> 0.019).
     Simulated (benchmarks/sim_temperature.py: calibrated logits of a known T in 0.5-2, 200 draws):
     24 val images of 2 classes, held-out NLL 0.27 -> 0.16 (T = 0.5) and 0.40 -> 0.30 (T = 1);
-    200 and 800 images the same to 0.002 (BENCHMARKS.md, "Calibration on a few val images")."""
+    200 and 800 images the same to 0.002 (BENCHMARKS.md, "Calibration on a few val images").
+    `prior_sd` None: no prior (the plain maximum-likelihood fit the simulation compares with)."""
     logits, labels = logits.float(), labels.long()
     log_t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels, reduction="sum") + log_t.square().sum() / (2 * LOG_T_PRIOR_SD ** 2)
+        loss = F.cross_entropy(logits / log_t.exp(), labels, reduction="sum")
+        if prior_sd is not None:
+            loss = loss + log_t.square().sum() / (2 * prior_sd ** 2)
         loss.backward()
         return loss
 

@@ -18,7 +18,7 @@ from .progress import Reporter
 from .records import EvaluationReport
 from .metrics import classification_report
 from .report import Measured
-from .scan import TreeReader, drop_duplicates, look_alike_classes
+from .scan import TreeReader, drop_duplicates, look_alike_pairs
 
 
 def find_eval_root(data: Path, layout: str = "auto") -> tuple[Path, bool]:
@@ -42,9 +42,9 @@ def labelled_images(root: Path, classes: list[str], known: dict[Path, str] | Non
         raise DataError(f"{root}: no class folders. Evaluate needs labelled images: {root}/<class>/*.jpg.")
     unknown = [c for c in folders if c not in classes]
     if unknown:
-        alike = [note for u in unknown for c in classes for note in look_alike_classes([u, c], "rename the folder")]
         raise DataError(f"{root}: class folders the model does not know: {', '.join(unknown)} (the model knows: "
-                        f"{', '.join(classes)}{''.join('; ' + n for n in alike)}). Remove them or use the right --model.")
+                        f"{', '.join(classes)}{look_alike_pairs(unknown, classes, 'rename the folder')}). Remove them or "
+                        f"use the right --model.")
     skipped: list[dict] = []
     reader = TreeReader([root / c for c in folders], skipped)
     samples = {"test": [Sample(p, label) for label, c in enumerate(classes) if (root / c).is_dir() for p in reader.images(root / c)]}

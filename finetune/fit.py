@@ -123,7 +123,6 @@ class Run:
         self.best.val_logits = state.best_val_logits
         self.best.follow(state.history)
         self.early.stopped_stage = state.stopped_stage
-        self.seconds_before = state.seconds
         # States written before heads were chosen had the final features of `views` views.
         self.head_choice = state.head_choice or HeadChoice(self.cfg.views or 1 + MAX_EXTRA_VIEWS, False)
         self.candidates = state.candidates
@@ -148,13 +147,11 @@ class Run:
         """Take a candidate head's training (recipe.try_head: the head stage on the same features,
         from the same seed) as this run's head stage, as if the stage had just ended: its epochs,
         weights and random streams, and its resume state in the run folder."""
-        # (the candidate's seconds are its own training, part of this run's time already: not added again)
-        before = self.seconds_before
+        # (the state file's seconds: this run's so far; the candidate's own are part of them already)
         state = replace(head_state, files_digest=self.files_digest, head_choice=self.head_choice, candidates=self.candidates,
                         learning_curve=self.learning_curve, tail_plan=self.tail_plan, finetune_plan=self.finetune_plan,
                         seconds=self.seconds_so_far())
         self.restore(state, device)
-        self.seconds_before = before
         restore_rng(state.rng, None)  # (the candidate trained on forked streams: they go on from where it left them)
         for record in self.history:
             self.reporter.epoch(record)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import unicodedata
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class TreeReader:
         self.seen_dirs: set[str] = set()
         self.seen_files: dict[str, Path] = {}
         self.skipped = skipped
-        self.links: list[tuple[Path, str, str]] = []  # (link, the folder it is in, its class folder), followed last
+        self.links: deque[tuple[Path, str, str]] = deque()  # (link, the folder it is in, its class folder), followed last
 
     def images(self, folder: Path) -> list[Path]:
         found: list[Path] = []
@@ -43,7 +44,7 @@ class TreeReader:
             # Links after every real entry: a file reached both ways is listed where it really is
             # (cat/dogs_link -> ../dog sorts before dog/, and predict listed dog's images under it).
             while self.links:
-                self._follow(*self.links.pop(0), found)
+                self._follow(*self.links.popleft(), found)
         return found
 
     def _walk(self, folder: Path, real: str, class_root: str, found: list[Path]) -> None:
@@ -77,16 +78,17 @@ class TreeReader:
     def _follow(self, path: Path, here: str, class_root: str, found: list[Path]) -> None:
         """A symbolic link in folder `here`: its folder walked or its file taken, unless it leads in a
         circle, into another class's folder or to what was read already."""
-        if not (path.is_dir() or path.is_file()):
+        is_dir = path.is_dir()  # (each is a stat of the link's target: once)
+        if not (is_dir or path.is_file()):
             self.skipped.append({"path": str(path), "reason": _not_a_file_reason(path)})
             return
         target = os.path.realpath(path)
         reason = self._refuse_link(target, here, class_root)
-        if reason is None and path.is_dir() and target in self.seen_dirs:
+        if reason is None and is_dir and target in self.seen_dirs:
             reason = f"a folder already read ({target})"
         if reason is not None:
             self.skipped.append({"path": str(path), "reason": reason})
-        elif path.is_dir():
+        elif is_dir:
             self._walk(path, target, class_root, found)
         else:
             self._take_file(path, target, found)
@@ -175,6 +177,12 @@ def hidden_class_folders(root: Path) -> list[str]:
             f"train on it" for p in sorted(hidden)]
 
 
+def look_alike_pairs(names: list[str], others: list[str], advice: str) -> str:
+    """'; classes 'café' and 'café' differ only in ...: ADVICE' for each name of `others` that prints
+    like one of `names` (a message's tail), '' for none."""
+    return "".join(f"; {note}" for a in names for b in others for note in look_alike_classes([a, b], advice))
+
+
 def _holds_images_if_readable(folder: Path) -> bool:
     try:
         return holds_images(folder)
@@ -219,9 +227,9 @@ def require_known_classes(root: Path, classes: list[str], train_root: Path, exac
         detail = "; ".join(x for x in (f"missing in {root.name}: {', '.join(missing)}" if missing else "",
                                        f"not in train: {', '.join(extra)}" if extra else "") if x)
         # (names that print alike: 'café' from a Mac and from Linux; 'Dog' and 'dog')
-        alike = [note for a in missing or classes for b in extra for note in look_alike_classes([a, b], "give both folders one name")]
-        raise DataError(f"{root}: {root.name} class folders differ from {train_root} ({detail}"
-                        f"{''.join('; ' + n for n in alike)}). Make them hold the same class folders.")
+        alike = look_alike_pairs(missing or classes, extra, "give both folders one name")
+        raise DataError(f"{root}: {root.name} class folders differ from {train_root} ({detail}{alike}). "
+                        f"Make them hold the same class folders.")
 
 
 def describe_reading(data: Path, found: Layout, split: DatasetSplit, val_split: float | None, seed: int) -> str:

@@ -148,14 +148,12 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
         run_stages(run, device, d, ResumeState.load(run.folder.state_path) if resume_dir is not None else None)
     except KeyboardInterrupt:
         raise interrupted(run, d) from None
-    except torch.cuda.OutOfMemoryError:
-        if resume_dir is None:
-            run.folder.remove_if_nothing_kept()
-        raise GpuOutOfMemory(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; "
-                             f"start again with --batch-size {max(1, cfg.batch_size // 2)}.") from None
-    except FinetuneError:
+    except (torch.cuda.OutOfMemoryError, FinetuneError) as e:
         if resume_dir is None:  # (a run that failed before it kept anything leaves no folder behind to sort out)
             run.folder.remove_if_nothing_kept()
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise GpuOutOfMemory(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; "
+                                 f"start again with --batch-size {max(1, cfg.batch_size // 2)}.") from None
         raise
     if not d.is_main:
         return None
@@ -209,6 +207,7 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
     if resumed is not None:
         resumed.check_same_data(run.split, run.files_digest, cfg.data, run.folder.path)
         run.restore(resumed, device)
+        run.seconds_before = resumed.seconds  # (the time the run took before it was stopped)
         stage, done = resumed.stage, epochs_completed(resumed, run)
         run.reporter.info(f"resuming {run.folder.path} after epoch {len(run.history)} ({stage} stage)")
     if stage in (Stage.HEAD, Stage.TAIL):
