@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import MAX_WORKERS
 from .cpus import usable_cores, workers_within_cores
+from .digests import is_unreadable
 from .files import name_bytes
 from .images import ImageDecodeError, load_rgb
 
@@ -36,7 +37,8 @@ def samples_digest(samples: list[Sample], root: Path) -> str:
 def held_out_content_digest(split: "DatasetSplit") -> str:
     """A digest of the val images' contents (scan.py's hashes) and labels: what tells a copy of the
     training folder elsewhere from another folder whose files have the same names."""
-    lines = sorted(f"{s.digest}\t{s.label}" for s in split.val)
+    # (a file that could not be read is named by its path in its stand-in digest: as one here, wherever the folder is)
+    lines = sorted(f"{'unreadable' if is_unreadable(s.digest) else s.digest}\t{s.label}" for s in split.val)
     return hashlib.blake2b("\n".join(lines).encode(), digest_size=10).hexdigest()
 
 

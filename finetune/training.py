@@ -72,10 +72,12 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
             if not d.active:
                 locks.enter_context(sigterm_as_ctrl_c())
             result = _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name, locks)
-    except KeyboardInterrupt:  # while starting (scan, weights): the stages handle their own
+    except KeyboardInterrupt as e:  # while starting (scan, weights): the stages handle their own
         if cfg.resume is not None:
-            raise TrainingInterrupted(f"training interrupted before it went on; continue with: finetune train --resume {cfg.resume}") from None
-        raise TrainingInterrupted("training interrupted before its first epoch; nothing to resume: start it again.") from None
+            raise as_signalled(TrainingInterrupted(f"training interrupted before it went on; continue with: finetune train "
+                                                   f"--resume {cfg.resume}"), e) from None
+        raise as_signalled(TrainingInterrupted("training interrupted before its first epoch; nothing to resume: start it "
+                                               "again."), e) from None
     except Exception as e:
         if d.active and is_lost_peer(e):
             first_line = (str(e).splitlines() or [type(e).__name__])[0]
@@ -89,8 +91,12 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
         shutdown(d)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is (the same saves and messages), told apart by its exit code."""
+
+
 def _stop_as_ctrl_c(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def sigterm_as_ctrl_c():
@@ -146,8 +152,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
         raise
     try:
         run_stages(run, device, d, ResumeState.load(run.folder.state_path) if resume_dir is not None else None)
-    except KeyboardInterrupt:
-        raise interrupted(run, d) from None
+    except KeyboardInterrupt as e:
+        raise as_signalled(interrupted(run, d), e) from None
     except (torch.cuda.OutOfMemoryError, FinetuneError) as e:
         if resume_dir is None:  # (a run that failed before it kept anything leaves no folder behind to sort out)
             run.folder.remove_if_nothing_kept()
@@ -275,10 +281,11 @@ def plan_finetuning(run: Run, loss: LossFn, device: torch.device, d: Dist) -> No
     rate = epoch_seconds = budget = None
     left = run.seconds_left()
     if run.cfg.finetune_epochs is None and run.best.acc < 1.0 and (device.type not in SLOW_DEVICES or run.deadline):
-        pace = None if left is not None and left < 2 * PACE_PROBE_S else measure_finetune_pace(run, loss, device)
+        too_little = left is not None and left < 2 * PACE_PROBE_S
+        pace = None if too_little else measure_finetune_pace(run, loss, device)
         if pace is None:
-            why = (f"the time budget has {left:.0f} s left: too little to measure its pace" if left is not None and
-                   left < 2 * PACE_PROBE_S else "no training image could be read to measure its pace")
+            why = (f"the time budget has {left:.0f} s left: too little to measure its pace" if too_little
+                   else "no training image could be read to measure its pace")
             run.finetune_plan = {"epochs": 0, "why": why, "images_per_s": None}
             run.reporter.info(f"no fine-tuning: {why}")
             return
@@ -437,6 +444,14 @@ def interrupted(run: Run, d: Dist) -> TrainingInterrupted:
         removed = " (its run folder removed)" if not saved and run.folder.remove_if_nothing_kept() else ""
         again = f" It stopped before its first epoch finished{removed}; start it again to continue."
     return TrainingInterrupted(f"training interrupted{where}.{again}")
+
+
+def as_signalled(error: TrainingInterrupted, cause: BaseException) -> TrainingInterrupted:
+    """Stopped by SIGTERM: said so, and the exit code schedulers read as such (128 + 15), not Ctrl-C's 130."""
+    if isinstance(cause, Terminated):
+        error = TrainingInterrupted(str(error).replace("training interrupted", "training stopped by SIGTERM", 1))
+        error.exit_code = 128 + signal.SIGTERM
+    return error
 
 
 def sigint_ignored():

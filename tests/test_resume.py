@@ -188,9 +188,10 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(reference, tmp_path):
 
     data, _ = reference
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(TrainingInterrupted, match=r"training interrupted; the model kept so far is in .* Continue with: "
-                                                  r"finetune train --resume"):
+    with pytest.raises(TrainingInterrupted, match=r"training stopped by SIGTERM; the model kept so far is in .* Continue "
+                                                  r"with: finetune train --resume") as stopped:
         train(config(data, tmp_path / "runs"), TermAt("Fine-tune epoch 1", 1))
+    assert stopped.value.exit_code == 143  # (as schedulers read a SIGTERM; Ctrl-C's is 130)
     assert signal.getsignal(signal.SIGTERM) is before and (tmp_path / "runs" / "train" / STATE_FILENAME).is_file()
 
 
