@@ -68,7 +68,6 @@ class Run:
     no_tail: str | None = None  # why the feature pass keeps no activations for the tail stage; None: it keeps them
     tail_plan: dict | None = None  # the tail stage's epochs and why (recipe.plan_tail), once planned
     finetune_plan: dict | None = None  # fine-tuning's epochs and why (recipe.plan_finetune), once planned
-    deadline: float | None = None  # time.perf_counter() at which --time-budget runs out (None: no budget)
     val_digest: str = ""  # held_out_digest of the split as scanned (`split` loses the files that fail to decode)
     val_content: str = ""  # held_out_content_digest of it
     started: float = field(default_factory=time.perf_counter)  # time.perf_counter() when this process began the run
@@ -166,6 +165,12 @@ class Run:
     def seconds_left(self) -> float | None:
         """What the run has left of --time-budget (None: no budget)."""
         return None if self.deadline is None else max(0.0, self.deadline - time.perf_counter())
+
+    @property
+    def deadline(self) -> float | None:
+        """time.perf_counter() at which --time-budget runs out (None: no budget); counted from this
+        process's start (a resumed run has its budget anew)."""
+        return self.started + self.cfg.time_budget if self.cfg.time_budget else None
 
     def share_from_main(self, d: Dist) -> None:
         """Give every rank rank 0's progress (after a stage that only rank 0 ran)."""

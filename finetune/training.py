@@ -144,7 +144,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
             share_outcome(d, lambda: locks.enter_context(training_lock(run_dir)))
         run = Run(cfg, model, split, pp, folder, reporter, files_digest(split, cfg.data),
                   cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input), no_tail=no_tail,
-                  deadline=started + cfg.time_budget if cfg.time_budget else None, started=started,
+                  started=started,
                   val_digest=held_out_digest(split, cfg.data), val_content=held_out_content_digest(split))
     except BaseException:  # (a new run stopped before its stages began leaves no folder behind)
         if resume_dir is None:
