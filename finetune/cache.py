@@ -48,12 +48,18 @@ ROWS_PER_CHUNK = 4096  # a chunk is written every this many rows (about 16 MB fo
 def default_cache_dir() -> Path:
     """$FINETUNE_CACHE_DIR, else the platform's user cache folder."""
     if os.environ.get(ENV_DIR):
-        return Path(os.environ[ENV_DIR]).expanduser()
+        return Path(os.path.abspath(Path(os.environ[ENV_DIR]).expanduser()))  # (absolute: as results.json says it)
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "finetune"
     if os.name == "nt":
         return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "finetune" / "Cache"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "finetune"  # (a relative one is ignored, as XDG says)
+
+
+def cache_root(given: Path | None) -> Path:
+    """The cache folder: --cache-dir as given (made absolute: results.json names it), else the default."""
+    return Path(os.path.abspath(given)) if given is not None else default_cache_dir()
 
 
 def cache_for(cfg: TrainConfig, pp: Preprocessing, weights_source: str, device: torch.device,
@@ -63,12 +69,12 @@ def cache_for(cfg: TrainConfig, pp: Preprocessing, weights_source: str, device: 
     if not cfg.cache or not cfg.pretrained:
         return None
     key = feature_key(cfg.arch, weights_source, pp, cfg.max_pixels, device, precision, tail_input)
-    return FeatureCache(cfg.cache_dir or default_cache_dir(), key, int(cfg.cache_limit_gb * 1e9))
+    return FeatureCache(cache_root(cfg.cache_dir), key, int(cfg.cache_limit_gb * 1e9))
 
 
 def digest_memo_for(cfg: TrainConfig) -> DigestMemo | None:
     """The hashes of cfg.data's files remembered in the cache folder (digests.py); None with --no-cache."""
-    return memo_for(cfg.cache_dir or default_cache_dir(), cfg.data) if cfg.cache else None
+    return memo_for(cache_root(cfg.cache_dir), cfg.data) if cfg.cache else None
 
 
 def feature_key(arch: str, weights_source: str, pp: Preprocessing, max_pixels: int, device: torch.device,
@@ -302,6 +308,8 @@ def stats_of(files: list[Path]) -> list[os.stat_result]:
 
 def describe(root: Path) -> dict:
     """The cache's folder, total size and one entry per feature set (arch, image size, rows...)."""
+    if root.exists() and not root.is_dir():  # (it was listed as an empty cache, and "cleared")
+        raise FinetuneError(f"{root}: a file, not a cache folder; point --cache-dir or {ENV_DIR} at a folder.")
     entries = []
     for folder in feature_sets(root):
         files = chunks_in(folder)

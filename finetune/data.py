@@ -202,9 +202,7 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int | None, shuffle:
 
 
 def leave_ctrl_c_to_the_main_process(_worker_id: int) -> None:
-    """Loader workers ignore SIGINT (and SIGTERM, which Slurm sends every process of a job): the
-    main process takes them (under torchrun, as a flag checked between steps) and ends the
-    workers; a worker killed by one would be an error of its own."""
+    """Loader workers ignore SIGINT: the main process takes Ctrl-C (under torchrun, as a flag
+    checked between steps) and ends them; a worker killed by it would be an error of its own.
+    (Not SIGTERM: it is how torch ends its workers, and a worker ignoring it hung the exit.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # (a worker then outlives torch's terminate() and torchrun's killpg by its parent check, about 5 s)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)

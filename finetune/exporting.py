@@ -163,7 +163,9 @@ def _export_onnx(wrapper: nn.Module, size: int, path: Path, images: torch.Tensor
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}}, verbose=False,
         )
         program.save(str(path), external_data=False)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings (telemetry where HOME cannot be written) came with raw colour codes
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
 
 

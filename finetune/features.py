@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .cache import FeatureCache, default_cache_dir, row_id
+from .cache import FeatureCache, cache_root, row_id
 from .config import TrainConfig
 from .data import DatasetSplit, ImageFileDataset, Preprocessing, Sample, make_loader, view_seed
 from .device import autocast, autocast_dtype, forward_in_chunks, to_model_input
@@ -91,7 +91,7 @@ class FeatureExtractor:
         """The features [n, views, dim] of the samples that decode, in index order: from the
         cache where it has them, computed for the rest; (index, reason) of the others."""
         ids = [[row_id(s, v, self.cfg.seed) for v in range(views)] for s in samples]
-        folder = (self.cfg.cache_dir or default_cache_dir()) / "tmp"
+        folder = cache_root(self.cfg.cache_dir) / "tmp"
         out = new_rows(len(samples), views, self.model.row_dim, self.on_disk, folder)
         found = self.cache.lookup(ids, out, [s.path for s in samples]) if self.cache is not None else {}
         cached = [i for i, have in found.items() if len(have) == views]

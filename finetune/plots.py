@@ -129,8 +129,9 @@ def coverage_figure(distance, correct, threshold: float | None, title: str = "co
 
 
 def plain(text: str) -> str:
-    """Text shown as it is: matplotlib reads what stands between two $ as mathematics (a folder name may hold them)."""
-    return text.replace("$", r"\$")
+    """Text shown as it is: matplotlib reads what stands between two $ as mathematics (a folder name may hold them);
+    a name read under a non-UTF-8 locale (its bytes as surrogates, which matplotlib cannot draw: a traceback) as UTF-8."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace("$", r"\$")
 
 
 def png_bytes(fig) -> bytes:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .cache import ENV_DIR as CACHE_ENV
-from .cache import cache_for, default_cache_dir, digest_memo_for
+from .cache import cache_for, cache_root, digest_memo_for
 from .config import TrainConfig
 from .data import DatasetSplit, held_out_content_digest, held_out_digest
 from .device import autocast_dtype, pick_device
@@ -114,7 +114,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
         share_outcome(d, lambda: locks.enter_context(training_lock(resume_dir)))
     refuse_output_inside_input(cfg.runs_dir, cfg.data)
     if cfg.cache and (cfg.cache_dir or os.environ.get(CACHE_ENV)):  # (the default, under the home folder, is hidden there)
-        refuse_output_inside_input(cfg.cache_dir or default_cache_dir(), cfg.data, "--cache-dir" if cfg.cache_dir else f"{CACHE_ENV}=")
+        refuse_output_inside_input(cache_root(cfg.cache_dir), cfg.data, "--cache-dir" if cfg.cache_dir else f"{CACHE_ENV}=")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = pick_device(device_name)

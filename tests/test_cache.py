@@ -279,6 +279,22 @@ def test_a_cache_that_cannot_be_cleared_or_loses_files_while_listed_is_no_traceb
                                                 f"make it writable, or remove {feature_cache} by hand.")
 
 
+def test_the_cache_folder_is_absolute_and_a_file_there_is_refused(tmp_path, monkeypatch):
+    from finetune.cache import default_cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", "rel")  # (results.json named it relative to where train ran)
+    assert default_cache_dir() == tmp_path / "rel"
+    monkeypatch.delenv("FINETUNE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relcache")  # (relative: ignored, as the XDG spec says; it made ./relcache)
+    assert default_cache_dir() == Path.home() / ".cache" / "finetune"
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "afile"))
+    for args in (["cache"], ["cache", "--clear"]):  # (listed as an empty cache, and "cleared")
+        refused = runner.invoke(app, args)
+        assert refused.exit_code == 1 and refused.stdout == "" and "a file, not a cache folder" in refused.stderr
+
+
 def test_cache_command_shows_and_clears(cfg, feature_cache):
     train(cfg)
     shown = runner.invoke(app, ["cache", "--json"])

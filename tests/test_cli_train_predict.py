@@ -284,6 +284,33 @@ def test_python_dash_m_entry_point(trained):
     assert out.returncode == 0 and out.stdout.startswith("finetune ")
 
 
+def test_the_program_says_what_goes_wrong_with_its_output_in_one_line(trained, tmp_path):
+    # (as a CI job or a container runs it: each of these was a traceback, a hang, silence or exit 1)
+    import shutil
+    import subprocess
+    import sys
+
+    img = shutil.copy(trained["data"] / "val" / "cat" / "cat_0.jpg", tmp_path / "café.jpg")
+    model = trained["summary"]["model"]
+
+    def run(shell: str, **env):
+        return subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env})
+
+    finetune = f"{sys.executable} -m finetune"
+    silent = run(f"{finetune} predict {img} --model /nowhere", COLUMNS="0")  # (some containers say 0: nothing was printed)
+    assert silent.returncode == 2 and "model file not found" in silent.stderr
+    full = run(f"{finetune} predict {img} --model {model} --format jsonl --workers 1 > /dev/full")  # (a hang)
+    assert full.returncode == 1 and full.stderr.strip().endswith("error: the output: cannot be written (No space left on device).")
+    ascii_only = run(f"{finetune} predict {img} --model {model} --format csv --workers 0", PYTHONIOENCODING="ascii")
+    assert ascii_only.returncode == 1 and "error: the output's encoding (ascii) cannot write '" in ascii_only.stderr
+    assert "set PYTHONUTF8=1 or a UTF-8 locale" in ascii_only.stderr and "Traceback" not in ascii_only.stderr
+    closed = run(f"{finetune} predict - --model {model} <&-")
+    assert closed.returncode == 2 and "standard input gave no paths" in closed.stderr
+    piped = run(f"{finetune} evaluate {trained['data']} --model {model} --workers 0 | head -1")  # (rich exited 1)
+    assert piped.returncode == 0 and piped.stdout.startswith("accuracy ")
+
+
 def test_a_diverging_run_stops_with_one_line_and_keeps_no_model_of_it(image_folder, tmp_path):
     runs = tmp_path / "runs"
     result = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(runs), *FAST_TRAIN_ARGS, "--lr", "1e30"])

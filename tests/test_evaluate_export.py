@@ -73,7 +73,7 @@ def test_evaluates_confusion_matrix_is_drawn_where_it_fits(capsys, n, drawn):
     render_evaluation(report)
     out = capsys.readouterr().out
     assert ("true \\ predicted" in out) is drawn and "…" not in out  # (30 columns in 80: every cell and name was "…")
-    said = "confusion matrix: 30 classes, wider than this terminal: in --json (confusion_matrix), drawn by --report FILE.html"
+    said = "confusion matrix: 30 classes, wider than the output's 80 columns: in --json (confusion_matrix), drawn by --report FILE.html"
     assert (said in out.replace("\n", " ")) is not drawn
 
 
@@ -215,6 +215,8 @@ def test_ctrl_c_in_export_evaluate_and_predict_says_what_was_left_done(run, tmp_
     as_json = runner.invoke(app, ["predict", img, "--model", run["summary"]["model"], "--format", "json"])
     assert as_json.exit_code == 130 and as_json.stdout == ""
     assert as_json.stderr == "interrupted: no predictions were written (--format json writes them all at its end).\n"
+    as_table = runner.invoke(app, ["predict", img, "--model", run["summary"]["model"], "--format", "table"])
+    assert as_table.exit_code == 130 and "no predictions were written (--format table writes them" in as_table.stderr
 
 
 def test_a_model_file_is_known_by_its_bytes_and_an_export_by_its_sidecar(run, tmp_path):

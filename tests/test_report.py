@@ -215,3 +215,11 @@ def test_long_class_names_are_cut_on_the_confusion_figures_ticks():
     assert tick_label("L" * 200) == "L" * (TICK_CHARS - 1) + "…"  # (200 characters squeezed the matrix into a corner)
     fig = confusion_figure([[1] * 31 for _ in range(31)], ["L" * 200] + [f"c{i}" for i in range(30)])
     assert len(fig.axes) == 2  # above 30 classes the counts are not written: a colour bar says them
+
+
+def test_a_class_name_read_under_a_non_utf8_locale_is_drawn():
+    from finetune.plots import confusion_figure, plain
+
+    name = "café".encode().decode("ascii", "surrogateescape")  # (os.listdir under LC_ALL=C PYTHONUTF8=0)
+    assert plain(name) == "café"
+    confusion_figure([[1, 0], [0, 1]], [name, "tea"]).savefig(__import__("io").BytesIO())  # (a traceback, the run half-written)

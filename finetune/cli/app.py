@@ -14,7 +14,7 @@ import typer
 from .. import __version__
 from ..config import DEFAULT_VAL_FRACTION, VAL_CAP, PredictConfig, TrainConfig
 from ..progress import Reporter
-from .output import stdout
+from .output import say_error, stdout
 
 app = typer.Typer(
     help="Train an image classifier from a folder of labelled images, then predict with it.",
@@ -103,3 +103,28 @@ def main(
 
     Example: finetune train ./photos && finetune predict new.jpg
     """
+
+
+def main_entry() -> None:
+    """`finetune` as a program: the app, with what goes wrong in writing its output said in one line
+    (a full disk under `> out.json`, a closed stdin or stdout, an encoding that cannot write a name)."""
+    import errno
+    import os
+    import sys
+
+    for name in ("stdin", "stdout", "stderr"):  # (`<&-`, `>&-`: Python gives None, and each use was a traceback)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "r" if name == "stdin" else "w"))
+    try:
+        app(prog_name="finetune")
+    except BrokenPipeError:  # (`finetune ... | head`: the reader has gone, as for any Unix tool)
+        sys.stdout = open(os.devnull, "w")
+        raise SystemExit(0)
+    except OSError as e:
+        where = "the output" if e.filename is None else e.filename
+        say_error(f"{where}: cannot be written ({e.strerror or errno.errorcode.get(e.errno, e)}).")
+        raise SystemExit(1)
+    except UnicodeEncodeError as e:
+        say_error(f"the output's encoding ({e.encoding}) cannot write {e.object[e.start:e.end]!r}: set PYTHONUTF8=1 "
+                  f"or a UTF-8 locale (LANG=C.UTF-8).")
+        raise SystemExit(1)

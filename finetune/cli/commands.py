@@ -64,7 +64,7 @@ def predict(
     except FinetuneError as e:
         raise fail(e)
     except KeyboardInterrupt:
-        raise interrupted("no predictions were written (--format json writes them all at its end)." if fmt == "json"
+        raise interrupted(f"no predictions were written (--format {fmt} writes them all at its end)." if fmt in ("json", "table")
                           else "the predictions above are complete, the rest were not made.")
     if failures:
         stderr.print(f"{failures} of {total} inputs could not be predicted (see their 'error' field).", style="yellow", markup=False)
@@ -236,15 +236,15 @@ def cache_command(
     Example: finetune cache --clear
     """
     from ..cache import clear as clear_cache
-    from ..cache import default_cache_dir, describe
+    from ..cache import cache_root, describe
 
-    root = cache_dir or default_cache_dir()
-    summary = describe(root)
-    if clear:
-        try:
+    root = cache_root(cache_dir)
+    try:
+        summary = describe(root)
+        if clear:
             summary = {**summary, "cleared_bytes": clear_cache(root), "bytes": 0, "entries": [], "digests_bytes": 0}
-        except FinetuneError as e:
-            raise fail(e)
+    except FinetuneError as e:
+        raise fail(e)
     if json_out:
         echo_json(summary)
     else:

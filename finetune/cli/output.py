@@ -21,8 +21,23 @@ from rich.text import Text
 from ..errors import FinetuneError
 from ..progress import Reporter
 
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """`finetune evaluate ... | head -1`: the reader has gone, which is no failure of the command
+        (rich exits 1; a finished training then failed a `set -o pipefail` script)."""
+        sys.stdout = open(os.devnull, "w")
+        raise SystemExit(0)
+
+
+def _width() -> int | None:
+    """COLUMNS as rich would read it, except a width under 1 (some containers report 0): rich then
+    printed nothing at all, errors included. None: rich's own choice."""
+    columns = os.environ.get("COLUMNS", "")
+    return 80 if columns.isdigit() and int(columns) < 1 else None
+
+
+stdout = _Console(soft_wrap=True, width=_width())
+stderr = _Console(stderr=True, soft_wrap=True, width=_width())
 
 
 def echo_json(obj) -> None:
@@ -173,7 +188,7 @@ def _render_predictions(predictions, fmt: str) -> tuple[int, int]:
 
 def render_evaluation(report) -> None:
     stdout.print(Text(f"accuracy {report.accuracy:.4f} on {report.num_images} images ({report.data})"))
-    per_class = Table("class", "precision", "recall", "f1", "support", title="per class")
+    per_class = Table(Column("class", overflow="fold"), "precision", "recall", "f1", "support", title="per class")
     for name, m in report.per_class.items():
         per_class.add_row(Text(name), *[f"{m[k]:.3f}" if m[k] is not None else "n/a" for k in ("precision", "recall", "f1")],
                           str(m["support"]))
@@ -184,8 +199,8 @@ def render_evaluation(report) -> None:
             cm.add_row(Text(name), *[str(v) for v in row])
         stdout.print(cm)
     else:  # (squeezed, its cells and names came out as "…")
-        stdout.print(Text(f"confusion matrix: {len(report.classes)} classes, wider than this terminal: in --json "
-                          f"(confusion_matrix), drawn by --report FILE.html"))
+        stdout.print(Text(f"confusion matrix: {len(report.classes)} classes, wider than the output's {stdout.width} "
+                          f"columns: in --json (confusion_matrix), drawn by --report FILE.html"))
     u = report.unknown
     if u and u["rule"] != "off" and u["coverage"] is not None:
         stdout.print(Text(f"unknown rule: {u['flagged']} of {report.num_images} images flagged unknown; accuracy on the "
@@ -241,9 +256,9 @@ def show_export_result(result) -> None:
 
 
 def show_fields(details: dict) -> None:
-    table = Table("field", "value", show_header=False)
+    table = Table("field", Column("value", overflow="fold"), show_header=False)  # (a path whole, over lines)
     for key, value in details.items():
-        table.add_row(key, Text(value if isinstance(value, str) else json.dumps(value)))
+        table.add_row(key, Text(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)))
     stdout.print(table)
 
 
@@ -301,7 +316,7 @@ def _reason_kind(reason: str) -> str:
 
 def show_archs(rows: list[dict]) -> None:
     table = Table("family", Column("arch", no_wrap=True), Column("params", no_wrap=True), "img size", "ImageNet top-1",
-                  "weights here", caption="weights here: else a download, or --weights FILE")
+                  Column("weights here", overflow="fold"), caption="weights here: else a download, or --weights FILE")
     previous = None
     for r in rows:
         family = r["family"] if r["family"] != previous else ""
