@@ -105,17 +105,17 @@ def read_path_list(lines: Iterable[str]) -> list[str]:
     return [line.rstrip("\r\n") for line in lines if line.strip()]
 
 
-def iter_answers(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig,
-                 reporter: Reporter | None = None) -> Iterator[tuple[Answer | None, str | None]]:
+def iter_answers(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig, reporter: Reporter | None = None,
+                 device: torch.device | None = None) -> Iterator[tuple[Answer | None, str | None]]:
     """For each path, in order: (Answer, None), or (None, reason) when it cannot be read.
 
     Batched; images are decoded in loader workers while the model computes. Probabilities are
     the softmax of the logits divided by the model's temperature. With `cfg.tta` they are
-    averaged with those of the horizontally flipped image.
+    averaged with those of the horizontally flipped image. `device`: as picked by the caller (else cfg's).
     """
     reporter = reporter or Reporter()
     cfg = cfg.checked()
-    device = pick_device(cfg.device)
+    device = device or pick_device(cfg.device)
     amp = autocast_dtype(device)
     model = inference_net(loaded, device)
     n = len(loaded.classes)
@@ -177,12 +177,12 @@ def predict(model: LoadedModel | str | Path, inputs: Iterable[str | Path] | str 
     an error. `model`: a load_model result, or the path of a model file or run folder.
     """
     cfg = (cfg or PredictConfig()).checked()
-    pick_device(cfg.device)  # (an absent --device said now: the CSV header once came out before it)
+    device = pick_device(cfg.device)  # (an absent --device said now: the CSV header once came out before it)
     model = as_loaded(model)
     items = expand_inputs(str(i) for i in input_list(inputs))
     if not items:
         raise UsageError("no inputs: pass image files, folders, glob patterns, or - to read paths from stdin.")
-    return predictions(model, items, cfg, reporter)
+    return predictions(model, items, cfg, reporter, device)
 
 
 def input_list(inputs) -> list[str | os.PathLike]:
@@ -200,11 +200,12 @@ def input_list(inputs) -> list[str | os.PathLike]:
     return listed
 
 
-def predictions(model: LoadedModel, items: list[InputItem], cfg: PredictConfig, reporter: Reporter | None) -> Iterator[Prediction]:
+def predictions(model: LoadedModel, items: list[InputItem], cfg: PredictConfig, reporter: Reporter | None,
+                device: torch.device) -> Iterator[Prediction]:
     classes = model.classes
     k = min(cfg.top_k, len(classes))
     readable = [Path(item.path) for item in items if item.error is None]
-    results = iter_answers(readable, model, cfg, reporter)
+    results = iter_answers(readable, model, cfg, reporter, device)
     for item in items:
         if item.error is not None:
             yield Prediction(item.path, error=item.error)

@@ -14,7 +14,7 @@ import typer
 from .. import __version__
 from ..config import DEFAULT_VAL_FRACTION, VAL_CAP, PredictConfig, TrainConfig
 from ..progress import Reporter
-from .output import say_error, stdout
+from .output import reader_gone, say_error, stdout
 
 app = typer.Typer(
     help="Train an image classifier from a folder of labelled images, then predict with it.",
@@ -117,9 +117,8 @@ def main_entry() -> None:
             setattr(sys, name, open(os.devnull, "r" if name == "stdin" else "w"))
     try:
         app(prog_name="finetune")
-    except BrokenPipeError:  # (`finetune ... | head`: the reader has gone, as for any Unix tool)
-        sys.stdout = open(os.devnull, "w")
-        raise SystemExit(0)
+    except BrokenPipeError:
+        reader_gone()
     except OSError as e:
         where = "the output" if e.filename is None else e.filename
         say_error(f"{where}: cannot be written ({e.strerror or errno.errorcode.get(e.errno, e)}).")

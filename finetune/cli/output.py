@@ -21,12 +21,16 @@ from rich.text import Text
 from ..errors import FinetuneError
 from ..progress import Reporter
 
+def reader_gone() -> None:
+    """`finetune ... | head -1`: the reader has gone, which is no failure of the command, as for any
+    Unix tool (rich exited 1: a finished training then failed a `set -o pipefail` script)."""
+    sys.stdout = open(os.devnull, "w")  # (what is still to be written goes nowhere, without a second error)
+    raise SystemExit(0)
+
+
 class _Console(Console):
     def on_broken_pipe(self) -> None:
-        """`finetune evaluate ... | head -1`: the reader has gone, which is no failure of the command
-        (rich exits 1; a finished training then failed a `set -o pipefail` script)."""
-        sys.stdout = open(os.devnull, "w")
-        raise SystemExit(0)
+        reader_gone()
 
 
 def _width() -> int | None:
@@ -145,9 +149,8 @@ def render_predictions(predictions, fmt: str) -> tuple[int, int]:
     Returns (failed, total)."""
     try:
         return _render_predictions(predictions, fmt)
-    except BrokenPipeError:  # `finetune predict dir | head`: the reader has gone, as in any Unix tool
-        sys.stdout = open(os.devnull, "w")
-        return 0, 0
+    except BrokenPipeError:
+        reader_gone()
 
 
 def _render_predictions(predictions, fmt: str) -> tuple[int, int]:
