@@ -5,9 +5,11 @@ here is a no-op. (launcher.py is the other side: the process that runs torchrun.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -85,6 +87,7 @@ def from_environment(device_name: str) -> tuple[Dist, str]:
     started_by_torchrun = "RANK" in os.environ and (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ)
     if not started_by_torchrun:
         return SINGLE, device_name
+    end_with_launcher()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device_name not in ("auto", "cuda", "cpu"):
         raise UsageError(f"--device {device_name}: distributed training runs on CUDA GPUs (one per process: --device cuda) or on the CPU (--device cpu).")
@@ -100,6 +103,24 @@ def from_environment(device_name: str) -> tuple[Dist, str]:
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
     one_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
     return Dist(rank, world, active=True, one_machine=one_machine), (f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def end_with_launcher() -> None:
+    """A rank of `--devices N` stops (SIGTERM) when its launcher dies, even by SIGKILL, which it
+    cannot pass on: the ranks trained on to the end otherwise, orphans holding the run's lock.
+    (Linux only; the launcher set LAUNCHED_ENV to its process id.)"""
+    launcher = os.environ.get(LAUNCHED_ENV, "")
+    if not launcher.isdigit() or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(launcher):  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def shutdown(d: Dist) -> None:

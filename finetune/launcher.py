@@ -59,7 +59,7 @@ def launch(devices: int, argv: list[str]) -> LaunchOutcome:
     quieten_torchrun_logs(logging)
     failures, signum, agent_error = {}, None, None
     with tempfile.TemporaryDirectory(prefix="finetune-torchrun-") as logs:
-        os.environ[LAUNCHED_ENV] = "1"  # the ranks inherit it
+        os.environ[LAUNCHED_ENV] = str(os.getpid())  # the ranks inherit it (and know their launcher by it)
         try:
             torchrun_main(torchrun_args(devices, argv, logs))
         except ChildFailedError as e:

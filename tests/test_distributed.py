@@ -186,6 +186,15 @@ def test_a_rank_failing_mid_training_stops_every_rank_with_one_message(tmp_path,
     assert not (tmp_path / "runs" / "train" / "results.json").exists()
 
 
+def test_the_ranks_end_with_their_launcher_even_when_it_is_killed(tmp_path):
+    # SIGKILL cannot be passed on: the ranks trained on to the end, orphans holding the run's lock.
+    # (run_with_fault waits for the ranks too: they hold its output pipes.)
+    out = run_with_fault(tmp_path, "kill-launcher", "--finetune-epochs", "6")
+    assert out.returncode == -signal.SIGKILL
+    assert not (tmp_path / "runs" / "train" / "results.json").exists()
+    assert (tmp_path / "runs" / "train" / "config.json").exists()  # (the ranks had started training)
+
+
 def test_a_batch_that_fails_on_one_rank_is_skipped_by_every_rank(tmp_path):
     # Rank 1's first fine-tuning batch of each epoch fails to decode entirely ("vanished"
     # files): every rank skips that step, so both take the same optimizer steps and none waits.

@@ -35,6 +35,8 @@ if FAULT and RANK is not None:
             raise torch.cuda.OutOfMemoryError("simulated: CUDA out of memory")
         if FAULT == "kill-rank1" and rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        if FAULT == "kill-launcher" and rank == 0:
+            os.kill(os.getppid(), signal.SIGKILL)  # `kill -9` of `finetune train --devices 2`
         steps["counting"] = True
         try:
             return original_fit_stage(stage, *args, **kwargs)
