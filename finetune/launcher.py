@@ -122,8 +122,9 @@ def decide_outcome(records: dict[int, RankRecord], exit_codes: dict[int, int], s
     unexplained = {rank: code for rank, code in exit_codes.items() if code != 0 and code != PeerStopped.exit_code}
     if unexplained:
         rank, code = min(unexplained.items(), key=lambda item: (death_order(item[1]), item[0]))
-        if code > 0:  # a Python traceback, which that rank printed
-            return LaunchOutcome(code)
+        if code > 0:  # an exit of its own, which it may have printed why (a traceback) or not
+            return LaunchOutcome(code, f"rank {rank} stopped with exit code {code} (its output above may say why), so "
+                                       f"every rank was stopped; {RESUME_HINT}")
         why = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""
         return LaunchOutcome(128 - code, f"rank {rank} was killed by {signal_name(-code)}{why}, so every rank was stopped; {RESUME_HINT}")
     lost = [r for r in records.values() if r.exit_code == PeerStopped.exit_code]

@@ -227,7 +227,7 @@ LOST = "rank 0 lost contact with the other ranks (Connection closed by peer)"
     ({}, {}, signal.SIGTERM, 143, "training was stopped by SIGTERM", None),
     ({0: record(0, 75, LOST)}, {0: 75, 1: -9}, None, 137, "rank 1 was killed by SIGKILL (the system may have run out of memory)", None),
     ({}, {0: -15, 1: -6}, None, 134, "rank 1 was killed by SIGABRT,", None),
-    ({}, {0: -15, 1: 1}, None, 1, None, None),  # a traceback, which that rank printed
+    ({}, {0: -15, 1: 3}, None, 3, "rank 1 stopped with exit code 3 (its output above may say why), so every rank was stopped", None),
     ({0: record(0, 75, LOST), 1: record(1, 75, "rank 1 lost contact")}, {0: 75, 1: 75}, None, 1, LOST + "; a run folder with", None),
     ({}, {}, None, 0, None, None),
 ])
