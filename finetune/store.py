@@ -34,10 +34,14 @@ class DiskRows:
 
     @classmethod
     def create(cls, n: int, views: int, dim: int, folder: Path) -> "DiskRows":
-        """In `folder`, else (not writable) in the system's temporary folder."""
+        """In `folder`, else (not writable) in the system's temporary folder. The folders made for it
+        are removed at once: the file has no name there (it goes when closed), and a run without the
+        cache (`--no-cache`) should leave no folder behind."""
+        made = [p for p in (folder, *folder.parents) if not p.exists()]
         try:
             folder.mkdir(parents=True, exist_ok=True)
             f = tempfile.TemporaryFile(dir=folder)
+            remove_empty(made)
         except OSError:
             try:
                 f = tempfile.TemporaryFile()
@@ -90,6 +94,16 @@ class DiskRows:
 
 
 Rows = torch.Tensor | DiskRows
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Each folder (innermost first) while it is empty; where the system keeps the file's name
+    until it is closed (Windows), or another run put something there, it stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def new_rows(n: int, views: int, dim: int, on_disk: bool, folder: Path) -> Rows:

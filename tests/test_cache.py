@@ -139,9 +139,10 @@ def test_weights_are_known_by_their_bytes_not_by_where_or_when_they_were_install
     assert weights_identity(url) == weights_identity(str(first)) == weights_identity(str(hub / "w.pth"))
 
 
-def test_no_cache_writes_nothing(cfg, feature_cache):
-    result = train(replace(cfg, cache=False))
-    assert result.feature_cache is None and not feature_cache.exists()
+@pytest.mark.parametrize("memory_gb", [None, 0])  # 0: the feature table goes to a file (it left an empty cache/tmp)
+def test_no_cache_writes_nothing(cfg, feature_cache, memory_gb):
+    result = train(replace(cfg, cache=False, **({} if memory_gb is None else {"feature_memory_gb": memory_gb})))
+    assert result.feature_cache is None and result.best_val_acc == 1.0 and not feature_cache.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
