@@ -309,6 +309,11 @@ def test_the_program_says_what_goes_wrong_with_its_output_in_one_line(trained, t
     assert closed.returncode == 2 and "standard input gave no paths" in closed.stderr
     piped = run(f"{finetune} evaluate {trained['data']} --model {model} --workers 0 | head -1")  # (rich exited 1)
     assert piped.returncode == 0 and piped.stdout.startswith("accuracy ")
+    gone = tmp_path / "gone"  # (a shell left in a deleted folder: torch's import ended the process with oneMKL's message)
+    deleted = run(f"mkdir {gone} && cd {gone} && rmdir {gone} && {finetune} predict {img} --model {model}",
+                  PYTHONPATH=os.pathsep.join(p for p in sys.path if os.path.isabs(p)))  # ('' ended Python's start)
+    assert deleted.returncode == 2 and deleted.stderr.startswith("error: the current folder no longer exists")
+    assert len(deleted.stderr.strip().splitlines()) == 1
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_no_model_of_it(image_folder, tmp_path):

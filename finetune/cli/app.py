@@ -116,6 +116,12 @@ def main_entry() -> None:
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "r" if name == "stdin" else "w"))
     try:
+        os.getcwd()
+    except FileNotFoundError:  # (torch's import then ended the process with oneMKL's "FATAL ERROR: Cannot load")
+        say_error("the current folder no longer exists (deleted or moved while this shell was in it): cd to a folder "
+                  "that exists and run the command again.")
+        raise SystemExit(2)
+    try:
         app(prog_name="finetune")
     except BrokenPipeError:
         reader_gone()
