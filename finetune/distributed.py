@@ -147,6 +147,16 @@ def is_lost_peer(error: BaseException) -> bool:
 # `finetune train --devices N` sets this for its ranks: the launcher prints their errors, once.
 LAUNCHED_ENV = "FINETUNE_LAUNCHED"
 RECORD_KEY = "finetune"
+# Where rank 0 writes its run folder's path for `--devices`'s launcher: ranks stopped by a signal
+# (the launcher's SIGTERM, passed on) write nothing more, and the launcher still names the folder.
+RUN_FOLDER_NOTE_ENV = "FINETUNE_RUN_FOLDER_NOTE"
+
+
+def tell_launcher_run_folder(d: Dist, run_dir: Path) -> None:
+    note = os.environ.get(RUN_FOLDER_NOTE_ENV)
+    if note and d.is_main:
+        with contextlib.suppress(OSError):  # (the launcher then gives the general advice)
+            atomic_write_text(Path(note), str(run_dir))
 
 
 def told_by_this_rank(error: FinetuneError) -> tuple[bool, str | None]:

@@ -15,8 +15,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .distributed import LAUNCHED_ENV, RECORD_KEY
+from .distributed import LAUNCHED_ENV, RECORD_KEY, RUN_FOLDER_NOTE_ENV
 from .errors import PeerStopped
+from .runs import RunFolder
 
 RESUME_HINT = "a run folder with a completed epoch can be continued with finetune train --resume RUN_FOLDER."
 
@@ -59,7 +60,9 @@ def launch(devices: int, argv: list[str]) -> LaunchOutcome:
     quieten_torchrun_logs(logging)
     failures, signum, agent_error = {}, None, None
     with tempfile.TemporaryDirectory(prefix="finetune-torchrun-") as logs:
+        note = Path(logs) / "run-folder"
         os.environ[LAUNCHED_ENV] = str(os.getpid())  # the ranks inherit it (and know their launcher by it)
+        os.environ[RUN_FOLDER_NOTE_ENV] = str(note)
         try:
             torchrun_main(torchrun_args(devices, argv, logs))
         except ChildFailedError as e:
@@ -72,11 +75,35 @@ def launch(devices: int, argv: list[str]) -> LaunchOutcome:
             agent_error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         finally:
             os.environ.pop(LAUNCHED_ENV, None)
+            os.environ.pop(RUN_FOLDER_NOTE_ENV, None)
         records = read_records(Path(logs))
+        run_dir = read_run_folder(note)
     outcome = decide_outcome(records, {rank: f.exitcode for rank, f in failures.items()}, signum)
     if agent_error is not None and outcome.exit_code == 0 and 0 not in records:  # (rank 0 did not finish the run)
-        return LaunchOutcome(1, f"torchrun failed while running the ranks ({agent_error}); {RESUME_HINT}")
-    return outcome
+        outcome = LaunchOutcome(1, f"torchrun failed while running the ranks ({agent_error}); {RESUME_HINT}")
+    return with_run_folder(outcome, run_dir, devices, resumed="--resume" in argv or any(a.startswith("--resume=") for a in argv))
+
+
+def read_run_folder(note: Path) -> Path | None:
+    try:
+        return Path(note.read_text())
+    except OSError:  # (the ranks stopped before rank 0 made it)
+        return None
+
+
+def with_run_folder(outcome: LaunchOutcome, run_dir: Path | None, devices: int, resumed: bool) -> LaunchOutcome:
+    """The general advice (RESUME_HINT) made the run's own: the ranks' ends that wrote nothing of
+    their own (killed by a signal, lost peers) leave it. A new run's folder that holds nothing to
+    resume from is removed, as a one-process run's is."""
+    if run_dir is None or not outcome.message or not outcome.message.endswith(RESUME_HINT):
+        return outcome
+    folder = RunFolder(run_dir)
+    if folder.state_path.is_file():
+        hint = f"continue with: finetune train --resume {run_dir} --devices {devices}"
+    else:
+        removed = " (its run folder removed)" if not resumed and folder.remove_if_nothing_kept() else ""
+        hint = f"it stopped before its first epoch finished{removed}; start it again."
+    return LaunchOutcome(outcome.exit_code, outcome.message[:-len(RESUME_HINT)] + hint, outcome.rank)
 
 
 def quieten_torchrun_logs(logging) -> None:

@@ -31,7 +31,8 @@ from .cache import cache_for, cache_root, digest_memo_for
 from .config import TrainConfig
 from .data import DatasetSplit, held_out_content_digest, held_out_digest
 from .device import autocast_dtype, pick_device
-from .distributed import SINGLE, Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, signals_to
+from .distributed import (SINGLE, Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, signals_to,
+                          tell_launcher_run_folder)
 from .errors import FinetuneError, GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError
 from .features import FeatureExtractor, FeatureSet
 from .fit import Run, fit_stage, measure_pace
@@ -138,6 +139,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
     elif cfg.tail_epochs:
         raise UsageError(f"--tail-epochs {cfg.tail_epochs}: {no_tail}.")
     run_dir = resume_dir if resume_dir is not None else share_outcome(d, lambda: new_run_dir(cfg))
+    tell_launcher_run_folder(d, run_dir)
     folder = RunFolder(run_dir, writes=d.is_main)
     try:
         if resume_dir is None:

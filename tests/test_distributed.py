@@ -176,12 +176,12 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_then_resume_finishes(tmp_path)
 @pytest.mark.parametrize("fault, code, message", [
     ("oom-rank1", 1, "error (rank 1): the GPU ran out of memory at --batch-size 8; start again with --batch-size 4."),
     ("kill-rank1", 137, "error: rank 1 was killed by SIGKILL (the system may have run out of memory), so every rank was "
-                        "stopped; a run folder with a completed epoch can be continued with finetune train --resume RUN_FOLDER."),
+                        "stopped; continue with: finetune train --resume RUN_FOLDER --devices 2"),
 ])
 def test_a_rank_failing_mid_training_stops_every_rank_with_one_message(tmp_path, fault, code, message):
     out = run_with_fault(tmp_path, fault)
     assert out.returncode == code, out.stderr[-3000:]
-    assert error_lines(out.stderr) == [message]
+    assert error_lines(out.stderr) == [message.replace("RUN_FOLDER", str(tmp_path / "runs" / "train"))]
     assert "Traceback" not in out.stderr and out.stdout == ""
     assert not (tmp_path / "runs" / "train" / "results.json").exists()
 
@@ -193,6 +193,23 @@ def test_the_ranks_end_with_their_launcher_even_when_it_is_killed(tmp_path):
     assert out.returncode == -signal.SIGKILL
     assert not (tmp_path / "runs" / "train" / "results.json").exists()
     assert (tmp_path / "runs" / "train" / "config.json").exists()  # (the ranks had started training)
+
+
+@pytest.mark.parametrize("when", ["start", "finetune"])
+def test_the_launcher_stopped_by_sigterm_names_the_run_folder_or_removes_it(tmp_path, when):
+    # The ranks, stopped by the signal passed on, write nothing: the message said "RUN_FOLDER", and a
+    # run stopped before its first epoch left a folder holding only its config.
+    out = run_with_fault(tmp_path, f"term-launcher-{when}")
+    run_dir = tmp_path / "runs" / "train"
+    assert out.returncode == 143, out.stderr[-3000:]
+    if when == "start":
+        assert error_lines(out.stderr) == ["error: training was stopped by SIGTERM; it stopped before its first epoch "
+                                           "finished (its run folder removed); start it again."]
+        assert not run_dir.exists()
+    else:
+        assert error_lines(out.stderr) == [f"error: training was stopped by SIGTERM; continue with: finetune train "
+                                           f"--resume {run_dir} --devices 2"]
+    assert "Traceback" not in out.stderr and out.stdout == ""
 
 
 def test_a_batch_that_fails_on_one_rank_is_skipped_by_every_rank(tmp_path):

@@ -19,7 +19,7 @@ if FAULT and RANK is not None:
 
     import torch
 
-    from finetune import data, stages, training
+    from finetune import data, features, stages, training
 
     rank = int(RANK)
     batch_size = int(sys.argv[sys.argv.index("--batch-size") + 1])
@@ -29,6 +29,8 @@ if FAULT and RANK is not None:
     original_step = torch.optim.AdamW.step
 
     def fit_stage_with_fault(stage, *args, **kwargs):
+        if FAULT == "term-launcher-finetune" and isinstance(stage, stages.FinetuneStage):
+            stop_launcher()
         if not isinstance(stage, stages.FinetuneStage):
             return original_fit_stage(stage, *args, **kwargs)
         if FAULT == "oom-rank1" and rank == 1:
@@ -64,6 +66,19 @@ if FAULT and RANK is not None:
                 os.killpg(os.getpgid(os.getppid()), signal.SIGINT)
         return original_step(self, *args, **kwargs)
 
+    def stop_launcher():
+        if rank == 0:
+            os.kill(os.getppid(), signal.SIGTERM)  # what `kill PID` or a scheduler does to `finetune train --devices 2`
+            signal.pause()  # (until the launcher passes it on: no epoch ends meanwhile)
+
+    original_features_of = features.FeatureExtractor.features_of
+
+    def features_of_with_fault(self, *args, **kwargs):
+        if FAULT == "term-launcher-start":  # (before the first epoch)
+            stop_launcher()
+        return original_features_of(self, *args, **kwargs)
+
+    features.FeatureExtractor.features_of = features_of_with_fault
     training.fit_stage = fit_stage_with_fault
     data.ImageFileDataset.__getitem__ = getitem_with_fault
     torch.optim.AdamW.step = counted_step
