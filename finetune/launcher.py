@@ -81,7 +81,18 @@ def launch(devices: int, argv: list[str]) -> LaunchOutcome:
     outcome = decide_outcome(records, {rank: f.exitcode for rank, f in failures.items()}, signum)
     if agent_error is not None and outcome.exit_code == 0 and 0 not in records:  # (rank 0 did not finish the run)
         outcome = LaunchOutcome(1, f"torchrun failed while running the ranks ({agent_error}); {RESUME_HINT}")
-    return with_run_folder(outcome, run_dir, devices, resumed="--resume" in argv or any(a.startswith("--resume=") for a in argv))
+    resumed = resumed_folder(argv)
+    return with_run_folder(outcome, run_dir or resumed, devices, resumed=resumed is not None)
+
+
+def resumed_folder(argv: list[str]) -> Path | None:
+    """The run folder of `--resume FOLDER` (or `--resume=FOLDER`), absolute as the ranks' is."""
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and i + 1 < len(argv):
+            return Path(os.path.abspath(argv[i + 1]))
+        if arg.startswith("--resume="):
+            return Path(os.path.abspath(arg.split("=", 1)[1]))
+    return None
 
 
 def read_run_folder(note: Path) -> Path | None:
@@ -95,8 +106,11 @@ def with_run_folder(outcome: LaunchOutcome, run_dir: Path | None, devices: int, 
     """The general advice (RESUME_HINT) made the run's own: the ranks' ends that wrote nothing of
     their own (killed by a signal, lost peers) leave it. A new run's folder that holds nothing to
     resume from is removed, as a one-process run's is."""
-    if run_dir is None or not outcome.message or not outcome.message.endswith(RESUME_HINT):
+    if not outcome.message or not outcome.message.endswith(RESUME_HINT):
         return outcome
+    if run_dir is None:
+        return LaunchOutcome(outcome.exit_code, outcome.message[:-len(RESUME_HINT)] + "it stopped before its run folder "
+                             "was made; start it again.", outcome.rank)
     folder = RunFolder(run_dir)
     if folder.state_path.is_file():
         hint = f"continue with: finetune train --resume {run_dir} --devices {devices}"

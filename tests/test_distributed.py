@@ -254,6 +254,29 @@ def test_the_launcher_names_the_one_cause(records, exit_codes, signum, code, say
     assert (outcome.message is None) if says is None else outcome.message.startswith(says) or says in outcome.message
 
 
+def test_the_launchers_advice_names_the_run_folder(tmp_path):
+    from finetune.launcher import RESUME_HINT, LaunchOutcome, resumed_folder, with_run_folder
+    from finetune.resume import STATE_FILENAME
+
+    stopped = LaunchOutcome(143, f"training was stopped by SIGTERM; {RESUME_HINT}")
+    started, resumable = tmp_path / "started", tmp_path / "resumable"
+    for folder in (started, resumable):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    (resumable / STATE_FILENAME).write_bytes(b"state")
+    assert with_run_folder(stopped, resumable, 2, resumed=False).message == \
+        f"training was stopped by SIGTERM; continue with: finetune train --resume {resumable} --devices 2"
+    assert with_run_folder(stopped, started, 2, resumed=True).message.endswith("before its first epoch finished; start it again.")
+    assert started.exists()  # (a folder given to --resume is never removed)
+    assert with_run_folder(stopped, started, 2, resumed=False).message.endswith("(its run folder removed); start it again.")
+    assert not started.exists()
+    assert with_run_folder(stopped, None, 2, resumed=False).message.endswith("before its run folder was made; start it again.")
+    own = LaunchOutcome(1, "the GPU ran out of memory", rank=1)
+    assert with_run_folder(own, resumable, 2, resumed=False) == own
+    assert resumed_folder(["data", "--resume", "runs/x"]) == resumed_folder(["--resume=runs/x"]) == Path("runs/x").absolute()
+    assert resumed_folder(["data", "--epochs", "3"]) is None
+
+
 def test_records_are_read_back_from_torchruns_error_files(tmp_path, monkeypatch):
     error_file = tmp_path / "run_x" / "attempt_0" / "1" / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
