@@ -160,8 +160,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
         if resume_dir is None:  # (a run that failed before it kept anything leaves no folder behind to sort out)
             run.folder.remove_if_nothing_kept()
         if isinstance(e, torch.cuda.OutOfMemoryError):
-            raise GpuOutOfMemory(f"the GPU ran out of memory at --batch-size {cfg.batch_size}; "
-                                 f"start again with --batch-size {max(1, cfg.batch_size // 2)}.") from None
+            raise out_of_memory(cfg.batch_size, resumed=resume_dir is not None) from None
         raise
     if not d.is_main:
         return None
@@ -446,6 +445,14 @@ def interrupted(run: Run, d: Dist) -> TrainingInterrupted:
         removed = " (its run folder removed)" if not saved and run.folder.remove_if_nothing_kept() else ""
         again = f" It stopped before its first epoch finished{removed}; start it again to continue."
     return TrainingInterrupted(f"training interrupted{where}.{again}")
+
+
+def out_of_memory(batch_size: int, resumed: bool) -> GpuOutOfMemory:
+    smaller = f"--batch-size {max(1, batch_size // 2)}"
+    if resumed:  # (--resume takes the run's own settings: a smaller batch is a new run)
+        return GpuOutOfMemory(f"the GPU ran out of memory at this run's --batch-size {batch_size}; free the GPU's memory "
+                              f"(other processes) and resume again, or start a new run with {smaller}.")
+    return GpuOutOfMemory(f"the GPU ran out of memory at --batch-size {batch_size}; start again with {smaller}.")
 
 
 def as_signalled(error: TrainingInterrupted, cause: BaseException) -> TrainingInterrupted:

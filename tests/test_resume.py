@@ -227,6 +227,23 @@ def test_cuda_out_of_memory_suggests_a_smaller_batch(reference, tmp_path, monkey
     assert "Traceback" not in result.stderr
 
 
+def test_cuda_out_of_memory_in_a_resumed_run_does_not_suggest_what_resume_ignores(reference, tmp_path, monkeypatch):
+    data, _ = reference
+    with pytest.raises(TrainingInterrupted):
+        train(config(data, tmp_path), CtrlCAt("Fine-tune epoch 2", 1))
+
+    def oom(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        yield
+
+    monkeypatch.setattr(FinetuneStage, "batches", oom)
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "train")])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == ("error: the GPU ran out of memory at this run's --batch-size 8; free the GPU's memory "
+                                    "(other processes) and resume again, or start a new run with --batch-size 4.")
+    assert (tmp_path / "train" / STATE_FILENAME).is_file()  # (still resumable)
+
+
 def test_same_seed_same_run_on_cpu(reference, tmp_path):
     data, ref = reference
     again = train(config(data, tmp_path))
