@@ -57,8 +57,10 @@ def atomic_target(path: Path):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is not None and os.fspath(e.filename) == tmp:
+            e.filename = str(path)  # (the messages name the file the user knows, not its temporary name)
         raise
 
 

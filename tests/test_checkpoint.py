@@ -56,6 +56,18 @@ def test_save_is_atomic_and_leaves_no_temp_files(saved, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
+def test_a_failed_write_names_the_file_not_its_temporary_copy(tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(files.Path, "write_bytes", full_disk)
+    with pytest.raises(OSError) as info:
+        files.atomic_write_text(tmp_path / "results.json", "{}")
+    assert info.value.filename == str(tmp_path / "results.json") and list(tmp_path.iterdir()) == []
+
+
 def test_truncated_file_is_a_clear_error(saved):
     _, path = saved
     path.write_bytes(path.read_bytes()[:1000])
