@@ -28,7 +28,11 @@ _LAZY = {
     "FinetuneError": ("errors", "FinetuneError"),
     "Reporter": ("progress", "Reporter"),
     "TrainResult": ("records", "TrainResult"),
+    "EpochRecord": ("records", "EpochRecord"),
     "EvaluationReport": ("records", "EvaluationReport"),
+    "Prediction": ("prediction", "Prediction"),
+    "LoadedModel": ("checkpoint", "LoadedModel"),
+    "ExportResult": ("exporting", "ExportResult"),
 }
 
 __all__ = [*_LAZY, "__version__"]

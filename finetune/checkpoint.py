@@ -45,6 +45,9 @@ class LoadedModel:
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.from_dict(self.meta["preprocessing"])
 
+    def __repr__(self) -> str:  # (the dataclass's printed the whole network: thousands of characters)
+        return f"LoadedModel(path={str(self.path)!r}, arch={self.meta.get('arch')!r}, classes={self.classes!r})"
+
 
 def model_metadata(arch: str, classes: list[str], pp: Preprocessing, train_config: dict, best: dict,
                    num_train: int, num_val: int, multi_layer: bool = False) -> dict:
@@ -73,13 +76,16 @@ def load_model(model: Path | str | None = None, runs_dir: Path | str = DEFAULT_R
     return read_model_file(resolve_model_path(Path(model) if model is not None else None, Path(runs_dir)))
 
 
-def as_loaded(model) -> LoadedModel:
+def as_loaded(model, default: Path | None = None, runs_dir: Path | str = DEFAULT_RUNS_DIR) -> LoadedModel:
     """`model` as the Python API takes it: a LoadedModel, or the path (str or Path) of a model file or
-    a run folder, loaded; anything else is a UsageError naming what is wanted."""
+    a run folder, loaded; None: `default` (a PredictConfig's model), else the newest run under
+    runs_dir, as the CLI without --model; anything else is a UsageError naming what is wanted."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, (str, os.PathLike)):
         return load_model(model)
+    if model is None:
+        return load_model(default, runs_dir)
     raise UsageError(f"a model is a finetune.load_model(...) result or the path of a model file or run folder "
                      f"(got {type(model).__name__}).")
 
@@ -130,7 +136,7 @@ def read_model_file(path: Path) -> LoadedModel:
         raise ModelFileError(f"{path}: the unknown rule's tensors are damaged ({e}); the file was damaged or edited.") from None
     model = model_from_state(arch, len(classes), state, path, multi_layer)
     model.eval()
-    return LoadedModel(path, model, meta, distance)
+    return LoadedModel(Path(os.path.abspath(path)), model, meta, distance)  # (absolute: the caller may change folder)
 
 
 def newest_model(runs_dir: Path) -> Path:

@@ -107,7 +107,11 @@ class TrainConfig:
         for name in _STR_FIELDS:
             if not isinstance(getattr(cfg, name), str):
                 raise UsageError(f"--{name.replace('_', '-')} must be a name (got {getattr(cfg, name)!r}).")
-        return replace(cfg, **numbers_as_python(cfg, _NUMBER_FIELDS))
+        if cfg.name is not None and not isinstance(cfg.name, str):
+            raise UsageError(f"--name must be a name (got {cfg.name!r}).")
+        if cfg.runs_dir is None:
+            raise UsageError("--runs-dir must be a path (got None).")
+        return replace(cfg, **numbers_as_python(cfg, _NUMBER_FIELDS), **flags_as_bools(cfg, _BOOL_FIELDS))
 
     def checked(self) -> "TrainConfig":
         """This config with every option checked (UsageError naming the option otherwise) and the
@@ -137,8 +141,10 @@ class TrainConfig:
             (self.feature_memory_gb >= 0, f"--feature-memory-gb must be 0 or more (got {self.feature_memory_gb})."),
             (0 < self.cache_limit_gb < math.inf, f"--cache-limit-gb must be a positive number (got {self.cache_limit_gb})."),
             (abs(self.seed) < 2**62, f"--seed must be a whole number under 2^62 (got {self.seed})."),  # (torch's take 64 bits)
-            (self.early_lr_ratio >= 0, f"early_lr_ratio must be 0 or more (got {self.early_lr_ratio})."),
-            (self.average_epochs >= 0, f"average_epochs must be 0 or more (got {self.average_epochs})."),
+            (0 <= self.early_lr_ratio < math.inf, f"early_lr_ratio must be 0 or more (got {self.early_lr_ratio})."),
+            (0 < self.backbone_lr_ratio < math.inf, f"backbone_lr_ratio must be a positive number (got {self.backbone_lr_ratio})."),
+            (0 <= self.weight_decay < math.inf, f"weight_decay must be 0 or more (got {self.weight_decay})."),
+            (0 <= self.average_epochs < math.inf, f"average_epochs must be 0 or more (got {self.average_epochs})."),
             (self.time_budget is None or 0 < self.time_budget < math.inf, f"--time-budget must be positive (got {self.time_budget})."),
             (self.patience >= 0, f"--patience must be 0 (off) or more (got {self.patience})."),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})."),
@@ -171,6 +177,7 @@ _FLOATS = ("val_split", "lr", "weight_decay", "label_smoothing", "time_budget", 
            "average_epochs", "cache_limit_gb", "feature_memory_gb")
 _NUMBER_FIELDS = {**{k: numbers.Integral for k in _INTS}, **{k: numbers.Real for k in _FLOATS}}
 _STR_FIELDS = ("arch", "layout", "device", "head_features")
+_BOOL_FIELDS = ("pretrained", "all_images", "class_weights", "freeze_backbone", "cache")
 
 
 def paths_as_paths(cfg, fields: tuple[str, ...]) -> dict:
@@ -194,6 +201,20 @@ def numbers_as_python(cfg, fields: dict[str, type]) -> dict:
             raise UsageError(f"--{name.replace('_', '-')} must be {whole} (got {value!r}).")
         if value is not None:
             found[name] = int(value) if kind is numbers.Integral else float(value)
+    return found
+
+
+def flags_as_bools(cfg, fields: tuple[str, ...]) -> dict:
+    """The yes/no fields of `cfg` as Python's bool (NumPy's too); anything else, a string above all
+    ("no" is a true value), is a UsageError naming its option."""
+    found = {}
+    for name in fields:
+        value = getattr(cfg, name)
+        numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+        if value is not None and not (isinstance(value, bool) or numpy_bool):
+            raise UsageError(f"{name} must be True or False (got {value!r}).")
+        if value is not None:
+            found[name] = bool(value)
     return found
 
 
@@ -224,7 +245,9 @@ class PredictConfig:
         for name in ("device", "layout"):
             if not isinstance(getattr(self, name), str):
                 raise UsageError(f"--{name} must be a name (got {getattr(self, name)!r}).")
-        self = replace(self, **paths, **numbers_as_python(self, _PREDICT_NUMBERS))
+        if self.runs_dir is None:
+            raise UsageError("--runs-dir must be a path (got None).")
+        self = replace(self, **paths, **numbers_as_python(self, _PREDICT_NUMBERS), **flags_as_bools(self, ("tta", "unknown")))
         _require([
             (self.top_k >= 1, f"--top-k must be at least 1 (got {self.top_k})."),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})."),
@@ -237,6 +260,16 @@ class PredictConfig:
             (self.labels is not None or self.label_columns is None, "--label-columns names the columns of --labels' CSV; pass --labels too."),
         ])
         return self
+
+
+def predict_config(cfg) -> PredictConfig:
+    """predict's and evaluate's settings, checked: None for the defaults; anything but a
+    PredictConfig (a dict, a TrainConfig) is a UsageError."""
+    if cfg is None:
+        cfg = PredictConfig()
+    if not isinstance(cfg, PredictConfig):
+        raise UsageError(f"cfg: give a finetune.PredictConfig, e.g. PredictConfig(top_k=1) (got {type(cfg).__name__}).")
+    return cfg.checked()
 
 
 _PREDICT_NUMBERS = {**{k: numbers.Integral for k in ("top_k", "batch_size", "workers", "max_pixels")},

@@ -198,7 +198,18 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int | None, shuffle:
         collate_fn=collate_skipping_failures, pin_memory=pin_memory, generator=generator,
         persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=leave_ctrl_c_to_the_main_process if workers > 0 else None,
+        multiprocessing_context=start_method_unfixed() if workers > 0 else None,
     )
+
+
+def start_method_unfixed():
+    """The start method the process would use, named rather than taken as the default: taking the
+    default fixes it for the process, and a library's caller could no longer choose one
+    (multiprocessing.set_start_method: "context has already been set")."""
+    import multiprocessing
+
+    return multiprocessing.get_context(multiprocessing.get_start_method(allow_none=True)
+                                       or multiprocessing.get_all_start_methods()[0])
 
 
 def leave_ctrl_c_to_the_main_process(_worker_id: int) -> None:

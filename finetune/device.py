@@ -18,7 +18,6 @@ def pick_device(name: str) -> torch.device:
     cuDNN's autotuning (`cudnn.benchmark`) stays off, torch's default: a run meets many shapes
     (feature batches, views, heads' checks, the last batch of each loader, BatchNorm folding's
     checks), each timed anew, and on an H200 it doubled a small run's time (BENCHMARKS.md)."""
-    limit_threads_to_usable_cores()
     name = name.lower()
     if name not in DEVICES and not name.startswith("cuda:"):
         raise UsageError(f"unknown --device '{name}'; use one of {', '.join(DEVICES)}.")
@@ -37,12 +36,42 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def limit_threads_to_usable_cores() -> None:
-    """torch's threads no more than the cores this process may use (cpus.py: a container's CPU
-    limit, which torch does not see); fewer, as OMP_NUM_THREADS or torchrun set, are left as they are."""
-    cores = usable_cores()
-    if torch.get_num_threads() > cores:
+@contextlib.contextmanager
+def threads_within_usable_cores():
+    """Within the block, torch's threads no more than the cores this process may use (cpus.py: a
+    container's CPU limit, which torch does not see); fewer, as OMP_NUM_THREADS or torchrun set,
+    are left as they are. After it, the caller's number again (the library's callers keep theirs)."""
+    before, cores = torch.get_num_threads(), usable_cores()
+    if before > cores:
         torch.set_num_threads(cores)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def torch_as_training_needs():
+    """Within the block, what training assumes of torch's process-wide state, whatever the caller
+    had set: gradients on (not inference mode: a caller inside a predict() loop had it on), float32
+    as the default dtype; torch's and Python's random streams are the caller's again after it (the
+    run seeds them for itself)."""
+    import random
+
+    python_stream, torch_stream = random.getstate(), torch.get_rng_state()
+    cuda_streams = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+        random.setstate(python_stream)
+        torch.set_rng_state(torch_stream)
+        if cuda_streams is not None:
+            torch.cuda.set_rng_state_all(cuda_streams)
 
 
 def mps_available() -> bool:

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Iterable
 
 from .checkpoint import LoadedModel, as_loaded
-from .config import PredictConfig
+from .config import PredictConfig, predict_config
 from .data import Sample, held_out_content_digest, held_out_digest
 from .errors import DataError, FinetuneError, UsageError, folder_readable
 from .layout import find_layout, sub_folders
 from .prediction import Answer, is_unknown, iter_answers
-from .progress import Reporter
+from .progress import Reporter, reporter_or_quiet
 from .records import EvaluationReport
 from .metrics import classification_report
 from .report import Measured
@@ -54,13 +54,15 @@ def labelled_images(root: Path, classes: list[str], known: dict[Path, str] | Non
     return samples["test"], skipped
 
 
-def evaluate(model: LoadedModel, data: Path | str, cfg: PredictConfig | None = None,
+def evaluate(model: LoadedModel | str | Path | None, data: Path | str, cfg: PredictConfig | None = None,
              reporter: Reporter | None = None) -> EvaluationReport:
     """Measure `model` on DATA's test split, else its val split, else DATA's class folders
     (DATA read as `cfg.layout` says, as for training); where the model learnt from these very
-    folders and they hold no test or val split, on the val images its training held out."""
-    cfg = (cfg or PredictConfig()).checked()
-    model = as_loaded(model)  # (the Python API also takes a path)
+    folders and they hold no test or val split, on the val images its training held out.
+    `model` as predict() takes it (None: `cfg.model`, else the newest run under `cfg.runs_dir`)."""
+    cfg = predict_config(cfg)
+    reporter = reporter_or_quiet(reporter)
+    model = as_loaded(model, cfg.model, cfg.runs_dir)  # (the Python API also takes a path, or None)
     if not isinstance(data, (str, os.PathLike)):
         raise UsageError(f"data: give the path of a folder of labelled images (got {type(data).__name__}).")
     with folder_readable(data):
@@ -153,7 +155,8 @@ def measure(model: LoadedModel, samples: list[Sample], cfg: PredictConfig, repor
     skipped = list(skipped or [])
     paths = [s.path for s in samples]
     kept_paths, kept_labels, answers = [], [], []
-    for sample, (answer, reason) in zip(samples, given if given is not None else iter_answers(paths, model, cfg, reporter)):
+    results = list(given if given is not None else iter_answers(paths, model, cfg, reporter))  # (to its end: its progress closed)
+    for sample, (answer, reason) in zip(samples, results, strict=True):
         if reason is not None:
             skipped.append({"path": str(sample.path), "reason": reason})
             continue

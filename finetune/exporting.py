@@ -100,13 +100,14 @@ def sidecar_dict(loaded: LoadedModel, fmt: str, max_abs_diff: float) -> dict:
     }
 
 
-def export(loaded: LoadedModel, fmt: str = "onnx", out: Path | str | None = None) -> ExportResult:
+def export(loaded: LoadedModel | str | Path | None, fmt: str = "onnx", out: Path | str | None = None) -> ExportResult:
     """Write `loaded` as ONNX or TorchScript (normalisation and softmax inside the graph) with a
-    JSON sidecar, after checking that the written file agrees with PyTorch within TOLERANCE."""
+    JSON sidecar, after checking that the written file agrees with PyTorch within TOLERANCE.
+    `loaded`: a load_model result, a model file or run folder, or None: the newest run under runs/."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got '{fmt}').")
     loaded = as_loaded(loaded)  # (the Python API also takes a path)
-    out = output_path(loaded.path, fmt, out)
+    out = Path(os.path.abspath(output_path(loaded.path, fmt, out)))  # (as the results' paths: absolute)
     if out.resolve() == loaded.path.resolve():
         raise UsageError(f"--out {out} would overwrite the model file; choose another path.")
     sidecar = out.with_name(out.name + ".json")

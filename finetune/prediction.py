@@ -11,12 +11,12 @@ from typing import Iterable, Iterator
 import torch
 
 from .checkpoint import LoadedModel, as_loaded
-from .config import PredictConfig
+from .config import PredictConfig, predict_config
 from .data import ImageFileDataset, make_loader
-from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, to_model_input
+from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, threads_within_usable_cores, to_model_input
 from .errors import UsageError
 from .fold import folded, probe_images
-from .progress import Reporter
+from .progress import Reporter, reporter_or_quiet
 from .scan import UNREADABLE_FOLDER, files_not_read, list_images
 
 GLOB_CHARS = set("*?[")
@@ -122,19 +122,23 @@ def iter_answers(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig, rep
     dataset = ImageFileDataset(paths, loaded.preprocessing, cfg.max_pixels)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
     reporter.start("Predicting", len(paths))
-    with torch.inference_mode():
+    with threads_within_usable_cores():  # (while it runs, between items too; the caller's number at its end)
         for indices, batch, failed in loader:
             by_index: dict[int, tuple] = {i: (None, reason) for i, reason in failed}
             if batch is not None:
-                x = to_model_input(batch[:, 0], device)
-                with autocast(device, amp):
-                    out = forward_in_chunks(model.logits_and_stages, x, device, amp).float()
-                    flipped = forward_in_chunks(model, x.flip(-1), device, amp).float() if cfg.tta else None
-                by_index.update({i: (a, None) for i, a in zip(indices, answers_of(out[:, :n], out[:, n:], loaded, flipped))})
+                # (no_grad, not inference_mode, and never around a yield: the caller's code runs between
+                # items, and inference mode left on there broke its autograd and a later train())
+                with torch.no_grad():
+                    x = to_model_input(batch[:, 0], device)
+                    with autocast(device, amp):
+                        out = forward_in_chunks(model.logits_and_stages, x, device, amp).float()
+                        flipped = forward_in_chunks(model, x.flip(-1), device, amp).float() if cfg.tta else None
+                    answers = answers_of(out[:, :n], out[:, n:], loaded, flipped)
+                by_index.update({i: (a, None) for i, a in zip(indices, answers)})
             for i in sorted(by_index):  # the loader keeps order; failures sit among their batch
                 yield by_index[i]
             reporter.advance(len(by_index))
-    reporter.finish()
+    reporter.finish()  # (not when the caller stops reading early: it may be saying why, a bar then would follow)
 
 
 def inference_net(loaded: LoadedModel, device: torch.device) -> torch.nn.Module:
@@ -166,7 +170,7 @@ def answers_from_rows(loaded: LoadedModel, rows: torch.Tensor, device: torch.dev
     return answers
 
 
-def predict(model: LoadedModel | str | Path, inputs: Iterable[str | Path] | str | Path, cfg: PredictConfig | None = None,
+def predict(model: LoadedModel | str | Path | None, inputs: Iterable[str | Path] | str | Path, cfg: PredictConfig | None = None,
             reporter: Reporter | None = None) -> Iterator[Prediction]:
     """One Prediction per image, in input order, each as soon as its batch is done (an iterator:
     the model, the settings and the inputs are checked when it is called, the images read as it
@@ -174,11 +178,13 @@ def predict(model: LoadedModel | str | Path, inputs: Iterable[str | Path] | str 
 
     `inputs`: image files, folders (searched recursively) and glob patterns, as on the
     command line, or one of them; an input that names nothing readable gives a Prediction with
-    an error. `model`: a load_model result, or the path of a model file or run folder.
+    an error. `model`: a load_model result, or the path of a model file or run folder; None: `cfg.model`,
+    else the newest run under `cfg.runs_dir` (given both, `model` is used).
     """
-    cfg = (cfg or PredictConfig()).checked()
+    cfg = predict_config(cfg)
+    reporter = reporter_or_quiet(reporter)
     device = pick_device(cfg.device)  # (an absent --device said now: the CSV header once came out before it)
-    model = as_loaded(model)
+    model = as_loaded(model, cfg.model, cfg.runs_dir)
     items = expand_inputs(str(i) for i in input_list(inputs))
     if not items:
         raise UsageError("no inputs: pass image files, folders, glob patterns, or - to read paths from stdin.")

@@ -15,11 +15,25 @@ class Reporter:
     def finish(self) -> None:
         """The current stage is done."""
 
-    def epoch(self, row: dict) -> None:
-        """One finished epoch's metrics (a row of metrics.csv)."""
+    def epoch(self, record) -> None:
+        """One finished epoch's metrics: an EpochRecord (`record.to_csv_row()` is its row of metrics.csv)."""
 
     def info(self, message: str) -> None:
         """Something the user may want to know (which model, which device, what was skipped)."""
 
     def warn(self, message: str) -> None:
         """Something that went wrong but did not stop the work."""
+
+
+def reporter_or_quiet(reporter) -> Reporter:
+    """The caller's reporter (a Reporter, or any object with its methods), or one that ignores
+    everything; anything else is a UsageError now rather than an AttributeError mid-run."""
+    if reporter is None:
+        return Reporter()
+    lacking = [name for name in ("start", "advance", "finish", "epoch", "info", "warn") if not callable(getattr(reporter, name, None))]
+    if lacking:
+        from .errors import UsageError
+
+        raise UsageError(f"reporter: give a finetune.Reporter (a subclass, overriding what it wants to hear); got "
+                         f"{type(reporter).__name__}, which has no {', '.join(lacking)}.")
+    return reporter

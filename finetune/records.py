@@ -99,6 +99,10 @@ class TrainResult:
     calibration: dict | None = None  # the temperature and ECE before/after on val (and test)
     unknown: dict | None = None  # the unknown rule stored in the model: threshold, share of val flagged
 
+    def __repr__(self) -> str:  # (the dataclass's printed every epoch and dict: thousands of characters)
+        return (f"TrainResult(run_dir={str(self.run_dir)!r}, best_val_acc={self.best_val_acc}, test_acc={self.test_acc}, "
+                f"epochs={self.epochs}, classes={self.classes!r})")
+
     def to_json_dict(self) -> dict:
         """The `--json` object and results.json (the history is in metrics.csv)."""
         d = {k: getattr(self, k) for k in ("best_val_acc", "best_epoch", "epochs", "classes", "num_train", "num_val",

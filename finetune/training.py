@@ -30,7 +30,7 @@ from .cache import ENV_DIR as CACHE_ENV
 from .cache import cache_for, cache_root, digest_memo_for
 from .config import TrainConfig
 from .data import DatasetSplit, held_out_content_digest, held_out_digest
-from .device import autocast_dtype, pick_device
+from .device import autocast_dtype, pick_device, threads_within_usable_cores, torch_as_training_needs
 from .distributed import (SINGLE, Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, signals_to,
                           tell_launcher_run_folder)
 from .errors import FinetuneError, GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError
@@ -38,7 +38,7 @@ from .features import FeatureExtractor, FeatureSet
 from .fit import Run, fit_stage, measure_pace
 from .models import build_classifier, get_arch
 from .weights import resolve_pretrained
-from .progress import Reporter
+from .progress import Reporter, reporter_or_quiet
 from .recipe import (choose_head, epochs_text, growth_steps, head_features, learning_order, more_images_pay,
                      plan_finetune, plan_tail, pooled_features, try_head, views_for)
 from .records import HeadChoice, Stage, TrainResult
@@ -67,12 +67,15 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
         raise UsageError(f"train() takes a TrainConfig, e.g. finetune.train(finetune.TrainConfig(data='photos')) "
                          f"(got {type(cfg).__name__}).")
     cfg = cfg.typed()
+    reporter = reporter_or_quiet(reporter)
     d, device_name = from_environment(cfg.device)
     try:
         with contextlib.ExitStack() as locks:  # (the run folder's lock, held while this process trains it)
+            locks.enter_context(torch_as_training_needs())  # (and the caller's settings given back after)
+            locks.enter_context(threads_within_usable_cores())
             if not d.active:
                 locks.enter_context(sigterm_as_ctrl_c())
-            result = _train(cfg, (reporter or Reporter()) if d.is_main else Reporter(), d, device_name, locks)
+            result = _train(cfg, reporter if d.is_main else Reporter(), d, device_name, locks)
     except KeyboardInterrupt as e:  # while starting (scan, weights): the stages handle their own
         if cfg.resume is not None:
             raise as_signalled(TrainingInterrupted(f"training interrupted before it went on; continue with: finetune train "
@@ -103,7 +106,10 @@ def _stop_as_ctrl_c(signum, frame):
 def sigterm_as_ctrl_c():
     """SIGTERM (docker stop, Slurm's scancel, a plain `timeout`) stops a run as Ctrl-C does: its
     files saved, resumable, said in one line; it killed the process where it stood. One process
-    only: under torchrun, SIGTERM is how the launcher stops the ranks (distributed.py)."""
+    only: under torchrun, SIGTERM is how the launcher stops the ranks (distributed.py). A handler of
+    the caller's own (a service using the library) is left to do its work."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return contextlib.nullcontext()
     return signals_to(_stop_as_ctrl_c, signal.SIGTERM)
 
 
@@ -156,9 +162,10 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
         run_stages(run, device, d, ResumeState.load(run.folder.state_path) if resume_dir is not None else None)
     except KeyboardInterrupt as e:
         raise as_signalled(interrupted(run, d), e) from None
-    except (torch.cuda.OutOfMemoryError, FinetuneError) as e:
+    except Exception as e:  # (a Reporter of the caller's that failed, too)
         if resume_dir is None:  # (a run that failed before it kept anything leaves no folder behind to sort out)
-            run.folder.remove_if_nothing_kept()
+            with contextlib.suppress(FinetuneError):  # (one that cannot be removed: the error that ended the run is told)
+                run.folder.remove_if_nothing_kept()
         if isinstance(e, torch.cuda.OutOfMemoryError):
             raise out_of_memory(cfg.batch_size, resumed=resume_dir is not None) from None
         raise
@@ -441,8 +448,10 @@ def interrupted(run: Run, d: Dist) -> TrainingInterrupted:
     same_processes = f" --devices {d.world}" if d.active and d.one_machine else ""
     if run.folder.state_path.is_file():
         again = f" Continue with: finetune train --resume {run.folder.path}{same_processes}"
+    elif saved:  # (stopped while the chosen head's epochs were being recorded: a model, not yet a state)
+        again = " Its training state was not saved yet, so it cannot be resumed; start it again to train further."
     else:
-        removed = " (its run folder removed)" if not saved and run.folder.remove_if_nothing_kept() else ""
+        removed = " (its run folder removed)" if run.folder.remove_if_nothing_kept() else ""
         again = f" It stopped before its first epoch finished{removed}; start it again to continue."
     return TrainingInterrupted(f"training interrupted{where}.{again}")
 

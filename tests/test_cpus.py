@@ -58,16 +58,17 @@ def test_usable_cores_are_bounded_by_the_limit(monkeypatch):
     assert cpus.usable_cores() == 64
 
 
-def test_choosing_the_device_brings_torchs_threads_down_to_the_cpu_limit(monkeypatch):
+def test_torchs_threads_come_down_to_the_cpu_limit_while_the_library_works_then_back(monkeypatch):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(4)
         monkeypatch.setattr(device, "usable_cores", lambda: 1)
-        device.pick_device("cpu")
-        assert torch.get_num_threads() == 1
+        with device.threads_within_usable_cores():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 4  # (a library's caller keeps its own setting)
         torch.set_num_threads(1)  # fewer than the cores (OMP_NUM_THREADS, torchrun): left as set
         monkeypatch.setattr(device, "usable_cores", lambda: 2)
-        device.pick_device("cpu")
-        assert torch.get_num_threads() == 1
+        with device.threads_within_usable_cores():
+            assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -272,6 +272,85 @@ def test_the_library_takes_paths_as_strings_and_wrong_types_as_one_line_errors(t
     assert typed.model == Path(run_dir) and type(typed.top_k) is int and type(typed.min_score) is float
 
 
+def test_the_library_leaves_its_callers_torch_and_process_state_as_it_found_it(trained_run, tmp_path):
+    # (as a notebook or a service calls it: each of these was changed for good, or broke the caller)
+    import random
+    import signal
+
+    model = finetune.load_model(trained_run["summary"]["run_dir"])
+    for _ in finetune.predict(model, trained_run["data"] / "val" / "dog", finetune.PredictConfig(workers=1)):
+        assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()  # (the caller's code between items)
+    code = (f"import multiprocessing, finetune; list(finetune.predict({str(model.path)!r}, {str(trained_run['data'] / 'val')!r}, "
+            f"finetune.PredictConfig(workers=1))); print(multiprocessing.get_start_method(allow_none=True))")
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)  # (a process of its own:
+    assert fresh.stdout.strip() == "None", fresh.stderr  # other tests fix it) loader workers took the default: fixed for good
+    looking = finetune.predict(model, trained_run["data"] / "val", finetune.PredictConfig(workers=0))
+    next(looking)  # (a notebook looks at the first prediction, then trains)
+    own_handler = lambda signum, frame: None  # noqa: E731
+    previous_handler = signal.signal(signal.SIGTERM, own_handler)
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    try:
+        random.seed(12345)
+        torch.manual_seed(12345)
+        python_stream, torch_stream = random.getstate(), torch.get_rng_state()
+        torch.set_default_dtype(torch.float64)
+        torch.set_num_threads(threads + 3)
+        with torch.no_grad():
+            result = finetune.train(finetune.TrainConfig(data=trained_run["data"], runs_dir=tmp_path / "runs", arch="efficientnet_lite0",
+                                                         img_size=64, epochs=2, views=1, tail_epochs=1, workers=0, batch_size=8))
+            assert not torch.is_grad_enabled()
+        assert result.best_val_acc == 1.0
+        assert random.getstate() == python_stream and torch.equal(torch.get_rng_state(), torch_stream)
+        assert torch.get_default_dtype() == torch.float64 and torch.get_num_threads() == threads + 3
+        assert signal.getsignal(signal.SIGTERM) is own_handler
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, previous_handler)
+    looking.close()
+    assert len(repr(model)) < 300 and len(repr(result)) < 300 and str(model.path) in repr(model)
+
+
+def test_library_reports_and_settings_are_checked_and_runs_that_fail_leave_nothing(trained_run, tmp_path, monkeypatch):
+    run_dir, data = trained_run["summary"]["run_dir"], trained_run["data"]
+    events = []
+
+    class Recorder(finetune.Reporter):
+        def start(self, description, total):
+            events.append("start")
+
+        def finish(self):
+            events.append("finish")
+
+    report = finetune.evaluate(run_dir, data, finetune.PredictConfig(workers=0), Recorder())
+    assert report.num_images == 9 and events == ["start", "finish"]  # (the progress bar was never closed)
+    monkeypatch.chdir(tmp_path)
+    assert finetune.load_model(None, Path(run_dir).parent).path.is_absolute()
+    assert [p.label for p in finetune.predict(None, data / "val" / "dog" / "dog_0.jpg",
+                                              finetune.PredictConfig(model=run_dir, workers=0))] == ["dog"]
+    for call, says in ((lambda: finetune.predict(run_dir, "x.jpg", {"top_k": 1}), "cfg: give a finetune.PredictConfig"),
+                       (lambda: finetune.evaluate(run_dir, data, finetune.TrainConfig()), "cfg: give a finetune.PredictConfig"),
+                       (lambda: finetune.predict(run_dir, "x.jpg", None, reporter=5), "reporter: give a finetune.Reporter")):
+        with pytest.raises(finetune.FinetuneError, match=says):
+            call()
+    for wrong, says in (({"pretrained": "no"}, "pretrained must be True or False"), ({"name": 5}, "--name must be a name"),
+                        ({"runs_dir": None}, "--runs-dir must be a path"), ({"weight_decay": float("nan")}, "weight_decay must be"),
+                        ({"backbone_lr_ratio": -1.0}, "backbone_lr_ratio must be a positive")):
+        with pytest.raises(finetune.FinetuneError, match=says):
+            finetune.TrainConfig(data=data, **wrong).checked()
+    with pytest.raises(finetune.FinetuneError, match="tta must be True or False"):
+        finetune.PredictConfig(tta="yes").checked()
+
+    class Broken(finetune.Reporter):
+        def epoch(self, record):
+            raise ValueError("the caller's bug")
+
+    with pytest.raises(ValueError, match="the caller's bug"):
+        finetune.train(finetune.TrainConfig(data=data, runs_dir=tmp_path / "runs", arch="efficientnet_lite0", img_size=64,
+                                            epochs=2, views=1, tail_epochs=0, workers=0, batch_size=8), Broken())
+    assert list((tmp_path / "runs").iterdir()) == []  # (the failed run's config-only folder stayed)
+
+
 def test_a_run_resumed_in_the_head_stage_keeps_its_own_copy_of_the_best_model(tmp_path):
     from finetune.data import DatasetSplit
     from finetune.fit import Run
