@@ -20,11 +20,14 @@ from .errors import DataError, UsageError
 from .images import is_candidate_image
 
 SPLIT_NAMES = {
-    "train": ("train", "training", "trn"),
+    "train": ("train", "training", "trn", "trainval"),  # (trainval: PASCAL VOC's train + val, trained on)
     "val": ("val", "valid", "validation", "dev"),
     "test": ("test", "testing", "eval", "holdout"),
 }
-IGNORED_NAMES = frozenset({"__MACOSX", "__pycache__", "Thumbs.db", "desktop.ini"})
+# Folders and files that systems keep beside people's own: macOS's zips, Windows, and NAS boxes
+# (Synology's @eaDir holds a thumbnail folder per photo, QNAP's .@__thumb is hidden anyway).
+IGNORED_NAMES = frozenset({"__MACOSX", "__pycache__", "Thumbs.db", "desktop.ini", "@eaDir", "#recycle", "@Recycle",
+                           "#snapshot", "$RECYCLE.BIN", "System Volume Information"})
 MAX_WRAPPERS = 3  # DATA/archive/dataset/train/... : folders holding one folder and no images are looked through
 LAYOUT_HELP = "auto | classes | train=DIR[,val=DIR][,test=DIR] (folders relative to DATA)"
 
@@ -50,11 +53,18 @@ def holds_images(folder: Path) -> bool:
     return any(p.is_file() and not is_hidden(p.name) and is_candidate_image(p) for p in folder.iterdir())
 
 
+def word_role(word: str) -> str | None:
+    """The split a word names, also run together with 'set' or a year (`trainset`, `train2017`,
+    `val2014`), as COCO-style and many Kaggle datasets name them."""
+    stem = re.sub(r"(sets?|data)?\d*$", "", word)
+    return next((role for role, names in SPLIT_NAMES.items() if word in names or stem in names), None)
+
+
 def split_role(name: str) -> str | None:
     """'train', 'val' or 'test' when a folder's name says so: any letter case, alone or joined
-    to other words by _ - . or a space (`Training`, `seg_train`, `train-set`, `Test Set`)."""
+    to other words by _ - . or a space (`Training`, `seg_train`, `train-set`, `Test Set`, `trainset`)."""
     words = [w for w in re.split(r"[_\-.\s]+", name.lower()) if w]
-    roles = {role for role, names in SPLIT_NAMES.items() if any(w in names for w in words)}
+    roles = {role for w in words if (role := word_role(w)) is not None}
     return roles.pop() if len(roles) == 1 else None
 
 
@@ -62,7 +72,7 @@ def folder_role(folder: Path) -> str | None:
     """The split a folder is, by its name; a name that only contains a split word (`test_tubes`)
     counts only when the folder also holds class folders, as splits do, and no images."""
     role = split_role(folder.name)
-    if role is None or folder.name.lower() in SPLIT_NAMES[role]:
+    if role is None or word_role(folder.name.lower()) == role:  # (the name is the split word: `test`, `testset`)
         return role
     return role if sub_folders(folder) and not holds_images(folder) else None
 
@@ -132,6 +142,22 @@ def look_through_wrappers(data: Path) -> Path:
     return root
 
 
+WRAPPER_NAMES = ("images", "imgs", "img", "data", "dataset")
+
+
+def inside_split_wrapper(split: Path, role: str) -> Path:
+    """The folder of class folders of a split folder that holds one folder and no images, named
+    as a wrapper is (Kaggle's `seg_train/seg_train/<class>`, `train/train/`, `train/images/`);
+    else the split folder itself (a val/ holding a single class folder stays as it is)."""
+    inner = sub_folders(split)
+    if len(inner) != 1 or holds_images(split) or holds_images(inner[0]):
+        return split
+    name = inner[0].name.lower()
+    if name == split.name.lower() or word_role(name) == role or name in WRAPPER_NAMES:
+        return inner[0]
+    return split
+
+
 def guess_layout(root: Path) -> Layout:
     folders = sub_folders(root)
     by_role: dict[str, list[Path]] = {}
@@ -180,14 +206,21 @@ def split_layout(root: Path, folders: list[Path], by_role: dict[str, list[Path]]
         names = ", ".join(f.name for f in folders)
         raise DataError(f"{train}: named like a split folder, but it holds no class folders. If {names} are your classes, "
                         f"pass --layout classes; if they are splits, put each class's images into its own folder ({train}/<class>/).")
-    layout = Layout(root, {"train": train}, "split folders")
+    layout = Layout(root, {"train": inside_split_wrapper(train, "train")}, "split folders")
     for role in ("val", "test"):
         if role in by_role:
             folder = by_role[role][0]
             if sub_folders(folder):
-                layout.splits[role] = folder
+                layout.splits[role] = inside_split_wrapper(folder, role)
             else:
                 layout.notes.append(f"{folder.name}/ holds no class folders (images without labels?): not used")
+    for role, folder in layout.splits.items():  # (Kaggle's seg_train/seg_train/<class>, train/images/<class>)
+        if folder != by_role[role][0]:
+            layout.notes.append(f"{role}: read inside {folder.relative_to(root)}/ (the only folder in {by_role[role][0].name}/)")
+    overlap = overlapping_splits(layout.splits)
+    if overlap:  # (val/ a link to train/: every val image a training image)
+        raise DataError(f"{root}: {overlap}; each split needs a folder of its own (remove the link, or leave val out to "
+                        f"hold out part of train).")
     for other in others:
         if holds_images(other) or sub_folders(other):
             raise DataError(f"{other}: a folder of images beside the split folders ({', '.join(p.name for p in layout.splits.values())}) "

@@ -39,7 +39,9 @@ class TreeReader:
     def images(self, folder: Path) -> list[Path]:
         found: list[Path] = []
         real = os.path.realpath(folder)
-        if real not in self.seen_dirs:
+        if real in self.seen_dirs:  # (val/cat a link to train/cat: its images are not val's; said, not passed over)
+            self.skipped.append({"path": str(folder), "reason": f"a folder already read ({real}): its images are read there"})
+        else:
             self._walk(folder, real, real, found)
             # Links after every real entry: a file reached both ways is listed where it really is
             # (cat/dogs_link -> ../dog sorts before dog/, and predict listed dog's images under it).
@@ -191,16 +193,19 @@ def _holds_images_if_readable(folder: Path) -> bool:
 
 
 def look_alike_classes(classes: list[str], advice: str = "they are {n} classes; give them one name if they are one") -> list[str]:
-    """A note for each group of class names that differ only in case or in Unicode form ('Dog' and
-    'dog'; 'café' typed on Linux and on a Mac, which stores é as e and an accent): they print alike
-    and are separate classes, which is seldom what was meant."""
+    """A note for each group of class names that differ only in case, in Unicode form ('Dog' and
+    'dog'; 'café' typed on Linux and on a Mac, which stores é as e and an accent) or in spaces
+    ('cat ' with a trailing space, a no-break space): they print alike and are separate classes,
+    which is seldom what was meant."""
     groups: dict[str, list[str]] = {}
     for c in classes:
-        groups.setdefault(unicodedata.normalize("NFC", c).casefold(), []).append(c)
+        groups.setdefault(" ".join(unicodedata.normalize("NFC", c).casefold().split()), []).append(c)
     notes = []
     for alike in (g for g in groups.values() if len(g) > 1):
         composed = {unicodedata.normalize("NFC", c) for c in alike}
-        ways = [way for way, differs in (("case", len(composed) > 1),
+        spaced = {" ".join(c.split()) for c in composed}
+        ways = [way for way, differs in (("case", len(spaced) > 1),
+                                         ("spaces", len({c.casefold() for c in composed}) > len({c.casefold() for c in spaced})),
                                          ("how their letters are encoded", any(c not in composed for c in alike))) if differs]
         notes.append(f"classes {' and '.join(repr(c) for c in alike)} differ only in {' and '.join(ways)}: "
                      f"{advice.format(n=len(alike))}")
@@ -219,13 +224,15 @@ def loose_images(folders: list[Path]) -> list[dict]:
 
 
 def require_known_classes(root: Path, classes: list[str], train_root: Path, exact: bool) -> None:
-    """val must hold the training classes; test may hold fewer, but none the model cannot know."""
+    """val and test may hold fewer classes than train (a class with no val image is noted, as an
+    empty class folder was), but none the model cannot know; val's missing classes are named
+    beside such a one (a typo: `fox` for `dog`)."""
     have = [p.name for p in sub_folders(root)]
     missing = sorted(set(classes) - set(have)) if exact else []
     extra = sorted(set(have) - set(classes))
-    if missing or extra:
-        detail = "; ".join(x for x in (f"missing in {root.name}: {', '.join(missing)}" if missing else "",
-                                       f"not in train: {', '.join(extra)}" if extra else "") if x)
+    if extra:
+        detail = "; ".join(x for x in (f"missing in {root.name}: {', '.join(map(visible, missing))}" if missing else "",
+                                       f"not in train: {', '.join(map(visible, extra))}" if extra else "") if x)
         # (names that print alike: 'café' from a Mac and from Linux; 'Dog' and 'dog')
         alike = look_alike_pairs(missing or classes, extra, "give both folders one name")
         raise DataError(f"{root}: {root.name} class folders differ from {train_root} ({detail}{alike}). "
@@ -363,6 +370,11 @@ def imbalance_detail(classes: list[str], counts: list[int], listed: int = 6) -> 
 
 def shown_name(name: str) -> str:
     return name if name.isprintable() else repr(name)
+
+
+def visible(name: str) -> str:
+    """A name as printed in a message, quoted where spaces at its ends or odd characters would not show."""
+    return repr(name) if name != name.strip() or not name.isprintable() or "\xa0" in name else name
 
 
 def is_imbalanced(counts: list[int]) -> bool:

@@ -101,6 +101,70 @@ def test_a_test_folder_without_class_folders_is_noted_not_used(tmp_path):
     assert not split.test and split.notes == ["test/ holds no class folders (images without labels?): not used"]
 
 
+@pytest.mark.parametrize("train, val, test, expected", [  # (each was read as classes named trainset/testset, ...)
+    ("trainset", None, "testset", "train = trainset (2 classes, 10 images); val = 20% of train (seed 0)"),
+    ("train2017", "val2017", "test2017", "train = train2017 (2 classes, 10 images), val = val2017 (4)"),
+    ("trainval", None, "test", "train = trainval (2 classes, 10 images); val = 20% of train (seed 0)"),  # (PASCAL VOC)
+])
+def test_split_folders_named_with_set_or_a_year_are_splits(tmp_path, train, val, test, expected):
+    data = splits(tmp_path / "data", train, {val: 2} if val else {})
+    for i in range(3):  # (a flat folder of unlabelled images, as Kaggle and COCO ship their test split)
+        make_image(data / test / f"{i}.jpg", (9, 9, 9), seed=i)
+    split = read(data)
+    assert split.classes == list(CLASSES) and split.read_as == expected
+    assert split.notes == [f"{test}/ holds no class folders (images without labels?): not used"]
+
+
+def test_a_split_folder_wrapping_its_class_folders_is_looked_through(tmp_path):
+    data = tmp_path / "data"  # (Kaggle's Intel scenes: seg_train/seg_train/<class>, seg_test/seg_test/<class>)
+    splits(data, "seg_train/seg_train", {"seg_test/seg_test": 2})
+    split = read(data)
+    assert split.classes == list(CLASSES) and len(split.test) == 4
+    assert split.notes == ["train: read inside seg_train/seg_train/ (the only folder in seg_train/)",
+                           "test: read inside seg_test/seg_test/ (the only folder in seg_test/)"]
+    other = tmp_path / "other"
+    splits(other, "train/images", {"val/images": 2})
+    assert read(other).read_as == "train = train/images (2 classes, 10 images), val = val/images (4)"
+    single = tmp_path / "single"  # (a val/ holding one class folder is not a wrapper: its class stays a class)
+    splits(single, "train", {})
+    make_class_tree(single / "val", 2, classes=("cat",))
+    assert [s.path.parent.name for s in read(single).val] == ["cat", "cat"]
+
+
+def test_a_nas_boxs_thumbnail_folders_are_not_classes_nor_images(tmp_path):
+    data = make_class_tree(tmp_path / "data", 3, classes=CLASSES)
+    for c in CLASSES:  # (Synology keeps a folder of thumbnails for each photo, beside it)
+        make_image(data / c / "@eaDir" / f"{c}_0.jpg" / "SYNOPHOTO_THUMB_S.jpg", (1, 2, 3))
+    make_image(data / "@eaDir" / "cat" / "SYNOPHOTO_THUMB_M.jpg", (1, 2, 3))
+    split = read(data)
+    assert split.classes == list(CLASSES) and len(split.train) + len(split.val) == 6
+
+
+def test_a_val_folder_that_is_a_link_to_trains_is_refused_or_listed(tmp_path):
+    data = splits(tmp_path / "data", "train", {})
+    make_class_tree(data / "val", 2, classes=("dog",))
+    os.symlink("../train/cat", data / "val" / "cat")  # (its "val" images would be training images: none are)
+    split = read(data)
+    assert not [s for s in split.val if s.path.parent.name == "cat"]
+    assert {"path": str(data / "val" / "cat"), "reason": f"a folder already read ({os.path.realpath(data / 'train' / 'cat')}): "
+                                                        "its images are read there"} in split.skipped
+    whole = splits(tmp_path / "whole", "train", {})
+    os.symlink("train", whole / "val")  # (it said "no readable validation images left after skipping bad files")
+    with pytest.raises(DataError, match=f"val is the same folder as train \\({re.escape(str(whole / 'train'))}\\); each split"):
+        read(whole)
+
+
+def test_class_names_that_differ_in_spaces_are_noted_and_shown_quoted(tmp_path):
+    data = make_class_tree(tmp_path / "data", 2, classes=("cat", "cat ", "dog\u00a0", "dog"))
+    assert read(data).notes == ["classes 'cat' and 'cat ' differ only in spaces: they are 2 classes; give them one name if "
+                                "they are one", "classes 'dog' and 'dog\\xa0' differ only in spaces: they are 2 classes; give "
+                                "them one name if they are one"]
+    make_class_tree(tmp_path / "s" / "train", 3, classes=("cat", "dog"))
+    make_class_tree(tmp_path / "s" / "val", 2, classes=("cat ", "dog"))
+    with pytest.raises(DataError, match="missing in val: cat; not in train: 'cat '; classes 'cat' and 'cat ' differ only in spaces"):
+        read(tmp_path / "s")
+
+
 def test_bad_explicit_layouts_are_usage_errors(tmp_path):
     data = splits(tmp_path / "data", "train", {"test": 2})
     result = runner.invoke(app, ["train", str(data), "--runs-dir", str(tmp_path / "runs"), "--layout", "train:x", *FAST_TRAIN_ARGS])
