@@ -168,6 +168,13 @@ def guess_layout(root: Path) -> Layout:
         if looks_like_splits(folders):
             names = [f.name for f in folders]
             shared = sorted(set.intersection(*({p.name for p in sub_folders(f)} for f in folders)))
+            if all(split_role(name) for name in shared):  # (cat/train, cat/test, dog/train, ...: classes first)
+                raise DataError(
+                    f"{root}: its folders {', '.join(names[:4])}{', ...' if len(names) > 4 else ''} each hold split folders "
+                    f"({', '.join(shared)}): the splits are inside the classes. finetune reads them the other way round: "
+                    f"move the images to {root.name}/{min(shared, key=lambda n: split_role(n) != 'train')}/<class>/... (one "
+                    f"folder per split, each holding the class "
+                    f"folders); --layout classes would mix the splits.")
             raise DataError(
                 f"{root}: its folders {', '.join(names)} each hold the same folders ({', '.join(shared[:4])}"
                 f"{', ...' if len(shared) > 4 else ''}), as split folders do, but are not named like splits. If they are "

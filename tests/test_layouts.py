@@ -93,6 +93,15 @@ def test_structure_says_splits_when_names_do_not(tmp_path):
     assert result.exit_code == 1 and "--layout" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_classes_holding_split_folders_are_refused_with_the_way_round_said(tmp_path):
+    data = tmp_path / "data"
+    for c in CLASSES:  # (it said: pass --layout train=cat,test=dog, or --layout classes: both train on the wrong thing)
+        make_class_tree(data / c, 2, classes=("train", "test"))
+    with pytest.raises(DataError, match=r"its folders cat, dog each hold split folders \(test, train\): the splits are "
+                                        r"inside the classes.*move the images to data/train/<class>/"):
+        read(data)
+
+
 def test_a_test_folder_without_class_folders_is_noted_not_used(tmp_path):
     data = tmp_path / "data"
     make_class_tree(data / "train", 4, classes=CLASSES)
