@@ -170,7 +170,9 @@ class RunFolder:
             return {"count": None, "file": None, "note": note}
         path = self.path / "suspects.csv"
         write_csv(path, suspects, SUSPECT_COLUMNS)
-        return {"count": len(suspects), "file": str(path), "note": note}
+        claimed = sum(1 for s in suspects if s["suggested"])
+        return {"count": len(suspects), "another_class": claimed, "unlike_others": len(suspects) - claimed,
+                "file": str(path), "note": note}
 
     @_writes
     def write_report(self, content, max_pixels: int) -> dict:

@@ -65,6 +65,22 @@ def test_human_summary_without_json(trained, tmp_path):
     assert result.exit_code == 0
     assert "val acc" in result.stdout and "kept epoch" in result.stdout and "model.safetensors" in result.stdout
     assert not result.stdout.lstrip().startswith("{")
+    # (clean colour classes: the least typical image of the set is listed, as on every run, but it is no label error)
+    assert "suspected label errors" not in result.stdout and "1 image least like the others, to look at" in result.stdout
+    assert "the unknown rule was set on 9 val images, too few to place it surely" in result.stderr
+
+
+def test_the_summary_says_how_many_test_images_the_unknown_rule_would_leave_without_a_label(trained, capsys):
+    from dataclasses import replace
+
+    from finetune.cli.output import show_train_result
+    from finetune.records import TrainResult
+
+    result = TrainResult(**{**{k: v for k, v in trained["summary"].items() if k in TrainResult.__dataclass_fields__},
+                            "run_dir": Path(trained["summary"]["run_dir"]), "model": Path(trained["summary"]["model"])})
+    show_train_result(replace(result, num_test=12, test_acc=1.0, test={"unknown": {"flagged": 2}}), class_weights=False)
+    assert ("unknown: 2 of 12 test images would be answered unknown (label null; finetune predict --no-unknown answers a "
+            "class for every image)") in capsys.readouterr().out
 
 
 def predict(trained, *args, input=None):

@@ -245,8 +245,15 @@ def show_train_result(result, class_weights: bool) -> None:
     stdout.print(Text(f"model: {result.model}"))
     stdout.print(Text(f"plots: {', '.join(result.plots)}; metrics: {result.run_dir / 'metrics.csv'}"))
     if result.suspects and result.suspects.get("count"):
-        n = result.suspects["count"]
-        stdout.print(Text(f"suspected label errors: {n} training image{'s' if n != 1 else ''} (listed in {result.suspects['file']})"))
+        # (the least typical images are listed on every run, a share of the set: not label errors by themselves)
+        claimed, unlike = result.suspects["another_class"], result.suspects["unlike_others"]
+        said = [f"suspected label errors: {claimed} training image{'s' if claimed != 1 else ''} another class claims"] if claimed else []
+        said += [f"{unlike} image{'s' if unlike != 1 else ''} least like the others, to look at"] if unlike else []
+        stdout.print(Text(f"{'; '.join(said)} (listed in {result.suspects['file']})"))
+    flagged = ((result.test or {}).get("unknown") or {}).get("flagged")
+    if flagged:  # (their label is null in predict's output: a script should know before it reads them)
+        stdout.print(Text(f"unknown: {flagged} of {result.num_test} test images would be answered unknown (label null; "
+                          f"finetune predict --no-unknown answers a class for every image)"))
     if result.report:
         stdout.print(Text(f"report: {result.report['path']}"))
 
