@@ -2,9 +2,11 @@
 (`path,label`, `filename,class`, `image_id,dx`, sometimes with a `split` column).
 
 Paths are looked up in DATA (as written, or without their extension, as `image_id` columns
-often are) or, failing that, beside the CSV. Rows that name no file, rows without a label,
-and files listed twice are skipped with the reason; a file listed under two labels is not
-used at all (its label is in doubt).
+often are), beside the CSV, or, for a bare file name, in whichever sub-folder of DATA holds the
+one file of that name (HAM10000's images lie in two part folders). Rows that name no file, rows
+without a label, and files listed twice are skipped with the reason; a file listed under two
+labels is not used at all (its label is in doubt). Images in DATA that no row names are counted
+in a note.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import DatasetSplit, Sample
@@ -22,16 +25,23 @@ from .images import JPEG2000_EXTENSIONS, is_candidate_image
 from .layout import split_role
 from .scan import drop_duplicates, held_out, list_images, look_alike_classes, stratified_split
 
-PATH_COLUMNS = ("path", "filepath", "file_path", "filename", "file_name", "file", "image", "image_path", "image_name",
-                "img", "image_id", "id", "name")
+# (in order of preference: a header with `id` and `fname` means the file by `fname`)
+PATH_COLUMNS = ("path", "filepath", "file_path", "filename", "file_name", "fname", "file", "image", "image_path", "img_path",
+                "image_name", "img", "image_id", "id", "name")
 LABEL_COLUMNS = ("label", "class", "class_name", "category", "target", "labels", "dx", "diagnosis", "species")
-SPLIT_COLUMNS = ("split", "set", "subset", "partition")
+# (fastai's `is_valid` and its kin hold True/False: true marks a validation row)
+SPLIT_COLUMNS = ("split", "set", "subset", "partition", "is_valid", "is_val")  # (not `valid`: it may mean "usable")
+TRUE_WORDS = frozenset({"true", "1", "yes"})
+FALSE_WORDS = frozenset({"false", "0", "no"})
+# Excel writes `sep=;` as a CSV's first line to say which delimiter it used
+DELIMITER_LINE = re.compile(r'"?sep=([^\r\n"])"?[ \t]*(\r?\n|$)', re.IGNORECASE)
 
 
 @dataclass
 class LabelledRows:
     rows: dict[str, list[tuple[Path, str]]]  # split role -> (image file, label); rows without a split are "train"
     columns: tuple[str, str, str | None]  # the path, label and split columns used
+    notes: list[str] = field(default_factory=list)  # what was seen and not used (images no row names)
 
 
 def read_labels_csv(data: Path, csv_path: Path, columns: str | None, skipped: list[dict]) -> LabelledRows:
@@ -40,29 +50,36 @@ def read_labels_csv(data: Path, csv_path: Path, columns: str | None, skipped: li
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             text = f.read()
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter_of(text.split("\n", 1)[0]))
+        declared, text = declared_delimiter(text)
+        # (skipinitialspace: in `"a.png", "red"` the space is no part of the value, and the quotes are not either)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=declared or delimiter_of(text.split("\n", 1)[0]),
+                                skipinitialspace=True)
         header = reader.fieldnames or []
         path_col, label_col, split_col = pick_columns(header, columns, csv_path)
-        lines = [(n, row) for n, row in enumerate(reader, start=2)]
+        skipped_lines = 1 if declared else 0  # (the `sep=` line: line numbers are the file's, as an editor shows them)
+        lines = [(reader.line_num + skipped_lines, row) for row in reader]
     except (UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{csv_path}: not a readable CSV file ({e}). Save it as UTF-8 CSV with a header row.") from None
     find = FileFinder(data, csv_path.parent)
+    true_role = split_for_true(split_col) if split_col else None
+    named: set[str] = set()  # (absolute paths of the files rows name: the others in DATA are noted)
     first_line: dict[Path, tuple[int, str, str]] = {}
     doubtful: set[Path] = set()
     rows: dict[str, list[tuple[Path, str]]] = {}
     for n, row in lines:
         where = f"{csv_path.name} line {n}"
         value, label = (row.get(path_col) or "").strip(), (row.get(label_col) or "").strip()
-        role = row_split(row.get(split_col) if split_col else None, where, csv_path)
+        role = row_split(row.get(split_col) if split_col else None, where, csv_path, true_role)
         try:
             path = find(value) if value else None
         except AmbiguousName as e:
-            names = " and ".join(p.name for p in e.paths)
-            skipped.append({"path": value, "reason": f"{where} names {names} alike: write the extension in the CSV"})
+            named.update(os.path.abspath(p) for p in e.paths)
+            skipped.append({"path": value, "reason": ambiguity_reason(e.paths, where, data)})
             continue
         if path is None:
             skipped.append({"path": value or where, "reason": f"listed in {where} but no such image file in {data}"})
             continue
+        named.add(os.path.abspath(path))
         if not label:
             skipped.append({"path": str(path), "reason": f"a row without a label in {where}: that row not used"})
             continue
@@ -78,7 +95,30 @@ def read_labels_csv(data: Path, csv_path: Path, columns: str | None, skipped: li
     for path, (_, label, role) in first_line.items():
         if path not in doubtful:
             rows.setdefault(role, []).append((path, label))
-    return LabelledRows(rows, (path_col, label_col, split_col))
+    unlisted = [p for p in find.images if os.path.abspath(p) not in named]
+    return LabelledRows(rows, (path_col, label_col, split_col), [unlisted_note(unlisted, data, csv_path)] if unlisted else [])
+
+
+def declared_delimiter(text: str) -> tuple[str | None, str]:
+    """The delimiter an Excel `sep=;` first line declares, and the text after that line; (None,
+    text) where there is no such line."""
+    declaration = DELIMITER_LINE.match(text)
+    return (declaration.group(1), text[declaration.end():]) if declaration else (None, text)
+
+
+def unlisted_note(unlisted: list[Path], data: Path, csv_path: Path) -> str:
+    """A CSV that covers only part of DATA is seldom meant to: say how many images no row names."""
+    n, example = len(unlisted), Path(os.path.relpath(unlisted[0], data)).as_posix()
+    return (f"{n:,} image{'s' if n != 1 else ''} in {data.name}/ {'are' if n != 1 else 'is'} in no row of "
+            f"{csv_path.name} (not used; e.g. {example})")
+
+
+def ambiguity_reason(paths: list[Path], where: str, data: Path) -> str:
+    if len({p.parent for p in paths}) == 1:  # (a.jpg and a.png side by side, named `a`)
+        return f"{where} names {' and '.join(p.name for p in paths)} alike: write the extension in the CSV"
+    places = ", ".join(Path(os.path.relpath(p, data)).as_posix() for p in paths[:3])
+    return (f"{where} names a file found at {len(paths)} places in {data.name}/ ({places}{', ...' if len(paths) > 3 else ''}): "
+            f"not used; write its folder in the CSV")
 
 
 def delimiter_of(header: str) -> str:
@@ -97,11 +137,12 @@ def pick_columns(header: list[str], columns: str | None, csv_path: Path) -> tupl
         named = [c.strip() for c in columns.split(",")]
         if len(named) not in (2, 3) or not all(named):
             raise UsageError(f"--label-columns '{columns}': give PATH,LABEL or PATH,LABEL,SPLIT column names.")
-        missing = [c for c in named if c not in header]
+        found = [header_column(c, header) for c in named]
+        missing = [c for c, h in zip(named, found) if h is None]
         if missing:
             raise DataError(f"{csv_path}: no column {missing[0]!r} (its columns: {', '.join(header)}).")
-        return named[0], named[1], named[2] if len(named) == 3 else None
-    by_name = {h.strip().lower(): h for h in header}
+        return found[0], found[1], found[2] if len(found) == 3 else None
+    by_name = {usual_spelling(h): h for h in header}
     find = lambda names: next((by_name[n] for n in names if n in by_name), None)  # noqa: E731
     path_col, label_col = find(PATH_COLUMNS), find(LABEL_COLUMNS)
     if path_col is None or label_col is None:
@@ -111,28 +152,69 @@ def pick_columns(header: list[str], columns: str | None, csv_path: Path) -> tupl
     return path_col, label_col, find(SPLIT_COLUMNS)
 
 
-def row_split(value: str | None, where: str, csv_path: Path) -> str:
+def header_column(name: str, header: list[str]) -> str | None:
+    """The header's column a --label-columns name means: as written, else ignoring the spaces
+    around header names (`Label ` in `Image Path, Label `: no spelling on the command line has
+    them), else in any letter case; None where no column, or more than one, matches."""
+    if name in header:
+        return name
+    for key in (str.strip, lambda h: h.strip().casefold()):
+        matches = [h for h in header if key(h) == key(name)]
+        if len(matches) == 1:
+            return matches[0]
+    return None
+
+
+def usual_spelling(column: str) -> str:
+    """A header name as the usual names are spelled: `Image Path` and `image-path` are image_path."""
+    return re.sub(r"[\s\-]+", "_", column.strip().lower())
+
+
+def split_for_true(column: str) -> str | None:
+    """The split a true value in a True/False split column puts its row in: val, as fastai's
+    `is_valid` means (or test, for a column named like `is_test`); None for a column named
+    for training (`is_train`: what its false rows are is anyone's guess)."""
+    role = split_role(column.strip())
+    return "val" if role is None else None if role == "train" else role
+
+
+def row_split(value: str | None, where: str, csv_path: Path, true_role: str | None = None) -> str:
     if value is None or not value.strip():
         return "train"
-    role = split_role(value.strip())
+    role = split_role(value.strip()) or boolean_split(value.strip(), true_role)
     if role is None:
         raise DataError(f"{csv_path}: split '{value.strip()}' in {where} is not train, val or test (nor a name like them: "
-                        f"training, valid, testing, ...). Fix the CSV or name another split column with --label-columns.")
+                        f"training, valid, testing, ...; nor True/False in a column like is_valid). Fix the CSV or name "
+                        f"another split column with --label-columns.")
     return role
 
 
+def boolean_split(value: str, true_role: str | None) -> str | None:
+    """True/False in a split column (fastai's `is_valid`): true puts the row in `true_role`, false in train."""
+    if true_role is None:
+        return None
+    word = value.lower()
+    return true_role if word in TRUE_WORDS else "train" if word in FALSE_WORDS else None
+
+
 class AmbiguousName(Exception):
+    """A name that fits several files: a.jpg and a.png named `a`, or a file name found in two sub-folders."""
+
     def __init__(self, paths: list[Path]):
         super().__init__(paths)
         self.paths = paths
 
 
 class FileFinder:
-    """Finds the file a CSV row names: relative to DATA, without its extension, or beside the CSV."""
+    """Finds the file a CSV row names: relative to DATA, without its extension, beside the CSV,
+    or, for a bare file name, wherever under DATA the one file of that name is."""
 
     def __init__(self, data: Path, csv_folder: Path):
         self.data, self.csv_folder = data, csv_folder
-        images = list_images(data) if data.is_dir() else []
+        self.images = images = list_images(data) if data.is_dir() else []
+        # (every image by its file name and by its stem, wherever under DATA: made when a row first needs them)
+        self._by_name: dict[str, list[Path]] | None = None
+        self._by_name_stem: dict[str, list[Path]] = {}
         self.by_rel = {Path(os.path.relpath(p, data)).as_posix(): p for p in images}
         self.by_stem: dict[str, Path] = {}
         self.others: dict[str, list[Path]] = {}  # a stem's other files (not JPEG 2000 originals): a name without extension is ambiguous
@@ -165,7 +247,35 @@ class FileFinder:
             return self.csv_folder / value
         if "\\" in value:  # a CSV written on Windows (imgs\a.png); a file may hold a backslash in its name here
             return self(value.replace("\\", "/"))
+        if "/" not in rel:  # (a folder in the path says where the file is: not looked for elsewhere)
+            return self.anywhere(rel)
         return None
+
+    def anywhere(self, name: str) -> Path | None:
+        """The one image under DATA, in any sub-folder, whose file name is `name` (with or without
+        its extension); None where there is none, AmbiguousName where there are several."""
+        by_name = self.names()
+        if name in by_name:
+            files = by_name[name]
+        else:
+            stem = name.rsplit(".", 1)[0] if is_candidate_image(Path(name)) else name
+            files = self._by_name_stem.get(stem, [])
+            alike = [p for p in files if p.suffix.lower() == Path(name).suffix.lower()]
+            # (a JPEG 2000 original beside its JPEG copy: the name without its extension means the copy)
+            files = alike or [p for p in files if p.suffix.lower() not in JPEG2000_EXTENSIONS] or files
+        if len(files) > 1:
+            raise AmbiguousName(files)
+        return files[0] if files else None
+
+    def names(self) -> dict[str, list[Path]]:
+        """Every image under DATA by its file name (and, in _by_name_stem, by its stem): made once,
+        from the listing already made, on the first row that needs it (50,000 rows: one pass)."""
+        if self._by_name is None:
+            self._by_name = {}
+            for p in self.images:
+                self._by_name.setdefault(p.name, []).append(p)
+                self._by_name_stem.setdefault(p.name.rsplit(".", 1)[0], []).append(p)
+        return self._by_name
 
 
 def scan_labelled(data: Path, csv_path: Path, columns: str | None, val_split: float | None, seed: int,
@@ -197,10 +307,10 @@ def scan_labelled(data: Path, csv_path: Path, columns: str | None, val_split: fl
         if not val:
             raise DataError(f"{csv_path}: too few images to hold any out for validation; add rows.")
     split = DatasetSplit(classes, train, val, "labels CSV", skipped, test=samples.get("test", []), leakage=leakage,
-                         notes=look_alike_classes(classes))
+                         notes=[*found.notes, *look_alike_classes(classes)])
     parts = [f"train = {len(train) + (0 if 'val' in samples else len(val)):,} rows ({len(classes)} classes)"]
     parts += [f"{role} = {len(samples[role]):,} rows" for role in ("val", "test") if role in samples]
-    cols = ", ".join(c for c in found.columns if c)
+    cols = ", ".join(c.strip() for c in found.columns if c)
     split.read_as = f"{csv_path.name} (columns {cols}): " + ", ".join(parts) + (
         "" if "val" in samples else f"; val = {held_out(val_split, len(val), len(train) + len(val))} (seed {seed})")
     return split

@@ -215,6 +215,9 @@ def test_images_outside_every_class_folder_are_listed_and_counted_by_kind(tmp_pa
     ("DICOM, not read: export the images as PNG, whose 16-bit greyscale is kept", "DICOM"),
     ("200x200 pixels is over the 10,000-pixel limit (possible decompression bomb)", "pixel limit"),
     ("cannot decode: image file is truncated", "could not be decoded"),
+    ("labels.csv line 3 names a.jpg and a.png alike: write the extension in the CSV", "CSV names fitting several files"),
+    ("labels.csv line 3 names a file found at 2 places in HAM/ (p1/a.jpg, p2/a.jpg): not used; write its folder in the CSV",
+     "CSV names fitting several files"),  # (both were counted as "could not be decoded")
 ])
 def test_checks_skip_summary_counts_each_reason_by_its_kind(reason, kind):
     from finetune.cli.output import _reason_kind

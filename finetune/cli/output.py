@@ -315,7 +315,9 @@ REASON_STARTS = (("not an image file", "not an image file"), ("DICOM", "DICOM"),
                  ("a row without a label", "CSV rows without a label"), ("listed again", "listed twice in the CSV"),
                  ("labelled", "labels in doubt"))
 REASON_AFTER_SIZE = (("-pixel limit", "pixel limit"), (": aspect ratio", "aspect ratio"),
-                     (" needs a Pillow plugin", "needs a Pillow plugin"))
+                     (" needs a Pillow plugin", "needs a Pillow plugin"),
+                     ("write the extension in the CSV", "CSV names fitting several files"),
+                     ("write its folder in the CSV", "CSV names fitting several files"))
 
 
 def _reason_kind(reason: str) -> str:
