@@ -212,7 +212,7 @@ def stop_for_the_time_budget(stage, run: Run, epoch: int, epoch_seconds: float) 
 
 
 def early_stop_message(patience: int) -> str:
-    return f"early stop: no better val accuracy for {patience} epochs"
+    return f"early stop: no better val epoch (higher accuracy, or as high with a lower loss) for {patience} epochs"
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:

@@ -75,7 +75,9 @@ def best_val_epoch(history: list[EpochRecord]) -> int:
 
 @dataclass
 class EarlyStopping:
-    """Ends a stage after `patience` epochs without a better val accuracy (0: never)."""
+    """Ends a stage after `patience` epochs without a better val epoch (0: never): a higher accuracy,
+    or as high with a lower loss, as the kept epoch is chosen (on small val sets accuracy soon
+    stops moving while the loss still falls)."""
 
     patience: int
     stopped_stage: Stage | None = None  # the last stage it ended

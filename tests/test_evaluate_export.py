@@ -373,7 +373,7 @@ def test_patience_stops_early(run, tmp_path):
                                  "--epochs", "40", "--patience", "2"])
     summary = json.loads(result.stdout)
     assert summary["stopped_early"] and summary["epochs"] < 40
-    assert result.stderr.count("early stop: no better val accuracy for 2 epochs") == 1
+    assert result.stderr.count("early stop: no better val epoch (higher accuracy, or as high with a lower loss) for 2 epochs") == 1
     with open(Path(summary["run_dir"]) / "metrics.csv", newline="") as f:
         history = [(float(r["val_acc"]), float(r["val_loss"])) for r in csv.DictReader(f)]
     best_val = max(range(len(history)), key=lambda i: (history[i][0], -history[i][1], -i)) + 1

@@ -47,7 +47,7 @@ def train(
     workers: Annotated[Optional[int], typer.Option(help=f"Image-loading processes (default: cores - 1, at most {MAX_WORKERS}, shared among the ranks under torchrun; 0 loads in the main process).", show_default=False)] = TRAIN.workers,
     runs_dir: Annotated[Path, typer.Option(parser=given_path, help="Where run folders are created.")] = TRAIN.runs_dir,
     name: Annotated[Optional[str], typer.Option(help="Run folder name (default 'train'; numbered if taken, never overwritten).", show_default=False)] = TRAIN.name,
-    patience: Annotated[int, typer.Option(help="Early stopping: end a stage after N epochs without a better val accuracy (0: off).")] = TRAIN.patience,
+    patience: Annotated[int, typer.Option(help="Early stopping: end a stage after N epochs without a better val epoch (higher accuracy, or as high with a lower loss; 0: off).")] = TRAIN.patience,
     class_weights: Annotated[bool, typer.Option("--class-weights", help="Weight the loss by inverse class frequency, for imbalanced folders.")] = TRAIN.class_weights,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy loss (0: off).")] = TRAIN.label_smoothing,
     max_images_per_class: Annotated[Optional[int], typer.Option(help="Quick trials: use at most N images per class (train, val and test, seeded choice).", show_default=False)] = TRAIN.max_images_per_class,
