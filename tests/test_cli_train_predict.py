@@ -186,7 +186,9 @@ def test_predict_reports_unreadable_inputs_and_exits_1(trained, tmp_path):
     assert [r["path"] for r in records] == [good, str(bad), str(tmp_path / "missing.png")]
     assert "label" in records[0]
     assert "error" in records[1] and "error" in records[2] and records[2]["error"] == "file not found"
-    assert "2 of 3 inputs could not be predicted" in result.stderr
+    assert "2 of 3 inputs could not be predicted (see their 'error' field)" in result.stderr
+    table = predict(trained, good, str(bad), "--format", "table")  # (the table has no 'error' field to see)
+    assert table.exit_code == 1 and "1 of 2 inputs could not be predicted (their rows in the table say why)" in table.stderr
 
 
 def test_predict_names_dicom_files_and_folders_without_images(trained, tmp_path):

@@ -67,7 +67,8 @@ def predict(
         raise interrupted(f"no predictions were written (--format {fmt} writes them all at its end)." if fmt in ("json", "table")
                           else "the predictions above are complete, the rest were not made.")
     if failures:
-        stderr.print(f"{failures} of {total} inputs could not be predicted (see their 'error' field).", style="yellow", markup=False)
+        where = "their rows in the table say why" if fmt == "table" else "see their 'error' field"
+        stderr.print(f"{failures} of {total} inputs could not be predicted ({where}).", style="yellow", markup=False)
         raise typer.Exit(1)
 
 
