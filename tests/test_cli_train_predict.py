@@ -83,6 +83,20 @@ def test_the_summary_says_how_many_test_images_the_unknown_rule_would_leave_with
             "class for every image)") in capsys.readouterr().out
 
 
+def test_other_tools_option_names_are_answered_with_ours(tmp_path):
+    def said(*args):
+        result = runner.invoke(app, [*args])
+        assert result.exit_code == 2 and result.stdout == ""
+        return " ".join(result.stderr.replace("│", " ").split())
+
+    # (click's close matches gave "--help, --name" for --model and "--json, --labels, --seed" for --bs)
+    assert "No such option: --model (Possible options: --arch)" in said("train", str(tmp_path), "--model", "resnet18")
+    assert "No such option: --bs (Possible options: --batch-size)" in said("train", str(tmp_path), "--bs", "8")
+    assert "No such option: --data (the data folder is the first argument: finetune train DATA)" in said("train", "--data", "x")
+    assert "(Possible options: --batch-size)" in said("predict", "x.jpg", "--bs", "8")
+    assert "--batch-size" not in said("cache", "--bs", "8")  # (only where the command has it)
+
+
 def predict(trained, *args, input=None):
     return runner.invoke(app, ["predict", *args, "--runs-dir", str(trained["runs"]), "--workers", "0"], input=input)
 

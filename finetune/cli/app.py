@@ -16,7 +16,38 @@ from ..config import DEFAULT_VAL_FRACTION, VAL_CAP, PredictConfig, TrainConfig
 from ..progress import Reporter
 from .output import reader_gone, say_error, stdout
 
+# Options as fastai, Ultralytics, timm or the PyTorch tutorial name them: an unknown one is
+# answered with ours (click's close matches missed these: --model gave "--help, --name").
+OTHER_TOOLS_OPTIONS = {"--model": "--arch", "--bs": "--batch-size", "--batch": "--batch-size", "--imgsz": "--img-size",
+                       "--image-size": "--img-size", "--lr0": "--lr", "--epoch": "--epochs", "--num-workers": "--workers",
+                       "--freeze": "--freeze-backbone", "--project": "--runs-dir", "--pretrained-weights": "--weights",
+                       "--initial-checkpoint": "--weights", "--valid-pct": "--val-split", "--val-size": "--val-split"}
+POSITIONAL_DATA = ("--data", "--data-dir", "--dataset")
+
+
+class Commands(typer.core.TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as e:  # (typer's own NoSuchOption class lives in a private module)
+            if type(e).__name__ == "NoSuchOption" and getattr(e, "ctx", None) is not None:
+                said_as_ours(e)
+            raise
+
+
+def said_as_ours(e) -> None:
+    """An unknown option of another tool's, answered with this command's own, where it has it."""
+    command = e.ctx.command
+    ours = {opt for p in command.params for opt in getattr(p, "opts", [])}
+    if e.option_name in POSITIONAL_DATA and any(p.name == "data" for p in command.params):
+        e.message = f"No such option: {e.option_name} (the data folder is the first argument: finetune {command.name} DATA)"
+        e.possibilities = None
+    elif OTHER_TOOLS_OPTIONS.get(e.option_name) in ours:
+        e.possibilities = [OTHER_TOOLS_OPTIONS[e.option_name]]
+
+
 app = typer.Typer(
+    cls=Commands,
     help="Train an image classifier from a folder of labelled images, then predict with it.",
     no_args_is_help=True,
     add_completion=True,
