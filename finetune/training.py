@@ -117,6 +117,9 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
     started = time.perf_counter()
     resume_dir = Path(os.path.abspath(cfg.resume)) if cfg.resume is not None else None  # (results' paths: absolute)
     cfg = (config_for_resume(resume_dir) if resume_dir is not None else cfg).checked()
+    # (DATA absolute, as spelt: the files results.json lists, skipped and leaked ones, and suspects.csv's,
+    # read from anywhere, as its run folder and model are; links kept, as the user named them)
+    cfg = replace(cfg, data=Path(os.path.abspath(cfg.data)))
     if resume_dir is not None:  # (through rank 0 to every rank: one rank stopping alone left the others waiting)
         share_outcome(d, lambda: locks.enter_context(training_lock(resume_dir)))
     refuse_output_inside_input(cfg.runs_dir, cfg.data)

@@ -292,3 +292,14 @@ def test_an_imbalance_of_many_classes_is_told_by_its_ends():
     classes = [f"c{i}" for i in range(46)] + ["new\nline", "rare"]  # (48 names on one line; a newline broke it)
     counts = list(range(10, 56)) + [60, 1]
     assert imbalance_detail(classes, counts) == "48 classes; largest 'new\\nline' 60, c45 55; smallest c0 10, rare 1"
+
+
+def test_the_files_results_list_are_absolute_when_data_is_given_relative(image_folder, tmp_path, monkeypatch):
+    (image_folder / "train" / "cat" / "broken.jpg").write_bytes(b"junk")
+    monkeypatch.chdir(image_folder.parent)  # (they were relative to where training ran: README says absolute)
+    result = train_cli(Path(image_folder.name), tmp_path / "runs", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["skipped"][0]["path"] == str(image_folder / "train" / "cat" / "broken.jpg")
+    rows = (Path(summary["run_dir"]) / "suspects.csv").read_text().splitlines()[1:]
+    assert rows and all(Path(row.split(",")[0]).is_absolute() for row in rows)
