@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import ModelFileError, WeightsError
+from .config import MODEL_FILENAME
 from .files import FORMAT, file_digest, looks_like_safetensors, read_safetensors
 
 if TYPE_CHECKING:
@@ -37,7 +38,9 @@ def resolve_pretrained(spec: ArchSpec, weights_file: Path | None) -> tuple[dict,
     then a download through torchvision.
     """
     if weights_file is not None:
-        return read_weights_file(weights_file), str(weights_file)
+        if weights_file.is_dir() and (weights_file / MODEL_FILENAME).is_file():  # (a run folder, as --model takes one)
+            weights_file = weights_file / MODEL_FILENAME
+        return read_weights_file(weights_file, spec.name), str(weights_file)
     if spec.pretrained_loader is not None:  # timm: its own cache (the Hugging Face hub's)
         return spec.pretrained_loader(), f"timm pretrained weights ({spec.name})"
     local = local_weights_path(spec)
@@ -72,10 +75,11 @@ def download_state_dict(url: str) -> dict:
     return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True, weights_only=True)
 
 
-def read_weights_file(path: Path) -> dict:
-    """A state dict from .safetensors (a finetune model file included) or a weights-only torch file."""
+def read_weights_file(path: Path, arch: str | None = None) -> dict:
+    """A state dict from .safetensors (a finetune model file included: of `arch`, where given) or a
+    weights-only torch file."""
     if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found. Pass an existing state dict file to --weights.")
+        raise WeightsError(f"{path}: weights file not found. Pass an existing state dict file (or a run folder) to --weights.")
     if path.suffix == ".safetensors" or looks_like_safetensors(path):  # (a model file copied to best.pt is one)
         try:
             state, meta = read_safetensors(path)
@@ -83,6 +87,9 @@ def read_weights_file(path: Path) -> dict:
             raise WeightsError(f"{path}: not a readable safetensors file (truncated, or of another format). "
                                f"{STATE_DICT_HINT}") from None
         if meta.get("format") == FORMAT:  # a model we trained: reuse its backbone
+            if arch is not None and meta.get("arch") not in (None, arch):  # (its tensors' names said only "120 missing")
+                raise WeightsError(f"{path}: a finetune model of {meta['arch']}, not of {arch}; pass --arch {meta['arch']} "
+                                   f"to start from it.")
             state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         return state
     try:

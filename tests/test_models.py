@@ -93,6 +93,13 @@ def test_a_finetune_model_file_can_seed_another_training(image_folder, tmp_path)
 
     renamed = shutil.copy(model_file, tmp_path / "best.pt")  # (known by its bytes: "not a weights file torch.save wrote")
     assert weights.read_weights_file(renamed).keys() == weights.read_weights_file(Path(model_file)).keys()
+    run_dir = Path(model_file).parent  # (a run folder, as --model takes: "weights file not found")
+    third = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(tmp_path / "c"), "--json", "--weights", str(run_dir),
+                                *FAST_TRAIN_ARGS])
+    assert third.exit_code == 0, third.stderr
+    assert json.loads(third.stdout)["weights"] == model_file
+    with pytest.raises(WeightsError, match="a finetune model of efficientnet_lite0, not of resnet18; pass --arch efficientnet_lite0"):
+        weights.resolve_pretrained(models.get_arch("resnet18"), run_dir)  # (it said "120 missing ... tensors")
 
 
 def test_no_pretrained_needs_no_weights(torch_home, offline, image_folder, tmp_path):
