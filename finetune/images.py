@@ -78,6 +78,23 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 DICOM_REASON = "DICOM, not read: export the images as PNG, whose 16-bit greyscale is kept"
 
 
+# How image files begin, whatever their name says: (offset, bytes, the suffix that kind takes).
+IMAGE_MARKS = ((0, b"\xff\xd8\xff", ".jpg"), (0, b"\x89PNG\r\n\x1a\n", ".png"), (0, b"GIF8", ".gif"),
+               (0, b"II*\x00", ".tif"), (0, b"MM\x00*", ".tif"), (8, b"WEBP", ".webp"), (4, b"ftypheic", ".heic"),
+               (4, b"ftypheix", ".heic"), (4, b"ftypmif1", ".heic"), (4, b"ftypavif", ".avif"))
+
+
+def suffix_by_content(path: Path) -> str | None:
+    """The suffix of the image kind a file's first bytes show (None: none we know, or unreadable):
+    a photo saved without its extension, an iPhone's HEIC renamed to .jpg."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    return next((suffix for at, mark, suffix in IMAGE_MARKS if head[at:at + len(mark)] == mark), None)
+
+
 def is_dicom(path: Path) -> bool:
     """By its suffix, or its "DICM" mark at byte 128: exported series often have names without
     one, such as 1.2.840.113619.2.55.3.1."""
@@ -168,6 +185,10 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
     except Image.UnidentifiedImageError:
         if suffix in PLUGIN_EXTENSIONS and not pillow_reads(suffix):  # (Pillow reads AVIF itself from 11.2)
             raise ImageDecodeError(f"{suffix} needs a Pillow plugin: pip install {PLUGIN_EXTENSIONS[suffix]}") from None
+        actual = suffix_by_content(path)
+        if actual in PLUGIN_EXTENSIONS and not pillow_reads(actual):  # (an iPhone's HEIC renamed to .jpg)
+            raise ImageDecodeError(f"a {actual[1:].upper()} image named {suffix or 'without a suffix'}: it needs a Pillow "
+                                   f"plugin: pip install {PLUGIN_EXTENSIONS[actual]}") from None
         if _size_or_none(path) == 0:
             raise ImageDecodeError("empty file (0 bytes)") from None
         if is_dicom(path):

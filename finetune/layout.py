@@ -28,7 +28,8 @@ SPLIT_NAMES = {
 # (Synology's @eaDir holds a thumbnail folder per photo, QNAP's .@__thumb is hidden anyway).
 IGNORED_NAMES = frozenset({"__MACOSX", "__pycache__", "Thumbs.db", "desktop.ini", "@eaDir", "#recycle", "@Recycle",
                            "#snapshot", "$RECYCLE.BIN", "System Volume Information"})
-MAX_WRAPPERS = 3  # DATA/archive/dataset/train/... : folders holding one folder and no images are looked through
+MAX_WRAPPERS = 6  # DATA/archive/dataset/train/... : folders holding one folder and no images are looked through
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
 LAYOUT_HELP = "auto | classes | train=DIR[,val=DIR][,test=DIR] (folders relative to DATA)"
 
 
@@ -86,6 +87,8 @@ def find_layout(data: Path, layout: str = "auto") -> Layout:
         if data.suffix.lower() in (".csv", ".tsv", ".txt"):  # (a labels file given as DATA)
             raise DataError(f"{data}: is a file, not a folder. For labels from a CSV: DATA is the folder its paths are in, "
                             f"and --labels {data} names the CSV.")
+        if data.name.lower().endswith(ARCHIVE_SUFFIXES):
+            raise DataError(f"{data}: an archive; unpack it (e.g. unzip {data.name}) and give the folder it makes as DATA.")
         raise DataError(f"{data}: is a file, not a folder. Give a folder of class folders (DATA/<class>/*.jpg).")
     if layout == "classes":
         return Layout(data, {"train": data}, "class folders")

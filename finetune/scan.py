@@ -15,7 +15,7 @@ from .config import DEFAULT_VAL_FRACTION, MIN_CAPPED_VAL, VAL_CAP
 from .data import DatasetSplit, Sample
 from .digests import DigestMemo, file_digests, is_unreadable
 from .errors import DataError
-from .images import DICOM_REASON, is_candidate_image, is_dicom
+from .images import DICOM_REASON, is_candidate_image, is_dicom, suffix_by_content
 from .layout import Layout, holds_images, is_hidden, sub_folders
 
 IMBALANCE_RATIO = 3.0  # largest class / smallest class at which training warns
@@ -124,8 +124,13 @@ def _not_a_file_reason(path: Path) -> str:
 
 
 def not_an_image_reason(path: Path) -> str:
-    """Why a file is not read; for DICOM, what to do instead."""
-    return DICOM_REASON if is_dicom(path) else "not an image file"
+    """Why a file is not read; for DICOM, or an image whose name lacks its extension, what to do instead."""
+    if is_dicom(path):
+        return DICOM_REASON
+    suffix = suffix_by_content(path)
+    if suffix is not None:  # (it said "not an image file" of a photo saved without its extension)
+        return f"an image ({suffix[1:].upper()}) whose name does not end in an image extension: not read; rename it to end in {suffix}"
+    return "not an image file"
 
 
 def list_images(folder: Path, skipped: list[dict] | None = None) -> list[Path]:
@@ -150,7 +155,13 @@ def read_split(data: Path, found: Layout, val_split: float | None, seed: int, me
     classes = [p.name for p in sub_folders(train_root)]
     if len(classes) < 2:
         have = f"only '{classes[0]}'" if classes else "none"
-        raise DataError(f"{train_root}: need at least 2 class folders (e.g. {train_root}/cats/, {train_root}/dogs/), found {have}.")
+        inside = f" If the classes are inside {train_root / classes[0]}, give that folder as DATA" if classes and len(
+            sub_folders(train_root / classes[0])) >= 2 else ""
+        beside = loose_images([train_root]) if inside else []
+        if beside:  # (an image beside a wrapper folder kept it from being looked through)
+            inside += f" (the image beside it, {Path(beside[0]['path']).name}, kept it from being looked into)"
+        raise DataError(f"{train_root}: need at least 2 class folders (e.g. {train_root}/cats/, {train_root}/dogs/), found "
+                        f"{have}.{inside}{'.' if inside else ''}")
     for role in ("val", "test"):
         if role in found.splits:
             require_known_classes(found.splits[role], classes, train_root, exact=role == "val")

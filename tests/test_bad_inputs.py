@@ -71,6 +71,7 @@ SKIP_CASES = {
     "bad-crc.png": (bad_crc_png, "cannot decode"),
     "bomb.png": (bomb, "over the 10,000-pixel limit"),
     "photo.heic": (heic, "pip install pillow-heif"),
+    "iphone.jpg": (heic, "a HEIC image named .jpg: it needs a Pillow plugin: pip install pillow-heif"),  # ("format not recognised")
     # where Pillow reads AVIF itself (11.2 on), a damaged one is that, not a missing plugin
     "damaged.avif": (gif_garbage, "or a damaged one" if pillow_reads(".avif") else "pip install pillow-avif-plugin"),
     "broken.gif": (gif_garbage, "or a damaged one"),

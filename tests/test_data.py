@@ -272,6 +272,10 @@ def test_dicom_files_are_named_as_such_by_their_suffix_or_their_mark(tmp_path):
     assert not_an_image_reason(tmp_path / "1.2.840.10008").startswith("DICOM, not read")
     assert not_an_image_reason(tmp_path / "notes.txt") == "not an image file"
     assert not_an_image_reason(tmp_path / "gone.bin") == "not an image file"
+    make_image(tmp_path / "photo.jpg", (1, 2, 3))
+    (tmp_path / "photo.jpg").rename(tmp_path / "photo")  # (saved without its extension: "not an image file")
+    assert not_an_image_reason(tmp_path / "photo") == ("an image (JPG) whose name does not end in an image extension: not "
+                                                       "read; rename it to end in .jpg")
 
 
 @pytest.mark.parametrize("cores, ranks_here, expected", [(16, None, 8), (16, "4", 3), (16, "8", 1), (2, None, 1), (2, "2", 1)])

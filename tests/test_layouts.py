@@ -140,6 +140,22 @@ def test_a_split_folder_wrapping_its_class_folders_is_looked_through(tmp_path):
     assert [s.path.parent.name for s in read(single).val] == ["cat", "cat"]
 
 
+def test_a_wrapper_that_was_not_looked_through_is_named_with_the_way_on(tmp_path):
+    data = tmp_path / "download"
+    make_class_tree(data / "dataset", 2, classes=CLASSES)
+    make_image(data / "preview.jpg", (1, 2, 3))  # (it said only "found only 'dataset'")
+    with pytest.raises(DataError, match=r"found only 'dataset'\. If the classes are inside .*download/dataset, give that folder "
+                                        r"as DATA \(the image beside it, preview\.jpg, kept it from being looked into\)\.$"):
+        read(data)
+    deep = tmp_path / "deep"
+    make_class_tree(deep / "a" / "b" / "c" / "d" / "e", 2, classes=CLASSES)  # (five wrappers: "found only 'd'")
+    assert read(deep).classes == list(CLASSES)
+    archive = tmp_path / "photos.zip"
+    archive.write_bytes(b"PK\x03\x04")
+    with pytest.raises(DataError, match="photos.zip: an archive; unpack it \\(e.g. unzip photos.zip\\)"):
+        read(archive)
+
+
 def test_a_nas_boxs_thumbnail_folders_are_not_classes_nor_images(tmp_path):
     data = make_class_tree(tmp_path / "data", 3, classes=CLASSES)
     for c in CLASSES:  # (Synology keeps a folder of thumbnails for each photo, beside it)
