@@ -90,6 +90,20 @@ def as_loaded(model, default: Path | None = None, runs_dir: Path | str = DEFAULT
                      f"(got {type(model).__name__}).")
 
 
+def export_details(path: Path) -> dict | None:
+    """What `finetune info` shows of an export (ONNX, TorchScript): its sidecar, which names the
+    model it came from; None where `path` is no export of finetune's."""
+    import json
+
+    if path.suffix == ".json" or exported_from(path) is None:
+        return None
+    try:
+        sidecar = json.loads(path.with_name(path.name + ".json").read_text())
+        return {"path": str(Path(os.path.abspath(path))), "file_size": path.stat().st_size, **sidecar}
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def exported_from(path: Path) -> str | None:
     """The model file an export (or its .json sidecar) was made from, where `path` is one."""
     import json

@@ -192,11 +192,15 @@ def info(
 
     Example: finetune info runs/train
     """
-    try:
-        loaded = load_model_or_newest(model, PREDICT.runs_dir)
-    except FinetuneError as e:
-        raise fail(e)
-    details = {"path": str(loaded.path), "file_size": loaded.path.stat().st_size, **loaded.meta}
+    from ..checkpoint import export_details
+
+    details = export_details(model) if model.is_file() else None  # (an export: its sidecar says what it is)
+    if details is None:
+        try:
+            loaded = load_model_or_newest(model, PREDICT.runs_dir)
+        except FinetuneError as e:
+            raise fail(e)
+        details = {"path": str(loaded.path), "file_size": loaded.path.stat().st_size, **loaded.meta}
     if json_out:
         echo_json(details)
     else:
