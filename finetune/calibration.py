@@ -118,22 +118,27 @@ class FeatureDistance:
         return cls(mean.float(), comps, scales.float(), rest.float())
 
 
-FEW_VAL = 100  # below this many val images the rule's quantile is their largest distance: see distance_threshold
-FEW_VAL_KEEP = 0.95  # there, what the prediction bound aims to keep (0.99 let X-rays pass for photos: 20 val images)
+FEW_VAL_KEEP = 0.95  # on few val images, what the prediction bound aims to keep (0.99 let X-rays pass for photos: 20 val images)
+
+
+def too_few_to_place(n: int) -> bool:
+    """Whether KEEP_CORRECT's quantile of n distances is simply their largest (n up to 100)."""
+    return (n - 1) * (1 - KEEP_CORRECT) < 1
 
 
 def distance_threshold(val_distance: torch.Tensor, val_correct: torch.Tensor) -> float:
     """The distance beyond which an image is unknown: it keeps KEEP_CORRECT of the val images the
     model got right (all val images when it got none right), and MARGIN more.
 
-    On fewer than FEW_VAL images that quantile is their largest distance, and a new image of the
-    same kind lies beyond the largest of n with chance 1/(n+1): 17% of a 12-image val set's own kind
-    were called unknown. There the threshold is at least the upper prediction bound of a log-normal
-    fitted to them (Student's t: the fewer the images, the wider), which aims at the same KEEP_CORRECT."""
+    On up to 100 images that quantile is their largest distance, and a new image of the same kind
+    lies beyond the largest of n with chance 1/(n+1): 17% of a 12-image val set's own kind were
+    called unknown. There the threshold is at least the FEW_VAL_KEEP upper prediction bound of a
+    log-normal fitted to them (Student's t: the fewer the images, the wider); not higher, as 0.99
+    would be: on 20 val images it let most X-rays pass for ants and bees (BENCHMARKS.md)."""
     basis = (val_distance[val_correct] if val_correct.any() else val_distance).float()
     threshold = float(torch.quantile(basis, KEEP_CORRECT, interpolation="higher"))
     n = len(basis)
-    if 3 <= n < FEW_VAL:
+    if n >= 3 and too_few_to_place(n):
         logs = basis.clamp_min(1e-12).log()
         bound = float(logs.mean() + student_t_quantile(FEW_VAL_KEEP, n - 1) * logs.std() * (1 + 1 / n) ** 0.5)
         threshold = max(threshold, float(torch.tensor(bound).exp()))
@@ -164,8 +169,11 @@ def calibrate(val_logits: torch.Tensor, val_labels: torch.Tensor, train_features
                    "val_ece_after": ece_of((val_logits / t).softmax(1), labels)["ece"]}
     distance = FeatureDistance.of(train_features)
     val_distance = distance(val_features)
-    threshold = distance_threshold(val_distance, val_logits.argmax(1) == val_labels)
-    unknown = {"score": "distance", "threshold": threshold, "keep_correct_val": KEEP_CORRECT,
+    correct = val_logits.argmax(1) == val_labels
+    threshold = distance_threshold(val_distance, correct)
+    set_on = int(correct.sum()) or len(correct)  # (the images the threshold was placed on)
+    unknown = {"score": "distance", "threshold": threshold, "keep_correct_val": KEEP_CORRECT, "set_on_val_images": set_on,
+               "few_val_bound": FEW_VAL_KEEP if too_few_to_place(set_on) else None,
                "components": int(distance.components.shape[1]), "train_images": len(train_features),
                "val_flagged": float((val_distance > threshold).float().mean()),
                "how": "Mahalanobis distance of the backbone's pooled features of every stage from the training images' (shrunk covariance), RMS per dimension"}

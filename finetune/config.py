@@ -178,6 +178,7 @@ _FLOATS = ("val_split", "lr", "weight_decay", "label_smoothing", "time_budget", 
 _NUMBER_FIELDS = {**{k: numbers.Integral for k in _INTS}, **{k: numbers.Real for k in _FLOATS}}
 _STR_FIELDS = ("arch", "layout", "device", "head_features")
 _BOOL_FIELDS = ("pretrained", "all_images", "class_weights", "freeze_backbone", "cache")
+_MAYBE_FIELDS = ("freeze_backbone",)  # yes/no fields where None means "planned"
 
 
 def paths_as_paths(cfg, fields: tuple[str, ...]) -> dict:
@@ -211,10 +212,11 @@ def flags_as_bools(cfg, fields: tuple[str, ...]) -> dict:
     for name in fields:
         value = getattr(cfg, name)
         numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
-        if value is not None and not (isinstance(value, bool) or numpy_bool):
+        if value is None and name in _MAYBE_FIELDS:  # (None: decided during the run)
+            continue
+        if not (isinstance(value, bool) or numpy_bool):
             raise UsageError(f"{name} must be True or False (got {value!r}).")
-        if value is not None:
-            found[name] = bool(value)
+        found[name] = bool(value)
     return found
 
 

@@ -59,8 +59,11 @@ def torch_as_training_needs():
     run seeds them for itself)."""
     import random
 
-    python_stream, torch_stream = random.getstate(), torch.get_rng_state()
+    python_stream, torch_stream, seed = random.getstate(), torch.get_rng_state(), torch.initial_seed()
+    # (CUDA's streams where it runs already; where it does not, torch.manual_seed queued the caller's
+    # seed for it, which the run's seeds replace: that seed is queued again after)
     cuda_streams = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    mps_stream = torch.mps.get_rng_state() if mps_available() else None
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
@@ -72,6 +75,10 @@ def torch_as_training_needs():
         torch.set_rng_state(torch_stream)
         if cuda_streams is not None:
             torch.cuda.set_rng_state_all(cuda_streams)
+        elif torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+        if mps_stream is not None:
+            torch.mps.set_rng_state(mps_stream)
 
 
 def mps_available() -> bool:

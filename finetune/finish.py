@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .calibration import FEW_VAL, calibrate, uncalibrated
+from .calibration import calibrate, too_few_to_place, uncalibrated
 from .data import ImageFileDataset, Sample, make_loader
 from .device import autocast, autocast_dtype, to_model_input
 from .fit import Run
@@ -81,8 +81,8 @@ def calibrate_run(run: Run, device: torch.device) -> None:
     run.reporter.info(f"calibration: temperature {c['temperature']:.3f}, val ECE {c['val_ece_before']:.4f} -> "
                       f"{c['val_ece_after']:.4f}; unknown beyond distance {run.unknown['threshold']:.2f} "
                       f"({run.unknown['val_flagged']:.1%} of val)")
-    if len(val_features) < FEW_VAL:
-        run.reporter.warn(f"the unknown rule was set on {len(val_features)} val images, too few to place it surely: predict "
+    if too_few_to_place(run.unknown["set_on_val_images"]):
+        run.reporter.warn(f"the unknown rule was set on {run.unknown['set_on_val_images']} val images, too few to place it surely: predict "
                           f"may answer some images of your classes unknown (label null) or miss foreign ones; "
                           f"finetune predict --no-unknown answers a class for every image")
 

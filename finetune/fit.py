@@ -36,8 +36,8 @@ SUM_EVERY_STEPS = 256  # steps whose losses and hits wait on the device before t
 
 
 def trained_on(cfg: TrainConfig, val_digest: str, val_content: str) -> dict:
-    """The data and labels file a model learnt from, as absolute paths (train_config keeps them as
-    typed, relative to where train ran), and the digests of the val images it held out, of their
+    """The data and labels file a model learnt from, as absolute paths with links resolved
+    (train_config keeps DATA absolute as spelt, links kept), and the digests of the val images it held out, of their
     names (data.held_out_digest) and of their contents (data.held_out_content_digest): evaluate knows
     DATA again from anywhere, whether reading it again finds the same val images, and a copy of it."""
     return {"data": str(Path(cfg.data).resolve()), "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,

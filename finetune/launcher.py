@@ -114,6 +114,9 @@ def with_run_folder(outcome: LaunchOutcome, run_dir: Path | None, devices: int, 
     folder = RunFolder(run_dir)
     if folder.state_path.is_file():
         hint = f"continue with: finetune train --resume {run_dir} --devices {devices}"
+    elif folder.model_path.is_file():  # (as a one-process run says it: training.interrupted)
+        hint = (f"its model is in {folder.model_path}; its training state was not saved yet, so it cannot be resumed; start "
+                f"it again to train further.")
     else:
         removed = " (its run folder removed)" if not resumed and folder.remove_if_nothing_kept() else ""
         hint = f"it stopped before its first epoch finished{removed}; start it again."

@@ -69,11 +69,17 @@ def split_role(name: str) -> str | None:
     return roles.pop() if len(roles) == 1 else None
 
 
+def is_split_name(name: str, role: str) -> bool:
+    """The name is the split's word, alone or run together with `set` or a year (`test`, `testset`,
+    `val2017`); not `test1`, `test2`, which may be classes."""
+    return re.fullmatch(rf"({'|'.join(SPLIT_NAMES[role])})(sets?|(19|20)\d\d)?", name.lower()) is not None
+
+
 def folder_role(folder: Path) -> str | None:
-    """The split a folder is, by its name; a name that only contains a split word (`test_tubes`)
-    counts only when the folder also holds class folders, as splits do, and no images."""
+    """The split a folder is, by its name; a name that only contains a split word (`test_tubes`,
+    `test1`) counts only when the folder also holds class folders, as splits do, and no images."""
     role = split_role(folder.name)
-    if role is None or word_role(folder.name.lower()) == role:  # (the name is the split word: `test`, `testset`)
+    if role is None or is_split_name(folder.name, role):
         return role
     return role if sub_folders(folder) and not holds_images(folder) else None
 
@@ -110,6 +116,7 @@ def explicit_splits(data: Path, spec: str) -> dict[str, Path]:
         splits[role] = data / folder
         if not splits[role].is_dir():
             raise DataError(f"{splits[role]}: no such folder (--layout {role}={folder}). Name folders inside {data}.")
+        splits[role] = inside_split_wrapper(splits[role], role)
     if "train" not in splits:
         raise UsageError(f"--layout '{spec}': name the training folder too (train=DIR).")
     overlap = overlapping_splits(splits)
@@ -119,11 +126,14 @@ def explicit_splits(data: Path, spec: str) -> dict[str, Path]:
     return splits
 
 
-def overlapping_splits(splits: dict[str, Path]) -> str | None:
-    """How two splits' folders overlap, if any do (one folder, or one inside the other)."""
+def overlapping_splits(splits: dict[str, Path], with_train_only: bool = False) -> str | None:
+    """How two splits' folders overlap, if any do (one folder, or one inside the other); only
+    with train's, when asked."""
     roles = list(splits)
     for i, late in enumerate(roles):
         for early in roles[:i]:
+            if with_train_only and "train" not in (early, late):
+                continue
             a, b = splits[late].resolve(), splits[early].resolve()
             if a == b or os.path.samefile(a, b):  # (samefile: Train and train on a case-insensitive disk)
                 return f"{late} is the same folder as {early} ({splits[early]})"
@@ -159,6 +169,14 @@ def inside_split_wrapper(split: Path, role: str) -> Path:
     if name == split.name.lower() or word_role(name) == role or name in WRAPPER_NAMES:
         return inner[0]
     return split
+
+
+def unlabelled_images(folder: Path) -> bool:
+    """Images and no class folders, directly or inside one wrapper folder (`seg_pred/seg_pred/`)."""
+    inner = sub_folders(folder)
+    if len(inner) == 1 and not holds_images(folder):
+        folder, inner = inner[0], sub_folders(inner[0])
+    return not inner and holds_images(folder)
 
 
 def guess_layout(root: Path) -> Layout:
@@ -227,11 +245,14 @@ def split_layout(root: Path, folders: list[Path], by_role: dict[str, list[Path]]
     for role, folder in layout.splits.items():  # (Kaggle's seg_train/seg_train/<class>, train/images/<class>)
         if folder != by_role[role][0]:
             layout.notes.append(f"{role}: read inside {folder.relative_to(root)}/ (the only folder in {by_role[role][0].name}/)")
-    overlap = overlapping_splits(layout.splits)
-    if overlap:  # (val/ a link to train/: every val image a training image)
+    overlap = overlapping_splits(layout.splits, with_train_only=True)
+    if overlap:  # (val/ a link to train/: every val image a training image; val and test one folder: evaluate reads one)
         raise DataError(f"{root}: {overlap}; each split needs a folder of its own (remove the link, or leave val out to "
                         f"hold out part of train).")
     for other in others:
+        if unlabelled_images(other):  # (Kaggle's Intel scenes: seg_pred/seg_pred/*.jpg, to predict on)
+            layout.notes.append(f"{other.name}/ holds images but no class folders (unlabelled?): not used")
+            continue
         if holds_images(other) or sub_folders(other):
             raise DataError(f"{other}: a folder of images beside the split folders ({', '.join(p.name for p in layout.splits.values())}) "
                             f"that is not one of them. Move it into a split, or out of {root}; or pass --layout {LAYOUT_HELP}.")

@@ -122,22 +122,22 @@ def iter_answers(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig, rep
     dataset = ImageFileDataset(paths, loaded.preprocessing, cfg.max_pixels)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
     reporter.start("Predicting", len(paths))
-    with threads_within_usable_cores():  # (while it runs, between items too; the caller's number at its end)
-        for indices, batch, failed in loader:
-            by_index: dict[int, tuple] = {i: (None, reason) for i, reason in failed}
-            if batch is not None:
-                # (no_grad, not inference_mode, and never around a yield: the caller's code runs between
-                # items, and inference mode left on there broke its autograd and a later train())
-                with torch.no_grad():
-                    x = to_model_input(batch[:, 0], device)
-                    with autocast(device, amp):
-                        out = forward_in_chunks(model.logits_and_stages, x, device, amp).float()
-                        flipped = forward_in_chunks(model, x.flip(-1), device, amp).float() if cfg.tta else None
-                    answers = answers_of(out[:, :n], out[:, n:], loaded, flipped)
-                by_index.update({i: (a, None) for i, a in zip(indices, answers)})
-            for i in sorted(by_index):  # the loader keeps order; failures sit among their batch
-                yield by_index[i]
-            reporter.advance(len(by_index))
+    for indices, batch, failed in loader:
+        by_index: dict[int, tuple] = {i: (None, reason) for i, reason in failed}
+        if batch is not None:
+            # (no_grad, not inference_mode, and torch's threads within the cores, only around the batch: the
+            # caller's code runs between items, with its own settings: inference mode left on there broke its
+            # autograd and a later train(), and two iterators read in turn left the thread count lowered)
+            with torch.no_grad(), threads_within_usable_cores():
+                x = to_model_input(batch[:, 0], device)
+                with autocast(device, amp):
+                    out = forward_in_chunks(model.logits_and_stages, x, device, amp).float()
+                    flipped = forward_in_chunks(model, x.flip(-1), device, amp).float() if cfg.tta else None
+                answers = answers_of(out[:, :n], out[:, n:], loaded, flipped)
+            by_index.update({i: (a, None) for i, a in zip(indices, answers)})
+        for i in sorted(by_index):  # the loader keeps order; failures sit among their batch
+            yield by_index[i]
+        reporter.advance(len(by_index))
     reporter.finish()  # (not when the caller stops reading early: it may be saying why, a bar then would follow)
 
 

@@ -124,10 +124,10 @@ def _not_a_file_reason(path: Path) -> str:
 
 
 def not_an_image_reason(path: Path) -> str:
-    """Why a file is not read; for DICOM, or an image whose name lacks its extension, what to do instead."""
+    """Why a file is not read; for DICOM, or an image whose name has no extension, what to do instead."""
     if is_dicom(path):
         return DICOM_REASON
-    suffix = suffix_by_content(path)
+    suffix = suffix_by_content(path) if not path.suffix else None  # (not a camera's RAW file: TIFF inside, not one)
     if suffix is not None:  # (it said "not an image file" of a photo saved without its extension)
         return f"an image ({suffix[1:].upper()}) whose name does not end in an image extension: not read; rename it to end in {suffix}"
     return "not an image file"
@@ -155,8 +155,8 @@ def read_split(data: Path, found: Layout, val_split: float | None, seed: int, me
     classes = [p.name for p in sub_folders(train_root)]
     if len(classes) < 2:
         have = f"only '{classes[0]}'" if classes else "none"
-        inside = f" If the classes are inside {train_root / classes[0]}, give that folder as DATA" if classes and len(
-            sub_folders(train_root / classes[0])) >= 2 else ""
+        inside = f" If the classes are inside {train_root / classes[0]}, give that folder as DATA" if (
+            found.kind == "class folders" and classes and len(sub_folders(train_root / classes[0])) >= 2) else ""
         beside = loose_images([train_root]) if inside else []
         if beside:  # (an image beside a wrapper folder kept it from being looked through)
             inside += f" (the image beside it, {Path(beside[0]['path']).name}, kept it from being looked into)"

@@ -39,8 +39,14 @@ class DiskRows:
         cache (`--no-cache`) should leave no folder behind."""
         made = [p for p in (folder, *folder.parents) if not p.exists()]
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            f = tempfile.TemporaryFile(dir=folder)
+            for attempt in range(2):  # (another process may remove the folder between the two calls: once more)
+                folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    f = tempfile.TemporaryFile(dir=folder)
+                    break
+                except FileNotFoundError:
+                    if attempt:
+                        raise
             remove_empty(made)
         except OSError:
             try:

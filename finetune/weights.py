@@ -38,7 +38,10 @@ def resolve_pretrained(spec: ArchSpec, weights_file: Path | None) -> tuple[dict,
     then a download through torchvision.
     """
     if weights_file is not None:
-        if weights_file.is_dir() and (weights_file / MODEL_FILENAME).is_file():  # (a run folder, as --model takes one)
+        if weights_file.is_dir():  # (a run folder, as --model takes one)
+            if not (weights_file / MODEL_FILENAME).is_file():
+                raise WeightsError(f"{weights_file}: a folder without a model file ({MODEL_FILENAME}); give a state dict "
+                                   f"file, or the folder of a run that finished.")
             weights_file = weights_file / MODEL_FILENAME
         return read_weights_file(weights_file, spec.name), str(weights_file)
     if spec.pretrained_loader is not None:  # timm: its own cache (the Hugging Face hub's)

@@ -61,6 +61,14 @@ def test_a_threshold_set_on_few_val_images_keeps_about_as_many_of_their_kind():
     assert student_t_quantile(0.99, 11) == pytest.approx(2.718, abs=1e-3) and student_t_quantile(0.99, 1000) == pytest.approx(2.330, abs=1e-3)
 
 
+def test_the_few_val_bound_applies_while_the_quantile_is_the_largest_distance():
+    from finetune.calibration import too_few_to_place
+
+    assert too_few_to_place(100) and not too_few_to_place(101)  # (at 100 the 99% quantile is still the largest)
+    distances = torch.linspace(1, 2, 100)
+    assert distance_threshold(distances, torch.ones(100, dtype=torch.bool)) > 2 * (1 + MARGIN)
+
+
 def test_distance_is_small_for_the_training_kind_and_large_for_others():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 64, generator=g) * 3  # two training classes; a third kind the model never saw

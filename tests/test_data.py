@@ -278,6 +278,13 @@ def test_dicom_files_are_named_as_such_by_their_suffix_or_their_mark(tmp_path):
                                                        "read; rename it to end in .jpg")
 
 
+def test_a_cameras_raw_file_is_not_advised_to_be_renamed(tmp_path):
+    from finetune.scan import not_an_image_reason
+
+    (tmp_path / "IMG_0001.CR2").write_bytes(b"II*\x00" + b"\x00" * 60)  # (TIFF inside; renamed to .tif it is no photo)
+    assert not_an_image_reason(tmp_path / "IMG_0001.CR2") == "not an image file"
+
+
 @pytest.mark.parametrize("cores, ranks_here, expected", [(16, None, 8), (16, "4", 3), (16, "8", 1), (2, None, 1), (2, "2", 1)])
 def test_loader_workers_share_the_cores_with_the_other_ranks(monkeypatch, cores, ranks_here, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)

@@ -277,6 +277,17 @@ def test_the_launchers_advice_names_the_run_folder(tmp_path):
     assert resumed_folder(["data", "--epochs", "3"]) is None
 
 
+def test_the_launchers_advice_for_a_run_with_a_model_and_no_state(tmp_path):
+    from finetune.launcher import RESUME_HINT, LaunchOutcome, with_run_folder
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"model")  # (it said: stopped before its first epoch)
+    told = with_run_folder(LaunchOutcome(143, f"training was stopped by SIGTERM; {RESUME_HINT}"), tmp_path, 2, resumed=False)
+    assert told.message.endswith(f"its model is in {tmp_path / 'model.safetensors'}; its training state was not saved yet, "
+                                 "so it cannot be resumed; start it again to train further.")
+    assert (tmp_path / "model.safetensors").exists()
+
+
 def test_records_are_read_back_from_torchruns_error_files(tmp_path, monkeypatch):
     error_file = tmp_path / "run_x" / "attempt_0" / "1" / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))

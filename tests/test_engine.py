@@ -351,6 +351,48 @@ def test_library_reports_and_settings_are_checked_and_runs_that_fail_leave_nothi
     assert list((tmp_path / "runs").iterdir()) == []  # (the failed run's config-only folder stayed)
 
 
+def test_review_cases_of_the_library_leaving_its_callers_state(trained_run, monkeypatch, tmp_path):
+    from finetune import device, store
+
+    # two predict() iterators read in turn: each gave back the count it found, the caller was left with the lower one
+    monkeypatch.setattr(device, "usable_cores", lambda: 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        cfg = finetune.PredictConfig(workers=0, batch_size=2)
+        a, b = (finetune.predict(trained_run["summary"]["run_dir"], trained_run["data"] / "val", cfg) for _ in range(2))
+        next(a), next(b), list(a), list(b)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+    # CUDA not started before train(): the caller's seed, queued for it, was replaced by the run's
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    torch.manual_seed(1234)
+    with device.torch_as_training_needs():
+        torch.manual_seed(0)
+    assert seeded[-1] == 1234  # (torch.manual_seed queues one too: the last one stands)
+    # bools: None only where it means "planned"
+    with pytest.raises(UsageError, match="pretrained must be True or False"):
+        TrainConfig(data="x", pretrained=None).checked()
+    assert TrainConfig(data="x", freeze_backbone=None).checked().freeze_backbone is None
+    # the feature table's folder removed by another process between mkdir and the file: once more
+    calls = []
+    real = store.tempfile.TemporaryFile
+
+    def vanished_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store.tempfile, "TemporaryFile", vanished_once)
+    rows = store.DiskRows.create(2, 1, 4, tmp_path / "cache" / "tmp")
+    assert len(calls) == 2 and rows.shape == (2, 1, 4) and not (tmp_path / "cache").exists()
+
+
 def test_a_run_resumed_in_the_head_stage_keeps_its_own_copy_of_the_best_model(tmp_path):
     from finetune.data import DatasetSplit
     from finetune.fit import Run

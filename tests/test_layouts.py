@@ -156,6 +156,22 @@ def test_a_wrapper_that_was_not_looked_through_is_named_with_the_way_on(tmp_path
         read(archive)
 
 
+def test_review_cases_of_split_names_links_and_unlabelled_folders(tmp_path):
+    numbered = make_class_tree(tmp_path / "numbered", 2, classes=("test1", "test2"))  # (taken for two test splits)
+    assert read(numbered).classes == ["test1", "test2"]
+    shared = splits(tmp_path / "shared", "train", {"test": 2})
+    os.symlink("test", shared / "val")  # (val and test one folder: evaluate reads it; it was refused)
+    assert len(read(shared).val) == 4
+    intel = tmp_path / "intel"  # (Kaggle's Intel scenes, with its unlabelled seg_pred/seg_pred/*.jpg)
+    splits(intel, "seg_train/seg_train", {"seg_test/seg_test": 2})
+    for i in range(3):
+        make_image(intel / "seg_pred" / "seg_pred" / f"{i}.jpg", (5, 5, 5), seed=i)
+    split = read(intel)
+    assert len(split.test) == 4 and "seg_pred/ holds images but no class folders (unlabelled?): not used" in split.notes
+    explicit = read(intel, layout="train=seg_train,test=seg_test")  # (explicit splits were not looked through)
+    assert explicit.classes == list(CLASSES) and len(explicit.test) == 4
+
+
 def test_a_nas_boxs_thumbnail_folders_are_not_classes_nor_images(tmp_path):
     data = make_class_tree(tmp_path / "data", 3, classes=CLASSES)
     for c in CLASSES:  # (Synology keeps a folder of thumbnails for each photo, beside it)

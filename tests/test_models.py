@@ -100,6 +100,8 @@ def test_a_finetune_model_file_can_seed_another_training(image_folder, tmp_path)
     assert json.loads(third.stdout)["weights"] == model_file
     with pytest.raises(WeightsError, match="a finetune model of efficientnet_lite0, not of resnet18; pass --arch efficientnet_lite0"):
         weights.resolve_pretrained(models.get_arch("resnet18"), run_dir)  # (it said "120 missing ... tensors")
+    with pytest.raises(WeightsError, match="a folder without a model file \\(model.safetensors\\)"):
+        weights.resolve_pretrained(models.get_arch("efficientnet_lite0"), tmp_path / "c")  # (a runs folder: "not found")
 
 
 def test_no_pretrained_needs_no_weights(torch_home, offline, image_folder, tmp_path):
