@@ -177,9 +177,21 @@ def read_split(data: Path, found: Layout, val_split: float | None, seed: int, me
         if not val:
             raise DataError(f"{data}: too few images to hold any out for validation; add images or a {data}/val folder.")
     split = DatasetSplit(classes, train, val, found.kind, skipped, test=samples.get("test", []), leakage=leakage,
-                         notes=[*found.notes, *look_alike_classes(classes), *hidden_class_folders(train_root)])
+                         notes=[*found.notes, *look_alike_classes(classes), *hidden_class_folders(train_root),
+                                *numbers_in_text_order(classes)])
     split.read_as = describe_reading(data, found, split, val_split, seed)
     return split
+
+
+def numbers_in_text_order(classes: list[str]) -> list[str]:
+    """A note where the classes are numbers that sort otherwise as text (0, 1, 10, 2): their index
+    in the model is their place as text, as torchvision's ImageFolder orders them; a script that
+    takes class 2 for index 2 would be wrong."""
+    if not all(c.isdigit() for c in classes) or sorted(classes, key=int) == classes:
+        return []
+    shown = ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else "")
+    return [f"the classes are numbers, ordered as text ({shown}), as torchvision's ImageFolder orders them: a class's "
+            f"index is its place in that order, not its number (predict's output names the class)"]
 
 
 def hidden_class_folders(root: Path) -> list[str]:

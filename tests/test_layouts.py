@@ -172,6 +172,15 @@ def test_review_cases_of_split_names_links_and_unlabelled_folders(tmp_path):
     assert explicit.classes == list(CLASSES) and len(explicit.test) == 4
 
 
+def test_classes_that_are_numbers_ordered_as_text_are_noted(tmp_path):
+    data = make_class_tree(tmp_path / "data", 2, classes=("0", "1", "2", "10"))
+    split = read(data)
+    assert split.classes == ["0", "1", "10", "2"] and split.notes == [
+        "the classes are numbers, ordered as text (0, 1, 10, 2), as torchvision's ImageFolder orders them: a class's "
+        "index is its place in that order, not its number (predict's output names the class)"]
+    assert read(make_class_tree(tmp_path / "few", 2, classes=("1", "2"))).notes == []
+
+
 def test_a_nas_boxs_thumbnail_folders_are_not_classes_nor_images(tmp_path):
     data = make_class_tree(tmp_path / "data", 3, classes=CLASSES)
     for c in CLASSES:  # (Synology keeps a folder of thumbnails for each photo, beside it)
