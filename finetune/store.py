@@ -34,20 +34,11 @@ class DiskRows:
 
     @classmethod
     def create(cls, n: int, views: int, dim: int, folder: Path) -> "DiskRows":
-        """In `folder`, else (not writable) in the system's temporary folder. The folders made for it
-        are removed at once: the file has no name there (it goes when closed), and a run without the
-        cache (`--no-cache`) should leave no folder behind."""
-        made = [p for p in (folder, *folder.parents) if not p.exists()]
+        """In `folder`, or the nearest folder above it that exists (the same disk: the file has no
+        name, it goes when closed, so no folder is made for it: a run without the cache, `--no-cache`,
+        left an empty one), else (not writable) in the system's temporary folder."""
         try:
-            for attempt in range(2):  # (another process may remove the folder between the two calls: once more)
-                folder.mkdir(parents=True, exist_ok=True)
-                try:
-                    f = tempfile.TemporaryFile(dir=folder)
-                    break
-                except FileNotFoundError:
-                    if attempt:
-                        raise
-            remove_empty(made)
+            f = tempfile.TemporaryFile(dir=next(p for p in (folder, *folder.parents) if p.is_dir()))
         except OSError:
             try:
                 f = tempfile.TemporaryFile()
@@ -100,16 +91,6 @@ class DiskRows:
 
 
 Rows = torch.Tensor | DiskRows
-
-
-def remove_empty(folders: list[Path]) -> None:
-    """Each folder (innermost first) while it is empty; where the system keeps the file's name
-    until it is closed (Windows), or another run put something there, it stays."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def new_rows(n: int, views: int, dim: int, on_disk: bool, folder: Path) -> Rows:

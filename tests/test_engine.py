@@ -352,7 +352,7 @@ def test_library_reports_and_settings_are_checked_and_runs_that_fail_leave_nothi
 
 
 def test_review_cases_of_the_library_leaving_its_callers_state(trained_run, monkeypatch, tmp_path):
-    from finetune import device, store
+    from finetune import device
 
     # two predict() iterators read in turn: each gave back the count it found, the caller was left with the lower one
     monkeypatch.setattr(device, "usable_cores", lambda: 1)
@@ -378,19 +378,6 @@ def test_review_cases_of_the_library_leaving_its_callers_state(trained_run, monk
     with pytest.raises(UsageError, match="pretrained must be True or False"):
         TrainConfig(data="x", pretrained=None).checked()
     assert TrainConfig(data="x", freeze_backbone=None).checked().freeze_backbone is None
-    # the feature table's folder removed by another process between mkdir and the file: once more
-    calls = []
-    real = store.tempfile.TemporaryFile
-
-    def vanished_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise FileNotFoundError(2, "No such file or directory")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(store.tempfile, "TemporaryFile", vanished_once)
-    rows = store.DiskRows.create(2, 1, 4, tmp_path / "cache" / "tmp")
-    assert len(calls) == 2 and rows.shape == (2, 1, 4) and not (tmp_path / "cache").exists()
 
 
 def test_a_run_resumed_in_the_head_stage_keeps_its_own_copy_of_the_best_model(tmp_path):
