@@ -13,6 +13,7 @@ farther than a threshold set on val are unknown.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,12 @@ def too_few_to_place(n: int) -> bool:
     return (n - 1) * (1 - KEEP_CORRECT) < 1
 
 
+def bound_applies(n: int) -> bool:
+    """Whether distance_threshold floors the quantile of n distances with a prediction bound (from 3:
+    a spread needs two, and one more to mean anything)."""
+    return n >= 3 and too_few_to_place(n)
+
+
 def distance_threshold(val_distance: torch.Tensor, val_correct: torch.Tensor) -> float:
     """The distance beyond which an image is unknown: it keeps KEEP_CORRECT of the val images the
     model got right (all val images when it got none right), and MARGIN more.
@@ -138,10 +145,10 @@ def distance_threshold(val_distance: torch.Tensor, val_correct: torch.Tensor) ->
     basis = (val_distance[val_correct] if val_correct.any() else val_distance).float()
     threshold = float(torch.quantile(basis, KEEP_CORRECT, interpolation="higher"))
     n = len(basis)
-    if n >= 3 and too_few_to_place(n):
+    if bound_applies(n):
         logs = basis.clamp_min(1e-12).log()
         bound = float(logs.mean() + student_t_quantile(FEW_VAL_KEEP, n - 1) * logs.std() * (1 + 1 / n) ** 0.5)
-        threshold = max(threshold, float(torch.tensor(bound).exp()))
+        threshold = max(threshold, math.exp(bound))
     return threshold * (1 + MARGIN)
 
 
@@ -173,7 +180,7 @@ def calibrate(val_logits: torch.Tensor, val_labels: torch.Tensor, train_features
     threshold = distance_threshold(val_distance, correct)
     set_on = int(correct.sum()) or len(correct)  # (the images the threshold was placed on)
     unknown = {"score": "distance", "threshold": threshold, "keep_correct_val": KEEP_CORRECT, "set_on_val_images": set_on,
-               "few_val_bound": FEW_VAL_KEEP if too_few_to_place(set_on) else None,
+               "few_val_bound": FEW_VAL_KEEP if bound_applies(set_on) else None,
                "components": int(distance.components.shape[1]), "train_images": len(train_features),
                "val_flagged": float((val_distance > threshold).float().mean()),
                "how": "Mahalanobis distance of the backbone's pooled features of every stage from the training images' (shrunk covariance), RMS per dimension"}

@@ -95,12 +95,14 @@ def export_details(path: Path) -> dict | None:
     model it came from; None where `path` is no export of finetune's."""
     import json
 
-    if path.suffix == ".json" or exported_from(path) is None:
+    if path.suffix == ".json":
         return None
     try:
         sidecar = json.loads(path.with_name(path.name + ".json").read_text())
+        if not isinstance(sidecar, dict) or not sidecar.get("source_model"):  # (as exported_from knows ours)
+            return None
         return {"path": str(Path(os.path.abspath(path))), "file_size": path.stat().st_size, **sidecar}
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError):
         return None
 
 

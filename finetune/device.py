@@ -37,11 +37,12 @@ def pick_device(name: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def threads_within_usable_cores():
+def threads_within_usable_cores(cores: int | None = None):
     """Within the block, torch's threads no more than the cores this process may use (cpus.py: a
-    container's CPU limit, which torch does not see); fewer, as OMP_NUM_THREADS or torchrun set,
-    are left as they are. After it, the caller's number again (the library's callers keep theirs)."""
-    before, cores = torch.get_num_threads(), usable_cores()
+    container's CPU limit, which torch does not see; `cores` where the caller has it already);
+    fewer, as OMP_NUM_THREADS or torchrun set, are left as they are. After it, the caller's number
+    again (the library's callers keep theirs)."""
+    before, cores = torch.get_num_threads(), cores or usable_cores()
     if before > cores:
         torch.set_num_threads(cores)
     try:

@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import LoadedModel, as_loaded
 from .config import PredictConfig, predict_config
+from .cpus import usable_cores
 from .data import ImageFileDataset, make_loader
 from .device import autocast, autocast_dtype, forward_in_chunks, pick_device, threads_within_usable_cores, to_model_input
 from .errors import UsageError
@@ -122,13 +123,14 @@ def iter_answers(paths: list[Path], loaded: LoadedModel, cfg: PredictConfig, rep
     dataset = ImageFileDataset(paths, loaded.preprocessing, cfg.max_pixels)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
     reporter.start("Predicting", len(paths))
+    cores = usable_cores()  # (read once: cgroup files, affinity)
     for indices, batch, failed in loader:
         by_index: dict[int, tuple] = {i: (None, reason) for i, reason in failed}
         if batch is not None:
             # (no_grad, not inference_mode, and torch's threads within the cores, only around the batch: the
             # caller's code runs between items, with its own settings: inference mode left on there broke its
             # autograd and a later train(), and two iterators read in turn left the thread count lowered)
-            with torch.no_grad(), threads_within_usable_cores():
+            with torch.no_grad(), threads_within_usable_cores(cores):
                 x = to_model_input(batch[:, 0], device)
                 with autocast(device, amp):
                     out = forward_in_chunks(model.logits_and_stages, x, device, amp).float()

@@ -30,7 +30,8 @@ def reporter_or_quiet(reporter) -> Reporter:
     everything; anything else is a UsageError now rather than an AttributeError mid-run."""
     if reporter is None:
         return Reporter()
-    lacking = [name for name in ("start", "advance", "finish", "epoch", "info", "warn") if not callable(getattr(reporter, name, None))]
+    wanted = [name for name in vars(Reporter) if not name.startswith("_")]
+    lacking = [name for name in wanted if not callable(getattr(reporter, name, None))]
     if lacking:
         from .errors import UsageError
 

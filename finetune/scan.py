@@ -255,7 +255,7 @@ def require_known_classes(root: Path, classes: list[str], train_root: Path, exac
     extra = sorted(set(have) - set(classes))
     if extra:
         detail = "; ".join(x for x in (f"missing in {root.name}: {', '.join(map(visible, missing))}" if missing else "",
-                                       f"not in train: {', '.join(map(visible, extra))}" if extra else "") if x)
+                                       f"not in train: {', '.join(map(visible, extra))}") if x)
         # (names that print alike: 'café' from a Mac and from Linux; 'Dog' and 'dog')
         alike = look_alike_pairs(missing or classes, extra, "give both folders one name")
         raise DataError(f"{root}: {root.name} class folders differ from {train_root} ({detail}{alike}). "
@@ -397,7 +397,7 @@ def shown_name(name: str) -> str:
 
 def visible(name: str) -> str:
     """A name as printed in a message, quoted where spaces at its ends or odd characters would not show."""
-    return repr(name) if name != name.strip() or not name.isprintable() or "\xa0" in name else name
+    return repr(name) if name != name.strip() else shown_name(name)
 
 
 def is_imbalanced(counts: list[int]) -> bool:
