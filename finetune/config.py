@@ -99,19 +99,14 @@ class TrainConfig:
         """This config with the types the library works with, for callers of the Python API: paths
         given as strings become Paths, a --time-budget string its seconds; a value of another type
         (epochs="5") is a UsageError naming it rather than a TypeError deep in a run."""
-        paths = paths_as_paths(self, _PATH_FIELDS)
+        paths = paths_as_paths(self, _PATH_FIELDS, optional=("data", "weights", "labels", "resume", "cache_dir"))
         budget = {"time_budget": parse_duration(self.time_budget)} if isinstance(self.time_budget, str) else {}
         cfg = replace(self, **paths, **budget)
         if cfg.data is None and cfg.resume is None:
             raise UsageError("data: give an image folder, e.g. TrainConfig(data='photos').")
-        for name in _STR_FIELDS:
-            if not isinstance(getattr(cfg, name), str):
-                raise UsageError(f"--{name.replace('_', '-')} must be a name (got {getattr(cfg, name)!r}).")
-        if cfg.name is not None and not isinstance(cfg.name, str):
-            raise UsageError(f"--name must be a name (got {cfg.name!r}).")
-        if cfg.runs_dir is None:
-            raise UsageError("--runs-dir must be a path (got None).")
-        return replace(cfg, **numbers_as_python(cfg, _NUMBER_FIELDS), **flags_as_bools(cfg, _BOOL_FIELDS))
+        require_names(cfg, _STR_FIELDS, optional=("name", "label_columns"))
+        return replace(cfg, **numbers_as_python(cfg, _NUMBER_FIELDS),
+                       **flags_as_bools(cfg, _BOOL_FIELDS, optional=("freeze_backbone",)))  # (None: planned in the run)
 
     def checked(self) -> "TrainConfig":
         """This config with every option checked (UsageError naming the option otherwise) and the
@@ -176,19 +171,26 @@ _INTS = ("img_size", "seed", "batch_size", "epochs", "views", "patience", "max_i
 _FLOATS = ("val_split", "lr", "weight_decay", "label_smoothing", "time_budget", "backbone_lr_ratio", "early_lr_ratio",
            "average_epochs", "cache_limit_gb", "feature_memory_gb")
 _NUMBER_FIELDS = {**{k: numbers.Integral for k in _INTS}, **{k: numbers.Real for k in _FLOATS}}
-_STR_FIELDS = ("arch", "layout", "device", "head_features")
+_STR_FIELDS = ("arch", "layout", "device", "head_features", "name", "label_columns")
 _BOOL_FIELDS = ("pretrained", "all_images", "class_weights", "freeze_backbone", "cache")
-_MAYBE_FIELDS = ("freeze_backbone",)  # yes/no fields where None means "planned"
 
 
-def paths_as_paths(cfg, fields: tuple[str, ...]) -> dict:
-    """The path fields of `cfg` given as strings, as Paths; a value of another type (labels=5) is a
-    UsageError naming its option."""
+def paths_as_paths(cfg, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+    """The path fields of `cfg` given as strings, as Paths; a value of another type (labels=5), or
+    None where `optional` does not allow it, is a UsageError naming its option."""
     for name in fields:
         value = getattr(cfg, name)
-        if not isinstance(value, (str, os.PathLike, type(None))):
+        if not isinstance(value, (str, os.PathLike)) and not (value is None and name in optional):
             raise UsageError(f"{'data' if name == 'data' else '--' + name.replace('_', '-')} must be a path (got {value!r}).")
     return {k: Path(v) for k in fields if isinstance(v := getattr(cfg, k), (str, os.PathLike))}
+
+
+def require_names(cfg, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """Each of `fields` a string (or None, where `optional` allows it): a UsageError naming its option otherwise."""
+    for name in fields:
+        value = getattr(cfg, name)
+        if not isinstance(value, str) and not (value is None and name in optional):
+            raise UsageError(f"--{name.replace('_', '-')} must be a name (got {value!r}).")
 
 
 def numbers_as_python(cfg, fields: dict[str, type]) -> dict:
@@ -205,14 +207,14 @@ def numbers_as_python(cfg, fields: dict[str, type]) -> dict:
     return found
 
 
-def flags_as_bools(cfg, fields: tuple[str, ...]) -> dict:
+def flags_as_bools(cfg, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
     """The yes/no fields of `cfg` as Python's bool (NumPy's too); anything else, a string above all
-    ("no" is a true value), is a UsageError naming its option."""
+    ("no" is a true value), or None where `optional` does not allow it, is a UsageError naming its option."""
     found = {}
     for name in fields:
         value = getattr(cfg, name)
         numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
-        if value is None and name in _MAYBE_FIELDS:  # (None: decided during the run)
+        if value is None and name in optional:
             continue
         if not (isinstance(value, bool) or numpy_bool):
             raise UsageError(f"{name} must be True or False (got {value!r}).")
@@ -243,12 +245,8 @@ class PredictConfig:
     def checked(self) -> "PredictConfig":
         """This config with every option checked (a UsageError naming the option otherwise); paths
         given as strings become Paths (callers of the Python API)."""
-        paths = paths_as_paths(self, ("model", "runs_dir", "labels"))
-        for name in ("device", "layout"):
-            if not isinstance(getattr(self, name), str):
-                raise UsageError(f"--{name} must be a name (got {getattr(self, name)!r}).")
-        if self.runs_dir is None:
-            raise UsageError("--runs-dir must be a path (got None).")
+        paths = paths_as_paths(self, ("model", "runs_dir", "labels"), optional=("model", "labels"))
+        require_names(self, ("device", "layout", "label_columns"), optional=("label_columns",))
         self = replace(self, **paths, **numbers_as_python(self, _PREDICT_NUMBERS), **flags_as_bools(self, ("tta", "unknown")))
         _require([
             (self.top_k >= 1, f"--top-k must be at least 1 (got {self.top_k})."),
