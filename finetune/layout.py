@@ -55,10 +55,19 @@ def holds_images(folder: Path) -> bool:
 
 
 def word_role(word: str) -> str | None:
-    """The split a word names, also run together with 'set' or a year (`trainset`, `train2017`,
+    """The split a word names, also run together with 'set' or a number (`trainset`, `train2017`,
     `val2014`), as COCO-style and many Kaggle datasets name them."""
-    stem = re.sub(r"(sets?|data)?\d*$", "", word)
-    return next((role for role, names in SPLIT_NAMES.items() if word in names or stem in names), None)
+    return next((role for role in SPLIT_NAMES if split_word_with(WORD_SUFFIX, role, word)), None)
+
+
+# After a split's word: in a word of a folder's name (trusted only with the structure of splits), and
+# as a whole name (trusted alone: `testset`, `val2017`; not `test1`, `test2`, which may be classes).
+WORD_SUFFIX = r"(sets?|data)?\d*"
+NAME_SUFFIX = r"(sets?|(19|20)\d\d)?"
+
+
+def split_word_with(suffix: str, role: str, text: str) -> bool:
+    return re.fullmatch(rf"({'|'.join(SPLIT_NAMES[role])}){suffix}", text.lower()) is not None
 
 
 def split_role(name: str) -> str | None:
@@ -72,7 +81,7 @@ def split_role(name: str) -> str | None:
 def is_split_name(name: str, role: str) -> bool:
     """The name is the split's word, alone or run together with `set` or a year (`test`, `testset`,
     `val2017`); not `test1`, `test2`, which may be classes."""
-    return re.fullmatch(rf"({'|'.join(SPLIT_NAMES[role])})(sets?|(19|20)\d\d)?", name.lower()) is not None
+    return split_word_with(NAME_SUFFIX, role, name)
 
 
 def folder_role(folder: Path) -> str | None:
