@@ -157,11 +157,17 @@ def look_through_wrappers(data: Path) -> Path:
     data is inside it (zips often extract to DATA/<name>/...)."""
     root = data
     for _ in range(MAX_WRAPPERS):
-        inner = sub_folders(root)
-        if len(inner) != 1 or holds_images(root) or holds_images(inner[0]):
+        inner = sole_folder(root)
+        if inner is None or holds_images(inner):
             break
-        root = inner[0]
+        root = inner
     return root
+
+
+def sole_folder(folder: Path) -> Path | None:
+    """The one folder inside `folder`, where it holds just that (no images, no other folder)."""
+    inner = sub_folders(folder)
+    return inner[0] if len(inner) == 1 and not holds_images(folder) else None
 
 
 WRAPPER_NAMES = ("images", "imgs", "img", "data", "dataset")
@@ -171,21 +177,17 @@ def inside_split_wrapper(split: Path, role: str) -> Path:
     """The folder of class folders of a split folder that holds one folder and no images, named
     as a wrapper is (Kaggle's `seg_train/seg_train/<class>`, `train/train/`, `train/images/`);
     else the split folder itself (a val/ holding a single class folder stays as it is)."""
-    inner = sub_folders(split)
-    if len(inner) != 1 or holds_images(split) or holds_images(inner[0]):
+    inner = sole_folder(split)
+    if inner is None or holds_images(inner):
         return split
-    name = inner[0].name.lower()
-    if name == split.name.lower() or word_role(name) == role or name in WRAPPER_NAMES:
-        return inner[0]
-    return split
+    name = inner.name.lower()
+    return inner if name == split.name.lower() or word_role(name) == role or name in WRAPPER_NAMES else split
 
 
 def unlabelled_images(folder: Path) -> bool:
     """Images and no class folders, directly or inside one wrapper folder (`seg_pred/seg_pred/`)."""
-    inner = sub_folders(folder)
-    if len(inner) == 1 and not holds_images(folder):
-        folder, inner = inner[0], sub_folders(inner[0])
-    return not inner and holds_images(folder)
+    folder = sole_folder(folder) or folder
+    return not sub_folders(folder) and holds_images(folder)
 
 
 def guess_layout(root: Path) -> Layout:
