@@ -84,27 +84,27 @@ IMAGE_MARKS = ((0, b"\xff\xd8\xff", ".jpg"), (0, b"\x89PNG\r\n\x1a\n", ".png"), 
                (4, b"ftypheix", ".heic"), (4, b"ftypmif1", ".heic"), (4, b"ftypavif", ".avif"))
 
 
-def suffix_by_content(path: Path) -> str | None:
-    """The suffix of the image kind a file's first bytes show (None: none we know, or unreadable):
-    a photo saved without its extension, an iPhone's HEIC renamed to .jpg."""
+def file_head(path: Path) -> bytes:
+    """A file's first bytes, as far as what is told from them reaches (DICOM's mark ends at 132);
+    b"" where it cannot be read."""
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            return f.read(132)
     except OSError:
-        return None
+        return b""
+
+
+def suffix_by_content(path: Path, head: bytes | None = None) -> str | None:
+    """The suffix of the image kind a file's first bytes show (None: none we know, or unreadable):
+    a photo saved without its extension, an iPhone's HEIC renamed to .jpg."""
+    head = file_head(path) if head is None else head
     return next((suffix for at, mark, suffix in IMAGE_MARKS if head[at:at + len(mark)] == mark), None)
 
 
-def is_dicom(path: Path) -> bool:
+def is_dicom(path: Path, head: bytes | None = None) -> bool:
     """By its suffix, or its "DICM" mark at byte 128: exported series often have names without
     one, such as 1.2.840.113619.2.55.3.1."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+    return path.suffix.lower() in DICOM_SUFFIXES or (file_head(path) if head is None else head)[128:132] == b"DICM"
 
 
 def too_many_pixels(size: str, max_pixels: int) -> str:

@@ -15,7 +15,7 @@ from .config import DEFAULT_VAL_FRACTION, MIN_CAPPED_VAL, VAL_CAP
 from .data import DatasetSplit, Sample
 from .digests import DigestMemo, file_digests, is_unreadable
 from .errors import DataError
-from .images import DICOM_REASON, is_candidate_image, is_dicom, suffix_by_content
+from .images import DICOM_REASON, file_head, is_candidate_image, is_dicom, suffix_by_content
 from .layout import Layout, holds_images, is_hidden, sub_folders
 
 IMBALANCE_RATIO = 3.0  # largest class / smallest class at which training warns
@@ -125,9 +125,10 @@ def _not_a_file_reason(path: Path) -> str:
 
 def not_an_image_reason(path: Path) -> str:
     """Why a file is not read; for DICOM, or an image whose name has no extension, what to do instead."""
-    if is_dicom(path):
+    head = file_head(path)  # (read once for both)
+    if is_dicom(path, head):
         return DICOM_REASON
-    suffix = suffix_by_content(path) if not path.suffix else None  # (not a camera's RAW file: TIFF inside, not one)
+    suffix = suffix_by_content(path, head) if not path.suffix else None  # (not a camera's RAW file: TIFF inside, not one)
     if suffix is not None:  # (it said "not an image file" of a photo saved without its extension)
         return f"an image ({suffix[1:].upper()}) whose name does not end in an image extension: not read; rename it to end in {suffix}"
     return "not an image file"
