@@ -45,7 +45,7 @@ def torchrun_args(devices: int, argv: list[str], log_dir: str | None = None) -> 
     return ["--standalone", f"--nproc-per-node={devices}", *logs, "-m", "finetune", "train", *argv]
 
 
-def launch(devices: int, argv: list[str]) -> LaunchOutcome:
+def launch(devices: int, argv: list[str], resume: Path | None = None) -> LaunchOutcome:
     """Run torchrun in this process; returns the exit code and the line to print, if any.
 
     Calling torchrun's own entry point (rather than a subprocess) lets us turn its
@@ -81,18 +81,8 @@ def launch(devices: int, argv: list[str]) -> LaunchOutcome:
     outcome = decide_outcome(records, {rank: f.exitcode for rank, f in failures.items()}, signum)
     if agent_error is not None and outcome.exit_code == 0 and 0 not in records:  # (rank 0 did not finish the run)
         outcome = LaunchOutcome(1, f"torchrun failed while running the ranks ({agent_error}); {RESUME_HINT}")
-    resumed = resumed_folder(argv)
+    resumed = Path(os.path.abspath(resume)) if resume is not None else None  # (as the ranks name it)
     return with_run_folder(outcome, run_dir or resumed, devices, resumed=resumed is not None)
-
-
-def resumed_folder(argv: list[str]) -> Path | None:
-    """The run folder of `--resume FOLDER` (or `--resume=FOLDER`), absolute as the ranks' is."""
-    for i, arg in enumerate(argv):
-        if arg == "--resume" and i + 1 < len(argv):
-            return Path(os.path.abspath(argv[i + 1]))
-        if arg.startswith("--resume="):
-            return Path(os.path.abspath(arg.split("=", 1)[1]))
-    return None
 
 
 def read_run_folder(note: Path) -> Path | None:
@@ -112,14 +102,8 @@ def with_run_folder(outcome: LaunchOutcome, run_dir: Path | None, devices: int, 
         return LaunchOutcome(outcome.exit_code, outcome.message[:-len(RESUME_HINT)] + "it stopped before its run folder "
                              "was made; start it again.", outcome.rank)
     folder = RunFolder(run_dir)
-    if folder.state_path.is_file():
-        hint = f"continue with: finetune train --resume {run_dir} --devices {devices}"
-    elif folder.model_path.is_file():  # (as a one-process run says it: training.interrupted)
-        hint = (f"its model is in {folder.model_path}; its training state was not saved yet, so it cannot be resumed; start "
-                f"it again to train further.")
-    else:
-        removed = " (its run folder removed)" if not resumed and folder.remove_if_nothing_kept() else ""
-        hint = f"it stopped before its first epoch finished{removed}; start it again."
+    where = f"its model is in {folder.model_path}; " if folder.model_path.is_file() and not folder.state_path.is_file() else ""
+    hint = where + folder.way_on(f" --devices {devices}", may_remove=not resumed)  # (as a one-process run says it)
     return LaunchOutcome(outcome.exit_code, outcome.message[:-len(RESUME_HINT)] + hint, outcome.rank)
 
 

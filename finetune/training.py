@@ -448,15 +448,8 @@ def interrupted(run: Run, d: Dist) -> TrainingInterrupted:
         saved = run.save_best()
         run.folder.write_metrics(run.history)
     where = f"; the model kept so far is in {saved}" if saved else ""
-    same_processes = f" --devices {d.world}" if d.active and d.one_machine else ""
-    if run.folder.state_path.is_file():
-        again = f" Continue with: finetune train --resume {run.folder.path}{same_processes}"
-    elif saved:  # (stopped while the chosen head's epochs were being recorded: a model, not yet a state)
-        again = " Its training state was not saved yet, so it cannot be resumed; start it again to train further."
-    else:
-        removed = " (its run folder removed)" if run.folder.remove_if_nothing_kept() else ""
-        again = f" It stopped before its first epoch finished{removed}; start it again to continue."
-    return TrainingInterrupted(f"training interrupted{where}.{again}")
+    way_on = run.folder.way_on(f" --devices {d.world}" if d.active and d.one_machine else "")
+    return TrainingInterrupted(f"training interrupted{where}. {way_on[0].upper()}{way_on[1:]}")
 
 
 def out_of_memory(batch_size: int, resumed: bool) -> GpuOutOfMemory:

@@ -204,7 +204,7 @@ def test_the_launcher_stopped_by_sigterm_names_the_run_folder_or_removes_it(tmp_
     assert out.returncode == 143, out.stderr[-3000:]
     if when == "start":
         assert error_lines(out.stderr) == ["error: training was stopped by SIGTERM; it stopped before its first epoch "
-                                           "finished (its run folder removed); start it again."]
+                                           "finished (its run folder removed); start it again to continue."]
         assert not run_dir.exists()
     else:
         assert error_lines(out.stderr) == [f"error: training was stopped by SIGTERM; continue with: finetune train "
@@ -255,7 +255,7 @@ def test_the_launcher_names_the_one_cause(records, exit_codes, signum, code, say
 
 
 def test_the_launchers_advice_names_the_run_folder(tmp_path):
-    from finetune.launcher import RESUME_HINT, LaunchOutcome, resumed_folder, with_run_folder
+    from finetune.launcher import RESUME_HINT, LaunchOutcome, with_run_folder
     from finetune.resume import STATE_FILENAME
 
     stopped = LaunchOutcome(143, f"training was stopped by SIGTERM; {RESUME_HINT}")
@@ -266,15 +266,13 @@ def test_the_launchers_advice_names_the_run_folder(tmp_path):
     (resumable / STATE_FILENAME).write_bytes(b"state")
     assert with_run_folder(stopped, resumable, 2, resumed=False).message == \
         f"training was stopped by SIGTERM; continue with: finetune train --resume {resumable} --devices 2"
-    assert with_run_folder(stopped, started, 2, resumed=True).message.endswith("before its first epoch finished; start it again.")
+    assert with_run_folder(stopped, started, 2, resumed=True).message.endswith("before its first epoch finished; start it again to continue.")
     assert started.exists()  # (a folder given to --resume is never removed)
-    assert with_run_folder(stopped, started, 2, resumed=False).message.endswith("(its run folder removed); start it again.")
+    assert with_run_folder(stopped, started, 2, resumed=False).message.endswith("(its run folder removed); start it again to continue.")
     assert not started.exists()
     assert with_run_folder(stopped, None, 2, resumed=False).message.endswith("before its run folder was made; start it again.")
     own = LaunchOutcome(1, "the GPU ran out of memory", rank=1)
     assert with_run_folder(own, resumable, 2, resumed=False) == own
-    assert resumed_folder(["data", "--resume", "runs/x"]) == resumed_folder(["--resume=runs/x"]) == Path("runs/x").absolute()
-    assert resumed_folder(["data", "--epochs", "3"]) is None
 
 
 def test_the_launchers_advice_for_a_run_with_a_model_and_no_state(tmp_path):

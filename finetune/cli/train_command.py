@@ -66,7 +66,7 @@ def train(
     Example: finetune train ./photos --arch efficientnet_lite0 --json
     """
     if devices is not None and "WORLD_SIZE" not in os.environ:
-        raise train_with_torchrun(devices)
+        raise train_with_torchrun(devices, resume)
     if data is None and resume is None:
         raise fail(UsageError("missing DATA: give an image folder (finetune train ./photos), or --resume RUN_FOLDER."))
     try:
@@ -115,7 +115,7 @@ def spelt(option, value) -> str:
     return off[0] if off and value is False else option.opts[0]
 
 
-def train_with_torchrun(devices: int) -> typer.Exit:
+def train_with_torchrun(devices: int, resume: Path | None) -> typer.Exit:
     """`train ... --devices N`: run this same command line in N processes under torchrun."""
     from ..launcher import launch, strip_devices_option
 
@@ -123,7 +123,7 @@ def train_with_torchrun(devices: int) -> typer.Exit:
         return fail(UsageError(f"--devices must be at least 1 (got {devices})."))
     if "train" not in sys.argv:
         return fail(UsageError("--devices: run it as 'finetune train DATA --devices N'."))
-    outcome = launch(devices, strip_devices_option(sys.argv[sys.argv.index("train") + 1:]))
+    outcome = launch(devices, strip_devices_option(sys.argv[sys.argv.index("train") + 1:]), resume)
     if outcome.message:
         say_error(outcome.message, outcome.rank)
     return typer.Exit(outcome.exit_code)
