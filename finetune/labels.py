@@ -12,6 +12,7 @@ in a note.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import re
@@ -212,9 +213,6 @@ class FileFinder:
     def __init__(self, data: Path, csv_folder: Path):
         self.data, self.csv_folder = data, csv_folder
         self.images = images = list_images(data) if data.is_dir() else []
-        # (every image by its file name and by its stem, wherever under DATA: made when a row first needs them)
-        self._by_name: dict[str, list[Path]] | None = None
-        self._by_name_stem: dict[str, list[Path]] = {}
         self.by_rel = {Path(os.path.relpath(p, data)).as_posix(): p for p in images}
         self.by_stem: dict[str, Path] = {}
         self.others: dict[str, list[Path]] = {}  # a stem's other files (not JPEG 2000 originals): a name without extension is ambiguous
@@ -254,12 +252,12 @@ class FileFinder:
     def anywhere(self, name: str) -> Path | None:
         """The one image under DATA, in any sub-folder, whose file name is `name` (with or without
         its extension); None where there is none, AmbiguousName where there are several."""
-        by_name = self.names()
+        by_name, by_stem = self.names
         if name in by_name:
             files = by_name[name]
         else:
             stem = name.rsplit(".", 1)[0] if is_candidate_image(Path(name)) else name
-            files = self._by_name_stem.get(stem, [])
+            files = by_stem.get(stem, [])
             alike = [p for p in files if p.suffix.lower() == Path(name).suffix.lower()]
             # (a JPEG 2000 original beside its JPEG copy: the name without its extension means the copy)
             files = alike or [p for p in files if p.suffix.lower() not in JPEG2000_EXTENSIONS] or files
@@ -267,15 +265,16 @@ class FileFinder:
             raise AmbiguousName(files)
         return files[0] if files else None
 
-    def names(self) -> dict[str, list[Path]]:
-        """Every image under DATA by its file name (and, in _by_name_stem, by its stem): made once,
-        from the listing already made, on the first row that needs it (50,000 rows: one pass)."""
-        if self._by_name is None:
-            self._by_name = {}
-            for p in self.images:
-                self._by_name.setdefault(p.name, []).append(p)
-                self._by_name_stem.setdefault(p.name.rsplit(".", 1)[0], []).append(p)
-        return self._by_name
+    @functools.cached_property
+    def names(self) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+        """Every image under DATA by its file name, and by its stem: made once, from the listing
+        already made, on the first row that needs it (50,000 rows: one pass)."""
+        by_name: dict[str, list[Path]] = {}
+        by_stem: dict[str, list[Path]] = {}
+        for p in self.images:
+            by_name.setdefault(p.name, []).append(p)
+            by_stem.setdefault(p.name.rsplit(".", 1)[0], []).append(p)
+        return by_name, by_stem
 
 
 def scan_labelled(data: Path, csv_path: Path, columns: str | None, val_split: float | None, seed: int,
