@@ -137,6 +137,9 @@ def test_onnx_and_torchscript_exports_verify(run, tmp_path, arch):
         side = json.loads(Path(str(out) + ".json").read_text())
         assert side["classes"] == ["cat", "dog", "fox"] and side["input_size"] == [64, 64] and side["resize"] == 73
         assert side["arch"] == arch and len(side["mean"]) == 3 and len(side["std"]) == 3
+        # (a trial found the sidecar silent on what changes scores, the class even: transparency, EXIF, precision)
+        assert all(w in side["input"] for w in ("EXIF orientation", "composited on white", "antialiased"))
+        assert side["precision"].startswith("float32; predict computes in bfloat16 where")
     # The ONNX file alone, fed as its sidecar says, agrees with `finetune predict`.
     image = run["data"] / "val" / "fox" / "fox_1.jpg"
     side = json.loads((tmp_path / "m.onnx.json").read_text())
