@@ -91,17 +91,16 @@ def as_loaded(model, default: Path | None = None, runs_dir: Path | str = DEFAULT
 
 
 def export_details(path: Path) -> dict | None:
-    """What `finetune info` shows of an export (ONNX, TorchScript): its sidecar, which names the
-    model it came from; None where `path` is no export of finetune's."""
+    """What `finetune info` shows of an export (ONNX, TorchScript), given it or its sidecar: the
+    sidecar, which names the model it came from; None where `path` is no export of finetune's."""
     import json
 
-    if path.suffix == ".json":
-        return None
+    export, sidecar_path = (path.with_suffix(""), path) if path.suffix == ".json" else (path, path.with_name(path.name + ".json"))
     try:
-        sidecar = json.loads(path.with_name(path.name + ".json").read_text())
+        sidecar = json.loads(sidecar_path.read_text())
         if not isinstance(sidecar, dict) or not sidecar.get("source_model"):  # (as exported_from knows ours)
             return None
-        return {"path": str(Path(os.path.abspath(path))), "file_size": path.stat().st_size, **sidecar}
+        return {"path": str(Path(os.path.abspath(export))), "file_size": export.stat().st_size, **sidecar}
     except (OSError, ValueError):
         return None
 

@@ -239,10 +239,11 @@ def test_a_model_file_is_known_by_its_bytes_and_an_export_by_its_sidecar(run, tm
         assert told.exit_code == 2 and told.stderr == (
             f"error: {tmp_path / given}: an exported model, for other runtimes; finetune predicts with the model file it "
             f"was exported from: --model {run['summary']['model']}\n")
-    info = runner.invoke(app, ["info", str(tmp_path / "m.pt"), "--json"])  # (refused with predict's advice)
-    assert info.exit_code == 0, info.stderr
-    shown = json.loads(info.stdout)
-    assert shown["source_model"] == run["summary"]["model"] and shown["path"] == str(tmp_path / "m.pt")
+    for given in ("m.pt", "m.pt.json"):
+        info = runner.invoke(app, ["info", str(tmp_path / given), "--json"])  # (refused with predict's advice)
+        assert info.exit_code == 0, info.stderr
+        shown = json.loads(info.stdout)
+        assert shown["source_model"] == run["summary"]["model"] and shown["path"] == str(tmp_path / "m.pt")
 
 
 @pytest.mark.parametrize("name", ["victim.png", "weights.pt"])
