@@ -39,7 +39,7 @@ from .files import atomic_write_text, iso_time, write_safetensors
 from .store import Rows, put_view
 from .weights import weights_identity
 
-CACHE_FORMAT = 2  # bump when what a feature row means changes (transforms, the stages pooled, decoding: 2 since 16-bit greyscale is scaled by its bit depth, signed values from their lowest)
+CACHE_FORMAT = 3  # bump when what a feature row means changes (transforms, the stages pooled, decoding: 2 since 16-bit greyscale is scaled by its bit depth, signed values from their lowest; 3 since a picture in a sliver of its depth gets its own range)
 ENV_DIR = "FINETUNE_CACHE_DIR"
 META_KEY = "finetune-features"
 ROWS_PER_CHUNK = 4096  # a chunk is written every this many rows (about 16 MB for Lite0's 2,064 dims)

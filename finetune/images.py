@@ -226,13 +226,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
 # (0..4,095) or 10, scientific cameras 14. Scaling those by 65,535, as torchvision and OpenCV do,
 # left a 12-bit X-ray 16 grey levels of 256 (BENCHMARKS.md, "Greyscale deeper than 8 bits").
 BIT_DEPTHS_TOPS = (255.0, 1023.0, 4095.0, 16383.0, 65535.0)
+FEWEST_GREY_LEVELS = 16  # a picture the shared scale would leave fewer than this many is stretched to its own range
 
 
 def _scale_to_8bit(im: Image.Image) -> Image.Image:
     """High-bit-depth greyscale to 0..255 (a plain convert clips). 16-bit: the range of the
     smallest usual bit depth (8, 10, 12, 14 or 16 bits) that holds the picture's values, so that
     the images of one device, sharing a depth, share a scale (all but a picture so dark that its
-    values fit a smaller depth: it is brightened). Signed values (CT's Hounsfield
+    values fit a smaller depth: it is brightened), unless that would leave it fewer than
+    FEWEST_GREY_LEVELS grey levels: then its own range. Signed values (CT's Hounsfield
     units, stored as 32-bit ints or floats: lungs and fat are below 0) start the scale at the
     picture's lowest, where clipping them would turn all of them black."""
     a = np.asarray(im).astype(np.float64)
@@ -248,6 +250,10 @@ def _scale_to_8bit(im: Image.Image) -> Image.Image:
         top = max(peak, 1.0)
     else:  # 32-bit ints: the picture's own range
         top = max(peak, 255.0)
-    low = min(low, 0.0)
+    own_low, low = low, min(low, 0.0)
+    if 0 < peak - own_low < FEWEST_GREY_LEVELS / 255.0 * (top - low):
+        # (a picture whose values span a sliver of its depth, 30,000 +- 100 of 65,535: the shared scale
+        # left it one grey level, and training went on at chance; it gets its own range instead)
+        low, top = own_low, peak
     a = np.clip((a - low) / (top - low) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(a, mode="L").convert("RGB")

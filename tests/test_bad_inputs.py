@@ -171,6 +171,12 @@ def ten_bit(p):
     save(Image.fromarray(a), p)
 
 
+def narrow_sixteen_bit(p):  # values in a sliver of the depth: 30,000 and 30,100 of 65,535 (one grey level)
+    a = np.full((32, 32), 30000, dtype=np.uint16)
+    a[:, 16:] = 30100
+    save(Image.fromarray(a), p)
+
+
 def jpeg2000_twelve_bit(p):  # satellite tiles and slides: JPEG 2000, often deeper than 8 bits
     a = np.zeros((32, 32), dtype=np.uint16)
     a[:, 16:] = 3000
@@ -250,6 +256,7 @@ MODE_CASES = {
     "sixteen.png": (sixteen_bit, lambda im: px(im, (2, 2)) == [128, 128, 128] and px(im, (30, 2)) == [255, 255, 255]),
     "twelve.png": (twelve_bit, lambda im: px(im, (2, 2)) == [128, 128, 128] and px(im, (30, 2)) == [187, 187, 187]),
     "tile.jp2": (jpeg2000_twelve_bit, lambda im: abs(px(im, (2, 2))[0] - 128) <= 2 and abs(px(im, (30, 2))[0] - 187) <= 2),
+    "narrow.png": (narrow_sixteen_bit, lambda im: px(im, (2, 2)) == [0, 0, 0] and px(im, (30, 2)) == [255, 255, 255]),
     "ten.png": (ten_bit, lambda im: px(im, (2, 2)) == [128, 128, 128] and px(im, (30, 2)) == [255, 255, 255]),
     "nan.tif": (float_with_nan, lambda im: px(im, (2, 2)) == [0, 0, 0] and px(im, (30, 2)) == [255, 255, 255]),
     "negative.tif": (all_negative, lambda im: px(im, (2, 2)) == [0, 0, 0] and 0 < px(im, (30, 2))[0] < 255),
