@@ -132,10 +132,27 @@ def describe_images(facts: list[ImageFacts]) -> dict:
                      f"largest {by_area[-1].width}x{by_area[-1].height}")
     gray = sum(f.grayscale for f in facts) / len(facts)
     colour_line = "all grayscale" if gray == 1 else "all colour" if gray == 0 else f"{gray:.0%} grayscale, {1 - gray:.0%} colour"
+    crop_line = cropped_away(facts)
     modes = Counter(f.mode for f in facts)
     return {
         "count": len(facts), "most_common_size": top, "most_common_share": round(n / len(facts), 4),
         "median_size": f"{median.width}x{median.height}", "median_short_side": statistics.median(min(f.width, f.height) for f in facts),
-        "grayscale_share": round(gray, 4), "modes": dict(modes.most_common()), "summary": [size_line, colour_line],
+        "grayscale_share": round(gray, 4), "modes": dict(modes.most_common()),
+        "summary": [size_line, colour_line, *([crop_line] if crop_line else [])],
     }
+
+
+LONG_RATIO = 1.5  # an image this many times as long as it is wide loses a third of its length to the centre crop
+
+
+def cropped_away(facts: list[ImageFacts]) -> str | None:
+    """What the square centre crop leaves of long images (pages, receipts, panoramas): their ends,
+    where a page's header and footer are, are never seen (a trial: classes told apart there, at chance)."""
+    long = [max(f.width, f.height) / max(1, min(f.width, f.height)) for f in facts]
+    long = [r for r in long if r >= LONG_RATIO]
+    if not long:
+        return None
+    seen = 1 / statistics.median(long)
+    return (f"{len(long) / len(facts):.0%} are at least {LONG_RATIO:g} times as long as wide: the square centre crop "
+            f"sees about {seen:.0%} of their length (what lies near their ends is never seen)")
 

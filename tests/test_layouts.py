@@ -526,6 +526,18 @@ def test_check_reports_what_train_would_see_and_writes_nothing(tmp_path):
     assert tree_hashes(data) == before
 
 
+def test_check_says_how_little_of_long_images_the_centre_crop_sees(tmp_path):
+    data = tmp_path / "pages"  # (receipts told apart by their header or footer: the crop never saw either)
+    for k, c in enumerate(CLASSES):
+        for i in range(4):
+            make_image(data / c / f"{i}.png", (200, 200, 200), seed=10 * k + i, size=(30, 100))
+    shown = runner.invoke(app, ["check", str(data), "--json", "--workers", "0"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["images"]["summary"][2] == ("100% are at least 1.5 times as long as wide: the square "
+                                                                 "centre crop sees about 30% of their length (what lies "
+                                                                 "near their ends is never seen)")
+
+
 def test_check_and_cache_print_paths_as_they_are(tmp_path, monkeypatch):
     # (rich read "[red]" in a folder's name as markup: the title showed "photos")
     data = splits(tmp_path / "[red]photos", "train", {"val": 2})
