@@ -48,6 +48,12 @@ def finish(run: Run, device: torch.device, weights_source: str) -> TrainResult:
         val=summary_of(val, split.classes) if val else None, suspects=folder.write_suspects(run.suspects, run.suspects_note),
         calibration=calibration_summary(run, test), unknown=run.unknown,
     )
+    unseen = never_predicted(split.classes, result.val["confusion_matrix"]) if result.val else []
+    if unseen:  # (a rare class: its accuracy is the majority's, and nothing said so)
+        hint = "" if run.cfg.class_weights else "; --class-weights weighs the rare classes up"
+        run.reporter.warn(f"the kept model never answers {', '.join(repr(c) for c in unseen)} on val, though val holds "
+                          f"images of {'it' if len(unseen) == 1 else 'them'}: its val accuracy is what answering the other "
+                          f"classes gets{hint}.")
     result.report = folder.write_report(training_content(run, result, [m for m in (val, test and test.measured) if m]),
                                         run.cfg.max_pixels)
     folder.finish(result)
@@ -85,6 +91,12 @@ def calibrate_run(run: Run, device: torch.device) -> None:
         run.reporter.warn(f"the unknown rule was set on {run.unknown['set_on_val_images']} val images, too few to place it surely: predict "
                           f"may answer some images of your classes unknown (label null) or miss foreign ones; "
                           f"finetune predict --no-unknown answers a class for every image")
+
+
+def never_predicted(classes: list[str], matrix: list[list[int]]) -> list[str]:
+    """The classes val holds images of (a row of the confusion matrix, true by predicted) that no
+    val image is answered as (their column is empty)."""
+    return [c for i, c in enumerate(classes) if sum(matrix[i]) and not any(row[i] for row in matrix)]
 
 
 def stage_of_best(run: Run) -> Stage:

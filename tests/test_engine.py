@@ -494,3 +494,12 @@ def test_an_epoch_reads_its_loss_and_hits_from_the_device_once_not_every_step(mo
         assert last["loss"] == round(loss_sum / 13, 4) and last["acc"] == round(correct / 13, 4)
     else:
         assert "loss" not in last and last["images_per_s"] > 0
+
+
+def test_a_class_val_holds_but_the_model_never_answers_is_found():
+    from finetune.finish import never_predicted
+
+    # (a rare class: val 0.857 was the majority's share, the defect class's recall 0, and nothing said so)
+    assert never_predicted(["defect", "ok"], [[0, 5], [0, 30]]) == ["defect"]
+    assert never_predicted(["a", "b"], [[3, 1], [1, 3]]) == []
+    assert never_predicted(["a", "b", "c"], [[2, 0, 0], [0, 2, 0], [0, 0, 0]]) == []  # (no val image of c: another note)
