@@ -17,7 +17,6 @@ SUSPECTS_HOW = (f"Two kinds, found on the cached backbone features. Another clas
                 f"{OUTLIER_SHARE:.0%} of training images least like any other (nearest neighbours in feature space), "
                 "which a head may still file confidently under some class. The figure is the out-of-fold probability of "
                 "the given label. Full list: suspects.csv.")
-SUSPECT_COLUMNS = ["path", "given", "suggested", "probability", "why"]
 MAX_SUSPECT_IMAGES = 50_000
 
 

@@ -17,6 +17,9 @@ from .resume import STATE_FILENAME, ResumeState
 from .tracking import BestEpoch
 
 
+SUSPECT_COLUMNS = ["path", "given", "suggested", "probability", "why"]  # suspects.csv (run_report.training_suspects' rows)
+
+
 def create_run_dir(runs_dir: Path, name: str | None) -> Path:
     """runs/<name>, runs/<name>2, ... : a new folder each time, never an earlier run's."""
     base = name or "train"
@@ -164,8 +167,6 @@ class RunFolder:
     @_writes
     def write_suspects(self, suspects: list[dict] | None, note: str) -> dict:
         """suspects.csv (path, given, suggested, probability, why), when the run could look for them."""
-        from .run_report import SUSPECT_COLUMNS
-
         if suspects is None:
             return {"count": None, "file": None, "note": note}
         path = self.path / "suspects.csv"
