@@ -142,7 +142,8 @@ def describe_images(facts: list[ImageFacts]) -> dict:
     }
 
 
-LONG_RATIO = 1.5  # an image this many times as long as it is wide loses a third of its length to the centre crop
+LONG_SHARE = 0.25  # said where at least this share of the images are that long
+LONG_RATIO = 2.0  # an image this many times as long as it is wide loses half its length or more to the centre crop (not a 3:2 or 16:9 photo)
 
 
 def cropped_away(facts: list[ImageFacts]) -> str | None:
@@ -150,7 +151,7 @@ def cropped_away(facts: list[ImageFacts]) -> str | None:
     where a page's header and footer are, are never seen (a trial: classes told apart there, at chance)."""
     long = [max(f.width, f.height) / max(1, min(f.width, f.height)) for f in facts]
     long = [r for r in long if r >= LONG_RATIO]
-    if not long:
+    if len(long) < LONG_SHARE * len(facts):  # (a panorama among photos: no matter)
         return None
     seen = 1 / statistics.median(long)
     return (f"{len(long) / len(facts):.0%} are at least {LONG_RATIO:g} times as long as wide: the square centre crop "
