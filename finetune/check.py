@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset
 
-from .config import MAX_WORKERS, TrainConfig
+from .config import LONG_IMAGE_RATIO, MAX_WORKERS, SQUASH_SHARE, TrainConfig
 from .cpus import usable_cores, workers_within_cores
 from .data import DatasetSplit, leave_ctrl_c_to_the_main_process
 from .errors import DataError
@@ -143,17 +143,20 @@ def describe_images(facts: list[ImageFacts]) -> dict:
 
 
 LONG_SHARE = 0.25  # said where at least this share of the images are that long
-LONG_RATIO = 2.0  # an image this many times as long as it is wide loses half its length or more to the centre crop (not a 3:2 or 16:9 photo)
 
 
 def cropped_away(facts: list[ImageFacts]) -> str | None:
     """What the square centre crop leaves of long images (pages, receipts, panoramas): their ends,
     where a page's header and footer are, are never seen (a trial: classes told apart there, at chance)."""
     long = [max(f.width, f.height) / max(1, min(f.width, f.height)) for f in facts]
-    long = [r for r in long if r >= LONG_RATIO]
+    long = [r for r in long if r >= LONG_IMAGE_RATIO]
     if len(long) < LONG_SHARE * len(facts):  # (a panorama among photos: no matter)
         return None
-    seen = 1 / statistics.median(long)
-    return (f"{len(long) / len(facts):.0%} are at least {LONG_RATIO:g} times as long as wide: the square centre crop "
-            f"sees about {seen:.0%} of their length (what lies near their ends is never seen)")
+    share = len(long) / len(facts)
+    if share >= SQUASH_SHARE:
+        return (f"{share:.0%} are at least {LONG_IMAGE_RATIO:g} times as long as wide: train takes each whole, squashed to "
+                f"a square (--fit auto; --fit crop would see about {1 / statistics.median(long):.0%} of their length)")
+    return (f"{share:.0%} are at least {LONG_IMAGE_RATIO:g} times as long as wide: the square centre crop sees about "
+            f"{1 / statistics.median(long):.0%} of their length (what lies near their ends is never seen; --fit squash "
+            f"trains on the whole image)")
 

@@ -18,6 +18,10 @@ MODEL_FILENAME = "model.safetensors"
 RESULTS_FILENAME = "results.json"  # written as a run finishes (the last of its files): its presence means finished
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold, but as a hard error
 HEAD_FEATURES = ("auto", "final", "multi")
+FITS = ("auto", "crop", "squash")  # how an image becomes the network's square (data.Preprocessing.fit; auto: recipe.choose_fit)
+LONG_IMAGE_RATIO = 2.0  # this many times as long as wide: the centre crop sees half of it or less (not a 3:2 or 16:9 photo)
+SQUASH_SHARE = 0.5  # --fit auto squashes where at least this share of the training images are that long
+FIT_SAMPLE = 200  # the training images whose sizes --fit auto reads (their headers: milliseconds)
 MAX_WORKERS = 8  # image-loading processes at most by default (data.default_workers)
 # Without a val folder, val is split off train: this fraction of each class, but (unless
 # --val-split is given) at most its share of VAL_CAP images and never under MIN_CAPPED_VAL of a
@@ -48,6 +52,7 @@ class TrainConfig:
     weights: Path | None = None  # a state dict or a finetune model file; overrides the cache/download
     pretrained: bool = True
     img_size: int | None = None  # None: the architecture's own training size
+    fit: str = "auto"  # crop: the shorter side resized, the centre kept; squash: the whole image (pages, receipts); auto: by their sizes
     layout: str = "auto"  # how DATA is read: auto, classes, or train=DIR[,val=DIR][,test=DIR] (layout.py)
     labels: Path | None = None  # a CSV of image paths (in DATA) and labels, instead of class folders (labels.py)
     label_columns: str | None = None  # "PATH,LABEL[,SPLIT]" column names; None: found among the usual names
@@ -128,6 +133,7 @@ class TrainConfig:
             (self.tail_epochs is None or self.tail_epochs >= 0, f"--tail-epochs must be 0 or more (got {self.tail_epochs})."),
             (self.views is None or self.views >= 1, f"--views must be at least 1 (got {self.views})."),
             (self.head_features in HEAD_FEATURES, f"--head-features must be one of {', '.join(HEAD_FEATURES)} (got '{self.head_features}')."),
+            (self.fit in FITS, f"--fit must be one of {', '.join(FITS)} (got '{self.fit}')."),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})."),
             (0 < self.lr < math.inf, f"--lr must be a positive number (got {self.lr})."),
             (self.img_size is None or self.img_size >= 32, f"--img-size must be at least 32 (got {self.img_size})."),
@@ -171,7 +177,7 @@ _INTS = ("img_size", "seed", "batch_size", "epochs", "views", "patience", "max_i
 _FLOATS = ("val_split", "lr", "weight_decay", "label_smoothing", "time_budget", "backbone_lr_ratio", "early_lr_ratio",
            "average_epochs", "cache_limit_gb", "feature_memory_gb")
 _NUMBER_FIELDS = {**{k: numbers.Integral for k in _INTS}, **{k: numbers.Real for k in _FLOATS}}
-_STR_FIELDS = ("arch", "layout", "device", "head_features", "name", "label_columns")
+_STR_FIELDS = ("arch", "layout", "device", "head_features", "fit", "name", "label_columns")
 _BOOL_FIELDS = ("pretrained", "all_images", "class_weights", "freeze_backbone", "cache")
 
 

@@ -72,13 +72,17 @@ class Preprocessing:
     resize: int  # shorter side before the centre crop
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    fit: str = "crop"  # crop: the shorter side to `resize`, the centre crop; squash: the whole image to a square
 
     def to_dict(self) -> dict:
-        return {"img_size": self.img_size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+        return {"img_size": self.img_size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std),
+                "fit": self.fit}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(int(d["img_size"]), int(d["resize"]), tuple(d["mean"]), tuple(d["std"]))
+        # (files from before `fit` crop)
+        return cls(int(d["img_size"]), int(d["resize"]), tuple(d["mean"]), tuple(d["std"]), str(d.get("fit", "crop")))
+
 
 
 # --- transforms -------------------------------------------------------------------------
@@ -91,11 +95,21 @@ class Preprocessing:
 def eval_transform(pp: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
     from torchvision.transforms import v2
 
+    if pp.fit == "squash":  # (pages, receipts, strips: the whole image, its aspect given up)
+        return v2.Compose([v2.PILToTensor(), v2.Resize((pp.img_size, pp.img_size), antialias=True)])
     return v2.Compose([
         v2.PILToTensor(),
         v2.Resize(pp.resize, antialias=True),
         v2.CenterCrop(pp.img_size),
     ])
+
+
+def squashed(pp: Preprocessing) -> list:
+    """The step that makes the whole image a square first, where `pp.fit` says so (the augmented
+    views then crop from the square, as from a photo)."""
+    from torchvision.transforms import v2
+
+    return [v2.Resize((pp.resize, pp.resize), antialias=True)] if pp.fit == "squash" else []
 
 
 def train_transform(pp: Preprocessing, light: bool = False) -> Callable[[Image.Image], torch.Tensor]:
@@ -106,11 +120,13 @@ def train_transform(pp: Preprocessing, light: bool = False) -> Callable[[Image.I
     if light:
         return v2.Compose([
             v2.PILToTensor(),
+            *squashed(pp),
             v2.RandomResizedCrop(pp.img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
             v2.RandomHorizontalFlip(),
         ])
     return v2.Compose([
         v2.PILToTensor(),
+        *squashed(pp),
         v2.RandomResizedCrop(pp.img_size, scale=(0.35, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomRotation(10),

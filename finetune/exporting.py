@@ -93,10 +93,13 @@ def sidecar_dict(loaded: LoadedModel, fmt: str, max_abs_diff: float) -> dict:
     return {
         "format": fmt, "arch": loaded.meta["arch"], "classes": loaded.classes,
         "resize": pp.resize, "input_size": [pp.img_size, pp.img_size], "mean": list(pp.mean), "std": list(pp.std),
+        "fit": pp.fit,
         "input": ("float32 NCHW RGB in 0..1, dynamic batch. As predict reads an image: EXIF orientation applied, "
                   "transparent pixels composited on white, 16-bit greyscale stretched to 8 bits; the shorter side "
-                  "resized to `resize` (PIL bilinear with reducing_gap=2.0, then torchvision's antialiased bilinear "
-                  "resize of the uint8 image), centre-crop `input_size`"),
+                  "resized to `resize` (PIL bilinear with reducing_gap=2.0), then " + (
+                      "the whole image resized to `input_size` (torchvision's antialiased bilinear resize of the uint8 "
+                      "image; its aspect given up: `fit` squash)" if pp.fit == "squash" else
+                      "torchvision's antialiased bilinear resize of the uint8 image, centre-crop `input_size`")),
         "precision": ("float32; predict computes in bfloat16 where the CPU or GPU has it natively (as val was "
                       "measured in training), so its scores may differ from these by up to a few hundredths"),
         "output": "softmax probabilities over `classes`, calibrated (logits / `temperature`); mean/std normalisation is inside the graph",

@@ -41,7 +41,7 @@ def finish(run: Run, device: torch.device, weights_source: str) -> TrainResult:
         test=test.summary() if test else None, leakage=split.leakage,
         feature_cache=run.cache.use.to_dict() if run.cache is not None else None,
         recipe={"head": run.head_choice.to_dict() if run.head_choice else None, "candidates": run.candidates,
-                "views_computed": run.views_computed,
+                "views_computed": run.views_computed, "fit": run.pp.fit,
                 "chosen_by": "the best validation accuracy (then loss) among heads trained on the same cached features",
                 "tail": run.tail_plan, "finetune": run.finetune_plan, "learning_curve": run.learning_curve or None,
                 "feature_pass": run.feature_pass},

@@ -84,6 +84,19 @@ IMAGE_MARKS = ((0, b"\xff\xd8\xff", ".jpg"), (0, b"\x89PNG\r\n\x1a\n", ".png"), 
                (4, b"ftypheix", ".heic"), (4, b"ftypmif1", ".heic"), (4, b"ftypavif", ".avif"))
 
 
+def long_side_ratio(path: Path) -> float | None:
+    """How many times as long as wide an image is, from its header (no decoding); None where it
+    cannot be read (its decoding says why, later)."""
+    try:
+        with warnings.catch_warnings():  # (a corrupt EXIF block, a size over Pillow's bomb limit: said when it is decoded)
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                w, h = im.size
+    except Exception:  # (any failure to read a header: the image is judged when it is decoded)
+        return None
+    return max(w, h) / max(1, min(w, h))
+
+
 def file_head(path: Path) -> bytes:
     """A file's first bytes, as far as what is told from them reaches (DICOM's mark ends at 132);
     b"" where it cannot be read."""

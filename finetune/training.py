@@ -39,7 +39,7 @@ from .fit import Run, fit_stage, measure_pace
 from .models import build_classifier, get_arch
 from .weights import resolve_pretrained
 from .progress import Reporter, reporter_or_quiet
-from .recipe import (choose_head, epochs_text, growth_steps, head_features, learning_order, more_images_pay,
+from .recipe import (choose_fit, choose_head, epochs_text, growth_steps, head_features, learning_order, more_images_pay,
                      plan_finetune, plan_tail, pooled_features, try_head, views_for)
 from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
@@ -137,7 +137,10 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
     tell_reading(split, reporter)
     state, weights_source = resolve_pretrained(spec, cfg.weights) if cfg.pretrained else (None, "none (random init)")
     model = build_classifier(spec, len(split.classes), state).to(device).to(memory_format=torch.channels_last)
-    pp = spec.preprocessing(cfg.img_size)
+    fit, why = choose_fit([s.path for s in split.train], cfg.seed) if cfg.fit == "auto" else (cfg.fit, "as --fit says")
+    if fit != "crop":
+        reporter.info(f"fit: {fit} ({why})")
+    pp = replace(spec.preprocessing(cfg.img_size), fit=fit)
     reporter.info(f"{spec.name} at {pp.img_size}px on {device}, weights: {weights_source}")
     if d.active:
         reporter.info(f"distributed: {d.world} process{'es' if d.world > 1 else ''} ({'nccl' if device.type == 'cuda' else 'gloo'})")

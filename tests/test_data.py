@@ -16,7 +16,7 @@ from finetune.reading import scan_dataset
 from finetune.scan import stratified_split
 from finetune.errors import DataError
 
-from conftest import FAST_TRAIN_ARGS, make_class_tree, make_image, tree_hashes
+from conftest import CLASS_COLOURS, FAST_TRAIN_ARGS, make_class_tree, make_image, tree_hashes
 
 runner = CliRunner()
 
@@ -314,3 +314,54 @@ def test_the_files_results_list_are_absolute_when_data_is_given_relative(image_f
     assert summary["skipped"][0]["path"] == str(image_folder / "train" / "cat" / "broken.jpg")
     rows = (Path(summary["run_dir"]) / "suspects.csv").read_text().splitlines()[1:]
     assert rows and all(Path(row.split(",")[0]).is_absolute() for row in rows)
+
+
+def test_fit_squash_keeps_the_ends_of_a_long_image_that_the_crop_cuts(tmp_path):
+    from PIL import Image
+
+    from finetune.data import Preprocessing, eval_transform, train_transform
+
+    page = Image.new("RGB", (30, 100), (255, 255, 255))
+    page.paste((0, 0, 0), (0, 0, 30, 10))  # (a header: what tells a trial's receipts apart, which the crop never saw)
+    crop = Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3)
+    squash = Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3, fit="squash")
+    assert eval_transform(crop)(page).min() == 255  # (the centre of the page: no header)
+    squashed = eval_transform(squash)(page)
+    assert squashed.shape == (3, 32, 32) and squashed[:, :2].max() < 50 and squashed[:, -2:].min() == 255
+    assert train_transform(squash)(page).shape == (3, 32, 32)
+    assert Preprocessing.from_dict(squash.to_dict()) == squash
+    assert Preprocessing.from_dict({k: v for k, v in crop.to_dict().items() if k != "fit"}) == crop  # (older files)
+
+
+def test_a_model_trained_with_fit_squash_predicts_and_exports_as_it_trained(image_folder, tmp_path):
+    result = train_cli(image_folder, tmp_path / "runs", "--fit", "squash", "--json")
+    assert result.exit_code == 0, result.stderr
+    model = json.loads(result.stdout)["model"]
+    info = json.loads(runner.invoke(app, ["info", model, "--json"]).stdout)
+    assert info["preprocessing"]["fit"] == "squash"
+    predicted = runner.invoke(app, ["predict", str(image_folder / "val" / "dog"), "--model", model, "--format", "jsonl",
+                                    "--workers", "0"])
+    assert predicted.exit_code == 0 and {json.loads(line)["label"] for line in predicted.stdout.splitlines()} == {"dog"}
+    exported = runner.invoke(app, ["export", "--model", model, "--format", "torchscript", "--out", str(tmp_path / "m.pt")])
+    assert exported.exit_code == 0, exported.stderr
+    assert json.loads((tmp_path / "m.pt.json").read_text())["fit"] == "squash"
+    refused = train_cli(image_folder, tmp_path / "runs", "--fit", "pad")
+    assert refused.exit_code == 2 and "--fit must be one of auto, crop, squash (got 'pad')" in refused.stderr
+
+
+def test_fit_auto_squashes_where_most_training_images_are_long_and_says_so(tmp_path):
+    from finetune.recipe import choose_fit
+
+    pages = tmp_path / "pages"  # (a trial's receipts: val 0.30 with the centre crop, 1.0 squashed)
+    photos = tmp_path / "photos"
+    for k, c in enumerate(("a", "b")):
+        for i in range(6):
+            make_image(pages / c / f"{i}.png", CLASS_COLOURS[("cat", "dog")[k]], seed=10 * k + i, size=(30, 100))
+            make_image(photos / c / f"{i}.png", CLASS_COLOURS[("cat", "dog")[k]], seed=10 * k + i, size=(60, 40))
+    assert choose_fit(sorted(photos.rglob("*.png")), 0)[0] == "crop"
+    fit, why = choose_fit(sorted(pages.rglob("*.png")), 0)
+    assert fit == "squash" and why.startswith("12 of 12 training images read are at least 2 times as long as wide")
+    said = [a for a in FAST_TRAIN_ARGS if a != "--quiet"]
+    result = runner.invoke(app, ["train", str(pages), "--runs-dir", str(tmp_path / "runs"), *said, "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["recipe"]["fit"] == "squash" and "fit: squash (" in result.stderr

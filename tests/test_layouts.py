@@ -533,9 +533,9 @@ def test_check_says_how_little_of_long_images_the_centre_crop_sees(tmp_path):
             make_image(data / c / f"{i}.png", (200, 200, 200), seed=10 * k + i, size=(30, 100))
     shown = runner.invoke(app, ["check", str(data), "--json", "--workers", "0"])
     assert shown.exit_code == 0, shown.output
-    assert json.loads(shown.stdout)["images"]["summary"][2] == ("100% are at least 2 times as long as wide: the square "
-                                                                 "centre crop sees about 30% of their length (what lies "
-                                                                 "near their ends is never seen)")
+    assert json.loads(shown.stdout)["images"]["summary"][2] == ("100% are at least 2 times as long as wide: train takes "
+                                                                 "each whole, squashed to a square (--fit auto; --fit crop "
+                                                                 "would see about 30% of their length)")
 
 
 def test_check_and_cache_print_paths_as_they_are(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import typer
 
 from ..config import (FAST_TRAINING_RATE, FINETUNE_BUDGET_S, FINETUNE_EPOCHS, FIRST_STEP, GROW_FROM, IMAGES_FOR_NO_VIEWS,
                       MAX_BUDGETED_FINETUNE_EPOCHS, MAX_EXTRA_VIEWS, TAIL_BUDGET_S, TAIL_EPOCHS, TAIL_FIT,
-                      MAX_WORKERS, UNFROZEN_FINETUNE_EPOCHS, parse_duration)
+                      LONG_IMAGE_RATIO, MAX_WORKERS, SQUASH_SHARE, UNFROZEN_FINETUNE_EPOCHS, parse_duration)
 from ..errors import FinetuneError, UsageError
 from ..layout import LAYOUT_HELP
 from .app import TRAIN, LabelColumns, LabelsCsv, ValSplit, app, folder_argument, given_path
@@ -34,6 +34,7 @@ def train(
     time_budget: Annotated[Optional[str], typer.Option(help=f"Time the whole run may take, e.g. 10m, 90s or 1h30m: the tail's epochs (up to {TAIL_EPOCHS}) and fine-tuning's (up to {MAX_BUDGETED_FINETUNE_EPOCHS}) are planned into what is left after the features and the head, at the pace measured on this device, on a CPU too. Default: no budget.", show_default=False)] = None,
     views: Annotated[Optional[int], typer.Option(help=f"Views per training image for the frozen-backbone features: the plain one plus augmented ones (default: {1 + MAX_EXTRA_VIEWS} for up to {IMAGES_FOR_NO_VIEWS // MAX_EXTRA_VIEWS:,} training images, fewer for more, 1 above {IMAGES_FOR_NO_VIEWS:,}; 1: the plain view only).", show_default=False)] = TRAIN.views,
     head_features: Annotated[str, typer.Option(help="What the head reads: auto (the better on val of the final features and every stage's features, standardised), final, or multi.")] = TRAIN.head_features,
+    fit: Annotated[str, typer.Option(help=f"How an image becomes the network's square: crop (the shorter side resized, the centre kept), squash (the whole image, its aspect given up: pages, receipts, strips, whose ends the crop never sees), or auto (squash where at least {SQUASH_SHARE:.0%} of the training images are {LONG_IMAGE_RATIO:g} times as long as wide, else crop).")] = TRAIN.fit,
     all_images: Annotated[bool, typer.Option("--all-images", help=f"Train on every training image. Default: beyond {GROW_FROM:,}, the training set grows from {FIRST_STEP:,} in doublings while they still cut the val error by a tenth (off a CUDA GPU, one process, with the feature cache).")] = TRAIN.all_images,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = TRAIN.batch_size,
     lr: Annotated[float, typer.Option(help=f"Learning rate of the head (AdamW); the tail stage and whole-network fine-tuning, which start from the trained head, go at lr x {TRAIN.backbone_lr_ratio:g}.")] = TRAIN.lr,
@@ -74,7 +75,7 @@ def train(
     except UsageError as e:
         raise fail(e)
     cfg = replace(TRAIN, data=data or Path("."), arch=arch, weights=weights, pretrained=pretrained, epochs=epochs,
-                  tail_epochs=tail_epochs, finetune_epochs=finetune_epochs, freeze_backbone=freeze_backbone, time_budget=budget, views=views, head_features=head_features, all_images=all_images, batch_size=batch_size,
+                  tail_epochs=tail_epochs, finetune_epochs=finetune_epochs, freeze_backbone=freeze_backbone, time_budget=budget, views=views, head_features=head_features, fit=fit, all_images=all_images, batch_size=batch_size,
                   lr=lr, img_size=img_size, layout=layout, labels=labels, label_columns=label_columns, val_split=val_split, seed=seed, device=device, workers=workers,
                   runs_dir=runs_dir, name=name, max_pixels=max_pixels, resume=resume, patience=patience,
                   class_weights=class_weights, label_smoothing=label_smoothing, max_images_per_class=max_images_per_class,
