@@ -11,11 +11,11 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset
 
-from .config import LONG_IMAGE_RATIO, MAX_WORKERS, SQUASH_SHARE, TrainConfig
+from .config import LONG_IMAGE_RATIO, MAX_WORKERS, TrainConfig
 from .cpus import usable_cores, workers_within_cores
 from .data import DatasetSplit, leave_ctrl_c_to_the_main_process
 from .errors import DataError
-from .images import ImageDecodeError, ImageFacts, inspect_image
+from .images import ImageDecodeError, ImageFacts, aspect_ratio, inspect_image, squashes
 from .models import get_arch
 from .progress import Reporter
 from .reading import scan_dataset
@@ -148,12 +148,12 @@ LONG_SHARE = 0.25  # said where at least this share of the images are that long
 def cropped_away(facts: list[ImageFacts]) -> str | None:
     """What the square centre crop leaves of long images (pages, receipts, panoramas): their ends,
     where a page's header and footer are, are never seen (a trial: classes told apart there, at chance)."""
-    long = [max(f.width, f.height) / max(1, min(f.width, f.height)) for f in facts]
-    long = [r for r in long if r >= LONG_IMAGE_RATIO]
+    ratios = [aspect_ratio(f.width, f.height) for f in facts]
+    long = [r for r in ratios if r >= LONG_IMAGE_RATIO]
     if len(long) < LONG_SHARE * len(facts):  # (a panorama among photos: no matter)
         return None
     share = len(long) / len(facts)
-    if share >= SQUASH_SHARE:
+    if squashes(ratios):
         return (f"{share:.0%} are at least {LONG_IMAGE_RATIO:g} times as long as wide: train takes each whole, squashed to "
                 f"a square (--fit auto; --fit crop would see about {1 / statistics.median(long):.0%} of their length)")
     return (f"{share:.0%} are at least {LONG_IMAGE_RATIO:g} times as long as wide: the square centre crop sees about "

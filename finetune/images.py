@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, features
 
+from .config import LONG_IMAGE_RATIO, SQUASH_SHARE
+
 # JPEG 2000: satellite tiles (Sentinel-2) and scanned slides come in it, often 16-bit; Pillow's
 # wheels read it (OpenJPEG).
 JPEG2000_EXTENSIONS = frozenset({".jp2", ".j2k", ".j2c", ".jpf", ".jpx"})
@@ -94,7 +96,17 @@ def long_side_ratio(path: Path) -> float | None:
                 w, h = im.size
     except Exception:  # (any failure to read a header: the image is judged when it is decoded)
         return None
+    return aspect_ratio(w, h)
+
+
+def aspect_ratio(w: int, h: int) -> float:
+    """How many times as long as wide: the longer side over the shorter, whichever way it stands."""
     return max(w, h) / max(1, min(w, h))
+
+
+def squashes(ratios: list[float]) -> bool:
+    """--fit auto's rule, on images' aspect ratios: at least SQUASH_SHARE of them LONG_IMAGE_RATIO or more."""
+    return bool(ratios) and sum(r >= LONG_IMAGE_RATIO for r in ratios) >= SQUASH_SHARE * len(ratios)
 
 
 def file_head(path: Path) -> bytes:
@@ -198,13 +210,14 @@ def decode(path: Path, max_pixels: int, min_side: int | None = None) -> tuple[Im
     except Image.UnidentifiedImageError:
         if suffix in PLUGIN_EXTENSIONS and not pillow_reads(suffix):  # (Pillow reads AVIF itself from 11.2)
             raise ImageDecodeError(f"{suffix} needs a Pillow plugin: pip install {PLUGIN_EXTENSIONS[suffix]}") from None
-        actual = suffix_by_content(path)
+        head = file_head(path)  # (read once for its image kind and its DICOM mark)
+        actual = suffix_by_content(path, head)
         if actual in PLUGIN_EXTENSIONS and not pillow_reads(actual):  # (an iPhone's HEIC renamed to .jpg)
             raise ImageDecodeError(f"a {actual[1:].upper()} image named {suffix or 'without a suffix'}: it needs a Pillow "
                                    f"plugin: pip install {PLUGIN_EXTENSIONS[actual]}") from None
         if _size_or_none(path) == 0:
             raise ImageDecodeError("empty file (0 bytes)") from None
-        if is_dicom(path):
+        if is_dicom(path, head):
             raise ImageDecodeError(DICOM_REASON) from None
         raise ImageDecodeError("not an image, or a damaged one (format not recognised)") from None
     except DECODE_ERRORS as e:

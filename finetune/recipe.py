@@ -51,7 +51,7 @@ from torch import nn
 
 from .config import (FAST_TRAINING_RATE, FINETUNE_BUDGET_S, FINETUNE_EPOCHS, FIRST_STEP, FIT_SAMPLE, GROW_FROM,
                      IMAGES_FOR_NO_VIEWS, LONG_IMAGE_RATIO, MAX_BUDGETED_FINETUNE_EPOCHS, MAX_EXTRA_VIEWS,
-                     SQUASH_SHARE, TAIL_BUDGET_S, TAIL_EPOCHS, TAIL_FIT, TrainConfig)
+                     TAIL_BUDGET_S, TAIL_EPOCHS, TAIL_FIT, TrainConfig)
 from .data import DatasetSplit, Preprocessing, Sample
 from .features import FeatureSet
 from .fit import Run, about, fit_stage
@@ -71,12 +71,12 @@ def choose_fit(paths: list[Path], seed: int) -> tuple[str, str]:
     which keeps a photo's proportions. And why, in a few words."""
     import random
 
-    from .images import long_side_ratio
+    from .images import long_side_ratio, squashes
 
     sample = random.Random(seed).sample(paths, min(len(paths), FIT_SAMPLE))
     ratios = [r for r in map(long_side_ratio, sample) if r is not None]
     long = sum(r >= LONG_IMAGE_RATIO for r in ratios)
-    if ratios and long >= SQUASH_SHARE * len(ratios):
+    if squashes(ratios):
         return "squash", (f"{long} of {len(ratios)} training images read are at least {LONG_IMAGE_RATIO:g} times as long as "
                           f"wide: each is taken whole, squashed to a square; --fit crop keeps their centres instead")
     return "crop", "the centre crop"

@@ -137,7 +137,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
     tell_reading(split, reporter)
     state, weights_source = resolve_pretrained(spec, cfg.weights) if cfg.pretrained else (None, "none (random init)")
     model = build_classifier(spec, len(split.classes), state).to(device).to(memory_format=torch.channels_last)
-    fit, why = choose_fit([s.path for s in split.train], cfg.seed) if cfg.fit == "auto" else (cfg.fit, "as --fit says")
+    fit, why = (share_outcome(d, lambda: choose_fit([s.path for s in split.train], cfg.seed)) if cfg.fit == "auto"
+                else (cfg.fit, "as --fit says"))  # (the headers read once, as the folder is scanned once)
     if fit != "crop":
         reporter.info(f"fit: {fit} ({why})")
     pp = replace(spec.preprocessing(cfg.img_size), fit=fit)
