@@ -164,9 +164,10 @@ def look_through_wrappers(data: Path) -> Path:
     return root
 
 
-def sole_folder(folder: Path) -> Path | None:
-    """The one folder inside `folder`, where it holds just that (no images, no other folder)."""
-    inner = sub_folders(folder)
+def sole_folder(folder: Path, inner: list[Path] | None = None) -> Path | None:
+    """The one folder inside `folder`, where it holds just that (no images, no other folder);
+    `inner`: its sub_folders, where the caller listed them already."""
+    inner = sub_folders(folder) if inner is None else inner
     return inner[0] if len(inner) == 1 and not holds_images(folder) else None
 
 
@@ -186,8 +187,11 @@ def inside_split_wrapper(split: Path, role: str) -> Path:
 
 def unlabelled_images(folder: Path) -> bool:
     """Images and no class folders, directly or inside one wrapper folder (`seg_pred/seg_pred/`)."""
-    folder = sole_folder(folder) or folder
-    return not sub_folders(folder) and holds_images(folder)
+    inner = sub_folders(folder)
+    wrapped = sole_folder(folder, inner)
+    if wrapped is not None:
+        folder, inner = wrapped, sub_folders(wrapped)
+    return not inner and holds_images(folder)
 
 
 def guess_layout(root: Path) -> Layout:
