@@ -93,28 +93,35 @@ def as_loaded(model, default: Path | None = None, runs_dir: Path | str = DEFAULT
 def export_details(path: Path) -> dict | None:
     """What `finetune info` shows of an export (ONNX, TorchScript), given it or its sidecar: the
     sidecar, which names the model it came from; None where `path` is no export of finetune's."""
+    export, sidecar = read_sidecar(path)
+    try:
+        return {"path": str(Path(os.path.abspath(export))), "file_size": export.stat().st_size, **sidecar} if sidecar else None
+    except OSError:  # (the sidecar without its export)
+        return None
+
+
+def sidecar_path(export: Path) -> Path:
+    """Where an export's JSON sidecar is: beside it, its name and `.json`."""
+    return export.with_name(export.name + ".json")
+
+
+def read_sidecar(path: Path) -> tuple[Path, dict | None]:
+    """The export `path` is (or whose sidecar it is), and its sidecar where it is finetune's (it names
+    the model it was exported from); None otherwise."""
     import json
 
-    export, sidecar_path = (path.with_suffix(""), path) if path.suffix == ".json" else (path, path.with_name(path.name + ".json"))
+    export, sidecar = (path.with_suffix(""), path) if path.suffix == ".json" else (path, sidecar_path(path))
     try:
-        sidecar = json.loads(sidecar_path.read_text())
-        if not isinstance(sidecar, dict) or not sidecar.get("source_model"):  # (as exported_from knows ours)
-            return None
-        return {"path": str(Path(os.path.abspath(export))), "file_size": export.stat().st_size, **sidecar}
+        content = json.loads(sidecar.read_text())
     except (OSError, ValueError):
-        return None
+        return export, None
+    return export, content if isinstance(content, dict) and content.get("source_model") else None
 
 
 def exported_from(path: Path) -> str | None:
     """The model file an export (or its .json sidecar) was made from, where `path` is one."""
-    import json
-
-    sidecar = path if path.suffix == ".json" else path.with_name(path.name + ".json")
-    try:
-        source = json.loads(sidecar.read_text()).get("source_model")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(source) if source else None
+    sidecar = read_sidecar(path)[1]
+    return str(sidecar["source_model"]) if sidecar else None
 
 
 def read_model_file(path: Path) -> LoadedModel:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import LoadedModel, as_loaded, exported_from
+from .checkpoint import LoadedModel, as_loaded, exported_from, sidecar_path
 from .files import atomic_target, write_json
 from .errors import FinetuneError, UsageError
 
@@ -118,7 +118,7 @@ def export(loaded: LoadedModel | str | Path | None, fmt: str = "onnx", out: Path
     out = Path(os.path.abspath(output_path(loaded.path, fmt, out)))  # (as the results' paths: absolute)
     if out.resolve() == loaded.path.resolve():
         raise UsageError(f"--out {out} would overwrite the model file; choose another path.")
-    sidecar = out.with_name(out.name + ".json")
+    sidecar = sidecar_path(out)
     ours = sidecar.is_file() and exported_from(sidecar) is not None  # (an earlier export's sidecar names its model)
     if out.is_file() and not ours:  # (a photo, or a state dict saved as .pt, named by mistake)
         raise UsageError(f"--out {out}: a file is there already, not one finetune exported (no sidecar of finetune's, "

@@ -102,8 +102,7 @@ def with_run_folder(outcome: LaunchOutcome, run_dir: Path | None, devices: int, 
         return LaunchOutcome(outcome.exit_code, outcome.message[:-len(RESUME_HINT)] + "it stopped before its run folder "
                              "was made; start it again.", outcome.rank)
     folder = RunFolder(run_dir)
-    where = f"its model is in {folder.model_path}; " if folder.model_path.is_file() and not folder.state_path.is_file() else ""
-    hint = where + folder.way_on(f" --devices {devices}", may_remove=not resumed)  # (as a one-process run says it)
+    hint = folder.way_on(f" --devices {devices}", may_remove=not resumed, name_model=True)  # (as a one-process run says it)
     return LaunchOutcome(outcome.exit_code, outcome.message[:-len(RESUME_HINT)] + hint, outcome.rank)
 
 

@@ -197,13 +197,15 @@ class RunFolder:
             return False
         return True
 
-    def way_on(self, devices: str = "", may_remove: bool = True) -> str:
+    def way_on(self, devices: str = "", may_remove: bool = True, name_model: bool = False) -> str:
         """How to go on with a stopped run, by what its folder holds: its state (resume), its model
-        only, or nothing kept (the folder removed where `may_remove`: not one given to --resume)."""
+        only (named where `name_model`), or nothing kept (the folder removed where `may_remove`: not
+        one given to --resume)."""
         if self.state_path.is_file():
             return f"continue with: finetune train --resume {self.path}{devices}"
         if self.model_path.is_file():  # (stopped while the chosen head's epochs were being recorded)
-            return "its training state was not saved yet, so it cannot be resumed; start it again to train further."
+            where = f"its model is in {self.model_path}; " if name_model else ""
+            return f"{where}its training state was not saved yet, so it cannot be resumed; start it again to train further."
         removed = " (its run folder removed)" if may_remove and self.remove_if_nothing_kept() else ""
         return f"it stopped before its first epoch finished{removed}; start it again to continue."
 
