@@ -33,7 +33,7 @@ from safetensors import safe_open
 from .config import TrainConfig
 from .data import Preprocessing, Sample
 from .digests import FOLDER as DIGESTS_FOLDER
-from .digests import DigestMemo, is_unreadable, memo_files, memo_for, memo_leftovers
+from .digests import DigestMemo, changed_since, is_unreadable, memo_files, memo_for, memo_leftovers
 from .errors import FinetuneError
 from .files import atomic_write_text, iso_time, write_safetensors
 from .store import Rows, put_view
@@ -63,13 +63,15 @@ def cache_root(given: Path | None) -> Path:
 
 
 def cache_for(cfg: TrainConfig, pp: Preprocessing, weights_source: str, device: torch.device,
-              precision: torch.dtype | None, tail_input: tuple[int, ...] | None = None) -> "FeatureCache | None":
+              precision: torch.dtype | None, tail_input: tuple[int, ...] | None = None,
+              files_since_ns: int | None = None) -> "FeatureCache | None":
     """The run's feature cache; None with --no-cache, and for random weights (not worth keeping).
-    `tail_input`: the shape of the activation the rows start with (Classifier.rows), if any."""
+    `tail_input`: the shape of the activation the rows start with (Classifier.rows), if any;
+    `files_since_ns`: when the images' hashes were taken (DatasetSplit.hashed_since_ns)."""
     if not cfg.cache or not cfg.pretrained:
         return None
     key = feature_key(cfg.arch, weights_source, pp, cfg.max_pixels, device, precision, tail_input)
-    return FeatureCache(cache_root(cfg.cache_dir), key, int(cfg.cache_limit_gb * 1e9))
+    return FeatureCache(cache_root(cfg.cache_dir), key, int(cfg.cache_limit_gb * 1e9), files_since_ns)
 
 
 def digest_memo_for(cfg: TrainConfig) -> DigestMemo | None:
@@ -120,6 +122,10 @@ class FeatureCache:
     root: Path
     key: dict
     limit_bytes: int
+    # Rows are stored under the hash the scan took of their file's bytes: those of a file written
+    # since then (an image replaced while the run decodes it) are not stored, else they would stand
+    # for bytes they were not computed from, in every later run. None: not checked.
+    files_since_ns: int | None = None
     use: CacheUse = field(init=False)
     _index: dict[str, tuple[Path, int]] | None = field(default=None, init=False)
     _pending_ids: list[str] = field(default_factory=list, init=False)
@@ -222,6 +228,8 @@ class FeatureCache:
         """Rows computed now: item k's views feats[k] (fp16), keys[k] its image (for `use`).
         Written every ROWS_PER_CHUNK rows."""
         self.use.computed += sum(map(self._first_count, keys))
+        if self.files_since_ns is not None:
+            ids = [[None] * len(rows) if changed_since(key, self.files_since_ns) else rows for rows, key in zip(ids, keys)]
         self._mine.update(rid for rows in ids for rid in rows if rid is not None)
         for rows, f in zip(ids, feats):
             for rid, row in zip(rows, f):

@@ -49,6 +49,20 @@ def stat_facts(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
+def changed_since(path: Path, since_ns: int) -> bool:
+    """Whether the file may have been written since `since_ns` (this machine's clock), before which
+    its hash was taken, or cannot be read: that hash no longer vouches for its bytes. By its change
+    time, which no tool sets back (a modification time may lie in the future: an archive's); the
+    kernel stamps it from a clock that lags, never leads, so a file written before is never taken
+    as written since. Files on FAT (2 s ticks) or a share whose server clock runs behind weaken it,
+    as the module says. Windows' "change" time is the creation time: its modification time there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    return (st.st_mtime_ns if os.name == "nt" else st.st_ctime_ns) >= since_ns
+
+
 def memo_entry(st: os.stat_result, hashed_at_ns: int, digest: str) -> str:
     """One string, not a list of six objects: a million files' memo in memory stays a few hundred MB."""
     return ",".join(map(str, [*stat_facts(st), hashed_at_ns, digest]))

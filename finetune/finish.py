@@ -62,8 +62,13 @@ def finish(run: Run, device: torch.device, weights_source: str) -> TrainResult:
 
 def calibrate_run(run: Run, device: torch.device) -> None:
     """Fit the temperature and the unknown rule of the kept model on val (calibration.calibrate)."""
-    if run.best.val_logits is None or not len(run.split.val) or len(run.best.val_logits) != len(run.split.val):
-        return  # (a val image that stopped decoding since: the logits no longer line up with the images)
+    if run.best.val_logits is None or not len(run.split.val):
+        return
+    if len(run.best.val_logits) != len(run.split.val):  # (a val image that stopped decoding since it was measured)
+        run.reporter.warn(f"no calibration and no unknown rule: the kept epoch was measured on {len(run.best.val_logits)} "
+                          f"val images, {len(run.split.val)} decode now (skipped.csv); predictions' scores are the "
+                          "model's own, and nothing is called unknown. Start a new run to have both.")
+        return
     best_stage = stage_of_best(run)
     run.model.load_state_dict(run.best.state)
     if run.frozen_features is not None and best_stage in (Stage.HEAD, Stage.TAIL):

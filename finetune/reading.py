@@ -3,6 +3,7 @@ knows (scan.py), or one folder of images labelled by a CSV (labels.py)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from .data import DatasetSplit
@@ -17,7 +18,11 @@ def scan_dataset(data: Path, val_split: float | None, seed: int, layout: str = "
                  label_columns: str | None = None, memo: DigestMemo | None = None) -> DatasetSplit:
     """Read an image folder laid out in any of the ways layout.py knows, or labelled by a CSV (labels.py).
     `memo`: the files' hashes remembered from the last run (digests.py), none by default."""
+    since = time.time_ns()
     with folder_readable(data):
         if labels is not None:
-            return scan_labelled(data, labels, label_columns, val_split, seed, memo)
-        return read_split(data, find_layout(data, layout), val_split, seed, memo)
+            split = scan_labelled(data, labels, label_columns, val_split, seed, memo)
+        else:
+            split = read_split(data, find_layout(data, layout), val_split, seed, memo)
+    split.hashed_since_ns = since
+    return split

@@ -18,6 +18,7 @@ import torch
 
 from .config import MODEL_FILENAME, RESULTS_FILENAME, TrainConfig
 from .data import DatasetSplit
+from .digests import is_unreadable
 from .device import mps_available
 from .errors import DataError, ModelFileError, UsageError
 from .files import name_bytes, read_safetensors, write_safetensors
@@ -118,9 +119,12 @@ class ResumeState:
         if self.classes != split.classes:
             raise DataError(f"{data}: its class folders changed since {run_dir} started "
                             f"({', '.join(self.classes)} then, {', '.join(split.classes)} now); start a new run.")
-        if self.files_digest and self.files_digest != digest:
-            raise DataError(f"{data}: images were added, removed or renamed since {run_dir} started, "
-                            "so its train/val split would change; start a new run.")
+        if not self.files_digest:
+            return
+        now = digest if self.files_digest.startswith(CONTENTS) else files_digest(split, data, contents=False)
+        if now != self.files_digest:
+            raise DataError(f"{data}: images were added, removed, renamed or changed since {run_dir} started, so "
+                            "its train/val split or the val figures it kept would no longer hold; start a new run.")
 
 
 def _val_logits(tensors: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor | None:
@@ -163,10 +167,21 @@ def restore_rng(rng: dict[str, torch.Tensor], generator: torch.Generator | None)
         torch.mps.set_rng_state(rng["mps"])
 
 
-def files_digest(split: DatasetSplit, data: Path) -> str:
-    """A fingerprint of which files are in train and in val (relative to DATA, however it was spelt)."""
-    lines = [f"t {os.path.relpath(s.path, data)}" for s in split.train] + [f"v {os.path.relpath(s.path, data)}" for s in split.val]
-    return hashlib.sha256(name_bytes("\n".join(lines))).hexdigest()
+CONTENTS = "contents:"  # a files_digest that covers the files' bytes too (states written before it: names only)
+
+
+def files_digest(split: DatasetSplit, data: Path, contents: bool = True) -> str:
+    """A fingerprint of which files are in train and in val (relative to DATA, however it was spelt)
+    and of their bytes (scan.py's hashes): a val image rewritten since, or no longer decoding, would
+    leave the kept epoch's val figures about other images (the calibration and the unknown rule are
+    fitted on them). `contents=False`: the names only, as in states written before."""
+    def line(role: str, s) -> str:
+        name = os.path.relpath(s.path, data)
+        return f"{role} {name} {'unreadable' if is_unreadable(s.digest) else s.digest}" if contents else f"{role} {name}"
+
+    lines = [line("t", s) for s in split.train] + [line("v", s) for s in split.val]
+    digest = hashlib.sha256(name_bytes("\n".join(lines))).hexdigest()
+    return CONTENTS + digest if contents else digest
 
 
 def config_for_resume(run_dir: Path) -> TrainConfig:

@@ -96,21 +96,26 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult | N
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, taken as Ctrl-C is (the same saves and messages), told apart by its exit code."""
+    """SIGTERM or SIGHUP, taken as Ctrl-C is (the same saves and messages), told apart by its exit code.
+    args[0]: the signal."""
 
 
 def _stop_as_ctrl_c(signum, frame):
-    raise Terminated
+    raise Terminated(signum)
+
+
+STOPPING_SIGNALS = (signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
 
 
 def sigterm_as_ctrl_c():
-    """SIGTERM (docker stop, Slurm's scancel, a plain `timeout`) stops a run as Ctrl-C does: its
-    files saved, resumable, said in one line; it killed the process where it stood. One process
-    only: under torchrun, SIGTERM is how the launcher stops the ranks (distributed.py). A handler of
-    the caller's own (a service using the library) is left to do its work."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return contextlib.nullcontext()
-    return signals_to(_stop_as_ctrl_c, signal.SIGTERM)
+    """SIGTERM (docker stop, Slurm's scancel, a plain `timeout`) and SIGHUP (the terminal closed, an
+    ssh session dropped) stop a run as Ctrl-C does: its files saved, resumable, said in one line;
+    they killed the process where it stood, the features computed so far never reaching the cache.
+    One process only: under torchrun, SIGTERM is how the launcher stops the ranks (distributed.py).
+    A handler of the caller's own (a service using the library), or SIGHUP ignored (nohup), is left
+    as it is."""
+    ours = [signum for signum in STOPPING_SIGNALS if signal.getsignal(signum) is signal.SIG_DFL]
+    return signals_to(_stop_as_ctrl_c, *ours) if ours else contextlib.nullcontext()
 
 
 def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, locks: contextlib.ExitStack) -> TrainResult | None:
@@ -158,7 +163,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
         if resume_dir is None:
             share_outcome(d, lambda: locks.enter_context(training_lock(run_dir)))
         run = Run(cfg, model, split, pp, folder, reporter, files_digest(split, cfg.data),
-                  cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input), no_tail=no_tail,
+                  cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input,
+                                  split.hashed_since_ns), no_tail=no_tail,
                   started=started,
                   val_digest=held_out_digest(split, cfg.data), val_content=held_out_content_digest(split))
     except BaseException:  # (a new run stopped before its stages began leaves no folder behind)
@@ -465,16 +471,18 @@ def out_of_memory(batch_size: int, resumed: bool) -> GpuOutOfMemory:
 
 
 def as_signalled(error: TrainingInterrupted, cause: BaseException) -> TrainingInterrupted:
-    """Stopped by SIGTERM: said so, and the exit code schedulers read as such (128 + 15), not Ctrl-C's 130."""
+    """Stopped by SIGTERM or SIGHUP: said so, and the exit code shells and schedulers read as such
+    (128 + the signal's number: 143, 129), not Ctrl-C's 130."""
     if isinstance(cause, Terminated):
-        error = TrainingInterrupted(str(error).replace("training interrupted", "training stopped by SIGTERM", 1))
-        error.exit_code = 128 + signal.SIGTERM
+        signum = signal.Signals(cause.args[0] if cause.args else signal.SIGTERM)
+        error = TrainingInterrupted(str(error).replace("training interrupted", f"training stopped by {signum.name}", 1))
+        error.exit_code = 128 + signum
     return error
 
 
 def sigint_ignored():
     """Let a save finish when Ctrl-C is pressed (again) meanwhile. (Under `--devices`, torchrun
     answers a second Ctrl-C by terminating the ranks; the files are still written atomically.)"""
-    # (SIGTERM too where it stops the run as Ctrl-C does: else the run's end was reported as a failed start)
-    taken_as_ctrl_c = signal.getsignal(signal.SIGTERM) is _stop_as_ctrl_c
-    return signals_to(signal.SIG_IGN, *((signal.SIGINT, signal.SIGTERM) if taken_as_ctrl_c else (signal.SIGINT,)))
+    # (SIGTERM and SIGHUP too where they stop the run as Ctrl-C does: else the run's end was reported as a failed start)
+    taken_as_ctrl_c = [signum for signum in STOPPING_SIGNALS if signal.getsignal(signum) is _stop_as_ctrl_c]
+    return signals_to(signal.SIG_IGN, signal.SIGINT, *taken_as_ctrl_c)

@@ -210,6 +210,24 @@ def test_concurrent_writers_leave_a_consistent_cache(tmp_path):
     assert not list(tmp_path.rglob(".*.tmp"))  # no half-written file left behind
 
 
+def test_rows_of_a_file_written_since_it_was_hashed_are_not_stored(tmp_path):
+    """An image replaced while a run decoded it: its rows were of the new bytes, stored under the old bytes' hash."""
+    import time
+
+    before = time.time_ns() - 10**9  # (a second before: file times come from a clock that lags by a tick)
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"the bytes the scan hashed")
+    after = time.time_ns()
+    kept, replaced = (FeatureCache(tmp_path / "cache", {"k": 1}, 10**9, since) for since in (after, before))
+    for cache in (kept, replaced):
+        cache.add([["h:0"]], torch.ones(1, 1, 4, dtype=torch.float16), [image])
+        cache.flush()
+    reader = FeatureCache(tmp_path / "cache", {"k": 1}, 10**9)
+    assert reader.lookup([["h:0"]], torch.zeros(1, 1, 4, dtype=torch.float16), [image]) == {0: {0}}
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1  # (the replaced file's row: not written)
+    assert replaced.use.computed == 1  # (computed all the same: the run used it)
+
+
 def test_eviction_removes_the_least_recently_used_first(tmp_path):
     folder = tmp_path / "features" / "0123456789abcdef0123"  # (a feature set's folder: a key's digest, its key.json)
     folder.mkdir(parents=True)

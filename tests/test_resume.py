@@ -175,24 +175,31 @@ def test_a_run_being_trained_is_not_resumed_by_a_second_process(reference, tmp_p
     assert train(config(data, tmp_path / "unlocked")).best_val_acc == ref.best_val_acc
 
 
-def test_sigterm_stops_a_run_as_ctrl_c_does(reference, tmp_path):
+# SIGTERM: docker stop, scancel, a plain timeout; SIGHUP: the terminal closed, ssh dropped. Both killed
+# the process where it stood (SIGHUP: exit 129, no word, the features computed so far never cached).
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_or_sighup_stops_a_run_as_ctrl_c_does(reference, tmp_path, signame, code):
     import os
     import signal
 
-    class TermAt(CtrlCAt):  # (docker stop, scancel, a plain timeout: the process died where it stood)
+    signum = getattr(signal, signame)
+
+    class TermAt(CtrlCAt):
         def advance(self, steps=1, **fields):
             try:
                 super().advance(steps, **fields)
             except KeyboardInterrupt:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signum)
 
     data, _ = reference
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(TrainingInterrupted, match=r"training stopped by SIGTERM; the model kept so far is in .* Continue "
-                                                  r"with: finetune train --resume") as stopped:
+    outside = signal.signal(signum, signal.SIG_DFL)  # (as in a terminal: CI may run under nohup)
+    before = signal.getsignal(signum)
+    with pytest.raises(TrainingInterrupted, match=rf"training stopped by {signame}; the model kept so far is in .* "
+                                                  r"Continue with: finetune train --resume") as stopped:
         train(config(data, tmp_path / "runs"), TermAt("Fine-tune epoch 1", 1))
-    assert stopped.value.exit_code == 143  # (as schedulers read a SIGTERM; Ctrl-C's is 130)
-    assert signal.getsignal(signal.SIGTERM) is before and (tmp_path / "runs" / "train" / STATE_FILENAME).is_file()
+    restored = signal.signal(signum, outside)
+    assert stopped.value.exit_code == code  # (as shells and schedulers read the signal; Ctrl-C's is 130)
+    assert restored is before and (tmp_path / "runs" / "train" / STATE_FILENAME).is_file()
 
 
 def test_sigterm_while_a_run_writes_its_end_lets_it_finish(reference, tmp_path, monkeypatch):
@@ -322,7 +329,23 @@ def test_early_stop_is_remembered_by_resume(reference, tmp_path):
     assert compared(resumed.history) == compared(full.history) and resumed.stopped_early
 
 
-def test_resume_refuses_a_changed_folder(reference, tmp_path):
+def an_image_added(data: Path) -> None:
+    make_image(data / "train" / "cat" / "cat_new.jpg", CLASS_COLOURS["cat"], seed=999)  # (a mere copy is dropped)
+
+
+def a_val_image_rewritten(data: Path) -> None:
+    """Its name kept: the kept epoch's val logits, the calibration's and unknown rule's ground, were of other bytes."""
+    first = sorted((data / "val" / "cat").iterdir())[0]
+    make_image(first, CLASS_COLOURS["cat"], seed=998, fmt="JPEG")
+
+
+def a_val_image_broken(data: Path) -> None:
+    """It would no longer decode: the run went on, and its model came out with no calibration or unknown rule."""
+    sorted((data / "val" / "dog").iterdir())[0].write_bytes(b"not an image any more")
+
+
+@pytest.mark.parametrize("change", [an_image_added, a_val_image_rewritten, a_val_image_broken])
+def test_resume_refuses_a_changed_folder(reference, tmp_path, change):
     import shutil
 
     data, _ = reference
@@ -330,8 +353,27 @@ def test_resume_refuses_a_changed_folder(reference, tmp_path):
     shutil.copytree(data, copy)
     with pytest.raises(TrainingInterrupted):
         train(config(copy, tmp_path / "runs"), CtrlCAt("Fine-tune epoch 1", 1))
-    make_image(copy / "train" / "cat" / "cat_new.jpg", CLASS_COLOURS["cat"], seed=999)  # a new image (a mere copy is dropped)
+    change(copy)
     from finetune.errors import DataError
 
-    with pytest.raises(DataError, match="images were added, removed or renamed"):
+    with pytest.raises(DataError, match="images were added, removed, renamed or changed since"):
         train(TrainConfig(resume=tmp_path / "runs" / "train"))
+
+
+def test_a_state_from_before_contents_counted_resumes_on_the_same_names(reference, tmp_path):
+    """States written before the files' bytes counted hold their names' digest: still resumable."""
+    from finetune.reading import scan_dataset
+    from finetune.resume import files_digest
+
+    data, _ = reference
+    with pytest.raises(TrainingInterrupted):
+        train(config(data, tmp_path / "runs"), CtrlCAt("Fine-tune epoch 1", 1))
+    state = ResumeState.load(tmp_path / "runs" / "train" / STATE_FILENAME)
+    split = scan_dataset(data, None, 3)
+    assert state.files_digest == files_digest(split, data)  # (the contents' digest, spelt as written)
+    old = replace(state, files_digest=files_digest(split, data, contents=False))
+    old.check_same_data(split, files_digest(split, data), data, tmp_path)  # the same names: no error
+    from finetune.errors import DataError
+
+    with pytest.raises(DataError):
+        old.check_same_data(replace(split, val=split.val[1:]), files_digest(split, data), data, tmp_path)
