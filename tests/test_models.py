@@ -67,6 +67,41 @@ def test_offline_without_cache_names_the_three_fixes(torch_home, offline, image_
     assert len(message.strip().splitlines()) == 1
 
 
+def test_a_download_writes_nothing_to_stdout_and_lands_in_the_hub_cache(torch_home, image_folder, tmp_path, monkeypatch):
+    """torch.hub.load_state_dict_from_url wrote "Downloading: ..." to stdout: --json's output was no JSON."""
+    fetched = []
+
+    def download(url, dst, hash_prefix=None, progress=True):  # (torch.hub.download_url_to_file, offline here)
+        fetched.append((url, hash_prefix))
+        torch.save(random_resnet18_state(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    result = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(tmp_path / "runs"),
+                                 *[a for a in RESNET_ARGS if a != "--quiet"]])
+    assert result.exit_code == 0, result.stderr
+    url = models.get_arch("resnet18").weight_urls[0]
+    assert json.loads(result.stdout)["weights"] == url and fetched == [(url, "f37072fd")]  # (the hash its name carries)
+    assert (torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth").is_file()
+    assert f"downloading resnet18's ImageNet weights from {url}" in result.stderr
+
+
+@pytest.mark.parametrize("content, reason", [
+    (lambda: b"<html>a proxy's error page</html>", "not a weights file torch.save wrote"),
+    (lambda: EfficientNetLite0().state_dict(), "weights do not fit --arch resnet18"),
+])
+def test_an_unusable_file_in_the_hub_cache_is_named_with_the_fixes_for_it(torch_home, offline, image_folder, tmp_path,
+                                                                          content, reason):
+    cached = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    made = content()
+    cached.write_bytes(made) if isinstance(made, bytes) else torch.save(made, cached)
+    result = runner.invoke(app, ["train", str(image_folder), "--runs-dir", str(tmp_path / "runs"), *RESNET_ARGS])
+    assert result.exit_code == 1 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {cached}: {reason}") and "(in torchvision's hub cache). Fixes: delete it" in line
+    assert "--weights FILE" in line and "--arch efficientnet_lite0" in line and "torch.save(model.state_dict())" not in line
+
+
 def test_weights_file_is_used_first(torch_home, offline, image_folder, tmp_path):
     own = tmp_path / "mine.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in random_resnet18_state().items()}}, own)
