@@ -79,14 +79,33 @@ def check_folder(cfg: TrainConfig, reporter: Reporter | None = None) -> FolderCh
         problem = str(e)
     counts = count_per_class(clean.train, len(clean.classes))
     missing = missing_val_note(clean) if problem is None else None
+    no_weights = weights_note(cfg)
     return FolderCheck(
         str(cfg.data), ok=problem is None, problem=problem, read_as=clean.read_as, layout=clean.layout,
-        notes=[*clean.notes, *([missing] if missing else [])],
+        notes=[*clean.notes, *([missing] if missing else []), *([no_weights] if no_weights else [])],
         classes=clean.classes, counts=split_counts(clean), imbalance=round(max(counts) / min(counts), 2) if min(counts) else None,
         imbalanced=is_imbalanced(counts), skipped=clean.skipped, leakage=clean.leakage,
-        images=describe_images([facts[str(s.path)] for s in clean.train + clean.val + clean.test if str(s.path) in facts]),
+        images=describe_images([facts[str(s.path)] for s in clean.train + clean.val + clean.test if str(s.path) in facts],
+                               get_arch(cfg.arch).preprocessing(cfg.img_size).img_size),
         seconds=round(time.perf_counter() - started, 2),
     )
+
+
+def weights_note(cfg: TrainConfig) -> str | None:
+    """Where train would find no pretrained weights without a network (the default arch's come
+    from torchvision's hub cache or a download): said before a run stops on it."""
+    from .weights import hub_checkpoint_dir, offline_weights, url_filename
+
+    spec = get_arch(cfg.arch)
+    if not cfg.pretrained or spec.pretrained_loader is not None:  # (timm's: found by their own hub)
+        return None
+    if cfg.weights is not None:
+        return None if cfg.weights.exists() else f"--weights {cfg.weights}: no such file or folder; train would stop on it"
+    if offline_weights(spec) is not None or not spec.weight_urls:
+        return None
+    name = url_filename(spec.weight_urls[0])
+    return (f"no {spec.name} weights on this machine ({name} is not in {hub_checkpoint_dir()}): train downloads them when "
+            f"online; offline, put the file there, pass --weights FILE, or use --arch efficientnet_lite0")
 
 
 def decode_all(split: DatasetSplit, cfg: TrainConfig, reporter: Reporter) -> tuple[dict[str, ImageFacts], list[dict]]:
@@ -117,8 +136,12 @@ def split_counts(split: DatasetSplit) -> dict[str, dict[str, int]]:
             for name, samples in parts.items() if samples or name != "test"}
 
 
-def describe_images(facts: list[ImageFacts]) -> dict:
-    """Sizes and colour in a few words: "71% are 224x224", "all grayscale"."""
+ENLARGED = 4  # said where the input is this many times the median image's shorter side or more
+
+
+def describe_images(facts: list[ImageFacts], input_size: int | None = None) -> dict:
+    """Sizes and colour in a few words: "71% are 224x224", "all grayscale"; how much the network's
+    input (`input_size`) enlarges small images."""
     if not facts:
         return {"count": 0, "summary": []}
     sizes = Counter(f"{f.width}x{f.height}" for f in facts)
@@ -133,12 +156,17 @@ def describe_images(facts: list[ImageFacts]) -> dict:
     gray = sum(f.grayscale for f in facts) / len(facts)
     colour_line = "all grayscale" if gray == 1 else "all colour" if gray == 0 else f"{gray:.0%} grayscale, {1 - gray:.0%} colour"
     crop_line = cropped_away(facts)
+    short = statistics.median(min(f.width, f.height) for f in facts)
+    enlarged_line = None
+    if input_size and input_size >= ENLARGED * short:  # (a trial: 32x32 images at 288 px, no word of it)
+        enlarged_line = (f"the {input_size} px input enlarges the median image about {input_size / short:.0f} times (its "
+                         f"shorter side {short:g} px): no detail is added, only time; a smaller --img-size costs less")
     modes = Counter(f.mode for f in facts)
     return {
         "count": len(facts), "most_common_size": top, "most_common_share": round(n / len(facts), 4),
-        "median_size": f"{median.width}x{median.height}", "median_short_side": statistics.median(min(f.width, f.height) for f in facts),
+        "median_size": f"{median.width}x{median.height}", "median_short_side": short,
         "grayscale_share": round(gray, 4), "modes": dict(modes.most_common()),
-        "summary": [size_line, colour_line, *([crop_line] if crop_line else [])],
+        "summary": [size_line, colour_line, *filter(None, [crop_line, enlarged_line])],
     }
 
 

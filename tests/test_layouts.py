@@ -520,7 +520,11 @@ def test_check_reports_what_train_would_see_and_writes_nothing(tmp_path):
     assert check["ok"] and check["counts"]["test"] == {"cat": 2, "dog": 2}
     assert sum(check["counts"]["train"].values()) + sum(check["counts"]["val"].values()) == 10
     assert {Path(s["path"]).name for s in check["skipped"]} == {"broken.jpg", "notes.txt"}
-    assert check["images"]["summary"] == ["all are 40x32", "all colour"]
+    assert check["images"]["summary"] == ["all are 40x32", "all colour", (  # (resnet18's 224 px: a trial's 32 px images, unsaid)
+        "the 224 px input enlarges the median image about 7 times (its shorter side 32 px): no detail is added, only "
+        "time; a smaller --img-size costs less")]
+    assert json.loads(runner.invoke(app, ["check", str(data), "--json", "--workers", "0", "--img-size", "96"]).stdout
+                      )["images"]["summary"] == ["all are 40x32", "all colour"]  # (3 times: no word)
     table = runner.invoke(app, ["check", str(data), "--workers", "0"])
     assert table.exit_code == 0 and "train would run" in table.stdout and "Testing" in table.stdout
     assert tree_hashes(data) == before

@@ -102,6 +102,24 @@ def test_an_unusable_file_in_the_hub_cache_is_named_with_the_fixes_for_it(torch_
     assert "--weights FILE" in line and "--arch efficientnet_lite0" in line and "torch.save(model.state_dict())" not in line
 
 
+def test_check_says_where_train_would_find_no_weights_offline(torch_home, image_folder):
+    """A trial: check said "train would run" and train stopped: no resnet18 weights, offline."""
+    checked = lambda *args: json.loads(runner.invoke(app, ["check", str(image_folder), "--json", "--workers", "0", *args]).stdout)  # noqa: E731
+    report = checked()
+    assert report["ok"] and report["notes"] == [
+        f"no resnet18 weights on this machine (resnet18-f37072fd.pth is not in {torch_home / 'hub' / 'checkpoints'}): train "
+        "downloads them when online; offline, put the file there, pass --weights FILE, or use --arch efficientnet_lite0"]
+    assert checked("--arch", "efficientnet_lite0")["notes"] == []
+    from finetune import TrainConfig
+    from finetune.check import check_folder
+
+    assert check_folder(TrainConfig(data=image_folder, pretrained=False, workers=0)).notes == []  # (none needed)
+    cached = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(random_resnet18_state(), cached)
+    assert checked()["notes"] == []
+
+
 def test_weights_file_is_used_first(torch_home, offline, image_folder, tmp_path):
     own = tmp_path / "mine.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in random_resnet18_state().items()}}, own)

@@ -131,6 +131,7 @@ def check(
     val_split: ValSplit = TRAIN.val_split,
     seed: Annotated[int, typer.Option(help="Seed of the val split.")] = TRAIN.seed,
     arch: Annotated[str, typer.Option(help="The backbone train would use (images are decoded at its size).")] = TRAIN.arch,
+    img_size: Annotated[Optional[int], typer.Option(help="The crop size train would use (default: the arch's own).", show_default=False)] = TRAIN.img_size,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are skipped as possible decompression bombs.")] = TRAIN.max_pixels,
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes (default: every core, at most 8).", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
@@ -142,8 +143,8 @@ def check(
     """
     from ..check import check_folder
 
-    cfg = replace(TRAIN, data=data, layout=layout, labels=labels, label_columns=label_columns, val_split=val_split, seed=seed, arch=arch, max_pixels=max_pixels,
-                  workers=workers)
+    cfg = replace(TRAIN, data=data, layout=layout, labels=labels, label_columns=label_columns, val_split=val_split, seed=seed, arch=arch, img_size=img_size,
+                  max_pixels=max_pixels, workers=workers)
     try:
         result = check_folder(cfg, reporter_for(quiet, workers))
     except FinetuneError as e:
