@@ -21,6 +21,13 @@ def accuracy(cm: list[list[int]]) -> float:
     return sum(cm[i][i] for i in range(len(cm))) / total if total else 0.0
 
 
+def balanced_accuracy(cm: list[list[int]]) -> float | None:
+    """The mean of each class's recall over the classes measured: what answering the largest class
+    alone would not get (it gets 1 / classes), unlike accuracy on imbalanced images."""
+    recalls = [row[i] / sum(row) for i, row in enumerate(cm) if sum(row)]
+    return sum(recalls) / len(recalls) if recalls else None
+
+
 def per_class_metrics(cm: list[list[int]], classes: list[str]) -> dict[str, dict]:
     out = {}
     for i, name in enumerate(classes):
@@ -80,6 +87,7 @@ def classification_report(paths: list[str], y_true: list[int], probs: torch.Tens
     cm = confusion_matrix(y_true, y_pred, len(classes))
     return {
         "accuracy": accuracy(cm),
+        "balanced_accuracy": balanced_accuracy(cm),
         "num_images": len(paths),
         "classes": classes,
         "per_class": per_class_metrics(cm, classes),

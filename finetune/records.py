@@ -126,6 +126,7 @@ class EvaluationReport:
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted
     most_confused: list[dict]  # {true, predicted, count}, most frequent first
     top_losses: list[dict]  # {path, true, predicted, score, loss}, worst first
+    balanced_accuracy: float | None = None  # each class's recall averaged (metrics.balanced_accuracy)
     calibration: dict = field(default_factory=dict)  # metrics.calibration: ECE and the reliability diagram's bins
     skipped: list[dict] = field(default_factory=list)  # {path, reason}
     tta: bool = False
@@ -139,4 +140,5 @@ class EvaluationReport:
 
     def summary(self) -> dict:
         """The figures without the per-image lists (for a training run's results)."""
-        return {k: getattr(self, k) for k in ("accuracy", "num_images", "per_class", "confusion_matrix", "calibration", "unknown")}
+        return {k: getattr(self, k) for k in ("accuracy", "balanced_accuracy", "num_images", "per_class", "confusion_matrix",
+                                              "calibration", "unknown")}

@@ -56,7 +56,7 @@ def summary_of(m: Measured, classes: list[str]) -> dict:
     from .metrics import classification_report
 
     figures = classification_report(m.paths, m.labels, m.probs, classes)
-    return {k: figures[k] for k in ("accuracy", "num_images", "per_class", "confusion_matrix", "calibration")}
+    return {k: figures[k] for k in ("accuracy", "balanced_accuracy", "num_images", "per_class", "confusion_matrix", "calibration")}
 
 
 def training_content(run, result: TrainResult, sets: list[Measured]) -> ReportContent:

@@ -34,6 +34,8 @@ def test_evaluate_json_matches_training(run):
     report = json.loads(result.stdout)
     assert report["data"] == str(run["data"] / "val")  # DATA/val found by itself
     assert report["accuracy"] == run["summary"]["best_val_acc"]
+    assert report["balanced_accuracy"] == run["summary"]["val"]["balanced_accuracy"]  # (3 of each class: the accuracy)
+    assert report["balanced_accuracy"] == pytest.approx(report["accuracy"])
     assert report["classes"] == ["cat", "dog", "fox"]
     assert set(report["per_class"]["dog"]) == {"precision", "recall", "f1", "support"}
     assert [sum(r) for r in report["confusion_matrix"]] == [3, 3, 3]
@@ -67,7 +69,7 @@ def test_evaluates_confusion_matrix_is_drawn_where_it_fits(capsys, n, drawn):
 
     classes = [f"class_{i}" for i in range(n)]
     cm = [[5 if i == j else 0 for j in range(n)] for i in range(n)]
-    report = SimpleNamespace(accuracy=1.0, num_images=5 * n, data="d", classes=classes, confusion_matrix=cm, unknown=None,
+    report = SimpleNamespace(accuracy=1.0, balanced_accuracy=1.0, num_images=5 * n, data="d", classes=classes, confusion_matrix=cm, unknown=None,
                              per_class={c: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 5} for c in classes},
                              calibration={}, temperature=1.0, most_confused=[], top_losses=[])
     render_evaluation(report)
@@ -81,6 +83,8 @@ def test_report_metrics_on_a_known_case():
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
     report = classification_report(["a", "b", "c", "d"], [0, 1, 1, 0], probs, ["x", "y"])
     assert report["confusion_matrix"] == [[1, 1], [1, 1]] and report["accuracy"] == 0.5
+    lopsided = classification_report(list("abcde"), [0, 0, 0, 0, 1], torch.tensor([[0.9, 0.1]] * 5), ["x", "y"])
+    assert lopsided["accuracy"] == 0.8 and lopsided["balanced_accuracy"] == 0.5  # (the largest class answered alone)
     assert report["per_class"]["x"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
     assert report["top_losses"][0]["path"] == "d"  # true x at 0.3: the worst mistake
     assert report["most_confused"][0]["count"] == 1

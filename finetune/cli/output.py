@@ -190,7 +190,8 @@ def _render_predictions(predictions, fmt: str) -> tuple[int, int]:
 
 
 def render_evaluation(report) -> None:
-    stdout.print(Text(f"accuracy {report.accuracy:.4f} on {report.num_images} images ({report.data})"))
+    balanced = f", balanced accuracy {report.balanced_accuracy:.4f}" if report.balanced_accuracy is not None else ""
+    stdout.print(Text(f"accuracy {report.accuracy:.4f}{balanced} on {report.num_images} images ({report.data})"))
     per_class = Table(Column("class", overflow="fold"), "precision", "recall", "f1", "support", title="per class")
     for name, m in report.per_class.items():
         per_class.add_row(Text(name), *[f"{m[k]:.3f}" if m[k] is not None else "n/a" for k in ("precision", "recall", "f1")],
@@ -241,7 +242,9 @@ def show_train_result(result, class_weights: bool) -> None:
         from ..scan import imbalance_detail
 
         counts = imbalance_detail(list(result.class_counts), list(result.class_counts.values()))
-        stdout.print(Text(f"classes are imbalanced ({counts}){'' if class_weights else '; consider --class-weights'}"))
+        balanced = (f"; val balanced accuracy {result.val['balanced_accuracy']:.4f} (each class's recall averaged)"
+                    if result.val and result.val.get("balanced_accuracy") is not None else "")
+        stdout.print(Text(f"classes are imbalanced ({counts}){balanced}{'' if class_weights else '; consider --class-weights'}"))
     stdout.print(Text(f"model: {result.model}"))
     stdout.print(Text(f"plots: {', '.join(result.plots)}; metrics: {result.run_dir / 'metrics.csv'}"))
     if result.suspects and result.suspects.get("count"):
