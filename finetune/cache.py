@@ -256,7 +256,8 @@ class FeatureCache:
                     self._index.setdefault(rid, (self.dir / name, row))
             evict(self.root, self.limit_bytes)
         except OSError as e:  # a full or read-only disk costs speed next time, never this run (the run says so)
-            self.use.not_written = self.use.not_written or f"{e.filename or self.dir}: {e.strerror or e}"
+            inside = e.filename is not None and Path(os.fspath(e.filename)).parent == self.dir  # (a chunk: its folder said)
+            self.use.not_written = self.use.not_written or f"{self.dir if inside else e.filename or self.dir}: {e.strerror or e}"
 
 
 # --- the whole cache: size, listing, eviction, clearing --------------------------------------

@@ -49,7 +49,11 @@ def atomic_target(path: Path):
     """A temporary path beside `path` to write to: when the block ends normally the file is
     fsynced and moved onto `path` (os.replace), otherwise removed. Never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # (a read-only folder: it named a temporary file never made)
+        e.filename = str(path)
+        raise
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.close(fd)

@@ -8,6 +8,8 @@ not to this process's resident memory.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import tempfile
 from dataclasses import dataclass
@@ -31,22 +33,42 @@ class DiskRows:
     full_dim: int
     views: int
     cols: slice
+    folder: Path | None = None  # where the file is (it has no name): what a failing write names
 
     @classmethod
     def create(cls, n: int, views: int, dim: int, folder: Path) -> "DiskRows":
         """In `folder`, or the nearest folder above it that exists (the same disk: the file has no
         name, it goes when closed, so no folder is made for it: a run without the cache, `--no-cache`,
         left an empty one), else (not writable) in the system's temporary folder."""
+        where = next(p for p in (folder, *folder.parents) if p.is_dir())
         try:
-            f = tempfile.TemporaryFile(dir=next(p for p in (folder, *folder.parents) if p.is_dir()))
+            f = tempfile.TemporaryFile(dir=where)
         except OSError:
             try:
-                f = tempfile.TemporaryFile()
+                f, where = tempfile.TemporaryFile(), Path(tempfile.gettempdir())
             except OSError as e:
                 raise UsageError(f"{folder}: cannot write the feature table there ({e.strerror}); pass a writable "
                                  "--cache-dir, or a larger --feature-memory-gb to keep it in memory.") from None
-        f.truncate(n * views * dim * 2)
-        return cls(f, n, views, dim, views, slice(0, dim))
+        table = cls(f, n, views, dim, views, slice(0, dim), where)
+        with table.writing():
+            try:  # its space taken now: a disk too full says so before the feature pass, not in its middle
+                os.posix_fallocate(f.fileno(), 0, n * views * dim * 2)
+            except (AttributeError, OSError) as e:  # (not on macOS or Windows; some file systems refuse it)
+                if getattr(e, "errno", None) == errno.ENOSPC:
+                    raise
+                f.truncate(n * views * dim * 2)
+        return table
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A write that fails (a full disk) said in one line naming the folder, with the fixes."""
+        try:
+            yield
+        except OSError as e:
+            size = self.n * self.full_views * self.full_dim * 2
+            raise UsageError(f"{self.folder}: cannot write the feature table there ({e.strerror}; {size / 1e9:.2f} GB); "
+                             "free space there, pass another --cache-dir, or a larger --feature-memory-gb to keep it "
+                             "in memory.") from None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -59,12 +81,13 @@ class DiskRows:
         """The first `views` views and the columns `cols` (start/stop within the full rows)."""
         start = 0 if cols.start is None else cols.start
         stop = self.full_dim if cols.stop is None else cols.stop
-        return DiskRows(self.file, self.n, self.full_views, self.full_dim, views, slice(start, stop))
+        return DiskRows(self.file, self.n, self.full_views, self.full_dim, views, slice(start, stop), self.folder)
 
     def write(self, i: int, rows: torch.Tensor, view: int = 0) -> None:
         """Item i's rows [views, full_dim] from `view` on (all of them: its full row)."""
         data = rows.to(torch.float16).contiguous().numpy().tobytes()
-        os.pwrite(self.file.fileno(), data, i * self.row_bytes() + view * self.full_dim * 2)
+        with self.writing():
+            os.pwrite(self.file.fileno(), data, i * self.row_bytes() + view * self.full_dim * 2)
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Items start..stop, as selected, fp16 [stop - start, views, dim] in memory."""
@@ -83,11 +106,12 @@ class DiskRows:
 
     def keep(self, positions: list[int]) -> "DiskRows":
         """Only the items at `positions` (ascending), moved to the front in order."""
-        for new, old in enumerate(positions):
-            if new != old:
-                os.pwrite(self.file.fileno(), os.pread(self.file.fileno(), self.row_bytes(), old * self.row_bytes()),
-                          new * self.row_bytes())
-        return DiskRows(self.file, len(positions), self.full_views, self.full_dim, self.views, self.cols)
+        with self.writing():
+            for new, old in enumerate(positions):
+                if new != old:
+                    os.pwrite(self.file.fileno(), os.pread(self.file.fileno(), self.row_bytes(), old * self.row_bytes()),
+                              new * self.row_bytes())
+        return DiskRows(self.file, len(positions), self.full_views, self.full_dim, self.views, self.cols, self.folder)
 
 
 Rows = torch.Tensor | DiskRows

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -384,3 +385,38 @@ def test_a_cache_that_cannot_be_written_is_said_once_and_the_run_goes_on(cfg, tm
     assert cache["hits"] == 0 and cache["not_written"].endswith("Not a directory")
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: feature cache not written")]
     assert len(warnings) == 1 and "set --cache-dir to a writable folder, or --no-cache" in warnings[0]
+
+
+def test_a_full_disk_under_the_feature_table_is_said_naming_its_folder(tmp_path, monkeypatch):
+    """A trial: 'the output: cannot be written (No space left on device)', naming nothing: the table's file has no name."""
+    import errno
+
+    from finetune import store
+    from finetune.errors import UsageError
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    table = store.DiskRows.create(4, 1, 8, tmp_path / "cache" / "tmp")  # (the folder not made: its nearest one used)
+    monkeypatch.setattr(store.os, "pwrite", full)
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(tmp_path))}: cannot write the feature table there \(No space "
+                                         r"left on device; 0.00 GB\); free space there, pass another --cache-dir"):
+        store.put(table, 0, torch.ones(1, 8))
+    monkeypatch.setattr(store.os, "posix_fallocate", full)  # (taken at the start: said before the feature pass)
+    with pytest.raises(UsageError, match="cannot write the feature table there"):
+        store.DiskRows.create(4, 1, 8, tmp_path)
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named_not_a_temporary_file(tmp_path, monkeypatch):
+    """A trial: the warning named '.../.18ec79...safetensors.u5frnidx.tmp: Read-only file system', a file never made."""
+    import errno
+    import tempfile
+
+    def read_only(prefix, suffix, dir):
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, f"{prefix}u5frnidx{suffix}"))
+
+    cache = FeatureCache(tmp_path, {"k": 1}, 10**9)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    cache.add([["h:0"]], torch.ones(1, 1, 4, dtype=torch.float16), [tmp_path / "a.jpg"])
+    cache.flush()
+    assert cache.use.not_written == f"{cache.dir}: Read-only file system"
