@@ -262,7 +262,7 @@ def plan_tail(requested: int | None, unavailable: str | None, head_train_acc: fl
     if head_train_acc < TAIL_FIT:
         why = f"the head fits only {head_train_acc:.1%} of its training images"
     elif multi_layer:
-        why = "every stage's features beat the final ones on val: the images are unlike ImageNet's"
+        why = "every stage's features beat the final ones on val, a sign the images are unlike ImageNet's"
     else:
         return 0, f"the head fits {head_train_acc:.1%} of its training images on the final features: nothing to gain"
     if budget_s is not None:

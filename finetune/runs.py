@@ -207,7 +207,7 @@ class RunFolder:
             where = f"its model is in {self.model_path}; " if name_model else ""
             return f"{where}its training state was not saved yet, so it cannot be resumed; start it again to train further."
         removed = " (its run folder removed)" if may_remove and self.remove_if_nothing_kept() else ""
-        return f"it stopped before its first epoch finished{removed}; start it again to continue."
+        return f"it stopped before it kept an epoch to resume from{removed}; start it again to continue."
 
     @_writes
     def discard_state(self) -> None:

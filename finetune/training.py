@@ -203,8 +203,9 @@ def tail_unavailable(cfg: TrainConfig, spec, all_dim: int, tail_shape: tuple[int
     views = cfg.views if cfg.views is not None else views_for(len(split.train), None)
     size = (len(split.train) * views + len(split.val) + len(split.test)) * (all_dim + kept) * 2  # test: measured on its rows
     if size > cfg.feature_memory_gb * 1e9:
-        return (f"its cached activations would take {size / 1e9:.1f} GB, over --feature-memory-gb "
-                f"{cfg.feature_memory_gb:g}")
+        gb = size / 1e9
+        amount = f"{gb:.1f}" if gb >= 1 else f"{gb:.2g}"  # (".1f" said 0.0 GB, over --feature-memory-gb 0.01)
+        return f"its cached activations would take {amount} GB, over --feature-memory-gb {cfg.feature_memory_gb:g}"
     return None
 
 

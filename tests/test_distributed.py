@@ -203,8 +203,8 @@ def test_the_launcher_stopped_by_sigterm_names_the_run_folder_or_removes_it(tmp_
     run_dir = tmp_path / "runs" / "train"
     assert out.returncode == 143, out.stderr[-3000:]
     if when == "start":
-        assert error_lines(out.stderr) == ["error: training was stopped by SIGTERM; it stopped before its first epoch "
-                                           "finished (its run folder removed); start it again to continue."]
+        assert error_lines(out.stderr) == ["error: training was stopped by SIGTERM; it stopped before it kept an epoch "
+                                           "to resume from (its run folder removed); start it again to continue."]
         assert not run_dir.exists()
     else:
         assert error_lines(out.stderr) == [f"error: training was stopped by SIGTERM; continue with: finetune train "
@@ -266,7 +266,7 @@ def test_the_launchers_advice_names_the_run_folder(tmp_path):
     (resumable / STATE_FILENAME).write_bytes(b"state")
     assert with_run_folder(stopped, resumable, 2, resumed=False).message == \
         f"training was stopped by SIGTERM; continue with: finetune train --resume {resumable} --devices 2"
-    assert with_run_folder(stopped, started, 2, resumed=True).message.endswith("before its first epoch finished; start it again to continue.")
+    assert with_run_folder(stopped, started, 2, resumed=True).message.endswith("before it kept an epoch to resume from; start it again to continue.")
     assert started.exists()  # (a folder given to --resume is never removed)
     assert with_run_folder(stopped, started, 2, resumed=False).message.endswith("(its run folder removed); start it again to continue.")
     assert not started.exists()

@@ -567,3 +567,19 @@ def test_tail_epochs_for_a_backbone_without_a_tail_is_a_one_line_error(data, tmp
     assert result.exit_code != 0
     assert "--tail-epochs 2: mobilenet_v3_small has no tail stage here" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("*/model.safetensors"))
+
+
+def test_why_there_is_no_tail_says_a_small_table_in_figures_that_mean_something():
+    """A trial: "its cached activations would take 0.0 GB, over --feature-memory-gb 0.01"."""
+    from types import SimpleNamespace
+
+    from finetune.models import get_arch
+    from finetune.training import tail_unavailable
+
+    cfg = TrainConfig(data="x", views=1, feature_memory_gb=0.01)
+    split = SimpleNamespace(train=[None] * 1000, val=[None] * 20, test=[])
+    spec = get_arch("efficientnet_lite0")
+    why = tail_unavailable(cfg, spec, 100, (16, 32, 32), split)  # 1,020 rows of (100 + 16,384) x 2 bytes: 0.034 GB
+    assert why == "its cached activations would take 0.034 GB, over --feature-memory-gb 0.01"
+    assert "would take 2.0 GB" in tail_unavailable(cfg, spec, 100, (16, 32, 32), SimpleNamespace(train=[None] * 60_660,
+                                                                                                val=[], test=[]))

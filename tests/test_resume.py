@@ -272,7 +272,7 @@ def test_later_stages_validate_and_keep_their_weights_average(reference, tmp_pat
 
 def test_ctrl_c_before_the_first_epoch_does_not_promise_a_resume(reference, tmp_path):
     data, _ = reference
-    with pytest.raises(TrainingInterrupted, match="stopped before its first epoch finished") as info:
+    with pytest.raises(TrainingInterrupted, match="stopped before it kept an epoch to resume from") as info:
         train(config(data, tmp_path), CtrlCAt("Features (train)", 1))
     assert "--resume" not in str(info.value) and "(its run folder removed)" in str(info.value)
     assert not (tmp_path / "train").exists()  # (each interrupted start left one more folder, nothing in it to use)
