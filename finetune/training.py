@@ -35,7 +35,7 @@ from .distributed import (SINGLE, Dist, from_environment, is_lost_peer, record_r
                           tell_launcher_run_folder)
 from .errors import FinetuneError, GpuOutOfMemory, PeerStopped, TrainingInterrupted, UsageError, WeightsError
 from .features import FeatureExtractor, FeatureSet
-from .fit import Run, fit_stage, measure_pace
+from .fit import Run, about, fit_stage, measure_pace
 from .models import build_classifier, get_arch
 from .weights import resolve_pretrained, weights_do_not_fit
 from .progress import Reporter, reporter_or_quiet
@@ -307,11 +307,14 @@ def plan_finetuning(run: Run, loss: LossFn, device: torch.device, d: Dist) -> No
     rate = epoch_seconds = budget = None
     left = run.seconds_left()
     if run.cfg.finetune_epochs is None and run.best.acc < 1.0 and (device.type not in SLOW_DEVICES or run.deadline):
-        too_little = left is not None and left < 2 * PACE_PROBE_S
+        floor = least_epoch_seconds(run, d)
+        too_little = left is not None and (left < 2 * PACE_PROBE_S or (floor is not None and floor > left))
         pace = None if too_little else measure_finetune_pace(run, loss, device)
         if pace is None:
-            why = (f"the time budget has {left:.0f} s left: too little to measure its pace" if too_little
-                   else "no training image could be read to measure its pace")
+            why = ("no training image could be read to measure its pace" if not too_little
+                   else f"the time budget has {left:.0f} s left: too little to measure its pace" if left < 2 * PACE_PROBE_S
+                   else f"an epoch would take {about(floor)} or more (training passes cost {TRAINING_PASS_COST:g} times the "
+                        f"feature pass's at least), over the {left:.0f} s the time budget has left")
             run.finetune_plan = {"epochs": 0, "why": why, "images_per_s": None}
             run.reporter.info(f"no fine-tuning: {why}")
             return
@@ -323,6 +326,19 @@ def plan_finetuning(run: Run, loss: LossFn, device: torch.device, d: Dist) -> No
     epochs, why = plan_finetune(run.cfg.finetune_epochs, run.best.acc, rate, epoch_seconds, budget)
     run.finetune_plan = {"epochs": epochs, "why": why, "images_per_s": rate and round(rate, 1)}
     run.reporter.info(f"fine-tuning: {epochs_text(epochs)} ({why})" if epochs else f"no fine-tuning: {why}")
+
+
+TRAINING_PASS_COST = 2.0  # an image's training step (forward and backward) against its forward pass: 3 or so, 2 at the least
+
+
+def least_epoch_seconds(run: Run, d: Dist) -> float | None:
+    """The least a fine-tuning epoch could take, from the feature pass's pace in this run (None
+    where it computed nothing): measuring the pace costs a warm-up step and two more, a trial's
+    ResNet-18 15 s of a 30 s budget on a CPU, to find that an epoch would not fit in what was left."""
+    rate = (run.feature_pass or {}).get("image_views_per_s")
+    if not rate:
+        return None
+    return (TRAINING_PASS_COST * len(run.split.train) + len(run.split.val)) / (rate * d.world)
 
 
 def measure_finetune_pace(run: Run, loss: LossFn, device: torch.device):

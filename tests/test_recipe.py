@@ -583,3 +583,32 @@ def test_why_there_is_no_tail_says_a_small_table_in_figures_that_mean_something(
     assert why == "its cached activations would take 0.034 GB, over --feature-memory-gb 0.01"
     assert "would take 2.0 GB" in tail_unavailable(cfg, spec, 100, (16, 32, 32), SimpleNamespace(train=[None] * 60_660,
                                                                                                 val=[], test=[]))
+
+
+def test_a_budget_an_epoch_cannot_fit_in_by_the_feature_pass_pace_is_not_spent_measuring_it(monkeypatch):
+    """A trial: ResNet-18 on a CPU, 19 s of a 30 s budget left: 16.5 s went to measuring fine-tuning's
+    pace (a warm-up step and two more) to find an epoch of 27 s would not fit."""
+    from types import SimpleNamespace
+
+    from finetune import training
+    from finetune.distributed import SINGLE
+
+    probes = []
+    monkeypatch.setattr(training, "measure_finetune_pace", lambda *a: probes.append(1))
+    said = Said()
+
+    def run_with(left):
+        return SimpleNamespace(finetune_plan=None, seconds_left=lambda: left, cfg=SimpleNamespace(finetune_epochs=None),
+                               best=SimpleNamespace(acc=0.9), deadline=1.0, reporter=said,
+                               feature_pass={"image_views_per_s": 15.0},
+                               split=SimpleNamespace(train=[None] * 120, val=[None] * 30, test=[]))
+
+    run = run_with(19.0)  # an epoch: at least (2 x 120 + 30) / 15 = 18 s ... which fits: measured
+    assert training.least_epoch_seconds(run, SINGLE) == pytest.approx(18.0)
+    training.plan_finetuning(run, None, torch.device("cpu"), SINGLE)
+    assert probes == [1]
+    run = run_with(17.0)
+    training.plan_finetuning(run, None, torch.device("cpu"), SINGLE)
+    assert probes == [1] and run.finetune_plan["epochs"] == 0  # not measured
+    assert said.said[-1] == ("no fine-tuning: an epoch would take about 18 s or more (training passes cost 2 times the "
+                             "feature pass's at least), over the 17 s the time budget has left")
