@@ -9,7 +9,7 @@ from .checkpoint import LoadedModel
 from .records import EvaluationReport, Stage, TrainResult
 from .report import Measured, ReportContent, write_report
 from .scan import count_labels, count_per_class
-from .suspects import FOLDS, OUTLIER_SHARE, find_suspects
+from .suspects import FOLDS, MIN_JUDGED_RIGHT, OUTLIER_SHARE, find_suspects
 
 SUSPECTS_HOW = (f"Two kinds, found on the cached backbone features. Another class: {FOLDS}-fold cross-validation judges each "
                 "training image by heads trained on the other folds; it is a suspect when another class gets at least the "
@@ -30,14 +30,18 @@ def training_suspects(features, final_dim: int, choice, paths: list[str], classe
                       "would cost minutes).")
     plain = features.train[:, 0]
     read = plain if choice.multi_layer else plain[:, -final_dim:]
-    found = find_suspects(read, features.train_labels, len(classes), seed, final=plain[:, -final_dim:])
-    if found is None:
+    outcome = find_suspects(read, features.train_labels, len(classes), seed, final=plain[:, -final_dim:])
+    if outcome is None:
         return None, "Not computed: every class needs at least 2 training images for cross-validation."
+    found, judged_right = outcome
     given = features.train_labels.tolist()
+    how = SUSPECTS_HOW if judged_right >= MIN_JUDGED_RIGHT else (
+        f"{SUSPECTS_HOW} No image is listed as another class's: heads judging images out of fold are right on only "
+        f"{judged_right:.0%} of them, too few for their claims to mean a label error.")
     return [{"path": paths[s.index], "given": classes[given[s.index]],
              "suggested": classes[s.suggested] if s.suggested is not None else "",
              "probability": s.probability, "why": "another class" if s.suggested is not None else "unlike the other images"}
-            for s in found], SUSPECTS_HOW
+            for s in found], how
 
 
 def measured_val(run) -> Measured | None:
