@@ -124,7 +124,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
     cfg = (config_for_resume(resume_dir) if resume_dir is not None else cfg).checked()
     # (DATA absolute, as spelt: the files results.json lists, skipped and leaked ones, and suspects.csv's,
     # read from anywhere, as its run folder and model are; links kept, as the user named them)
-    cfg = replace(cfg, data=Path(os.path.abspath(cfg.data)))
+    cfg = replace(cfg, data=Path(os.path.abspath(cfg.data)),
+                  weights=Path(os.path.abspath(cfg.weights)) if cfg.weights is not None else None)  # (results' `weights` too)
     if resume_dir is not None:  # (through rank 0 to every rank: one rank stopping alone left the others waiting)
         share_outcome(d, lambda: locks.enter_context(training_lock(resume_dir)))
     refuse_output_inside_input(cfg.runs_dir, cfg.data)

@@ -128,6 +128,23 @@ def test_weights_file_is_used_first(torch_home, offline, image_folder, tmp_path)
     assert json.loads(result.stdout)["weights"] == str(own)
 
 
+def test_weights_given_relative_are_recorded_absolute(torch_home, offline, image_folder, tmp_path, monkeypatch):
+    """README: the run's paths in results.json are absolute; --weights as typed was not (nor in the model file)."""
+    torch.save(random_resnet18_state(), tmp_path / "mine.pth")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", str(image_folder), "--runs-dir", "runs", "--weights", "mine.pth", *RESNET_ARGS])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["weights"] == str(tmp_path / "mine.pth")
+    assert models_train_config(summary["model"])["weights"] == str(tmp_path / "mine.pth")
+
+
+def models_train_config(model_file: str) -> dict:
+    from finetune import load_model
+
+    return load_model(model_file).meta["train_config"]
+
+
 def test_weights_for_another_arch_are_refused_clearly(tmp_path):
     own = tmp_path / "lite.pth"
     torch.save(EfficientNetLite0().state_dict(), own)
