@@ -284,9 +284,28 @@ def chunks(root: Path) -> list[Path]:
     return [p for folder in feature_sets(root) for p in chunks_in(folder)]
 
 
+LEFTOVER_AGE_S = 3600  # a temporary file older than this is a killed writer's, not one being written
+
+
+def stale_leftovers(root: Path) -> list[Path]:
+    """Temporary files that writers killed mid-write (SIGKILL, a power cut) left in the cache:
+    files.atomic_target's names, an hour old or more (a running writer's are seconds old)."""
+    cutoff = time.time() - LEFTOVER_AGE_S
+    found = [*(p for folder in feature_sets(root) for p in folder.glob(".*.tmp")), *memo_leftovers(root)]
+    old = []
+    for p in found:
+        with contextlib.suppress(FileNotFoundError):
+            if p.stat().st_mtime < cutoff:
+                old.append(p)
+    return old
+
+
 def evict(root: Path, limit_bytes: int) -> int:
-    """Delete the least recently used chunks (and remembered file hashes, rewritten by each run on
-    their folder) until the cache is under 90% of its limit; bytes freed."""
+    """Delete killed writers' leftovers (stale_leftovers), then the least recently used chunks (and
+    remembered file hashes, rewritten by each run on their folder) until the cache is under 90% of
+    its limit; bytes freed beyond the leftovers."""
+    for p in stale_leftovers(root):
+        p.unlink(missing_ok=True)
     sized = []
     for p in chunks(root) + memo_files(root):
         try:

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -420,3 +421,18 @@ def test_a_cache_folder_that_cannot_be_written_is_named_not_a_temporary_file(tmp
     cache.add([["h:0"]], torch.ones(1, 1, 4, dtype=torch.float16), [tmp_path / "a.jpg"])
     cache.flush()
     assert cache.use.not_written == f"{cache.dir}: Read-only file system"
+
+
+def test_leftovers_of_killed_writers_go_and_a_running_writers_stay(tmp_path):
+    """A trial: SIGKILL mid-write left '.<chunk>.safetensors.XXXX.tmp' files that nothing ever removed."""
+    folder = tmp_path / "features" / "0123456789abcdef0123"
+    folder.mkdir(parents=True)
+    stale, fresh = folder / ".1a-42-0badf00d.safetensors.u5frnidx.tmp", folder / ".1b-43-0badf00d.safetensors.k2j3h4g5.tmp"
+    for f in (stale, fresh):
+        f.write_bytes(b"\0" * 100)
+    os.utime(stale, (time.time() - 2 * 3600,) * 2)
+    theirs = tmp_path / "features" / "notes.tmp"  # (not in a feature set's folder: not the cache's)
+    theirs.write_text("x")
+    os.utime(theirs, (0, 0))
+    evict(tmp_path, 10**9)
+    assert not stale.exists() and fresh.exists() and theirs.exists()

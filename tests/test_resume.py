@@ -270,6 +270,17 @@ def test_later_stages_validate_and_keep_their_weights_average(reference, tmp_pat
     assert [r["val_loss"] for r in plain_rows[tail]] != [r["val_loss"] for r in ref_rows[tail]]  # what is validated
 
 
+def test_a_resumed_run_that_finishes_removes_what_a_killed_write_left(reference, tmp_path):
+    """A trial: SIGKILL while the model file was written left '.model.safetensors.XXXX.tmp' (2 MB) for good."""
+    data, _ = reference
+    with pytest.raises(TrainingInterrupted):
+        train(config(data, tmp_path), CtrlCAt("Fine-tune epoch 1", 1))
+    leftover = tmp_path / "train" / ".model.safetensors.mf1j0f7e.tmp"
+    leftover.write_bytes(b"half a model")
+    train(TrainConfig(resume=tmp_path / "train"))
+    assert not leftover.exists() and (tmp_path / "train" / "results.json").is_file()
+
+
 def test_ctrl_c_before_the_first_epoch_does_not_promise_a_resume(reference, tmp_path):
     data, _ = reference
     with pytest.raises(TrainingInterrupted, match="stopped before it kept an epoch to resume from") as info:
