@@ -27,6 +27,9 @@ def create_run_dir(runs_dir: Path, name: str | None) -> Path:
         raise UsageError(f"--name '{base}': a run name is one folder name (no '/', '..' or absolute path); use --runs-dir to choose where runs go.")
     if runs_dir.exists() and not runs_dir.is_dir():
         raise UsageError(f"--runs-dir {runs_dir}: a file, not a folder. Pass a folder (it is made if missing).")
+    if runs_dir.is_symlink() and not runs_dir.exists():  # (mkdir said "File exists")
+        raise UsageError(f"--runs-dir {runs_dir}: a link to {os.readlink(runs_dir)}, which does not exist. Make that "
+                         "folder, or pass another --runs-dir.")
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -57,6 +60,23 @@ def new_run_dir(cfg: TrainConfig) -> Path:
             run_dir.rmdir()  # (empty: the config was not written)
         raise cannot_write(e, run_dir) from None
     return run_dir
+
+
+def being_trained(run_dir: Path) -> bool:
+    """Whether a process holds the run's training_lock now (a peek: a shared lock taken and let go)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        with open(run_dir / "config.json", "rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 @contextlib.contextmanager

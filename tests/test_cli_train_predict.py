@@ -126,6 +126,11 @@ def test_predict_says_when_the_newest_model_is_of_a_run_that_did_not_finish(trai
     img = str(trained["data"] / "val" / "dog" / "dog_0.jpg")
     say = lambda: runner.invoke(app, ["predict", img, "--runs-dir", str(runs), "--workers", "0"]).stderr  # noqa: E731
     assert f"its training did not finish: the best epoch so far; 'finetune train --resume {runs / 'stopped'}' goes on" in say()
+    import fcntl
+
+    with open(runs / "stopped" / "config.json", "rb") as held:  # as a process training it holds it (a resume: refused)
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "(its training has not finished: a process is training it now; the best epoch so far)" in say()
     named = runner.invoke(app, ["predict", img, "--model", str(runs / "stopped"), "--workers", "0"]).stderr  # (said nothing)
     assert f"warning: {runs / 'stopped' / 'model.safetensors'} (its training did not finish: the best epoch so far" in named
     (runs / "stopped" / "last_state.safetensors").unlink()  # (a diverged run: nothing to resume)

@@ -219,6 +219,15 @@ def test_runs_dir_that_is_a_file_is_a_clear_error(image_folder, tmp_path):
     assert result.stderr == f"error: --runs-dir {blocker}: a file, not a folder. Pass a folder (it is made if missing).\n"
 
 
+def test_runs_dir_that_links_to_nothing_is_a_clear_error(image_folder, tmp_path):
+    dangling = tmp_path / "runs"
+    dangling.symlink_to(tmp_path / "unmounted" / "runs")
+    result = train_cli(image_folder, dangling)
+    assert result.exit_code == 2 and result.stderr == (  # (it said "cannot create it (File exists)")
+        f"error: --runs-dir {dangling}: a link to {tmp_path / 'unmounted' / 'runs'}, which does not exist. Make that "
+        "folder, or pass another --runs-dir.\n")
+
+
 def test_an_unreadable_folder_is_a_clear_error(tmp_path, monkeypatch):
     from finetune.scan import TreeReader
 

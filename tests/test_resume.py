@@ -270,6 +270,19 @@ def test_later_stages_validate_and_keep_their_weights_average(reference, tmp_pat
     assert [r["val_loss"] for r in plain_rows[tail]] != [r["val_loss"] for r in ref_rows[tail]]  # what is validated
 
 
+def test_resuming_a_run_with_nothing_kept_is_refused_before_its_folder_is_read(reference, tmp_path):
+    """A trial: a killed run's folder (its config alone) was scanned and its backbone loaded, then refused."""
+    from finetune.errors import UsageError
+
+    _, ref = reference
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    saved = json.loads((ref.run_dir / "config.json").read_text())
+    (stopped / "config.json").write_text(json.dumps({**saved, "data": str(tmp_path / "gone")}))  # (never read)
+    with pytest.raises(UsageError, match=r"nothing to resume \(no last_state.safetensors\): the run stopped before it kept"):
+        train(TrainConfig(resume=stopped))
+
+
 def test_a_resumed_run_that_finishes_removes_what_a_killed_write_left(reference, tmp_path):
     """A trial: SIGKILL while the model file was written left '.model.safetensors.XXXX.tmp' (2 MB) for good."""
     data, _ = reference

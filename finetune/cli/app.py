@@ -109,12 +109,15 @@ def unfinished_note(model_path: Path) -> str:
     not); where it finished and a newer run has not (still training, or stopped), that one's name."""
     from ..checkpoint import newer_unfinished_run, run_finished
     from ..resume import STATE_FILENAME
+    from ..runs import being_trained
 
     run = model_path.parent
     if run_finished(run):
         newer = newer_unfinished_run(model_path)
         return (f" (the newest finished run; {newer} is newer and has not finished: --model {newer} uses its best "
                 f"epoch so far)") if newer else ""
+    if being_trained(run):  # (the resume it would suggest is refused meanwhile)
+        return " (its training has not finished: a process is training it now; the best epoch so far)"
     if (run / STATE_FILENAME).is_file():
         return f" (its training did not finish: the best epoch so far; 'finetune train --resume {run}' goes on)"
     return " (its training did not finish: the best epoch before it stopped)"
