@@ -189,7 +189,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
         raise
     if not d.is_main:
         return None
-    with sigint_ignored():  # training is over: a Ctrl-C now must not leave the run folder half-written
+    with sigint_ignored(reporter):  # training is over: a Ctrl-C now must not leave the run folder half-written
         return finish(run, device, weights_source)
 
 
@@ -502,9 +502,18 @@ def as_signalled(error: TrainingInterrupted, cause: BaseException) -> TrainingIn
     return error
 
 
-def sigint_ignored():
-    """Let a save finish when Ctrl-C is pressed (again) meanwhile. (Under `--devices`, torchrun
-    answers a second Ctrl-C by terminating the ranks; the files are still written atomically.)"""
+def sigint_ignored(reporter: Reporter | None = None):
+    """Let a save finish when Ctrl-C is pressed (again) meanwhile; `reporter`, if given, is told
+    once that the run is finishing (a trial: three Ctrl-C's while a run wrote its end, seconds of
+    silence, then exit 0). (Under `--devices`, torchrun answers a second Ctrl-C by terminating the
+    ranks; the files are still written atomically.)"""
     # (SIGTERM and SIGHUP too where they stop the run as Ctrl-C does: else the run's end was reported as a failed start)
     taken_as_ctrl_c = [signum for signum in STOPPING_SIGNALS if signal.getsignal(signum) is _stop_as_ctrl_c]
-    return signals_to(signal.SIG_IGN, signal.SIGINT, *taken_as_ctrl_c)
+    told = []
+
+    def tell_once(signum, frame):
+        if reporter is not None and not told:
+            told.append(signum)
+            reporter.warn("the run is writing its end (model, test split, report): it stops when that is done")
+
+    return signals_to(tell_once if reporter is not None else signal.SIG_IGN, signal.SIGINT, *taken_as_ctrl_c)

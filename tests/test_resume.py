@@ -213,11 +213,22 @@ def test_sigterm_while_a_run_writes_its_end_lets_it_finish(reference, tmp_path, 
 
     def terminated_while_finishing(*args):  # (it was reported as "interrupted before its first epoch")
         os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # (a trial: Ctrl-C three times there, seconds of silence, then exit 0)
         return real_finish(*args)
 
+    class Warned(Reporter):
+        def __init__(self):
+            self.warned = []
+
+        def warn(self, message):
+            self.warned.append(message)
+
     monkeypatch.setattr(training, "finish", terminated_while_finishing)
-    result = train(config(data, tmp_path / "runs"))
+    said = Warned()
+    result = train(config(data, tmp_path / "runs"), said)
     assert (result.run_dir / "results.json").is_file() and not (result.run_dir / STATE_FILENAME).exists()
+    told = [w for w in said.warned if w.startswith("the run is writing its end")]
+    assert told == ["the run is writing its end (model, test split, report): it stops when that is done"]  # (once)
 
 
 def test_cuda_out_of_memory_suggests_a_smaller_batch(reference, tmp_path, monkeypatch):
