@@ -190,13 +190,13 @@ def config_for_resume(run_dir: Path) -> TrainConfig:
         raise UsageError(f"--resume {run_dir}: not a run folder (no config.json). Pass a folder under runs/.")
     if (run_dir / RESULTS_FILENAME).is_file():
         raise UsageError(f"--resume {run_dir}: this run already finished; its model is {run_dir / MODEL_FILENAME}.")
-    if not (run_dir / STATE_FILENAME).is_file():  # (said before the folder is scanned and the backbone loaded)
-        raise UsageError(f"--resume {run_dir}: nothing to resume (no {STATE_FILENAME}): the run stopped before it kept an "
-                         f"epoch to resume from, or diverged; start it again with the command that started it.")
     try:
         saved = TrainConfig.from_json_dict(json.loads((run_dir / "config.json").read_text()))
     except (OSError, ValueError, TypeError, AttributeError) as e:  # (ValueError: not JSON; TypeError: not a config)
         reason = e.strerror if isinstance(e, OSError) else "not the settings a run writes"
         raise UsageError(f"--resume {run_dir}: its config.json cannot be read ({reason}); the run cannot be resumed. "
                          f"Start a new run.") from None
+    if not (run_dir / STATE_FILENAME).is_file():  # (said before the folder is scanned and the backbone loaded)
+        raise UsageError(f"--resume {run_dir}: nothing to resume (no {STATE_FILENAME}): the run stopped before it kept an "
+                         f"epoch to resume from, or diverged; start it again with the command that started it.")
     return replace(saved, resume=run_dir)

@@ -9,7 +9,7 @@ from .checkpoint import LoadedModel
 from .records import EvaluationReport, Stage, TrainResult
 from .report import Measured, ReportContent, write_report
 from .scan import count_labels, count_per_class
-from .suspects import FOLDS, MIN_JUDGED_RIGHT, OUTLIER_SHARE, find_suspects
+from .suspects import FOLDS, MIN_JUDGED_RIGHT, OUTLIER_SHARE, find_suspects, near_copies
 
 SUSPECTS_HOW = (f"Two kinds, found on the cached backbone features. Another class: {FOLDS}-fold cross-validation judges each "
                 "training image by heads trained on the other folds; it is a suspect when another class gets at least the "
@@ -42,6 +42,49 @@ def training_suspects(features, final_dim: int, choice, paths: list[str], classe
              "suggested": classes[s.suggested] if s.suggested is not None else "",
              "probability": s.probability, "why": "another class" if s.suggested is not None else "unlike the other images"}
             for s in found], how
+
+
+SAME_PICTURE = 0.95  # the cosine of the two images' 16x16 thumbnails (plain view, each colour less its mean), at
+# least. Measured: copies resized to 97% and saved at JPEG 80, 0.997 or more; chest X-rays of one patient taken
+# twice 1.0; X-rays of different people 0.55-0.85, bees 0.3 at most; the sample shapes' grids and rings in other
+# colours, whose features are as alike as copies' (0.95), 0.002 at most.
+MAX_NEAR_COPIES = 1_000  # candidates looked at (each decodes two images)
+
+
+def same_picture(a: Path, b: Path, pp, max_pixels: int) -> bool:
+    """Whether two images are one picture by their pixels: their thumbnails as the model sees them
+    (the plain view) are SAME_PICTURE alike or more. What features alone cannot tell from another
+    colouring of one pattern."""
+    import torch
+    import torch.nn.functional as F
+
+    from .data import ImageFileDataset
+
+    dataset = ImageFileDataset([a, b], pp, max_pixels)
+    views = [dataset[i][1] for i in (0, 1)]
+    if any(isinstance(v, str) for v in views):  # (one no longer decodes)
+        return False
+    thumbs = [F.adaptive_avg_pool2d(v[0].float(), 16) for v in views]
+    patterns = [(t - t.mean((1, 2), keepdim=True)).flatten() for t in thumbs]  # (each colour's own pattern)
+    return float(F.cosine_similarity(patterns[0], patterns[1], dim=0)) >= SAME_PICTURE
+
+
+def held_out_near_copies(features, final_dim: int, split, pp, max_pixels: int, test_rows=None) -> list[dict] | None:
+    """Val (and test) images that look like near-copies of training images: alike in the final
+    features of the plain view (suspects.near_copies), then in their pixels (same_picture):
+    {path, like, similarity}, in results.json `near_copies`. None where the training features are
+    in a file (a large set: not compared)."""
+    if features.on_disk or len(features.train_labels) > MAX_SUSPECT_IMAGES:
+        return None
+    train = features.train[:, 0, -final_dim:]
+    sets = [(split.val, features.val[:, -final_dim:])]
+    if test_rows is not None:  # (samples, rows [images, 1, row dim], failures): final features last in a row
+        sets.append((test_rows[0], test_rows[1][:, 0, -final_dim:]))
+    leaked = {entry["path"] for entry in split.leakage}  # (the same bytes: reported as leakage already)
+    alike = [(samples[i].path, split.train[j].path, similarity) for samples, rows in sets
+             for i, j, similarity in near_copies(train, rows) if str(samples[i].path) not in leaked][:MAX_NEAR_COPIES]
+    return [{"path": str(a), "like": str(b), "similarity": round(similarity, 4)}
+            for a, b, similarity in alike if same_picture(a, b, pp, max_pixels)]
 
 
 def measured_val(run) -> Measured | None:

@@ -44,7 +44,7 @@ from .recipe import (choose_fit, choose_head, epochs_text, growth_steps, head_fe
 from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest
 from .finish import MAX_FEATURE_IMAGES, finish
-from .run_report import training_suspects
+from .run_report import held_out_near_copies, training_suspects
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input, training_lock
 from .store import plain_sample
 from .reading import scan_dataset
@@ -234,6 +234,15 @@ def tell_reading(split: DatasetSplit, reporter: Reporter) -> None:
                       f"{first['path']} = {first['same_as']}): they inflate val/test accuracy (all in results.json 'leakage').")
 
 
+def tell_near_copies(found: list[dict] | None, reporter: Reporter) -> None:
+    if found:
+        first = found[0]
+        what = "image looks like a near-copy of a training image" if len(found) == 1 else "images look like near-copies of training images"
+        reporter.warn(f"{len(found)} val/test {what} (e.g. {first['path']} like {first['like']}, similarity {first['similarity']:.2f}: "
+                      "resized, recompressed or shot in a burst): they inflate val/test accuracy and what is chosen on "
+                      "it (all in results.json 'near_copies').")
+
+
 def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | None) -> None:
     """The head on cached features (unless a resumed run is past it), then fine-tuning."""
     cfg, stage, done = run.cfg, Stage.HEAD, 0
@@ -265,6 +274,9 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
             run.frozen_features = frozen_sample(rows, cfg.seed)
             run.suspects, run.suspects_note = training_suspects(features, run.model.final_dim, run.head_choice,
                                                                 [str(s.path) for s in run.split.train], run.split.classes, cfg.seed)
+            run.near_copies = held_out_near_copies(features, run.model.final_dim, run.split, run.pp, cfg.max_pixels,
+                                                   run.test_rows)
+            tell_near_copies(run.near_copies, run.reporter)
             if stage is Stage.HEAD:
                 if winner is not None:  # it trained as the head stage would: not trained again
                     run.adopt_head(winner, device)

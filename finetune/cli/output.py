@@ -236,6 +236,9 @@ def show_train_result(result, class_weights: bool) -> None:
     if result.leakage:
         stdout.print(Text(f"leakage: {len(result.leakage)} val/test images have the same bytes as images of another split "
                           f"(listed in {result.run_dir / 'results.json'}); their accuracy is inflated"))
+    if result.near_copies:
+        stdout.print(Text(f"near-copies: {len(result.near_copies)} val/test images look like training images (listed in "
+                          f"{result.run_dir / 'results.json'}); their accuracy is inflated"))
     if result.skipped:
         stdout.print(Text(f"skipped {len(result.skipped)} files (listed in {result.run_dir / 'skipped.csv'})"))
     if result.imbalanced:
