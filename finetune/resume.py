@@ -196,7 +196,12 @@ def config_for_resume(run_dir: Path) -> TrainConfig:
         reason = e.strerror if isinstance(e, OSError) else "not the settings a run writes"
         raise UsageError(f"--resume {run_dir}: its config.json cannot be read ({reason}); the run cannot be resumed. "
                          f"Start a new run.") from None
-    if not (run_dir / STATE_FILENAME).is_file():  # (said before the folder is scanned and the backbone loaded)
+    return replace(saved, resume=run_dir)
+
+
+def require_state(run_dir: Path) -> None:
+    """A run folder holding no state to resume from is refused now, not after the folder is scanned
+    and the backbone loaded (a killed run's folder: its config alone)."""
+    if not (run_dir / STATE_FILENAME).is_file():
         raise UsageError(f"--resume {run_dir}: nothing to resume (no {STATE_FILENAME}): the run stopped before it kept an "
                          f"epoch to resume from, or diverged; start it again with the command that started it.")
-    return replace(saved, resume=run_dir)

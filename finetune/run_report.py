@@ -55,7 +55,6 @@ def same_picture(a: Path, b: Path, pp, max_pixels: int) -> bool:
     """Whether two images are one picture by their pixels: their thumbnails as the model sees them
     (the plain view) are SAME_PICTURE alike or more. What features alone cannot tell from another
     colouring of one pattern."""
-    import torch
     import torch.nn.functional as F
 
     from .data import ImageFileDataset

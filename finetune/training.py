@@ -42,7 +42,7 @@ from .progress import Reporter, reporter_or_quiet
 from .recipe import (choose_fit, choose_head, epochs_text, growth_steps, head_features, learning_order, more_images_pay,
                      plan_finetune, plan_tail, pooled_features, try_head, views_for)
 from .records import HeadChoice, Stage, TrainResult
-from .resume import ResumeState, config_for_resume, files_digest
+from .resume import ResumeState, config_for_resume, files_digest, require_state
 from .finish import MAX_FEATURE_IMAGES, finish
 from .run_report import held_out_near_copies, training_suspects
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input, training_lock
@@ -128,6 +128,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
                   weights=Path(os.path.abspath(cfg.weights)) if cfg.weights is not None else None)  # (results' `weights` too)
     if resume_dir is not None:  # (through rank 0 to every rank: one rank stopping alone left the others waiting)
         share_outcome(d, lambda: locks.enter_context(training_lock(resume_dir)))
+        share_outcome(d, lambda: require_state(resume_dir))  # (a run in its first epoch: said locked, above)
     refuse_output_inside_input(cfg.runs_dir, cfg.data)
     if cfg.cache and (cfg.cache_dir or os.environ.get(CACHE_ENV)):  # (the default, under the home folder, is hidden there)
         refuse_output_inside_input(cache_root(cfg.cache_dir), cfg.data, "--cache-dir" if cfg.cache_dir else f"{CACHE_ENV}=")
