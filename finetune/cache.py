@@ -67,7 +67,7 @@ def cache_for(cfg: TrainConfig, pp: Preprocessing, weights_source: str, device: 
               files_since_ns: int | None = None) -> "FeatureCache | None":
     """The run's feature cache; None with --no-cache, and for random weights (not worth keeping).
     `tail_input`: the shape of the activation the rows start with (Classifier.rows), if any;
-    `files_since_ns`: when the images' hashes were taken (DatasetSplit.hashed_since_ns)."""
+    `files_since_ns`: when the scan that took the images' hashes began (DatasetSplit.scan_started_ns)."""
     if not cfg.cache or not cfg.pretrained:
         return None
     key = feature_key(cfg.arch, weights_source, pp, cfg.max_pixels, device, precision, tail_input)
@@ -305,7 +305,8 @@ def evict(root: Path, limit_bytes: int) -> int:
     remembered file hashes, rewritten by each run on their folder) until the cache is under 90% of
     its limit; bytes freed beyond the leftovers."""
     for p in stale_leftovers(root):
-        p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (another user's, in a shared cache: theirs to remove)
+            p.unlink(missing_ok=True)
     sized = []
     for p in chunks(root) + memo_files(root):
         try:

@@ -64,6 +64,7 @@ def check_folder(cfg: TrainConfig, reporter: Reporter | None = None) -> FolderCh
     started = time.perf_counter()
     try:
         cfg = cfg.checked()
+        get_arch(cfg.arch).check_size(cfg.img_size)  # (as train refuses a size the arch cannot take)
         split = scan_dataset(cfg.data, cfg.val_split, cfg.seed, cfg.layout, cfg.labels, cfg.label_columns)
     except DataError as e:
         return FolderCheck(str(cfg.data), ok=False, problem=str(e), seconds=round(time.perf_counter() - started, 2))

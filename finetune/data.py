@@ -62,7 +62,7 @@ class DatasetSplit:
     leakage: list[dict] = field(default_factory=list)  # val/test files with the same bytes as another split's
     notes: list[str] = field(default_factory=list)  # what was seen and not used
     read_as: str = ""  # one line: how the folder was read
-    hashed_since_ns: int | None = None  # when the scan began: the samples' hashes hold for files unchanged since
+    scan_started_ns: int | None = None  # when the scan began: the samples' hashes hold for files unchanged since
 
 
 @dataclass(frozen=True)

@@ -55,12 +55,13 @@ def changed_since(path: Path, since_ns: int) -> bool:
     time, which no tool sets back (a modification time may lie in the future: an archive's); the
     kernel stamps it from a clock that lags, never leads, so a file written before is never taken
     as written since. Files on FAT (2 s ticks) or a share whose server clock runs behind weaken it,
-    as the module says. Windows' "change" time is the creation time: its modification time there."""
+    as the module says. Windows' "change" time is the creation time, which a copy put in its place
+    moves (its modification time is the copied file's): the later of the two there."""
     try:
         st = os.stat(path)
     except OSError:
         return True
-    return (st.st_mtime_ns if os.name == "nt" else st.st_ctime_ns) >= since_ns
+    return (max(st.st_mtime_ns, st.st_ctime_ns) if os.name == "nt" else st.st_ctime_ns) >= since_ns
 
 
 def memo_entry(st: os.stat_result, hashed_at_ns: int, digest: str) -> str:

@@ -24,5 +24,5 @@ def scan_dataset(data: Path, val_split: float | None, seed: int, layout: str = "
             split = scan_labelled(data, labels, label_columns, val_split, seed, memo)
         else:
             split = read_split(data, find_layout(data, layout), val_split, seed, memo)
-    split.hashed_since_ns = since
+    split.scan_started_ns = since
     return split

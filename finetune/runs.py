@@ -239,5 +239,6 @@ class RunFolder:
         """results.json, then the training state goes: nothing is left to resume."""
         write_json(self.path / RESULTS_FILENAME, result.to_json_dict())  # first: with it, --resume says "finished"
         self.state_path.unlink(missing_ok=True)
-        for leftover in self.path.glob(".*.tmp"):  # (files.atomic_target's, of a process killed mid-write: the run is locked)
-            leftover.unlink(missing_ok=True)
+        for name in (MODEL_FILENAME, STATE_FILENAME):  # (files.atomic_target's, of a training killed mid-write; not an
+            for leftover in self.path.glob(f".{name}.*.tmp"):  # export's, which may be writing beside them now)
+                leftover.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ not to this process's resident memory.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import tempfile
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ class DiskRows:
     full_dim: int
     views: int
     cols: slice
-    folder: Path | None = None  # where the file is (it has no name): what a failing write names
+    folder: Path  # where the file is (it has no name): what a failing write names
 
     @classmethod
     def create(cls, n: int, views: int, dim: int, folder: Path) -> "DiskRows":
@@ -49,15 +48,9 @@ class DiskRows:
             except OSError as e:
                 raise UsageError(f"{folder}: cannot write the feature table there ({e.strerror}); pass a writable "
                                  "--cache-dir, or a larger --feature-memory-gb to keep it in memory.") from None
-        table = cls(f, n, views, dim, views, slice(0, dim), where)
-        with table.writing():
-            try:  # its space taken now: a disk too full says so before the feature pass, not in its middle
-                os.posix_fallocate(f.fileno(), 0, n * views * dim * 2)
-            except (AttributeError, OSError) as e:  # (not on macOS or Windows; some file systems refuse it)
-                if getattr(e, "errno", None) == errno.ENOSPC:
-                    raise
-                f.truncate(n * views * dim * 2)
-        return table
+        # (Sparse: not posix_fallocate, which where the file system lacks it writes every block first.)
+        f.truncate(n * views * dim * 2)
+        return cls(f, n, views, dim, views, slice(0, dim), where)
 
     @contextlib.contextmanager
     def writing(self):

@@ -170,7 +170,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
             share_outcome(d, lambda: locks.enter_context(training_lock(run_dir)))
         run = Run(cfg, model, split, pp, folder, reporter, files_digest(split, cfg.data),
                   cache=cache_for(cfg, pp, weights_source, device, autocast_dtype(device), model.tail_input,
-                                  split.hashed_since_ns), no_tail=no_tail,
+                                  split.scan_started_ns), no_tail=no_tail,
                   started=started,
                   val_digest=held_out_digest(split, cfg.data), val_content=held_out_content_digest(split))
     except BaseException:  # (a new run stopped before its stages began leaves no folder behind)
@@ -345,12 +345,17 @@ def plan_finetuning(run: Run, loss: LossFn, device: torch.device, d: Dist) -> No
 TRAINING_PASS_COST = 2.0  # an image's training step (forward and backward) against its forward pass: 3 or so, 2 at the least
 
 
+PACE_FROM_VIEWS = 200  # image views the feature pass computed, at least, for its pace to say a step's least cost
+
+
 def least_epoch_seconds(run: Run, d: Dist) -> float | None:
     """The least a fine-tuning epoch could take, from the feature pass's pace in this run (None
-    where it computed nothing): measuring the pace costs a warm-up step and two more, a trial's
-    ResNet-18 15 s of a 30 s budget on a CPU, to find that an epoch would not fit in what was left."""
-    rate = (run.feature_pass or {}).get("image_views_per_s")
-    if not rate:
+    where it computed under PACE_FROM_VIEWS image views: a few images' pace is the workers' start,
+    5.8 views/s for 413.8 over a whole pass): measuring the pace costs a warm-up step and two more, a
+    trial's ResNet-18 15 s of a 30 s budget on a CPU, to find that an epoch would not fit in what was left."""
+    computed = run.feature_pass or {}
+    rate = computed.get("image_views_per_s")
+    if not rate or computed.get("image_views", 0) < PACE_FROM_VIEWS:
         return None
     return (TRAINING_PASS_COST * len(run.split.train) + len(run.split.val)) / (rate * d.world)
 
@@ -527,6 +532,9 @@ def sigint_ignored(reporter: Reporter | None = None):
     def tell_once(signum, frame):
         if reporter is not None and not told:
             told.append(signum)
-            reporter.warn("the run is writing its end (model, test split, report): it stops when that is done")
+            try:  # (a handler must not raise into the writing it interrupted: a closed terminal, a reentrant write)
+                reporter.warn("the run is writing its end (model, test split, report): it stops when that is done")
+            except Exception:
+                pass
 
     return signals_to(tell_once if reporter is not None else signal.SIG_IGN, signal.SIGINT, *taken_as_ctrl_c)

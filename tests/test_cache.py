@@ -403,9 +403,6 @@ def test_a_full_disk_under_the_feature_table_is_said_naming_its_folder(tmp_path,
     with pytest.raises(UsageError, match=rf"^{re.escape(str(tmp_path))}: cannot write the feature table there \(No space "
                                          r"left on device; 0.00 GB\); free space there, pass another --cache-dir"):
         store.put(table, 0, torch.ones(1, 8))
-    monkeypatch.setattr(store.os, "posix_fallocate", full)  # (taken at the start: said before the feature pass)
-    with pytest.raises(UsageError, match="cannot write the feature table there"):
-        store.DiskRows.create(4, 1, 8, tmp_path)
 
 
 def test_a_cache_folder_that_cannot_be_written_is_named_not_a_temporary_file(tmp_path, monkeypatch):
@@ -421,6 +418,21 @@ def test_a_cache_folder_that_cannot_be_written_is_named_not_a_temporary_file(tmp
     cache.add([["h:0"]], torch.ones(1, 1, 4, dtype=torch.float16), [tmp_path / "a.jpg"])
     cache.flush()
     assert cache.use.not_written == f"{cache.dir}: Read-only file system"
+
+
+def test_a_file_that_cannot_be_written_atomically_is_named_not_its_temporary_file(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from finetune.files import atomic_write_text
+
+    def read_only(prefix, suffix, dir):
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, f"{prefix}u5frnidx{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError) as raised:
+        atomic_write_text(tmp_path / "results.json", "{}")
+    assert raised.value.filename == str(tmp_path / "results.json")  # (it named '.results.json.u5frnidx.tmp')
 
 
 def test_leftovers_of_killed_writers_go_and_a_running_writers_stay(tmp_path):

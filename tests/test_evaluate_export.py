@@ -34,8 +34,7 @@ def test_evaluate_json_matches_training(run):
     report = json.loads(result.stdout)
     assert report["data"] == str(run["data"] / "val")  # DATA/val found by itself
     assert report["accuracy"] == run["summary"]["best_val_acc"]
-    assert report["balanced_accuracy"] == run["summary"]["val"]["balanced_accuracy"]  # (3 of each class: the accuracy)
-    assert report["balanced_accuracy"] == pytest.approx(report["accuracy"])
+    assert report["balanced_accuracy"] == run["summary"]["val"]["balanced_accuracy"] is not None  # (its figures: metrics' test)
     assert report["classes"] == ["cat", "dog", "fox"]
     assert set(report["per_class"]["dog"]) == {"precision", "recall", "f1", "support"}
     assert [sum(r) for r in report["confusion_matrix"]] == [3, 3, 3]

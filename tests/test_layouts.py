@@ -525,6 +525,9 @@ def test_check_reports_what_train_would_see_and_writes_nothing(tmp_path):
         "time; a smaller --img-size costs less")]
     assert json.loads(runner.invoke(app, ["check", str(data), "--json", "--workers", "0", "--img-size", "96"]).stdout
                       )["images"]["summary"] == ["all are 40x32", "all colour"]  # (3 times: no word)
+    refused = runner.invoke(app, ["check", str(data), "--workers", "0", "--arch", "vit_b_16", "--img-size", "160"])
+    assert refused.exit_code == 2 and refused.stderr == (  # (it said "train would run"; train refuses it)
+        "error: --img-size 160: vit_b_16 cannot take that size; leave --img-size out for its own (224).\n")
     table = runner.invoke(app, ["check", str(data), "--workers", "0"])
     assert table.exit_code == 0 and "train would run" in table.stdout and "Testing" in table.stdout
     assert tree_hashes(data) == before

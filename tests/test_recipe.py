@@ -600,7 +600,7 @@ def test_a_budget_an_epoch_cannot_fit_in_by_the_feature_pass_pace_is_not_spent_m
     def run_with(left):
         return SimpleNamespace(finetune_plan=None, seconds_left=lambda: left, cfg=SimpleNamespace(finetune_epochs=None),
                                best=SimpleNamespace(acc=0.9), deadline=1.0, reporter=said,
-                               feature_pass={"image_views_per_s": 15.0},
+                               feature_pass={"image_views": 270, "image_views_per_s": 15.0},
                                split=SimpleNamespace(train=[None] * 120, val=[None] * 30, test=[]))
 
     run = run_with(19.0)  # an epoch: at least (2 x 120 + 30) / 15 = 18 s ... which fits: measured
@@ -612,3 +612,5 @@ def test_a_budget_an_epoch_cannot_fit_in_by_the_feature_pass_pace_is_not_spent_m
     assert probes == [1] and run.finetune_plan["epochs"] == 0  # not measured
     assert said.said[-1] == ("no fine-tuning: an epoch would take about 18 s or more (training passes cost 2 times the "
                              "feature pass's at least), over the 17 s the time budget has left")
+    run.feature_pass["image_views"] = 150  # (a rerun computing a few new images: their pace is the workers' start)
+    assert training.least_epoch_seconds(run, SINGLE) is None

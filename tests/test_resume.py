@@ -375,7 +375,8 @@ def a_val_image_rewritten(data: Path) -> None:
 
 
 def a_val_image_broken(data: Path) -> None:
-    """It would no longer decode: the run went on, and its model came out with no calibration or unknown rule."""
+    """It would no longer decode (refused by its bytes, as a rewritten one: the run went on, and its model came
+    out with no calibration or unknown rule)."""
     sorted((data / "val" / "dog").iterdir())[0].write_bytes(b"not an image any more")
 
 

@@ -141,7 +141,10 @@ def fail(error: FinetuneError) -> typer.Exit:
 
 def say_error(message: str, rank=None) -> None:
     where = "" if rank is None else f" (rank {rank})"
-    stderr.print(Text(f"error{where}: ", style="bold red") + Text(message))
+    try:
+        stderr.print(Text(f"error{where}: ", style="bold red") + Text(message))
+    except OSError:  # (the terminal closed, SIGHUP's case: nobody to tell; the exit code still says it)
+        pass
 
 
 def render_predictions(predictions, fmt: str) -> tuple[int, int]:
