@@ -87,15 +87,20 @@ def check_folder(cfg: TrainConfig, reporter: Reporter | None = None) -> FolderCh
         classes=clean.classes, counts=split_counts(clean), imbalance=round(max(counts) / min(counts), 2) if min(counts) else None,
         imbalanced=is_imbalanced(counts), skipped=clean.skipped, leakage=clean.leakage,
         images=describe_images([facts[str(s.path)] for s in clean.train + clean.val + clean.test if str(s.path) in facts],
-                               get_arch(cfg.arch).preprocessing(cfg.img_size).img_size),
+                               input_size(cfg)),
         seconds=round(time.perf_counter() - started, 2),
     )
+
+
+def input_size(cfg: TrainConfig) -> int:
+    """The network's input in pixels, as train would use it."""
+    return get_arch(cfg.arch).preprocessing(cfg.img_size).img_size
 
 
 def weights_note(cfg: TrainConfig) -> str | None:
     """Where train would find no pretrained weights without a network (the default arch's come
     from torchvision's hub cache or a download): said before a run stops on it."""
-    from .weights import hub_checkpoint_dir, offline_weights, url_filename
+    from .weights import OFFLINE_ARCH, hub_checkpoint_dir, offline_weights, url_filename
 
     spec = get_arch(cfg.arch)
     if not cfg.pretrained or spec.pretrained_loader is not None:  # (timm's: found by their own hub)
@@ -106,13 +111,13 @@ def weights_note(cfg: TrainConfig) -> str | None:
         return None
     name = url_filename(spec.weight_urls[0])
     return (f"no {spec.name} weights on this machine ({name} is not in {hub_checkpoint_dir()}): train downloads them when "
-            f"online; offline, put the file there, pass --weights FILE, or use --arch efficientnet_lite0")
+            f"online; offline, put the file there, pass --weights FILE, or use {OFFLINE_ARCH}")
 
 
 def decode_all(split: DatasetSplit, cfg: TrainConfig, reporter: Reporter) -> tuple[dict[str, ImageFacts], list[dict]]:
     """Every image decoded as the training's feature pass decodes it, in several processes."""
     paths = [s.path for s in split.train + split.val + split.test]
-    min_side = get_arch(cfg.arch).preprocessing(cfg.img_size).resize
+    min_side = get_arch(cfg.arch).preprocessing(cfg.img_size).resize  # (the shorter side before the crop)
     # The main process only collects here, so every core decodes (training leaves one for the maths).
     workers = workers_within_cores(cfg.workers) if cfg.workers is not None else min(MAX_WORKERS, usable_cores())
     loader = DataLoader(_Facts(paths, cfg.max_pixels, min_side), batch_size=64, num_workers=workers, collate_fn=list,

@@ -190,7 +190,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, d: Dist, device_name: str, lock
         raise
     if not d.is_main:
         return None
-    with sigint_ignored(reporter):  # training is over: a Ctrl-C now must not leave the run folder half-written
+    with stops_deferred(reporter):  # training is over: a Ctrl-C now must not leave the run folder half-written
         return finish(run, device, weights_source)
 
 
@@ -494,7 +494,7 @@ def settle_split(run: Run, split: DatasetSplit, device: torch.device) -> LossFn:
 
 def interrupted(run: Run, d: Dist) -> TrainingInterrupted:
     """Ctrl-C: the model kept so far is saved, and the message says how to go on."""
-    with sigint_ignored():
+    with stops_deferred():
         saved = run.save_best()
         run.folder.write_metrics(run.history)
     where = f"; the model kept so far is in {saved}" if saved else ""
@@ -520,7 +520,7 @@ def as_signalled(error: TrainingInterrupted, cause: BaseException) -> TrainingIn
     return error
 
 
-def sigint_ignored(reporter: Reporter | None = None):
+def stops_deferred(reporter: Reporter | None = None):
     """Let a save finish when Ctrl-C is pressed (again) meanwhile; `reporter`, if given, is told
     once that the run is finishing (a trial: three Ctrl-C's while a run wrote its end, seconds of
     silence, then exit 0). (Under `--devices`, torchrun answers a second Ctrl-C by terminating the

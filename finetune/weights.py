@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 
 STATE_DICT_HINT = "Use a .pth saved with torch.save(model.state_dict()) or a .safetensors file."
+OFFLINE_ARCH = "--arch efficientnet_lite0, whose weights install with pip and work offline"  # (the last fix for missing weights)
 
 def hub_checkpoint_dir() -> Path:
     """torchvision's download folder: $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/...)."""
@@ -62,7 +63,7 @@ def resolve_pretrained(spec: ArchSpec, weights_file: Path | None, tell=None) -> 
             f"cannot get ImageNet weights for {spec.name} ({type(e).__name__}: {e}). Fixes: "
             f"(1) put {url_filename(url)} into {hub_checkpoint_dir()} (download it from {url} on a machine that is online); "
             f"(2) pass --weights FILE with a state dict for {spec.name}; "
-            f"(3) use --arch efficientnet_lite0, whose weights install with pip and work offline."
+            f"(3) use {OFFLINE_ARCH}."
         ) from None
     return state, url
 
@@ -73,10 +74,13 @@ def weights_identity(source: str) -> str:
     read from another folder keep their cached features and changed bytes never do; a download
     by the file it left in torchvision's hub cache, where the next run finds it; anything else
     (timm's weights, by model name) as itself."""
-    path = Path(source)
-    if urlparse(source).scheme in ("http", "https"):
-        path = hub_checkpoint_dir() / url_filename(source)
+    path = weights_file_of(source)
     return f"{path.name} blake2b:{file_digest(path)}" if path.is_file() else source
+
+
+def weights_file_of(source: str) -> Path:
+    """The file weights from `source` (resolve_pretrained's description) are in: a download's, in torchvision's hub cache."""
+    return hub_checkpoint_dir() / url_filename(source) if urlparse(source).scheme in ("http", "https") else Path(source)
 
 
 def download_state_dict(url: str) -> dict:
@@ -99,14 +103,12 @@ def from_hub_cache(error: WeightsError, path: Path, spec: ArchSpec) -> WeightsEr
     url = next((u for u in spec.weight_urls if url_filename(u) == path.name), spec.weight_urls[0] if spec.weight_urls else "")
     return WeightsError(f"{message} (in torchvision's hub cache). Fixes: delete it and put the real {path.name} there "
                         f"(from {url} on a machine that is online); or pass --weights FILE with a state dict for "
-                        f"{spec.name}; or use --arch efficientnet_lite0, whose weights install with pip.")
+                        f"{spec.name}; or use {OFFLINE_ARCH}.")
 
 
 def weights_do_not_fit(error: WeightsError, source: str, spec: ArchSpec) -> WeightsError:
     """models.load_backbone_state's error, naming the file the weights came from."""
-    path = Path(source)
-    if urlparse(source).scheme in ("http", "https"):
-        path = hub_checkpoint_dir() / url_filename(source)
+    path = weights_file_of(source)
     if path.parent == hub_checkpoint_dir():  # (not weights of the user's choosing: the fixes are the hub cache's)
         return from_hub_cache(WeightsError(f"{path}: {str(error).split(' Use weights made for')[0]}"), path, spec)
     return WeightsError(f"{path}: {error}")

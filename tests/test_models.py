@@ -108,7 +108,8 @@ def test_check_says_where_train_would_find_no_weights_offline(torch_home, image_
     report = checked()
     assert report["ok"] and report["notes"] == [
         f"no resnet18 weights on this machine (resnet18-f37072fd.pth is not in {torch_home / 'hub' / 'checkpoints'}): train "
-        "downloads them when online; offline, put the file there, pass --weights FILE, or use --arch efficientnet_lite0"]
+        "downloads them when online; offline, put the file there, pass --weights FILE, or use --arch efficientnet_lite0, "
+        "whose weights install with pip and work offline"]
     assert checked("--arch", "efficientnet_lite0")["notes"] == []
     from finetune import TrainConfig
     from finetune.check import check_folder
