@@ -38,7 +38,7 @@ def finish(run: Run, device: torch.device, weights_source: str) -> TrainResult:
         class_counts=dict(zip(split.classes, counts)), imbalanced=is_imbalanced(counts),
         stopped_early=run.early.stopped_early, plots=[str(p) for p in plots], history=run.history,
         read_as=split.read_as, num_test=test.num_images if test else 0, test_acc=test.accuracy if test else None,
-        test=test.summary() if test else None, leakage=split.leakage, near_copies=run.near_copies,
+        test=test.summary() if test else None, leakage=split.leakage, near_copies=run.near_copies, likeness=run.likeness,
         feature_cache=run.cache.use.to_dict() if run.cache is not None else None,
         recipe={"head": run.head_choice.to_dict() if run.head_choice else None, "candidates": run.candidates,
                 "views_computed": run.views_computed, "fit": run.pp.fit,

@@ -77,6 +77,7 @@ class Run:
     test_rows: tuple | None = None  # the test split's (decoded samples, cached rows [n, 1, dim], failures), when in memory
     suspects: list[dict] | None = None  # suspected label errors in train (run_report.training_suspects); None: not computed
     near_copies: list[dict] | None = None  # val/test images like training ones (run_report.held_out_near_copies); None: not compared
+    likeness: dict | None = None  # val/test images' likeness to the training images (run_report.likeness_to_training)
     suspects_note: str = "Not computed: the run was resumed in its fine-tuning stage, after the features were let go."
     frozen_features: tuple | None = None  # the frozen backbone's features (every stage): train, val, val positions (training.frozen_sample)
     calibration: dict | None = None  # the model file's temperature and ECE (calibration.calibrate), once fitted

@@ -92,6 +92,7 @@ class TrainResult:
     test: dict | None = None  # EvaluationReport.summary() of that measurement
     leakage: list[dict] = field(default_factory=list)  # val/test files with the same bytes as another split's
     near_copies: list[dict] | None = None  # val/test images whose features are a training image's, near enough; None: not compared
+    likeness: dict | None = None  # median likeness to the nearest training image: of training images, of val's, of test's
     recipe: dict = field(default_factory=dict)  # the head chosen and the candidates' val figures (recipe.py)
     feature_cache: dict | None = None  # cache.CacheUse.to_dict(): where the features were kept, how many were reused
     val: dict | None = None  # the kept epoch on val: accuracy, per-class figures, confusion matrix, calibration
@@ -109,7 +110,7 @@ class TrainResult:
         d = {k: getattr(self, k) for k in ("best_val_acc", "best_epoch", "epochs", "classes", "num_train", "num_val",
                                             "num_test", "test_acc", "test", "skipped", "device", "seconds", "arch",
                                             "img_size", "weights", "layout", "read_as", "class_counts", "imbalanced",
-                                            "leakage", "near_copies", "recipe", "feature_cache", "val", "calibration", "unknown", "suspects", "report",
+                                            "leakage", "near_copies", "likeness", "recipe", "feature_cache", "val", "calibration", "unknown", "suspects", "report",
                                             "stopped_early", "plots")}
         return {"run_dir": str(self.run_dir), "model": str(self.model), **d}
 

@@ -9,7 +9,7 @@ from .checkpoint import LoadedModel
 from .records import EvaluationReport, Stage, TrainResult
 from .report import Measured, ReportContent, write_report
 from .scan import count_labels, count_per_class
-from .suspects import FOLDS, MIN_JUDGED_RIGHT, OUTLIER_SHARE, find_suspects, near_copies
+from .suspects import FOLDS, MIN_JUDGED_RIGHT, OUTLIER_SHARE, find_suspects, median_likeness, near_copies
 
 SUSPECTS_HOW = (f"Two kinds, found on the cached backbone features. Another class: {FOLDS}-fold cross-validation judges each "
                 "training image by heads trained on the other folds; it is a suspect when another class gets at least the "
@@ -84,6 +84,19 @@ def held_out_near_copies(features, final_dim: int, split, pp, max_pixels: int, t
              for i, j, similarity in near_copies(train, rows) if str(samples[i].path) not in leaked][:MAX_NEAR_COPIES]
     return [{"path": str(a), "like": str(b), "similarity": round(similarity, 4)}
             for a, b, similarity in alike if same_picture(a, b, pp, max_pixels)]
+
+
+def likeness_to_training(features, final_dim: int, split, test_rows=None) -> dict | None:
+    """How alike val (and test) images are to the training images, against the training images to
+    each other (suspects.median_likeness on the final features of the plain view): results.json
+    `likeness`. None where near_copies compares nothing, or with under 3 training images."""
+    if features.on_disk or len(features.train_labels) > MAX_SUSPECT_IMAGES or len(features.train_labels) < 3:
+        return None
+    train = features.train[:, 0, -final_dim:]
+    held = {"val": features.val[:, -final_dim:] if len(split.val) else None,
+            "test": test_rows[1][:, 0, -final_dim:] if test_rows is not None and len(test_rows[0]) else None}
+    return {"train": round(median_likeness(train), 3),
+            **{name: round(median_likeness(train, rows), 3) if rows is not None else None for name, rows in held.items()}}
 
 
 def measured_val(run) -> Measured | None:

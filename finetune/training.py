@@ -44,7 +44,8 @@ from .recipe import (choose_fit, choose_head, epochs_text, growth_steps, head_fe
 from .records import HeadChoice, Stage, TrainResult
 from .resume import ResumeState, config_for_resume, files_digest, require_state
 from .finish import MAX_FEATURE_IMAGES, finish
-from .run_report import held_out_near_copies, training_suspects
+from .run_report import held_out_near_copies, likeness_to_training, training_suspects
+from .suspects import UNLIKE_TRAINING
 from .runs import RunFolder, new_run_dir, refuse_output_inside_input, training_lock
 from .store import plain_sample
 from .reading import scan_dataset
@@ -244,6 +245,17 @@ def tell_near_copies(found: list[dict] | None, reporter: Reporter) -> None:
                       "it (all in results.json 'near_copies').")
 
 
+def tell_unlike_training(likeness: dict | None, reporter: Reporter) -> None:
+    """Val or test images far less like the training images than those are to each other: another
+    source (a trial: val photos shrunk to 32 px, val 0.71 where the same photos gave 0.97), said."""
+    for name in ("val", "test"):
+        if likeness and likeness[name] is not None and likeness[name] < UNLIKE_TRAINING * likeness["train"]:
+            reporter.warn(f"{name} images are less like the training images (median likeness to the nearest "
+                          f"{likeness[name]:.2f}) than training images are to each other ({likeness['train']:.2f}): they "
+                          f"may come from another source (camera, size, scanner, processing); {name} accuracy then says "
+                          "how the model does there, not on images like the training ones.")
+
+
 def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | None) -> None:
     """The head on cached features (unless a resumed run is past it), then fine-tuning."""
     cfg, stage, done = run.cfg, Stage.HEAD, 0
@@ -278,6 +290,8 @@ def run_stages(run: Run, device: torch.device, d: Dist, resumed: ResumeState | N
             run.near_copies = held_out_near_copies(features, run.model.final_dim, run.split, run.pp, cfg.max_pixels,
                                                    run.test_rows)
             tell_near_copies(run.near_copies, run.reporter)
+            run.likeness = likeness_to_training(features, run.model.final_dim, run.split, run.test_rows)
+            tell_unlike_training(run.likeness, run.reporter)
             if stage is Stage.HEAD:
                 if winner is not None:  # it trained as the head stage would: not trained again
                     run.adopt_head(winner, device)

@@ -35,6 +35,8 @@ def test_evaluate_json_matches_training(run):
     assert report["data"] == str(run["data"] / "val")  # DATA/val found by itself
     assert report["accuracy"] == run["summary"]["best_val_acc"]
     assert report["balanced_accuracy"] == run["summary"]["val"]["balanced_accuracy"] is not None  # (its figures: metrics' test)
+    likeness = run["summary"]["likeness"]  # (val from the same making as train: alike)
+    assert set(likeness) == {"train", "val", "test"} and likeness["val"] >= 0.75 * likeness["train"]
     assert report["classes"] == ["cat", "dog", "fox"]
     assert set(report["per_class"]["dog"]) == {"precision", "recall", "f1", "support"}
     assert [sum(r) for r in report["confusion_matrix"]] == [3, 3, 3]

@@ -283,3 +283,28 @@ def test_a_val_image_resized_from_a_training_one_is_reported_as_a_near_copy(tmp_
     assert [c["path"] for c in found] == [str(copy)]  # (the others: distinct drawings)
     said = [line for line in result.stderr.splitlines() if "like a near-copy" in line or "like near-copies" in line]
     assert len(said) == 1 and f"e.g. {found[0]['path']} like {found[0]['like']}" in said[0]
+
+
+def test_held_out_images_from_another_source_are_said_unlike_the_training_ones():
+    """A trial: val photos shrunk to 32 px beside full-size training ones, val 0.71 (0.97 at full size), no word."""
+    from finetune.progress import Reporter
+    from finetune.suspects import median_likeness
+    from finetune.training import tell_unlike_training
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 64, generator=g)
+    draw = lambda n, spread: centres.repeat(n // 4, 1) + spread * torch.randn(n, 64, generator=g)  # noqa: E731
+    train, same, other = draw(200, 1.0), draw(40, 1.0), draw(40, 1.0) + 2.0 * torch.randn(40, 64, generator=g)
+    likeness = {"train": median_likeness(train), "val": median_likeness(train, same), "test": median_likeness(train, other)}
+    assert likeness["val"] == pytest.approx(likeness["train"], abs=0.05) and likeness["test"] < 0.75 * likeness["train"]
+
+    class Warned(Reporter):
+        def __init__(self):
+            self.warned = []
+
+        def warn(self, message):
+            self.warned.append(message)
+
+    said = Warned()
+    tell_unlike_training(likeness, said)
+    assert len(said.warned) == 1 and said.warned[0].startswith("test images are less like the training images")
