@@ -152,15 +152,21 @@ CLOSER = 3  # and this many times closer (1 - cosine) than training images typic
 TYPICAL_SAMPLE = 500
 
 
+def alike_to_others(reference: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """[sample, images]: a seeded sample of TYPICAL_SAMPLE training images' cosines to every training
+    image (`reference`: their features centred and normalised), each to itself -2 (left out)."""
+    sample = torch.randperm(len(reference), generator=torch.Generator().manual_seed(seed))[:TYPICAL_SAMPLE]
+    sim = reference[sample] @ reference.T
+    sim[torch.arange(len(sample)), sample] = -2.0
+    return sim
+
+
 def typical_second_nearest(train: torch.Tensor, seed: int = 0) -> float:
     """The median, over a seeded sample of training images, of the cosine to their second most alike
     other training image (features as near_copies takes them)."""
     if len(train) < 3:
         return 0.0
-    sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:TYPICAL_SAMPLE]
-    sim = train[sample] @ train.T
-    sim[torch.arange(len(sample)), sample] = -2.0  # (not itself)
-    return float(sim.topk(2, 1).values[:, 1].median())
+    return float(alike_to_others(train, seed).topk(2, 1).values[:, 1].median())
 
 
 def near_copies(train: torch.Tensor, held_out: torch.Tensor, chunk: int = 1024) -> list[tuple[int, int, float]]:
@@ -195,10 +201,7 @@ def median_likeness(train: torch.Tensor, held_out: torch.Tensor | None = None, s
     mean = train.float().mean(0)
     reference = F.normalize(train.float() - mean, dim=1)
     if held_out is None:
-        sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:TYPICAL_SAMPLE]
-        sim = reference[sample] @ reference.T
-        sim[torch.arange(len(sample)), sample] = -2.0
-        return float(sim.max(1).values.median())
+        return float(alike_to_others(reference, seed).max(1).values.median())
     best = torch.cat([(F.normalize(held_out[i:i + chunk].float() - mean, dim=1) @ reference.T).max(1).values
                       for i in range(0, len(held_out), chunk)])
     return float(best.median())
